@@ -1,0 +1,91 @@
+"""Configuration as data: YAML files in ``configs/`` merged with overrides from the CLI or MONAI Label.
+
+Overrides are ``dotted.key=value`` strings (values parsed as YAML, so ``sam2.n_inserts=2``,
+``sam2.dtype=bfloat16``, ``protocol.keep_largest_component=false`` all do what they say) or nested
+dicts. Unknown keys are rejected so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+#: ``configs/`` of the source tree (the project is installed editable), overridable for deployments.
+CONFIG_DIR = Path(os.environ.get("SSL_MEDSAM2_CONFIG_DIR", PACKAGE_DIR.parents[1] / "configs"))
+
+
+def config_path(name: str | os.PathLike) -> Path:
+    """A config file by path, or by name inside ``configs/`` (``.yaml`` optional)."""
+    p = Path(name)
+    if p.exists():
+        return p
+    for cand in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+        if cand.exists():
+            return cand
+    raise FileNotFoundError(f"config '{name}' not found (looked in {CONFIG_DIR})")
+
+
+def load_yaml(name: str | os.PathLike) -> dict:
+    with open(config_path(name)) as fh:
+        return yaml.safe_load(fh) or {}
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ValueError(f"override '{item}' is not of the form key.sub=value")
+    key, value = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def _set(cfg: dict, keys: list[str], value: Any, strict: bool, where: str) -> None:
+    node = cfg
+    for i, k in enumerate(keys[:-1]):
+        if k not in node or not isinstance(node[k], dict):
+            if strict:
+                raise KeyError(f"unknown config key '{'.'.join(keys[: i + 1])}' ({where})")
+            node[k] = {}
+        node = node[k]
+    if strict and keys[-1] not in node:
+        known = ", ".join(sorted(node)) if isinstance(node, dict) else ""
+        raise KeyError(f"unknown config key '{'.'.join(keys)}' ({where}); known here: {known}")
+    node[keys[-1]] = value
+
+
+def merge(base: Mapping, overrides: Mapping | Iterable[str] | None, strict: bool = True,
+          where: str = "override") -> dict:
+    """A deep copy of ``base`` with ``overrides`` applied (dict, or list of ``a.b=value`` strings)."""
+    cfg = copy.deepcopy(dict(base))
+    if not overrides:
+        return cfg
+    if isinstance(overrides, Mapping):
+        def walk(prefix, node):
+            for k, v in node.items():
+                if isinstance(v, Mapping) and isinstance(_get(cfg, prefix + [k]), dict):
+                    walk(prefix + [k], v)
+                else:
+                    _set(cfg, prefix + [k], copy.deepcopy(v), strict, where)
+        walk([], overrides)
+    else:
+        for item in overrides:
+            keys, value = parse_override(item)
+            _set(cfg, keys, value, strict, where)
+    return cfg
+
+
+def _get(cfg: Mapping, keys: list[str]) -> Any:
+    node: Any = cfg
+    for k in keys:
+        if not isinstance(node, Mapping) or k not in node:
+            return None
+        node = node[k]
+    return node
+
+
+def load_config(name: str | os.PathLike = "ssl_medsam2", overrides=None) -> dict:
+    """The project config (``configs/ssl_medsam2.yaml`` by default) with overrides applied."""
+    return merge(load_yaml(name), overrides)

@@ -1,0 +1,105 @@
+"""Intensity and slice preprocessing of the paper, shared by every engine.
+
+MRI is clipped to the 0.5 / 99.5 percentiles of its non-zero voxels, CT to a window; both are scaled
+to 0..255 (what SAM2 saw in training: 8-bit video frames), turned into 3 channels, normalised with
+ImageNet statistics and resized to the model's square input size. Slices are taken along one axis
+of the canonical volume (default: the through-plane axis, i.e. the one with the largest spacing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class IntensityConfig:
+    modality: str = "auto"  # "mri", "ct" or "auto" (CT when the volume has values below -500)
+    mri_percentiles: tuple[float, float] = (0.5, 99.5)
+    ct_level: float = 40.0
+    ct_width: float = 400.0
+
+
+def resolve_modality(array: np.ndarray, modality: str = "auto") -> str:
+    if modality in ("mri", "mr", "MRI", "MR"):
+        return "mri"
+    if modality in ("ct", "CT"):
+        return "ct"
+    if modality != "auto":
+        raise ValueError(f"unknown modality '{modality}' (use mri, ct or auto)")
+    return "ct" if float(array.min()) < -500 else "mri"
+
+
+def scale_to_uint8_range(array: np.ndarray, cfg: IntensityConfig = IntensityConfig()) -> np.ndarray:
+    """Clip (MRI percentiles of non-zero voxels, or CT window) and scale to float32 0..255."""
+    a = np.asarray(array, dtype=np.float32)
+    if resolve_modality(a, cfg.modality) == "ct":
+        lo = cfg.ct_level - cfg.ct_width / 2.0
+        hi = cfg.ct_level + cfg.ct_width / 2.0
+    else:
+        nz = a[a != 0]
+        if nz.size == 0:
+            return np.zeros_like(a)
+        lo, hi = np.percentile(nz, cfg.mri_percentiles)
+    if hi <= lo:
+        return np.zeros_like(a)
+    out = (np.clip(a, lo, hi) - lo) / (hi - lo) * 255.0
+    return out.astype(np.float32)
+
+
+def through_plane_axis(spacing: tuple[float, float, float]) -> int:
+    """The axis with the largest voxel spacing; ties go to the last axis (axial in RAS)."""
+    sp = np.asarray(spacing, dtype=np.float64)
+    best = np.flatnonzero(np.isclose(sp, sp.max(), rtol=1e-3))
+    return int(best[-1])
+
+
+def resolve_slice_axis(axis, spacing) -> int:
+    if axis in (None, "auto"):
+        return through_plane_axis(spacing)
+    axis = int(axis)
+    if axis not in (0, 1, 2):
+        raise ValueError(f"slice_axis must be 0, 1, 2 or 'auto', got {axis}")
+    return axis
+
+
+def to_slices(volume: np.ndarray, axis: int) -> np.ndarray:
+    """(X, Y, Z) -> (N, H, W) with the slice axis first."""
+    return np.ascontiguousarray(np.moveaxis(volume, axis, 0))
+
+
+def from_slices(slices: np.ndarray, axis: int) -> np.ndarray:
+    """Inverse of :func:`to_slices` (extra leading channel axes are kept in front)."""
+    return np.ascontiguousarray(np.moveaxis(slices, -3, axis + slices.ndim - 3))
+
+
+def frames_for_model(scaled_slices: np.ndarray, size: int) -> torch.Tensor:
+    """(N, H, W) in 0..255 -> (N, 3, size, size) float32, ImageNet-normalised (SAM2's input)."""
+    t = torch.from_numpy(np.asarray(scaled_slices, dtype=np.float32) / 255.0)[:, None]
+    t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+    t = t.expand(-1, 3, -1, -1)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+    return ((t - mean) / std).contiguous()
+
+
+def resize_mask_nearest(mask_slices: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """(N, h, w) label/bool slices -> (N, H, W) with nearest neighbour (support masks to query grid)."""
+    if tuple(mask_slices.shape[-2:]) == tuple(hw):
+        return mask_slices
+    t = torch.from_numpy(np.ascontiguousarray(mask_slices).astype(np.float32))[:, None]
+    t = F.interpolate(t, size=tuple(hw), mode="nearest-exact")
+    return t[:, 0].numpy().astype(mask_slices.dtype)
+
+
+def resize_prob(prob_slices: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(N, h, w) probabilities / logits -> (N, H, W), bilinear."""
+    if tuple(prob_slices.shape[-2:]) == tuple(hw):
+        return prob_slices
+    return F.interpolate(prob_slices[:, None], size=tuple(hw), mode="bilinear", align_corners=False)[:, 0]
