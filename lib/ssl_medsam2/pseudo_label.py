@@ -1,0 +1,177 @@
+"""Pseudo-label a folder: supports (images with labels) in, label + probability + entropy + summary
+out for every query, with all-or-nothing writes per query.
+
+Output layout (``out/``)::
+
+    labels/<case>.nii.gz         label map (uint8), the query's affine and header
+    probabilities/<case>.nii.gz  4D float32, channel i = mean probability of summary["classes"][i]
+    entropy/<case>.nii.gz        4D float32, binary entropy (bits) of that probability
+    summaries/<case>.json        per-class entropy summaries, runs, weights, timings, settings
+
+Each query is written to a hidden staging folder first and moved into place only when complete,
+so an error or an interrupt never leaves a partial case behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .engines.base import Case, FewShotEngine, check_supports, classes_in
+from .io import InputError, list_volumes, load_label_for, load_volume, save_like, write_text_atomic
+from .protocol import probabilities_to_label
+from .uncertainty import binary_entropy, summarize
+
+log = logging.getLogger(__name__)
+
+OUTPUT_KINDS = ("labels", "probabilities", "entropy", "summaries")
+
+
+def load_cases(images_dir: str | os.PathLike, labels_dir: str | os.PathLike | None,
+               names: Sequence[str] | None = None) -> tuple[list[Case], list[Case]]:
+    """Split a folder into supports (a label file with the same case name exists) and queries.
+
+    Every file is read and checked (shape, affine, NaN, dimensionality) before anything runs.
+    """
+    images = list_volumes(images_dir)
+    if not images:
+        raise InputError(images_dir, "no NIfTI image (.nii / .nii.gz) in this folder")
+    labels = list_volumes(labels_dir) if labels_dir else {}
+    unknown = sorted(set(labels) - set(images))
+    if unknown:
+        raise InputError(labels_dir, f"labels without an image: {', '.join(unknown)}")
+    supports, queries = [], []
+    for name, path in images.items():
+        if names is not None and name not in names and name not in labels:
+            continue
+        image = load_volume(path, name=name)
+        if name in labels:
+            supports.append(Case(image, load_label_for(image, labels[name])))
+        else:
+            queries.append(Case(image))
+    return supports, queries
+
+
+def resolve_classes(supports: Sequence[Case], classes: Sequence[int] | None) -> tuple[int, ...]:
+    return tuple(int(c) for c in classes) if classes else classes_in(supports)
+
+
+def finalize(engine_result, query: Case, cfg: dict) -> dict:
+    """Engine probabilities -> label, entropy and the JSON summary (arrays in canonical order)."""
+    pcfg = cfg.get("protocol", {})
+    probs = engine_result.probs
+    label = probabilities_to_label(probs, engine_result.classes, pcfg.get("threshold", 0.5),
+                                   pcfg.get("keep_largest_component", True))
+    entropy = binary_entropy(probs)
+    names = cfg.get("input", {}).get("class_names") or {}
+    per_class = {}
+    for i, c in enumerate(engine_result.classes):
+        s = summarize(entropy[i], label == c, pcfg.get("boundary_band", 2))
+        s["class_id"] = int(c)
+        per_class[str(names.get(c, names.get(str(c), c)))] = s
+    inside = [v["mean_entropy_inside"] for v in per_class.values() if v["mean_entropy_inside"] is not None]
+    band = [v["mean_entropy_boundary"] for v in per_class.values() if v["mean_entropy_boundary"] is not None]
+    summary = {
+        "case": query.name,
+        "image": query.image.path,
+        "classes": [int(c) for c in engine_result.classes],
+        "class_names": {str(c): str(names.get(c, names.get(str(c), c))) for c in engine_result.classes},
+        "mean_entropy_inside": float(np.mean(inside)) if inside else None,
+        "mean_entropy_boundary": float(np.mean(band)) if band else None,
+        "per_class": per_class,
+        "n_runs": engine_result.n_runs,
+        **engine_result.meta,
+    }
+    return {"label": label, "probabilities": probs, "entropy": entropy, "summary": summary}
+
+
+def write_outputs(out_dir: str | os.PathLike, query: Case, outputs: dict) -> dict[str, Path]:
+    """Write one query's outputs all-or-nothing; returns the final paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{query.name}-", dir=out_dir))
+    final = {k: out_dir / k / (f"{query.name}.json" if k == "summaries" else f"{query.name}.nii.gz")
+             for k in OUTPUT_KINDS}
+    staged = {k: staging / f"{k}{final[k].name[len(query.name):]}" for k in OUTPUT_KINDS}
+    try:
+        desc = "ssl-medsam2 RANDOM WEIGHTS" if outputs["summary"].get("random_weights") else "ssl-medsam2"
+        save_like(outputs["label"], query.image, staged["labels"], dtype=outputs["label"].dtype, description=desc)
+        save_like(outputs["probabilities"], query.image, staged["probabilities"], dtype=np.float32,
+                  description=desc + " probability")
+        save_like(outputs["entropy"], query.image, staged["entropy"], dtype=np.float32,
+                  description=desc + " entropy (bits)")
+        write_text_atomic(json.dumps(outputs["summary"], indent=2, default=_json_default), staged["summaries"])
+        for k in OUTPUT_KINDS:
+            final[k].parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged[k], final[k])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o))
+
+
+def pseudo_label_case(engine: FewShotEngine, supports: Sequence[Case], query: Case, cfg: dict,
+                      out_dir: str | os.PathLike | None = None,
+                      progress: Callable[[int], None] | None = None) -> dict:
+    """Run ``engine`` on one query; write outputs when ``out_dir`` is given. Returns the outputs."""
+    classes = resolve_classes(supports, cfg.get("input", {}).get("classes"))
+    check_supports(supports, classes)
+    t0 = time.perf_counter()
+    result = engine.predict(supports, query, classes, progress=progress)
+    outputs = finalize(result, query, cfg)
+    outputs["summary"].setdefault("timings", {})["total_s"] = round(time.perf_counter() - t0, 3)
+    outputs["summary"]["engine"] = engine.name
+    outputs["summary"]["supports"] = [s.name for s in supports]
+    if out_dir is not None:
+        outputs["paths"] = {k: str(v) for k, v in write_outputs(out_dir, query, outputs).items()}
+    return outputs
+
+
+def pseudo_label_folder(images_dir, labels_dir, out_dir, cfg: dict, engine: FewShotEngine | None = None,
+                        show_progress: bool = True, names: Sequence[str] | None = None) -> list[dict]:
+    """Pseudo-label every unlabelled image of ``images_dir``; returns the per-query summaries."""
+    from tqdm.auto import tqdm
+
+    from .engines import build_engine
+
+    supports, queries = load_cases(images_dir, labels_dir, names)
+    classes = resolve_classes(supports, cfg.get("input", {}).get("classes"))
+    check_supports(supports, classes)
+    if not queries:
+        log.warning("every image in %s has a label: nothing to pseudo-label", images_dir)
+        return []
+    engine = engine or build_engine(cfg.get("protocol", {}).get("engine", "sam2"), cfg)
+    total = sum(engine.work_units(supports, q, classes) for q in queries)
+    summaries = []
+    with tqdm(total=total, desc=f"pseudo-label ({engine.name})", unit="run", disable=not show_progress) as bar:
+        for q in queries:
+            bar.set_postfix_str(q.name)
+            out = pseudo_label_case(engine, supports, q, cfg, out_dir, progress=bar.update)
+            summaries.append(out["summary"])
+            log.info("%s: %s voxels labelled, mean entropy inside %.4f, %.1fs", q.name,
+                     int((out["label"] > 0).sum()), out["summary"]["mean_entropy_inside"] or float("nan"),
+                     out["summary"]["timings"]["total_s"])
+    write_text_atomic(json.dumps({"engine": engine.name, "supports": [s.name for s in supports],
+                                  "queries": [q.name for q in queries], "classes": list(classes),
+                                  "summaries": summaries}, indent=2, default=_json_default),
+                      Path(out_dir) / "run.json")
+    return summaries
