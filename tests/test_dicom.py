@@ -1,0 +1,117 @@
+"""NIfTI -> DICOM keeps geometry, and a local Orthanc (started here) serves the cases over DICOMweb."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from ssl_medsam2 import dicom
+from ssl_medsam2.io import InputError, load_volume
+
+
+def _roundtrip(src, tmp_path):
+    files = dicom.nifti_to_dicom_series(src, tmp_path / "dcm")
+    back = dicom.dicom_series_to_nifti(tmp_path / "dcm", tmp_path / "back.nii.gz")
+    return files, back
+
+
+def test_roundtrip_ras_ct_keeps_affine_and_hu_exactly(totalseg_dir, tmp_path):
+    src = totalseg_dir / "imagesTr" / "ct_sm_0000.nii.gz"
+    files, back = _roundtrip(src, tmp_path)
+    a, b = nib.load(str(src)), nib.load(str(back))
+    assert len(files) == a.shape[2]
+    # positive-determinant grid: SimpleITK sorts slices in the file's own k order -> same affine
+    np.testing.assert_allclose(b.affine, a.affine, atol=1e-3)
+    np.testing.assert_array_equal(np.asarray(b.dataobj), np.asarray(a.dataobj))
+    ds = pydicom.dcmread(files[0])
+    assert ds.Modality == "CT" and float(ds.RescaleSlope) == 1.0
+    assert [float(v) for v in ds.PixelSpacing] == pytest.approx([3.0, 3.0])
+    assert float(ds.SliceThickness) == pytest.approx(3.0)
+
+
+def test_roundtrip_las_mri_keeps_every_voxel_in_place(chaos_dir, tmp_path):
+    src = chaos_dir / "imagesTr" / "chaos_01_0000.nii.gz"
+    files, back = _roundtrip(src, tmp_path)
+    va, vb = load_volume(src), load_volume(back)
+    # same grid in the patient: canonical affine and voxels identical
+    np.testing.assert_allclose(vb.affine, va.affine, atol=1e-3)
+    np.testing.assert_array_equal(vb.array, va.array)
+    # LAS has a negative determinant: DICOM readers order slices along row x column, so the file's
+    # k axis comes back reversed (same voxels, same world positions)
+    a, b = nib.load(str(src)), nib.load(str(back))
+    flipped = a.affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, a.shape[2] - 1], [0, 0, 0, 1]])
+    np.testing.assert_allclose(b.affine, flipped, atol=1e-3)
+    ds0, ds1 = pydicom.dcmread(files[0]), pydicom.dcmread(files[1])
+    assert ds0.Modality == "MR" and ds0.Rows == 256 and ds0.Columns == 256
+    step = np.array(ds1.ImagePositionPatient, float) - np.array(ds0.ImagePositionPatient, float)
+    assert np.linalg.norm(step) == pytest.approx(7.7, abs=1e-3)
+    assert ds0.StudyInstanceUID != ds0.SeriesInstanceUID
+    # UIDs depend on the case only: converting again gives the same instances (PACS dedup)
+    again = dicom.nifti_to_dicom_series(src, tmp_path / "dcm2")
+    assert pydicom.dcmread(again[0]).SOPInstanceUID == ds0.SOPInstanceUID
+
+
+def test_non_integer_intensities_use_rescale_within_half_a_step(tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.normal(100, 30, size=(16, 12, 5)).astype(np.float32)
+    aff = np.array([[0, 0, 2.5, -10], [-0.8, 0, 0, 20], [0, 0.9, 0, 5], [0, 0, 0, 1]], float)  # oblique-free, permuted
+    nib.save(nib.Nifti1Image(data, aff), str(tmp_path / "x.nii.gz"))
+    files, back = _roundtrip(tmp_path / "x.nii.gz", tmp_path)
+    slope = float(pydicom.dcmread(files[0]).RescaleSlope)
+    va, vb = load_volume(tmp_path / "x.nii.gz"), load_volume(back)
+    np.testing.assert_allclose(vb.affine, va.affine, atol=1e-3)
+    assert np.abs(vb.array - va.array).max() <= slope * 0.51 + 1e-3
+
+
+def test_bad_input_is_named_and_leaves_nothing(tmp_path):
+    (tmp_path / "bad.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(InputError, match="bad.nii.gz"):
+        dicom.nifti_to_dicom_series(tmp_path / "bad.nii.gz", tmp_path / "out")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 3, 2), np.float32), np.eye(4)), str(tmp_path / "v4d.nii.gz"))
+    with pytest.raises(InputError, match="3D"):
+        dicom.nifti_to_dicom_series(tmp_path / "v4d.nii.gz", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    if dicom.orthanc_binary() is None:
+        pytest.skip("Orthanc not installed (Debian packages: orthanc orthanc-dicomweb)")
+    server = dicom.Orthanc.start(tmp_path_factory.mktemp("orthanc"))
+    yield server
+    server.stop()
+
+
+def test_orthanc_dicomweb_lists_uploaded_cases_and_labels(orthanc, chaos_dir, tmp_path):
+    if dicom.dcmqi_tool() is None:
+        pytest.skip("dcmqi not installed (pip install dcmqi)")
+    # loopback only, DICOMweb Host carries the port (retrieve URLs would lose it otherwise)
+    cfg = json.loads((orthanc.work_dir / "config" / "orthanc.json").read_text())
+    assert cfg["RemoteAccessAllowed"] is False and cfg["DicomServerEnabled"] is False
+    assert str(orthanc.work_dir) in cfg["StorageDirectory"]
+    cases = ["chaos_01", "chaos_02"]
+    series = dicom.upload_folder(orthanc, chaos_dir / "imagesTr", tmp_path / "dcm", cases=cases)
+    seg = dicom.label_to_dicom_seg(chaos_dir / "labelsTr" / "chaos_01.nii.gz", tmp_path / "dcm" / "chaos_01",
+                                   tmp_path / "seg.dcm", class_names={1: "liver", 2: "right kidney",
+                                                                      3: "left kidney", 4: "spleen"})
+    orthanc.upload([seg])
+    orthanc.upload((tmp_path / "dcm" / "chaos_02").iterdir())  # re-upload: no duplicates
+    qido = json.loads(orthanc.request("/dicom-web/series?Modality=MR"))
+    uids = sorted(s["0020000E"]["Value"][0] for s in qido)
+    assert uids == sorted(series.values())
+    retrieve = qido[0]["00081190"]["Value"][0]
+    assert retrieve.startswith(f"http://127.0.0.1:{orthanc.http_port}/dicom-web/studies/")
+    n_slices = {s["0020000E"]["Value"][0]: s["00201209"]["Value"][0] for s in qido}
+    assert n_slices[series["chaos_01"]] == nib.load(str(chaos_dir / "imagesTr" / "chaos_01_0000.nii.gz")).shape[2]
+    segs = json.loads(orthanc.request("/dicom-web/series?Modality=SEG"))
+    assert len(segs) == 1
+    meta = json.loads(orthanc.request(f"/dicom-web/studies/{segs[0]['0020000D']['Value'][0]}/series/"
+                                      f"{segs[0]['0020000E']['Value'][0]}/metadata"))
+    ref = meta[0]["00081115"]["Value"][0]["0020000E"]["Value"][0]  # ReferencedSeriesSequence
+    assert ref == series["chaos_01"]
+    assert len(meta[0]["00620002"]["Value"]) == 4  # liver, kidneys, spleen segments
