@@ -1,0 +1,226 @@
+"""Infer tasks: few-shot (SAM2 / atlas) pseudo labels with the datastore's labelled images as supports,
+and the deployed nnU-Net version.
+
+Each task returns the label on the request image's own grid, in the format the client asked for
+(OHIF: ``result_extension=.nrrd, result_dtype=uint8, result_compress=false``; Slicer and the REST API:
+NIfTI by default), and stores its uncertainty: the few-shot outputs (probabilities, entropy, summary)
+under ``<state>/fewshot`` and per-image scores in the datastore for the strategies.
+Models are built on first use, never at app construction (child processes rebuild the app).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from ssl_medsam2 import strategies
+from ssl_medsam2.io import InputError, Volume, load_label_for, load_volume, save_like
+
+from .workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nrrd.gz", ".mha", ".mhd")
+
+
+def label_names(cfg: dict) -> dict[str, int]:
+    names = cfg.get("input", {}).get("class_names") or {}
+    return {str(v): int(k) for k, v in names.items()}
+
+
+def write_result(label: np.ndarray, image: Volume, request: dict) -> str:
+    """Write a canonical-order label on the image's source grid in the requested format; returns the path."""
+    ext = str(request.get("result_extension") or ".nii.gz")
+    ext = ext if ext.startswith(".") else "." + ext
+    if ext not in RESULT_EXTENSIONS:
+        raise InputError(None, f"result_extension '{ext}' is not supported (choose from {', '.join(RESULT_EXTENSIONS)})")
+    dtype = np.dtype(str(request.get("result_dtype") or "uint8"))
+    if dtype.kind not in "uif":
+        raise InputError(None, f"result_dtype '{dtype}' is not a numeric type")
+    compress = str(request.get("result_compress", "true")).lower() not in ("false", "0", "no")
+    fd, nii = tempfile.mkstemp(suffix=".nii.gz" if ext != ".nii" else ".nii", prefix="ssl_medsam2_")
+    os.close(fd)
+    save_like(label, image, nii, dtype=dtype, description="ssl-medsam2 label")
+    if ext in (".nii.gz", ".nii"):
+        return nii
+    import SimpleITK as sitk
+
+    fd, out = tempfile.mkstemp(suffix=ext, prefix="ssl_medsam2_")
+    os.close(fd)
+    sitk.WriteImage(sitk.ReadImage(nii), out, useCompression=compress)
+    os.unlink(nii)
+    return out
+
+
+def _query_volume(request: dict) -> tuple[Volume, str | None]:
+    path = request.get("image")
+    if not isinstance(path, str):
+        raise InputError(None, "this task needs an image file or a datastore image id")
+    image_id = request.get("image_id")
+    return load_volume(path, name=image_id or None), image_id
+
+
+class FewShotInfer(InferTask):
+    """Few-shot pseudo label of one image; supports = datastore images with final labels."""
+
+    def __init__(self, ws: Workspace, engine: str, description: str):
+        super().__init__(type=InferType.SEGMENTATION, labels=label_names(ws.cfg), dimension=3,
+                         description=description,
+                         config={"top_k": int(ws.cfg["app"].get("fewshot_top_k", 0)),
+                                 "result_extension": ".nii.gz", "result_dtype": "uint8"})
+        self.ws = ws
+        self.engine_name = engine
+        self._engine = None
+        self._lock = threading.Lock()
+
+    def availability(self) -> tuple[bool, str]:
+        """(available, reason): SAM2 needs weights (or sam2.checkpoint=none for tests); both need the engine."""
+        try:
+            if self.engine_name in ("sam2", "ensemble"):
+                from ssl_medsam2.engines.sam2_model import checkpoint_status
+
+                ok, reason = checkpoint_status(self.ws.cfg)
+                if not ok:
+                    return False, reason
+            if self.engine_name in ("atlas", "ensemble"):
+                import importlib.util
+
+                if importlib.util.find_spec("ssl_medsam2.engines.atlas_engine") is None:
+                    return False, "atlas engine is not installed (ssl_medsam2.engines.atlas_engine missing)"
+        except Exception as exc:  # an import problem must show in /info, not crash the app
+            return False, f"{type(exc).__name__}: {exc}"
+        return True, "ok"
+
+    def is_valid(self) -> bool:
+        return self.availability()[0]
+
+    def engine(self):
+        with self._lock:
+            if self._engine is None:
+                from ssl_medsam2.engines import build_engine
+
+                self._engine = build_engine(self.engine_name, self.ws.cfg)
+            return self._engine
+
+    def supports(self, query: Volume, image_id: str | None, top_k: int):
+        from ssl_medsam2.engines import Case
+
+        labelled = {k: v for k, v in self.ws.final_labelled().items() if k != image_id}
+        if not labelled:
+            raise InputError(None, "no image in the datastore has a final label yet: save at least one "
+                                   "label (tag 'final') before asking for a few-shot pseudo label")
+        names = sorted(labelled)
+        if top_k and top_k < len(names):
+            grid = tuple(self.ws.cfg["app"].get("embedding_grid", (8, 8, 4)))
+            q = strategies.image_embedding(query.array, grid)
+            pool = {k: strategies.image_embedding(load_volume(labelled[k][0]).array, grid) for k in names}
+            names = strategies.most_similar(q, pool, top_k)
+        cases = []
+        for k in names:
+            img = load_volume(labelled[k][0], name=k)
+            cases.append(Case(img, load_label_for(img, labelled[k][1])))
+        return cases
+
+    def __call__(self, request):
+        from ssl_medsam2.engines import Case
+        from ssl_medsam2.pseudo_label import pseudo_label_case
+
+        t0 = time.time()
+        ok, reason = self.availability()
+        if not ok:
+            raise RuntimeError(f"{self.engine_name} few-shot task unavailable: {reason}")
+        query, image_id = _query_volume(request)
+        supports = self.supports(query, image_id, int(request.get("top_k", self.config()["top_k"]) or 0))
+        out_dir = self.ws.fewshot_dir if image_id else None
+        outputs = pseudo_label_case(self.engine(), supports, Case(query), self.ws.cfg, out_dir=out_dir)
+        s = outputs["summary"]
+        band = int(self.ws.cfg.get("protocol", {}).get("boundary_band", 2))
+        u = strategies.uncertainty_score(outputs["entropy"], outputs["label"], s["classes"], band)
+        if image_id:
+            self.ws.set_scores(image_id, {"ssl_uncertainty": u, "ssl_fewshot_engine": self.engine_name,
+                                          "ssl_fewshot_random_weights": bool(s.get("random_weights", False))})
+        result = write_result(outputs["label"], query, request)
+        return result, {
+            "label_names": label_names(self.ws.cfg),
+            "engine": self.engine_name,
+            "supports": s.get("supports"),
+            "uncertainty": u,
+            "mean_entropy_inside": s.get("mean_entropy_inside"),
+            "mean_entropy_boundary": s.get("mean_entropy_boundary"),
+            "random_weights": bool(s.get("random_weights", False)),
+            "stored": outputs.get("paths", {}),
+            "latencies": {"total": round(time.time() - t0, 3)},
+        }
+
+
+class NnUNetInfer(InferTask):
+    """The deployed nnU-Net version; a newly promoted (or rolled back) version is used on the next request."""
+
+    def __init__(self, ws: Workspace):
+        super().__init__(type=InferType.SEGMENTATION, labels=label_names(ws.cfg), dimension=3,
+                         description="nnU-Net trained by ssl_nnunet on final + pseudo labels (deployed version)",
+                         config={"result_extension": ".nii.gz", "result_dtype": "uint8"})
+        self.ws = ws
+        self._model = None
+        self._model_dir = None
+        self._lock = threading.Lock()
+
+    def availability(self) -> tuple[bool, str]:
+        import importlib.util
+
+        if importlib.util.find_spec("ssl_medsam2.nnunet.predict") is None:
+            return False, "nnU-Net inference is not installed (ssl_medsam2.nnunet.predict missing)"
+        if not self.ws.registry.current_model_dir():
+            return False, "no trained model yet: run POST /train/ssl_nnunet"
+        return True, "ok"
+
+    def is_valid(self) -> bool:
+        return self.availability()[0]
+
+    def model(self):
+        from ssl_medsam2.nnunet.predict import NnUNetModel
+
+        with self._lock:
+            cur = self.ws.registry.current()
+            if cur is None:
+                raise RuntimeError("no trained model yet: run POST /train/ssl_nnunet")
+            if self._model is None or self._model_dir != cur["model_dir"]:
+                log.info("loading nnU-Net model %s (%s)", cur["id"], cur["model_dir"])
+                device = self.ws.cfg.get("nnunet", {}).get("device", "cpu")
+                self._model = NnUNetModel(cur["model_dir"], device=device if device != "auto" else "cpu")
+                self._model_dir = cur["model_dir"]
+            return self._model, cur["id"]
+
+    def __call__(self, request):
+        from ssl_medsam2.uncertainty import binary_entropy
+
+        t0 = time.time()
+        ok, reason = self.availability()
+        if not ok:
+            raise RuntimeError(f"nnunet task unavailable: {reason}")
+        query, image_id = _query_volume(request)
+        model, version = self.model()
+        label, probs = model.predict_volume(query)
+        label = np.asarray(label, dtype=np.uint8)
+        classes = list(range(1, probs.shape[0]))
+        band = int(self.ws.cfg.get("protocol", {}).get("boundary_band", 2))
+        u = strategies.uncertainty_score(binary_entropy(probs[1:]), label, classes, band)
+        scores: dict = {"ssl_nnunet_uncertainty": u, "ssl_nnunet_version": version}
+        if image_id:
+            pred = self.ws.predictions_dir(version) / f"{image_id}.nii.gz"
+            save_like(label, query, pred, dtype=np.uint8, description=f"ssl-medsam2 nnunet {version}")
+            few = self.ws.fewshot_dir / "labels" / f"{image_id}.nii.gz"
+            if few.exists():
+                scores["ssl_disagreement"] = strategies.disagreement_score(load_label_for(query, few).array, label)
+            self.ws.set_scores(image_id, scores)
+        result = write_result(label, query, request)
+        return result, {"label_names": label_names(self.ws.cfg), "model_version": version, "uncertainty": u,
+                        "disagreement": scores.get("ssl_disagreement"),
+                        "latencies": {"total": round(time.time() - t0, 3)}}

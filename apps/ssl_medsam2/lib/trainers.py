@@ -1,0 +1,178 @@
+"""Trainer ``ssl_nnunet``: FSL-nnUNet rounds on the datastore, one model version per run, promoted only
+when it is at least as good on the labelled cases as the deployed one.
+
+Runs in MONAI Label's training child process. Inputs are linked into the version folder (images,
+final labels, and the datastore's pseudo labels as round 0 when every unlabelled image has one);
+progress goes to ``<state>/train_stats.json`` (what ``/info`` -> ``train_stats`` and the OHIF panel
+read: epoch, total_epochs, best_metric, total_time) and to stdout (``GET /train/`` details).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from monailabel.interfaces.tasks.train import TrainTask
+
+from ssl_medsam2 import strategies
+from ssl_medsam2.io import load_label_for, load_volume, write_text_atomic
+
+from .workspace import FINAL_TAG, Workspace
+
+log = logging.getLogger(__name__)
+
+
+def _link(src: str, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.symlink(os.path.realpath(src), dst)
+    except OSError:
+        shutil.copy(src, dst)
+
+
+def _nifti_name(image_id: str, path: str) -> str:
+    return image_id + (".nii.gz" if path.endswith(".nii.gz") else Path(path).suffix)
+
+
+class SSLNnUNetTrain(TrainTask):
+    def __init__(self, ws: Workspace):
+        super().__init__("FSL-nnUNet: nnU-Net rounds on final labels + refined pseudo labels (SSL-MedSAM2)")
+        self.ws = ws
+
+    def config(self):
+        n = self.ws.cfg.get("nnunet", {})
+        keys = ("configuration", "epochs", "iterations_per_epoch", "max_rounds", "device")
+        return {k: n[k] for k in keys if k in n}
+
+    def stats(self):
+        p = self.ws.train_stats_path
+        stats = {}
+        if p.exists():
+            try:
+                stats = json.loads(p.read_text())
+            except json.JSONDecodeError:
+                stats = {}
+        cur = self.ws.registry.current()
+        stats["current_version"] = cur["id"] if cur else None
+        stats["current_dice"] = cur.get("dice") if cur else None
+        return stats
+
+    # -- helpers --
+    def _write_stats(self, stats: dict) -> None:
+        write_text_atomic(json.dumps(stats, indent=2, default=str), self.ws.train_stats_path)
+
+    def _inputs(self, work: Path, datastore) -> tuple[Path, Path, Path | None, dict]:
+        images, labels, pseudo = work / "inputs" / "images", work / "inputs" / "labels", work / "inputs" / "pseudo"
+        final = self.ws.final_labelled()
+        if not final:
+            raise ValueError("no final label in the datastore: save at least one label before training")
+        for i in self.ws.image_ids():
+            img = datastore.get_image_uri(i)
+            _link(img, images / _nifti_name(i, img))
+        for i, (_, lab) in final.items():
+            _link(lab, labels / _nifti_name(i, lab))
+        unlabelled = [i for i in self.ws.image_ids() if i not in final]
+        have = {i: datastore.get_label_uri(i, self.ws.pseudo_tag) for i in unlabelled}
+        have = {i: p for i, p in have.items() if p and os.path.exists(p)}
+        use_pseudo = bool(unlabelled) and len(have) == len(unlabelled)
+        if use_pseudo:
+            for i, p in have.items():
+                _link(p, pseudo / _nifti_name(i, p))
+        return images, labels, pseudo if use_pseudo else None, final
+
+    def _dice_on_labelled(self, model_dir: str, final: dict) -> float | None:
+        from ssl_medsam2.nnunet.predict import NnUNetModel
+
+        n = int(self.ws.cfg["app"].get("promote_eval_cases", 5))
+        model = NnUNetModel(model_dir, device=self._device())
+        vals = []
+        for i in sorted(final)[:n]:
+            img = load_volume(final[i][0], name=i)
+            ref = load_label_for(img, final[i][1]).array
+            pred, _ = model.predict_volume(img)
+            d = strategies.dice(ref, np.asarray(pred))
+            if d is not None:
+                vals.append(d)
+        return float(np.mean(vals)) if vals else None
+
+    def _device(self) -> str:
+        d = self.ws.cfg.get("nnunet", {}).get("device", "auto")
+        if d in (None, "auto"):
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return str(d)
+
+    def __call__(self, request, datastore):
+        from ssl_medsam2.config import merge
+        from ssl_medsam2.nnunet.rounds import run_ssl
+
+        t0 = time.time()
+        cfg = self.ws.cfg
+        # request keys named like nnunet config keys override them for this run (e.g. {"epochs": 1})
+        ncfg = cfg.get("nnunet", {})
+        over = {k: request[k] for k in ncfg if k in request}
+        if over:
+            cfg = merge(cfg, {"nnunet": over})
+        version = self.ws.registry.next_id()
+        work = self.ws.registry.root / version
+        images, labels, pseudo, final = self._inputs(work, datastore)
+        stats = {"status": "RUNNING", "version": version, "epoch": 0, "total_epochs": int(ncfg.get("epochs", 0) or 0),
+                 "best_metric": None, "round": 0, "max_rounds": ncfg.get("max_rounds"), "stage": "start",
+                 "start_ts": t0, "total_time": "0s", "labelled": sorted(final)}
+        self._write_stats(stats)
+
+        def progress(event: dict):
+            stats.update({k: v for k, v in event.items() if v is not None})
+            stats["total_time"] = f"{time.time() - t0:.0f}s"
+            self._write_stats(stats)
+            print("ssl_nnunet progress " + json.dumps(event, default=str), flush=True)
+
+        try:
+            state = run_ssl(images, labels, work / "rounds", cfg, pseudo_labels_dir=pseudo, progress=progress)
+            final_json = json.loads((work / "rounds" / "final.json").read_text())
+            model_dir = final_json["model_dir"]
+            progress({"stage": "evaluate"})
+            new_dice = self._dice_on_labelled(model_dir, final)
+            cur = self.ws.registry.current()
+            cur_dice = self._dice_on_labelled(cur["model_dir"], final) if cur else None
+            tol = float(cfg["app"].get("promote_tolerance", 0.0))
+            promote = cur is None or cur_dice is None or (new_dice is not None and new_dice >= cur_dice - tol)
+            entry = {"id": version, "model_dir": model_dir, "dice": new_dice, "round": final_json.get("round"),
+                     "labelled": sorted(final), "compared_with": cur["id"] if cur else None,
+                     "compared_dice": cur_dice, "train_s": round(time.time() - t0, 1)}
+            self.ws.registry.add(entry, promote)
+            if promote:
+                self._publish_pseudo_labels(work / "rounds", final_json.get("round"), final, datastore)
+            stats.update({"status": "DONE", "stage": "done", "promoted": promote, "dice_labelled": new_dice,
+                          "previous_dice_labelled": cur_dice, "total_time": f"{time.time() - t0:.0f}s"})
+            self._write_stats(stats)
+            print(f"ssl_nnunet {version}: Dice on labelled {new_dice} vs deployed {cur_dice} -> "
+                  f"{'PROMOTED' if promote else 'kept previous'}", flush=True)
+            return {"version": version, "promoted": promote, "dice": new_dice, "previous_dice": cur_dice,
+                    "state": state if isinstance(state, dict) else None}
+        except BaseException as exc:
+            stats.update({"status": "ERROR", "error": f"{type(exc).__name__}: {exc}",
+                          "total_time": f"{time.time() - t0:.0f}s"})
+            self._write_stats(stats)
+            raise
+
+    def _publish_pseudo_labels(self, rounds: Path, round_no, final: dict, datastore) -> None:
+        """Refined pseudo labels of the deployed round go to the datastore under the pseudo tag."""
+        if round_no is None:
+            return
+        folder = rounds / f"round_{int(round_no):03d}" / "labels"
+        if not folder.is_dir():
+            return
+        from ssl_medsam2.io import case_name
+
+        ids = {case_name(i): i for i in self.ws.image_ids()}
+        for p in sorted(folder.glob("*.nii*")):
+            i = ids.get(case_name(p))
+            if i and i not in final:
+                datastore.save_label(i, str(p), self.ws.pseudo_tag, {"source": "ssl_nnunet", "round": round_no})

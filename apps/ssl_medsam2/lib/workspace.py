@@ -1,0 +1,174 @@
+"""Everything the app's tasks share: the merged config, the state folder, the datastore and the model registry.
+
+MONAI Label rebuilds the whole app in every training / scoring / batch-infer child process, so nothing
+here loads a model: it only resolves paths and reads small JSON files. State that both the server and
+its child processes must agree on (model versions, leases, train progress) lives in files under
+``app.state_dir`` (default ``<studies>/.ssl_medsam2``), written atomically and guarded by file locks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from filelock import FileLock
+
+from ssl_medsam2.config import load_config, merge
+from ssl_medsam2.io import write_text_atomic
+from ssl_medsam2.leases import LeaseBook
+
+log = logging.getLogger(__name__)
+
+FINAL_TAG = "final"
+
+
+def project_config(conf: Mapping[str, Any] | None) -> dict:
+    """The project config with MONAI Label ``--conf`` pairs applied.
+
+    Every dotted key (``sam2.checkpoint``, ``nnunet.epochs``, ``app.lease_hours``) overrides the project
+    config strictly (a typo fails at start, naming the key); plain keys belong to MONAI Label itself.
+    Values are parsed as YAML, like ``--set`` on the CLI.
+    """
+    items = [f"{k}={v}" for k, v in (conf or {}).items() if "." in str(k)]
+    return merge(load_config(), items, strict=True, where="MONAI Label --conf")
+
+
+class ModelRegistry:
+    """Trained nnU-Net versions and which one is deployed (``versions.json``), with promotion and rollback."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.path = self.root / "versions.json"
+        self._lock = FileLock(str(self.path) + ".lock")
+
+    def _read(self) -> dict:
+        if not self.path.exists():
+            return {"current": None, "versions": []}
+        return json.loads(self.path.read_text())
+
+    def _write(self, data: dict) -> None:
+        write_text_atomic(json.dumps(data, indent=2), self.path)
+
+    def state(self) -> dict:
+        with self._lock:
+            return self._read()
+
+    def current(self) -> dict | None:
+        data = self.state()
+        for v in data["versions"]:
+            if v["id"] == data.get("current"):
+                return v
+        return None
+
+    def current_model_dir(self) -> str | None:
+        cur = self.current()
+        return cur["model_dir"] if cur and Path(cur["model_dir"]).is_dir() else None
+
+    def next_id(self) -> str:
+        with self._lock:
+            data = self._read()
+            n = 1 + max([int(v["id"][1:]) for v in data["versions"]] + [0])
+            # reserve the folder so two concurrent trainings never share it
+            while (self.root / f"v{n:03d}").exists():
+                n += 1
+            (self.root / f"v{n:03d}").mkdir(parents=True)
+            return f"v{n:03d}"
+
+    def add(self, entry: dict, promote: bool) -> dict:
+        with self._lock:
+            data = self._read()
+            entry = dict(entry, promoted=bool(promote), created=entry.get("created", time.time()))
+            data["versions"] = [v for v in data["versions"] if v["id"] != entry["id"]] + [entry]
+            if promote:
+                data["current"] = entry["id"]
+                data.setdefault("history", []).append({"current": entry["id"], "ts": time.time(), "why": "promoted"})
+            self._write(data)
+            return data
+
+    def set_current(self, version: str | None = None, why: str = "rollback") -> dict:
+        """Deploy ``version`` (default: the version deployed before the current one)."""
+        with self._lock:
+            data = self._read()
+            ids = [v["id"] for v in data["versions"]]
+            if version is None:
+                hist = [h["current"] for h in data.get("history", [])]
+                prev = [h for h in hist[:-1] if h != data.get("current")]
+                if not prev:
+                    raise KeyError("no earlier deployed version to roll back to")
+                version = prev[-1]
+            if version not in ids:
+                raise KeyError(f"unknown model version '{version}' (known: {', '.join(ids) or 'none'})")
+            data["current"] = version
+            data.setdefault("history", []).append({"current": version, "ts": time.time(), "why": why})
+            self._write(data)
+            return data
+
+
+class Workspace:
+    """Config, folders and shared file-backed state of one app instance (server or child process)."""
+
+    def __init__(self, app_dir: str, studies: str, conf: Mapping[str, Any] | None, datastore=None):
+        self.app_dir = Path(app_dir)
+        self.studies = studies
+        self.conf = dict(conf or {})
+        self.cfg = project_config(conf)
+        acfg = self.cfg["app"]
+        state = acfg.get("state_dir")
+        if not state:
+            if str(studies).startswith(("http://", "https://")):
+                state = self.app_dir / "state"  # remote datastore: keep state beside the app
+            else:
+                state = Path(studies) / ".ssl_medsam2"
+        self.state_dir = Path(os.path.expanduser(str(state))).resolve()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.datastore = datastore
+        self.registry = ModelRegistry(self.state_dir / "models")
+        self.leases = LeaseBook(self.state_dir / "leases.json", ttl_s=float(acfg.get("lease_hours", 1.0)) * 3600)
+        self.pseudo_tag = str(acfg.get("pseudo_tag", "pseudo"))
+
+    # -- folders --
+    @property
+    def fewshot_dir(self) -> Path:
+        """Few-shot outputs (labels/, probabilities/, entropy/, summaries/) of the latest few-shot infer."""
+        return self.state_dir / "fewshot"
+
+    def predictions_dir(self, version: str) -> Path:
+        return self.state_dir / "predictions" / version
+
+    @property
+    def train_stats_path(self) -> Path:
+        return self.state_dir / "train_stats.json"
+
+    # -- datastore views --
+    def final_labelled(self) -> dict[str, tuple[str, str]]:
+        """image id -> (image path, final label path) for every image with a final (human) label."""
+        ds = self.datastore
+        out = {}
+        for i in sorted(ds.get_labeled_images()):
+            lab = ds.get_label_uri(i, FINAL_TAG)
+            img = ds.get_image_uri(i)
+            if lab and img and os.path.exists(lab) and os.path.exists(img):
+                out[i] = (img, lab)
+        return out
+
+    def unlabelled(self) -> list[str]:
+        return sorted(self.datastore.get_unlabeled_images())
+
+    def image_ids(self) -> list[str]:
+        return sorted(self.datastore.list_images())
+
+    def has_image(self, image_id: str) -> bool:
+        return image_id in set(self.datastore.list_images())
+
+    def set_scores(self, image_id: str, scores: dict) -> None:
+        """Write per-image scores into the datastore's image info (what strategies and clients read)."""
+        if image_id and self.has_image(image_id):
+            self.datastore.update_image_info(image_id, {**scores, "ssl_scores_ts": int(time.time())})
+
+    def image_info(self, image_id: str) -> dict:
+        return self.datastore.get_image_info(image_id) or {}
