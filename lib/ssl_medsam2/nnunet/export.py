@@ -1,0 +1,153 @@
+"""Labelled + pseudo-labelled volumes -> an nnU-Net v2 raw dataset (imagesTr, labelsTr, dataset.json).
+
+Images are copied byte for byte (``.nii`` is re-saved as ``.nii.gz``) so nnU-Net sees exactly the
+user's geometry; labels go through :func:`ssl_medsam2.io.save_like` onto the image's grid. nnU-Net
+wants consecutive label values, so project class ids are mapped to 1..K and the mapping is kept in
+``dataset.json`` (``ssl_medsam2_class_ids``) for prediction to map back.
+
+Optional ignore label: in pseudo-labelled volumes, voxels whose pseudo-label entropy (max over
+classes, bits) exceeds a threshold get nnU-Net's ``ignore`` label (K+1), so the loss skips the
+voxels the pseudo labeller was unsure about. Ground-truth volumes never get it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from ..io import InputError, Volume, load_label_for, load_volume, save_like, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+DATASET_ID = 900
+DATASET_NAME = f"Dataset{DATASET_ID:03d}_SSLMedSAM2"
+
+
+def to_canonical(volume: Volume, source_array: np.ndarray) -> np.ndarray:
+    """A source-order 3D array (as stored on disk) -> ``volume``'s canonical order."""
+    src = nib.orientations.io_orientation(volume.source_affine)
+    to_canon = nib.orientations.ornt_transform(src, nib.orientations.axcodes2ornt(("R", "A", "S")))
+    return np.ascontiguousarray(nib.orientations.apply_orientation(source_array, to_canon))
+
+
+def load_entropy_for(image: Volume, path: str | os.PathLike) -> np.ndarray:
+    """Entropy map (3D, or 4D with classes last as pseudo_label writes it) -> max over classes, canonical."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "entropy file not found (needed for nnunet.ignore_entropy_threshold)")
+    data = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+    if data.ndim == 4:
+        data = data.max(axis=3)
+    if data.shape != image.source_shape:
+        raise InputError(path, f"entropy shape {data.shape} does not match image {image.source_shape}")
+    return to_canonical(image, data)
+
+
+def detect_modality(image_paths: Sequence[Path], modality: str = "auto") -> str:
+    """nnU-Net channel name: 'CT' (global intensity normalisation) or 'MRI' (per-image z-score)."""
+    if modality and modality.lower() != "auto":
+        return "CT" if modality.lower() == "ct" else "MRI"
+    for p in image_paths:
+        if float(np.asarray(nib.load(str(p)).dataobj).min()) < -500:
+            return "CT"
+    return "MRI"
+
+
+def export_dataset(raw_root: str | os.PathLike, images: Mapping[str, Path], labels: Mapping[str, Path],
+                   pseudo_labels: Mapping[str, Path], classes: Sequence[int], cfg: dict,
+                   entropy: Mapping[str, Path] | None = None) -> Path:
+    """Write ``raw_root/Dataset900_SSLMedSAM2``; returns its folder.
+
+    ``labels``: ground truth by case name; ``pseudo_labels``: pseudo labels for the other cases;
+    ``entropy``: entropy maps of the pseudo labels (only read when the ignore label is on).
+    """
+    ncfg = cfg.get("nnunet", {})
+    threshold = ncfg.get("ignore_entropy_threshold")
+    both = sorted(set(labels) & set(pseudo_labels))
+    if both:
+        raise InputError(None, f"cases with both a label and a pseudo label: {', '.join(both)}")
+    missing = sorted((set(labels) | set(pseudo_labels)) - set(images))
+    if missing:
+        raise InputError(None, f"labels without an image: {', '.join(missing)}")
+    classes = sorted(int(c) for c in classes)
+    if not classes:
+        raise InputError(None, "no foreground class to train")
+    lut = np.zeros(max(256, max(classes) + 1), dtype=np.uint8)
+    for i, c in enumerate(classes, start=1):
+        lut[c] = i
+    ignore_value = len(classes) + 1
+    use_ignore = threshold is not None and bool(pseudo_labels)
+
+    out = Path(raw_root) / DATASET_NAME
+    if out.exists():
+        shutil.rmtree(out)
+    staging = Path(raw_root) / f".{DATASET_NAME}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    (staging / "imagesTr").mkdir(parents=True)
+    (staging / "labelsTr").mkdir(parents=True)
+    class_names = cfg.get("input", {}).get("class_names") or {}
+    stats = {}
+    for name in sorted(set(labels) | set(pseudo_labels)):
+        img_path = Path(images[name])
+        image = load_volume(img_path, name=name)
+        dst_img = staging / "imagesTr" / f"{name}_0000.nii.gz"
+        if img_path.name.endswith(".nii.gz"):
+            shutil.copyfile(img_path, dst_img)
+        else:
+            nib.save(nib.load(str(img_path)), str(dst_img))
+        is_gt = name in labels
+        label = load_label_for(image, labels[name] if is_gt else pseudo_labels[name])
+        arr = label.array
+        unknown = sorted(set(np.unique(arr).tolist()) - set(classes) - {0})
+        if unknown:
+            log.warning("%s: classes %s are not trained and become background", name, unknown)
+        mapped = lut[np.clip(arr, 0, lut.size - 1)]
+        n_ignored = 0
+        if use_ignore and not is_gt:
+            high = load_entropy_for(image, entropy[name]) > float(threshold) if entropy and name in entropy \
+                else None
+            if high is None:
+                raise InputError(pseudo_labels[name], "no entropy map for this pseudo label "
+                                                      "(needed for nnunet.ignore_entropy_threshold)")
+            mapped[high] = ignore_value
+            n_ignored = int(high.sum())
+        save_like(mapped, image, staging / "labelsTr" / f"{name}.nii.gz", dtype=np.uint8,
+                  description="ssl-medsam2 ground truth" if is_gt else "ssl-medsam2 pseudo label")
+        stats[name] = {"source": "ground_truth" if is_gt else "pseudo_label", "ignored_voxels": n_ignored}
+    label_names = {"background": 0}
+    for i, c in enumerate(classes, start=1):
+        nm = str(class_names.get(c, class_names.get(str(c), f"class_{c}")))
+        label_names[nm if nm not in label_names else f"{nm}_{c}"] = i
+    if use_ignore:
+        label_names["ignore"] = ignore_value
+    dataset_json = {
+        "channel_names": {"0": detect_modality([Path(images[n]) for n in stats],
+                                               cfg.get("input", {}).get("modality", "auto"))},
+        "labels": label_names,
+        "numTraining": len(stats),
+        "file_ending": ".nii.gz",
+        "name": "SSL-MedSAM2",
+        "description": "ground-truth and pseudo-labelled volumes exported by ssl-medsam2",
+        "ssl_medsam2_class_ids": classes,
+        "ssl_medsam2_cases": stats,
+    }
+    write_text_atomic(json.dumps(dataset_json, indent=2), staging / "dataset.json")
+    os.replace(staging, out)
+    log.info("exported %d cases (%d ground truth, %d pseudo) to %s%s", len(stats), len(labels),
+             len(pseudo_labels), out, f", ignore label where entropy > {threshold}" if use_ignore else "")
+    return out
+
+
+def verify(dataset_dir: str | os.PathLike, num_processes: int = 1) -> None:
+    """nnU-Net's own integrity check (geometry, label values, file counts); raises on problems."""
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    verify_dataset_integrity(str(dataset_dir), num_processes)

@@ -1,0 +1,108 @@
+"""Run a trained nnU-Net model on volumes in memory or on a folder, keeping the source geometry.
+
+nnU-Net's default reader is SimpleITK, which hands the network the file's voxel array in (z, y, x)
+order with the spacing reversed; :meth:`NnUNetModel.predict_volume` feeds it exactly that from a
+:class:`~ssl_medsam2.io.Volume` (canonical order in memory) and turns the result back into canonical
+order, so the model sees volumes the way it saw them in training whatever their orientation.
+Folder prediction writes every label through :func:`ssl_medsam2.io.save_like` (source affine, atomic).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..io import InputError, Volume, list_volumes, load_volume, save_like
+from . import trainers
+from .export import to_canonical
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A model folder (has plans.json) or a work dir of ``ssl-medsam2 run`` (its final.json names one)."""
+    path = Path(path)
+    if (path / "final.json").exists():
+        final = json.loads((path / "final.json").read_text())
+        path = path / final["model_dir"]  # absolute paths stay as they are
+    if not (path / "plans.json").exists() or not (path / "dataset.json").exists():
+        raise InputError(path, "not an nnU-Net model folder (no plans.json/dataset.json) and no final.json "
+                               "of an ssl-medsam2 work dir")
+    return path
+
+
+class NnUNetModel:
+    """A trained nnU-Net model (``model_dir`` as written by training) ready for prediction."""
+
+    def __init__(self, model_dir: str | os.PathLike, device: str = "cpu", use_mirroring: bool = False,
+                 tile_step_size: float = 0.5, checkpoint_name: str = "checkpoint_final.pth",
+                 num_threads: int | None = None):
+        import torch
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        from .train import resolve_device
+
+        self.model_dir = resolve_model_dir(model_dir)
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        trainers.register()  # the checkpoint names our trainer class; nnU-Net looks it up by name
+        os.environ.setdefault("nnUNet_compile", "false")
+        dev = torch.device(resolve_device(device))
+        folds = sorted(p.name[len("fold_"):] for p in self.model_dir.glob("fold_*")
+                       if (p / checkpoint_name).exists())
+        if not folds:
+            raise InputError(self.model_dir, f"no fold_*/{checkpoint_name} in this model folder")
+        self.predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True,
+                                         use_mirroring=use_mirroring,
+                                         perform_everything_on_device=dev.type == "cuda", device=dev,
+                                         verbose=False, allow_tqdm=False)
+        self.predictor.initialize_from_trained_model_folder(str(self.model_dir), tuple(folds), checkpoint_name)
+        dataset_json = json.loads((self.model_dir / "dataset.json").read_text())
+        ids = dataset_json.get("ssl_medsam2_class_ids")
+        n = self.predictor.label_manager.num_segmentation_heads - 1
+        self.class_ids = tuple(int(c) for c in ids) if ids else tuple(range(1, n + 1))
+        if len(self.class_ids) != n:
+            raise InputError(self.model_dir / "dataset.json", f"{len(self.class_ids)} class ids for {n} classes")
+        self._lut = np.array((0,) + self.class_ids, dtype=np.int64)
+
+    def predict_volume(self, volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+        """-> (label map in canonical order with project class ids, probabilities (C+1, X, Y, Z))."""
+        source = volume.in_source_order(volume.array).astype(np.float32)
+        zooms = [float(z) for z in volume.source_header.get_zooms()[:3]]
+        seg, probs = self.predictor.predict_single_npy_array(
+            source.transpose(2, 1, 0)[None], {"spacing": zooms[::-1]}, None, None, True)
+        seg = np.asarray(seg).transpose(2, 1, 0)
+        probs = np.asarray(probs, dtype=np.float32).transpose(0, 3, 2, 1)
+        label = self._lut[to_canonical(volume, seg).astype(np.int64)]
+        dtype = np.uint8 if max(self.class_ids) < 256 else np.int16
+        probs = np.stack([to_canonical(volume, p) for p in probs])
+        return label.astype(dtype), probs
+
+
+def predict_folder(model_dir: str | os.PathLike, images_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                   device: str = "cpu", use_mirroring: bool = False, show_progress: bool = True,
+                   names=None, progress: Callable[[int], None] | None = None) -> list[Path]:
+    """Label every NIfTI of ``images_dir`` into ``out_dir/<case>.nii.gz`` (source affine and header)."""
+    from tqdm.auto import tqdm
+
+    images = list_volumes(images_dir)
+    if names is not None:
+        images = {k: v for k, v in images.items() if k in set(names)}
+    if not images:
+        raise InputError(images_dir, "no NIfTI image (.nii / .nii.gz) to predict")
+    vols = {n: load_volume(p, name=n) for n, p in images.items()}  # check every input before any work
+    model = NnUNetModel(model_dir, device=device, use_mirroring=use_mirroring)
+    out = []
+    for name, vol in tqdm(vols.items(), desc="nnU-Net predict", unit="case", disable=not show_progress):
+        label, _ = model.predict_volume(vol)
+        out.append(save_like(label, vol, Path(out_dir) / f"{name}.nii.gz", dtype=label.dtype,
+                             description="ssl-medsam2 nnU-Net"))
+        if progress is not None:
+            progress(1)
+    log.info("predicted %d case(s) with %s into %s", len(out), model.model_dir, out_dir)
+    return out

@@ -1,0 +1,210 @@
+"""Plan, preprocess and train one nnU-Net model through nnunetv2's Python API.
+
+Each training gets its own ``nnUNet_raw`` / ``nnUNet_preprocessed`` / ``nnUNet_results`` under one
+root folder (:func:`nnunet_env`), so rounds, work dirs and tests never see each other's datasets.
+nnU-Net reads these variables lazily, so setting them in ``os.environ`` before each call is enough.
+
+Training runs in this process (single device) so the epoch callback can drive progress bars; with
+``nnunet.num_gpus > 1`` it runs ``nnUNetv2_train -num_gpus N`` in a subprocess instead (DDP needs
+its own processes), which finds the same trainer by name through ``nnUNet_extTrainer``.
+The trained folder (``dataset.json``, ``plans.json``, ``fold_<f>/checkpoint_final.pth``) is moved
+into place only once complete, so its presence means training finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import trainers
+from .export import DATASET_ID, DATASET_NAME
+
+log = logging.getLogger(__name__)
+
+PLANS_NAME = "nnUNetPlans"
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+@contextlib.contextmanager
+def nnunet_env(root: str | os.PathLike, ncfg: dict | None = None):
+    """Point nnU-Net's three folders at ``root/{raw,preprocessed,results}`` for the duration."""
+    ncfg = ncfg or {}
+    root = Path(root)
+    new = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
+           "nnUNet_results": str(root / "results"),
+           "nnUNet_n_proc_DA": str(int(ncfg.get("num_workers", 2)))}
+    if resolve_device(ncfg.get("device")) == "cpu" or not ncfg.get("compile", False):
+        new["nnUNet_compile"] = "false"
+    old = {k: os.environ.get(k) for k in new}
+    for k in ("raw", "preprocessed", "results"):
+        (root / k).mkdir(parents=True, exist_ok=True)
+    os.environ.update(new)
+    trainers.register()
+    try:
+        yield root
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _nnunet_output(log_path: Path | None):
+    """nnU-Net prints a lot; send its stdout to a log file so our progress bars stay readable."""
+    if log_path is None:
+        yield
+        return
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as fh, contextlib.redirect_stdout(fh):
+        yield
+
+
+def plan_and_preprocess(ncfg: dict, reuse_from: str | os.PathLike | None = None,
+                        log_path: Path | None = None) -> Path:
+    """Fingerprint + plan (or reuse a trained model's plans) and preprocess the exported dataset.
+
+    ``reuse_from``: a model folder from an earlier round; its plans.json and dataset_fingerprint.json
+    are reused so every round trains the identical network (fine-tuning needs that) and planning
+    is not repeated. Returns the preprocessed dataset folder. Call inside :func:`nnunet_env`.
+    """
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
+                                                                      preprocess)
+
+    nproc = max(1, int(ncfg.get("num_processes", 2)))
+    conf = ncfg.get("configuration", "2d")
+    pre = Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME
+    # the planner calls torch.set_num_threads(nnUNet_n_proc_DA), which must then be >= 1
+    with _nnunet_output(log_path), _env(nnUNet_n_proc_DA=str(max(1, int(ncfg.get("num_workers", 2))))):
+        if reuse_from is not None:
+            reuse_from = Path(reuse_from)
+            pre.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(reuse_from / "dataset_fingerprint.json", pre / "dataset_fingerprint.json")
+            shutil.copyfile(reuse_from / "plans.json", pre / f"{PLANS_NAME}.json")
+            shutil.copyfile(Path(os.environ["nnUNet_raw"]) / DATASET_NAME / "dataset.json", pre / "dataset.json")
+        else:
+            extract_fingerprints([DATASET_ID], num_processes=nproc, check_dataset_integrity=True,
+                                 verbose=False, show_progress_bar=False)
+            gpu_mem = ncfg.get("gpu_memory_target")
+            plan_experiments([DATASET_ID], gpu_memory_target_in_gb=float(gpu_mem) if gpu_mem else None)
+        plans = json.loads((pre / f"{PLANS_NAME}.json").read_text())
+        if conf not in plans["configurations"]:
+            raise ValueError(f"nnU-Net did not plan configuration '{conf}' for this dataset "
+                             f"(planned: {', '.join(plans['configurations'])}); set nnunet.configuration")
+        preprocess([DATASET_ID], PLANS_NAME, configurations=(conf,), num_processes=(nproc,),
+                   show_progress_bar=False)
+    return pre
+
+
+def _fold(ncfg: dict):
+    f = ncfg.get("fold", "all")
+    return "all" if str(f) == "all" else int(f)
+
+
+def train_model(ncfg: dict, model_dir: str | os.PathLike, init_checkpoint: str | os.PathLike | None = None,
+                progress: Callable[[dict], None] | None = None, log_path: Path | None = None) -> Path:
+    """Train on the preprocessed dataset; the finished model folder lands at ``model_dir``.
+
+    ``init_checkpoint``: start from these weights (fine-tuning from the previous round) instead of
+    from scratch. ``progress`` gets {"stage": "train", "epoch", "total_epochs", "best_metric",
+    "train_loss"} after every epoch. Call inside :func:`nnunet_env`.
+    """
+    model_dir = Path(model_dir)
+    name = trainers.trainer_name_from_config(ncfg)
+    conf = ncfg.get("configuration", "2d")
+    fold = _fold(ncfg)
+    device = resolve_device(ncfg.get("device"))
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    results = Path(os.environ["nnUNet_results"])
+    trained = results / DATASET_NAME / f"{name}__{PLANS_NAME}__{conf}"
+    if trained.exists():
+        shutil.rmtree(trained)
+    t0 = time.perf_counter()
+    if int(ncfg.get("num_gpus", 1)) > 1:
+        _train_ddp(ncfg, name, conf, fold, init_checkpoint, log_path)
+    else:
+        _train_in_process(ncfg, name, conf, fold, device, init_checkpoint, progress, log_path)
+    ckpt = trained / f"fold_{fold}" / "checkpoint_final.pth"
+    if not ckpt.exists():
+        raise RuntimeError(f"nnU-Net finished without writing {ckpt}; see {log_path or 'its log'}")
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(trained), str(model_dir))
+    log.info("trained %s (%s, fold %s, %s) in %.0fs -> %s", name, conf, fold, device,
+             time.perf_counter() - t0, model_dir)
+    return model_dir
+
+
+def _train_in_process(ncfg, name, conf, fold, device, init_checkpoint, progress, log_path):
+    import numpy as np
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    seed = ncfg.get("seed")
+    if seed is not None:
+        torch.manual_seed(int(seed))
+        np.random.seed(int(seed))
+    if ncfg.get("cpu_threads"):
+        torch.set_num_threads(int(ncfg["cpu_threads"]))
+    trainer_cls = trainers.find_trainer(name)
+    pre = Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME
+    plans = load_json(str(pre / f"{PLANS_NAME}.json"))
+    plans["continue_training"] = False
+    dataset_json = load_json(str(pre / "dataset.json"))
+    with _nnunet_output(log_path):
+        trainer = trainer_cls(plans=plans, configuration=conf, fold=fold, dataset_json=dataset_json,
+                              device=torch.device(device))
+        trainer.initialize()
+        if init_checkpoint is not None:
+            state = torch.load(str(init_checkpoint), map_location="cpu", weights_only=False)["network_weights"]
+            net = trainer.network.module if hasattr(trainer.network, "module") else trainer.network
+            net = getattr(net, "_orig_mod", net)
+            net.load_state_dict(state)  # same plans and labels -> every key and shape matches
+        if progress is not None:
+            def _cb(tr):
+                lg = tr.logger
+                progress({"stage": "train", "epoch": tr.current_epoch, "total_epochs": tr.num_epochs,
+                          "best_metric": float(tr._best_ema) if tr._best_ema is not None else None,
+                          "train_loss": float(lg.get_value("train_losses", step=-1))})
+            trainer.epoch_callback = _cb
+        trainer.run_training()
+
+
+def _train_ddp(ncfg, name, conf, fold, init_checkpoint, log_path):
+    cmd = [sys.executable, "-c", "from nnunetv2.run.run_training import run_training_entry as m; m()",
+           str(DATASET_ID), conf, str(fold), "-tr", name, "-num_gpus", str(int(ncfg["num_gpus"]))]
+    if init_checkpoint is not None:
+        cmd += ["-pretrained_weights", str(init_checkpoint)]
+    log.info("multi-GPU training: %s", " ".join(cmd[3:]))
+    with open(log_path or os.devnull, "a") as fh:
+        subprocess.run(cmd, check=True, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ))
