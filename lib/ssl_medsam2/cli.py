@@ -65,9 +65,73 @@ def _run_pseudo_label(args) -> int:
     return 0
 
 
+# --- run / predict (FSL-nnUNet) ---------------------------------------------------------------------
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="whole pipeline: few-shot pseudo labels -> nnU-Net rounds -> final model",
+                       description="Round 0: few-shot pseudo labels for every unlabelled image; then nnU-Net "
+                                   "rounds (train on labels + pseudo labels, re-predict) until the pseudo labels "
+                                   "stop changing (nnunet.min_change) or nnunet.max_rounds. Re-running on the "
+                                   "same --work resumes and recomputes nothing finished.")
+    p.add_argument("--images", required=True, help="folder of NIfTI images (labelled and unlabelled)")
+    p.add_argument("--labels", required=True, help="folder of ground-truth label maps for some of the images")
+    p.add_argument("--work", required=True, help="work folder (round_000/, round_001/, ..., final.json)")
+    p.add_argument("--pseudo-labels", help="use these as round 0 instead of running the few-shot engine "
+                                           "(a labels folder or a pseudo-label output folder)")
+    p.add_argument("--engine", choices=["sam2", "atlas", "ensemble"], help="few-shot engine for round 0")
+    p.add_argument("--max-rounds", type=int, help="config: nnunet.max_rounds")
+    p.add_argument("--configuration", choices=["2d", "3d_fullres"], help="config: nnunet.configuration")
+    p.add_argument("--device", help="nnU-Net device: cpu | cuda | auto (config: nnunet.device)")
+    _common(p)
+    p.set_defaults(func=_run_run)
+
+
+def _run_run(args) -> int:
+    from .nnunet.rounds import run_ssl
+
+    extra: dict = {}
+    if args.engine:
+        extra.setdefault("protocol", {})["engine"] = args.engine
+    for key, val in (("max_rounds", args.max_rounds), ("configuration", args.configuration),
+                     ("device", args.device)):
+        if val is not None:
+            extra.setdefault("nnunet", {})[key] = val
+    cfg = _load_cfg(args, extra)
+    state = run_ssl(args.images, args.labels, args.work, cfg, pseudo_labels_dir=args.pseudo_labels)
+    for r in state["rounds"]:
+        print(json.dumps(r))
+    print(f"{state.get('stop_reason', '')}; final model: {state.get('final', {}).get('model_dir')}")
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="segment new volumes with the final nnU-Net model of a run",
+                       description="Runs nnU-Net's predictor; labels keep each image's affine and header.")
+    p.add_argument("--model", required=True, help="work folder of `ssl-medsam2 run` (final.json) or a model folder")
+    p.add_argument("--images", required=True, help="folder of NIfTI images")
+    p.add_argument("--out", required=True, help="output folder for <case>.nii.gz label maps")
+    p.add_argument("--device", default=None, help="cpu | cuda | auto (config: nnunet.device)")
+    p.add_argument("--mirroring", action="store_true", help="test-time mirroring (slower, a little better)")
+    _common(p)
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args) -> int:
+    from .nnunet.predict import predict_folder
+    from .nnunet.train import resolve_device
+
+    cfg = _load_cfg(args)
+    ncfg = cfg.get("nnunet", {})
+    paths = predict_folder(args.model, args.images, args.out,
+                           device=resolve_device(args.device or ncfg.get("device")),
+                           use_mirroring=args.mirroring or bool(ncfg.get("use_mirroring", False)))
+    print(f"wrote {len(paths)} label map(s) to {args.out}")
+    return 0
+
+
 # --- main -----------------------------------------------------------------------------------------
 
-SUBCOMMANDS = [_add_pseudo_label]
+SUBCOMMANDS = [_add_pseudo_label, _add_run, _add_predict]
 
 
 def build_parser() -> argparse.ArgumentParser:

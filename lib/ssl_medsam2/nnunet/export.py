@@ -1,7 +1,11 @@
 """Labelled + pseudo-labelled volumes -> an nnU-Net v2 raw dataset (imagesTr, labelsTr, dataset.json).
 
-Images are copied byte for byte (``.nii`` is re-saved as ``.nii.gz``) so nnU-Net sees exactly the
-user's geometry; labels go through :func:`ssl_medsam2.io.save_like` onto the image's grid. nnU-Net
+nnU-Net learns from voxel arrays, not from world coordinates, so a model trained on LAS-stored volumes
+segments a RAS-stored copy of the same volume differently. Every volume is therefore written in
+the project's canonical (RAS+) voxel order with its canonical affine (the same physical geometry),
+and :class:`ssl_medsam2.nnunet.predict.NnUNetModel` feeds the model canonical arrays too: the
+segmentation no longer depends on how a file happens to be stored, and outputs go back to each
+file's own grid through :func:`ssl_medsam2.io.save_like`. nnU-Net
 wants consecutive label values, so project class ids are mapped to 1..K and the mapping is kept in
 ``dataset.json`` (``ssl_medsam2_class_ids``) for prediction to map back.
 
@@ -22,7 +26,7 @@ from typing import Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from ..io import InputError, Volume, load_label_for, load_volume, save_like, write_text_atomic
+from ..io import InputError, Volume, load_label_for, load_volume, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,14 @@ def load_entropy_for(image: Volume, path: str | os.PathLike) -> np.ndarray:
     if data.shape != image.source_shape:
         raise InputError(path, f"entropy shape {data.shape} does not match image {image.source_shape}")
     return to_canonical(image, data)
+
+
+def save_canonical(array: np.ndarray, volume: Volume, path: Path, dtype) -> None:
+    """Write a canonical-order array with the canonical affine (nnU-Net's training layout)."""
+    img = nib.Nifti1Image(np.asarray(array, dtype=dtype), volume.affine)
+    img.set_sform(volume.affine, code=1)
+    img.set_qform(volume.affine, code=1)
+    nib.save(img, str(path))
 
 
 def detect_modality(image_paths: Sequence[Path], modality: str = "auto") -> str:
@@ -98,11 +110,7 @@ def export_dataset(raw_root: str | os.PathLike, images: Mapping[str, Path], labe
     for name in sorted(set(labels) | set(pseudo_labels)):
         img_path = Path(images[name])
         image = load_volume(img_path, name=name)
-        dst_img = staging / "imagesTr" / f"{name}_0000.nii.gz"
-        if img_path.name.endswith(".nii.gz"):
-            shutil.copyfile(img_path, dst_img)
-        else:
-            nib.save(nib.load(str(img_path)), str(dst_img))
+        save_canonical(image.array, image, staging / "imagesTr" / f"{name}_0000.nii.gz", np.float32)
         is_gt = name in labels
         label = load_label_for(image, labels[name] if is_gt else pseudo_labels[name])
         arr = label.array
@@ -119,8 +127,7 @@ def export_dataset(raw_root: str | os.PathLike, images: Mapping[str, Path], labe
                                                       "(needed for nnunet.ignore_entropy_threshold)")
             mapped[high] = ignore_value
             n_ignored = int(high.sum())
-        save_like(mapped, image, staging / "labelsTr" / f"{name}.nii.gz", dtype=np.uint8,
-                  description="ssl-medsam2 ground truth" if is_gt else "ssl-medsam2 pseudo label")
+        save_canonical(mapped, image, staging / "labelsTr" / f"{name}.nii.gz", np.uint8)
         stats[name] = {"source": "ground_truth" if is_gt else "pseudo_label", "ignored_voxels": n_ignored}
     label_names = {"background": 0}
     for i, c in enumerate(classes, start=1):

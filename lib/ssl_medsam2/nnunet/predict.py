@@ -1,9 +1,10 @@
 """Run a trained nnU-Net model on volumes in memory or on a folder, keeping the source geometry.
 
-nnU-Net's default reader is SimpleITK, which hands the network the file's voxel array in (z, y, x)
-order with the spacing reversed; :meth:`NnUNetModel.predict_volume` feeds it exactly that from a
-:class:`~ssl_medsam2.io.Volume` (canonical order in memory) and turns the result back into canonical
-order, so the model sees volumes the way it saw them in training whatever their orientation.
+Models are trained on canonical (RAS+) voxel arrays (see :mod:`.export`); nnU-Net's SimpleITK
+reader hands the network an array in (z, y, x) order with the spacing reversed, so
+:meth:`NnUNetModel.predict_volume` feeds it a :class:`~ssl_medsam2.io.Volume`'s canonical array in
+exactly that layout: the model sees every volume the way it saw them in training, whatever the
+file's storage orientation. (Stock ``nnUNetv2_predict`` works on RAS-stored files.)
 Folder prediction writes every label through :func:`ssl_medsam2.io.save_like` (source affine, atomic).
 """
 
@@ -19,7 +20,6 @@ import numpy as np
 
 from ..io import InputError, Volume, list_volumes, load_volume, save_like
 from . import trainers
-from .export import to_canonical
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +72,12 @@ class NnUNetModel:
 
     def predict_volume(self, volume: Volume) -> tuple[np.ndarray, np.ndarray]:
         """-> (label map in canonical order with project class ids, probabilities (C+1, X, Y, Z))."""
-        source = volume.in_source_order(volume.array).astype(np.float32)
-        zooms = [float(z) for z in volume.source_header.get_zooms()[:3]]
+        arr = np.asarray(volume.array, dtype=np.float32)
         seg, probs = self.predictor.predict_single_npy_array(
-            source.transpose(2, 1, 0)[None], {"spacing": zooms[::-1]}, None, None, True)
-        seg = np.asarray(seg).transpose(2, 1, 0)
-        probs = np.asarray(probs, dtype=np.float32).transpose(0, 3, 2, 1)
-        label = self._lut[to_canonical(volume, seg).astype(np.int64)]
+            arr.transpose(2, 1, 0)[None], {"spacing": list(volume.spacing)[::-1]}, None, None, True)
+        label = self._lut[np.asarray(seg).transpose(2, 1, 0).astype(np.int64)]
         dtype = np.uint8 if max(self.class_ids) < 256 else np.int16
-        probs = np.stack([to_canonical(volume, p) for p in probs])
+        probs = np.ascontiguousarray(np.asarray(probs, dtype=np.float32).transpose(0, 3, 2, 1))
         return label.astype(dtype), probs
 
 
