@@ -7,8 +7,6 @@ lease, then call the same upstream endpoint functions, so clients (OHIF, Slicer,
 Extra routes under ``/ssl_medsam2/``: model versions and rollback, leases.
 """
 
-from __future__ import annotations
-
 import json
 import logging
 import os
@@ -21,6 +19,7 @@ from typing import Optional
 from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
 from fastapi.routing import APIRoute
 from monailabel.config import settings
+from monailabel.endpoints.infer import ResultType
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.utils.others.generic import remove_file
@@ -49,7 +48,7 @@ def _save_upload(upload: UploadFile, background: BackgroundTasks) -> str:
     return path
 
 
-def _user_of(params: dict, user: User | None) -> str:
+def _user_of(params: dict, user: Optional[User]) -> str:
     """Who is asking: the request's client_id / user, else the authenticated user (not the auth-off 'admin')."""
     name = params.get("client_id") or params.get("user")
     if not name and user is not None and settings.MONAI_LABEL_AUTH_ENABLE:
@@ -84,7 +83,7 @@ def build_router(app) -> APIRouter:
     @r.post("/infer/{model}", summary="Run inference (checked: model, image, input file)")
     def infer(background_tasks: BackgroundTasks, model: str, image: str = "", session_id: str = "",
               params: str = Form("{}"), file: UploadFile = File(None), label: UploadFile = File(None),
-              output: Optional[infer_ep.ResultType] = None, user: User = Depends(RBAC(USER))):
+              output: Optional[ResultType] = None, user: User = Depends(RBAC(USER))):
         check_model(model)
         if not file and not session_id:
             if not image:
