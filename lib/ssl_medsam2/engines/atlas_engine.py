@@ -1,0 +1,145 @@
+"""The weight-free few-shot engine: multi-atlas registration and label fusion.
+
+Why: pretrained SAM2 weights are not always at hand (air-gapped sites, licences, CPU-only
+machines). Registering each labelled support onto the query and warping its labels needs no
+weights at all, gives every user a working pseudo-labeller on day one, and is a partner for SAM2 in
+the ensemble engine whose errors are of a different kind.
+
+Each support is registered to the query (:mod:`ssl_medsam2.registration`), each of its classes is
+warped as a 0/1 image with linear interpolation (a soft per-class probability), and the supports
+are fused by their mean or by weights from the local image similarity between the warped support
+and the query (supports that match locally count more). Output: the mean probability on the query's
+full canonical grid, like every engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from .. import registration as reg
+from ..io import Volume
+from ..preprocess import IntensityConfig, scale_to_uint8_range
+from .base import Case, EngineResult, ProgressFn, check_supports
+
+log = logging.getLogger(__name__)
+
+FUSIONS = ("mean", "local_ncc")
+
+
+def local_ncc(a: np.ndarray, b: np.ndarray, sigma_vox) -> np.ndarray:
+    """Gaussian-windowed normalised cross-correlation of two images, in [-1, 1], voxel by voxel."""
+    a = a.astype(np.float32)
+    b = b.astype(np.float32)
+
+    def g(x):
+        return ndimage.gaussian_filter(x, sigma_vox, mode="nearest")
+
+    ma, mb = g(a), g(b)
+    va = np.maximum(g(a * a) - ma * ma, 0)
+    vb = np.maximum(g(b * b) - mb * mb, 0)
+    cov = g(a * b) - ma * mb
+    return np.clip(cov / np.sqrt(va * vb + 1e-6), -1.0, 1.0)
+
+
+class AtlasEngine:
+    """Multi-atlas registration engine (SimpleITK). Config: the ``atlas:`` section."""
+
+    name = "atlas"
+
+    def __init__(self, settings: reg.RegistrationSettings, fusion: str = "local_ncc",
+                 fusion_sigma_mm: float = 6.0, fusion_sharpness: float = 5.0, max_supports: int = 0,
+                 intensity: IntensityConfig = IntensityConfig()):
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown atlas fusion '{fusion}' (choose from {', '.join(FUSIONS)})")
+        self.settings = settings
+        self.fusion = fusion
+        self.fusion_sigma_mm = float(fusion_sigma_mm)
+        self.fusion_sharpness = float(fusion_sharpness)
+        self.max_supports = int(max_supports or 0)
+        self.intensity = intensity
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "AtlasEngine":
+        """From the ``atlas:`` section: the named preset, with every non-null key overriding it."""
+        a = dict(cfg.get("atlas", {}))
+        preset = a.pop("preset", None)
+        presets = a.pop("presets", {}) or {}
+        settings: dict = {}
+        if preset:
+            if preset not in presets:
+                raise ValueError(f"unknown atlas preset '{preset}' (known: {', '.join(presets) or 'none'})")
+            settings.update(presets[preset])
+        settings.update({k: v for k, v in a.items() if v is not None})
+        own = ("fusion", "fusion_sigma_mm", "fusion_sharpness", "max_supports")
+        unknown = sorted(set(settings) - set(reg.RegistrationSettings.__dataclass_fields__) - set(own))
+        if unknown:
+            raise ValueError(f"unknown atlas setting(s): {', '.join(unknown)}")
+        engine_kw = {k: settings.pop(k) for k in own if k in settings}
+        icfg = cfg.get("input", {})
+        intensity = IntensityConfig(icfg.get("modality", "auto"), tuple(icfg.get("mri_percentiles", (0.5, 99.5))),
+                                    float(icfg.get("ct_level", 40)), float(icfg.get("ct_width", 400)))
+        return cls(reg.RegistrationSettings.from_dict(settings), intensity=intensity, **engine_kw)
+
+    def _n_used(self, supports: Sequence[Case]) -> int:
+        return len(supports) if self.max_supports <= 0 else min(self.max_supports, len(supports))
+
+    def work_units(self, supports: Sequence[Case], query: Case, classes: Sequence[int]) -> int:
+        return self._n_used(supports)
+
+    def _normalised(self, vol: Volume) -> np.ndarray:
+        return scale_to_uint8_range(vol.array, self.intensity) / 255.0
+
+    def predict(self, supports: Sequence[Case], query: Case, classes: Sequence[int],
+                progress: ProgressFn | None = None) -> EngineResult:
+        classes = tuple(int(c) for c in classes)
+        check_supports(supports, classes)
+        s = self.settings
+        t_start = time.perf_counter()
+        fixed = reg.prepare(query.image, s, self.intensity)
+        moving = [reg.prepare(c.image, s, self.intensity) for c in supports]
+        masks = [reg.focus_mask(c.label, classes, m, s.focus_margin_mm) if s.focus_margin_mm else None
+                 for c, m in zip(supports, moving)]
+        # affine for every support (cheap); the deformable stage only for the best-matching ones
+        affines = [reg.affine_stage(fixed, m, s, mk) for m, mk in zip(moving, masks)]
+        order = sorted(range(len(supports)), key=lambda i: affines[i][1])[: self._n_used(supports)]
+        q_img = self._normalised(query.image) if self.fusion == "local_ncc" else None
+        sigma_vox = [self.fusion_sigma_mm / sp for sp in query.image.spacing]
+        num = np.zeros((len(classes),) + query.image.shape, dtype=np.float32)
+        den = np.zeros_like(num)
+        per_support = []
+        for i in order:
+            t0 = time.perf_counter()
+            sup = supports[i]
+            tx = reg.deformable_stage(fixed, moving[i], affines[i][0], s, masks[i])
+            probs = reg.warp_label_probabilities(sup.label, classes, query.image, tx)
+            if self.fusion == "local_ncc":
+                warped = reg.warp_array(self._normalised(sup.image), sup.image.affine, query.image, tx)
+                ncc = local_ncc(q_img, warped, sigma_vox)
+                weight = np.exp(self.fusion_sharpness * (ncc - 1.0)).astype(np.float32)
+            else:
+                weight = np.ones(query.image.shape, dtype=np.float32)
+            present = set(np.unique(sup.label.array).tolist())
+            for k, c in enumerate(classes):
+                if c in present:  # a support without this class says nothing about it
+                    num[k] += weight * probs[k]
+                    den[k] += weight
+            per_support.append({"support": sup.name, "affine_metric": round(affines[i][1], 5),
+                                "seconds": round(time.perf_counter() - t0, 2)})
+            if progress is not None:
+                progress(1)
+        probs = np.where(den > 0, num / np.maximum(den, 1e-12), 0.0).astype(np.float32)
+        meta = {
+            "engine_settings": {"registration": {k: (list(v) if isinstance(v, tuple) else v)
+                                                 for k, v in vars(s).items() if k != "extra"},
+                                "fusion": self.fusion, "fusion_sigma_mm": self.fusion_sigma_mm,
+                                "fusion_sharpness": self.fusion_sharpness, "max_supports": self.max_supports},
+            "atlas_supports": per_support,
+            "timings": {"atlas_s": round(time.perf_counter() - t_start, 3)},
+            "random_weights": False,
+        }
+        return EngineResult(np.clip(probs, 0.0, 1.0), classes, len(order), meta)

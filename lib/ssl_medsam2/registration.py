@@ -1,0 +1,287 @@
+"""Support-to-query image registration with SimpleITK, for the weight-free atlas engine.
+
+Inter-subject abdominal MRI differs in position, size, breathing state and intensity scale, so one
+registration stage is not enough. The pipeline is multi-stage and multi-resolution, run on a
+downsampled working copy for speed (the transform is resolution-free, so labels are warped onto the
+query's full grid afterwards):
+
+1. centre-of-mass (image moments) initialisation of the foreground body;
+2. an affine stage driven by Mattes mutual information (robust to the MRI intensity scale);
+3. a deformable stage, either a multi-resolution B-spline (Mattes MI) or diffeomorphic demons on
+   histogram-matched intensities (fast and dense; same-modality only).
+
+Everything works in the canonical (RAS) voxel order of :class:`ssl_medsam2.io.Volume`; SimpleITK
+images are built from the canonical affine so the physical geometry is that of the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from .io import Volume
+from .preprocess import IntensityConfig, scale_to_uint8_range
+
+log = logging.getLogger(__name__)
+
+
+def to_sitk(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
+    """A canonical-order (X, Y, Z) array with its 4x4 affine -> SimpleITK image (same physical space).
+
+    Coordinates stay in the affine's RAS world; as long as every image of a registration is built
+    the same way, the convention (RAS vs ITK's LPS) does not matter.
+    """
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
+    a = np.asarray(affine, dtype=np.float64)
+    spacing = np.sqrt((a[:3, :3] ** 2).sum(axis=0))
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetOrigin(tuple(float(o) for o in a[:3, 3]))
+    img.SetDirection(tuple(float(d) for d in (a[:3, :3] / spacing).ravel()))
+    return img
+
+
+def from_sitk(img: sitk.Image) -> np.ndarray:
+    """SimpleITK image -> canonical-order (X, Y, Z) array (inverse of :func:`to_sitk`)."""
+    return np.ascontiguousarray(np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0)))
+
+
+@dataclass
+class RegistrationSettings:
+    """What :func:`register` does; built from the ``atlas:`` config section."""
+
+    working_spacing: tuple[float, float, float] = (2.5, 2.5, 0.0)  # mm, 0 = keep that axis
+    seed: int = 0
+    threads: int = 0  # 0 = SimpleITK default (all cores)
+    # affine stage
+    affine_iterations: int = 100
+    affine_shrink: tuple[int, ...] = (4, 2)
+    affine_smooth_mm: tuple[float, ...] = (4.0, 2.0)
+    affine_sampling: float = 0.2
+    mi_bins: int = 32
+    # deformable stage
+    deformable: str = "demons"  # demons | bspline | none
+    bspline_grid_mm: float = 60.0
+    bspline_iterations: int = 60
+    bspline_shrink: tuple[int, ...] = (2, 1)
+    bspline_smooth_mm: tuple[float, ...] = (3.0, 0.0)
+    bspline_sampling: float = 0.2
+    demons_iterations: tuple[int, ...] = (60, 40, 20)  # per level, coarse to fine
+    demons_shrink: tuple[int, ...] = (4, 2, 1)
+    demons_field_sigma: float = 1.5  # voxels; regularisation of the update / displacement field
+    histogram_levels: int = 128
+    focus_margin_mm: float | None = 20.0  # metric only near the support's organs (None = whole image)
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RegistrationSettings":
+        kw = {}
+        for k, v in d.items():
+            if k in cls.__dataclass_fields__:
+                kw[k] = tuple(v) if isinstance(v, list) else v
+        return cls(**kw)
+
+
+@dataclass
+class RegistrationResult:
+    transform: sitk.Transform  # maps query (fixed) physical points to support (moving) points
+    metric_affine: float
+    timings: dict
+
+
+def prepare(volume: Volume, settings: RegistrationSettings,
+            intensity: IntensityConfig = IntensityConfig()) -> sitk.Image:
+    """Intensity-normalised (0..1) working copy of a volume on a coarser grid."""
+    scaled = scale_to_uint8_range(volume.array, intensity) / 255.0
+    img = to_sitk(scaled.astype(np.float32), volume.affine)
+    spacing = np.array(img.GetSpacing())
+    size = np.array(img.GetSize())
+    target = np.array([t if t and t > 0 else s for t, s in zip(settings.working_spacing, spacing)], dtype=float)
+    target = np.maximum(target, spacing)
+    if np.allclose(target, spacing):
+        return img
+    new_size = np.maximum(1, np.round(size * spacing / target)).astype(int)
+    new_spacing = size * spacing / new_size
+    # Gaussian anti-aliasing before subsampling, only along the axes that shrink.
+    sigma = [float(np.sqrt(max(0.0, (ns / s) ** 2 - 1)) * s / 2) for ns, s in zip(new_spacing, spacing)]
+    if any(s > 0 for s in sigma):
+        img = sitk.SmoothingRecursiveGaussian(img, [max(s, 1e-3) for s in sigma])
+    origin = np.array(img.GetOrigin())
+    direction = np.array(img.GetDirection()).reshape(3, 3)
+    # keep the physical extent: first voxel centre moves by half the difference in voxel size
+    new_origin = origin + direction @ ((new_spacing - spacing) / 2)
+    return sitk.Resample(img, [int(s) for s in new_size], sitk.Transform(), sitk.sitkLinear,
+                         tuple(new_origin), tuple(new_spacing), tuple(direction.ravel()), 0.0, sitk.sitkFloat32)
+
+
+def _set_threads(settings: RegistrationSettings) -> None:
+    if settings.threads and settings.threads > 0:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(settings.threads))
+
+
+def focus_mask(label: Volume, classes, reference: sitk.Image, margin_mm: float) -> sitk.Image:
+    """The support's organs (union of ``classes``) dilated by ``margin_mm``, on ``reference``'s grid.
+
+    Restricting the metric to this region makes registration align the organs to segment rather
+    than the body wall, arms or bowel, which vary more between subjects.
+    """
+    fg = np.isin(label.array, [int(c) for c in classes]).astype(np.uint8)
+    img = to_sitk(fg, label.affine)
+    mask = sitk.Resample(img, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    radius = [max(0, int(round(margin_mm / sp))) for sp in reference.GetSpacing()]
+    if any(radius):
+        mask = sitk.BinaryDilate(mask, radius, sitk.sitkBall)
+    return mask
+
+
+def _affine_stage(fixed: sitk.Image, moving: sitk.Image, s: RegistrationSettings,
+                  moving_mask: sitk.Image | None = None) -> tuple[sitk.Transform, float]:
+    init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
+                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+    reg = sitk.ImageRegistrationMethod()
+    if moving_mask is not None:
+        reg.SetMetricMovingMask(moving_mask)
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=s.mi_bins)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(s.affine_sampling, int(s.seed) + 1)  # seed 0 would mean "wall clock"
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4,
+                                                 numberOfIterations=s.affine_iterations,
+                                                 gradientMagnitudeTolerance=1e-6)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel(list(s.affine_shrink))
+    reg.SetSmoothingSigmasPerLevel(list(s.affine_smooth_mm))
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    reg.SetInitialTransform(init, inPlace=False)
+    tx = reg.Execute(fixed, moving)
+    return tx, float(reg.GetMetricValue())
+
+
+def _bspline_stage(fixed, moving, affine: sitk.Transform, s: RegistrationSettings,
+                   moving_mask: sitk.Image | None = None) -> sitk.Transform:
+    extent = np.array(fixed.GetSize()) * np.array(fixed.GetSpacing())
+    mesh = [max(1, int(round(e / s.bspline_grid_mm))) for e in extent]
+    bs = sitk.BSplineTransformInitializer(fixed, mesh, order=3)
+    reg = sitk.ImageRegistrationMethod()
+    if moving_mask is not None:
+        reg.SetMetricMovingMask(moving_mask)
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=s.mi_bins)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(s.bspline_sampling, int(s.seed) + 1)  # seed 0 would mean "wall clock"
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=s.bspline_iterations,
+                             maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=1000,
+                             costFunctionConvergenceFactor=1e7)
+    reg.SetShrinkFactorsPerLevel(list(s.bspline_shrink))
+    reg.SetSmoothingSigmasPerLevel(list(s.bspline_smooth_mm))
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    reg.SetMovingInitialTransform(affine)
+    reg.SetInitialTransform(bs, inPlace=True)
+    reg.Execute(fixed, moving)
+    return sitk.CompositeTransform([affine, bs])
+
+
+def _crop_to_mask(fixed: sitk.Image, affine: sitk.Transform, moving_mask: sitk.Image | None,
+                  pad_vox: int = 2) -> sitk.Image:
+    """``fixed`` cropped to the bounding box of the support's focus region mapped into it (speed + focus)."""
+    if moving_mask is None:
+        return fixed
+    m = sitk.Resample(moving_mask, fixed, affine, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(m)
+    if 1 not in stats.GetLabels():
+        return fixed
+    bb = stats.GetBoundingBox(1)  # (x, y, z, sx, sy, sz)
+    size = np.array(fixed.GetSize())
+    lo = np.maximum(0, np.array(bb[:3]) - pad_vox)
+    hi = np.minimum(size, np.array(bb[:3]) + np.array(bb[3:]) + pad_vox)
+    return sitk.RegionOfInterest(fixed, [int(v) for v in hi - lo], [int(v) for v in lo])
+
+
+def _demons_stage(fixed, moving, affine: sitk.Transform, s: RegistrationSettings,
+                  moving_mask: sitk.Image | None = None) -> sitk.Transform:
+    """Multi-resolution diffeomorphic demons on the affinely resampled, histogram-matched support.
+
+    Runs inside the bounding box of the support's focus region (if any); the displacement is zero
+    outside it.
+    """
+    region = _crop_to_mask(fixed, affine, moving_mask)
+    moved = sitk.Resample(moving, region, affine, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    moved = sitk.HistogramMatching(moved, region, numberOfHistogramLevels=s.histogram_levels,
+                                   numberOfMatchPoints=7, thresholdAtMeanIntensity=True)
+    field = None
+    z_ratio = region.GetSpacing()[2] / region.GetSpacing()[0]
+    for shrink, iters in zip(s.demons_shrink, s.demons_iterations):
+        zs = max(1, int(round(shrink / z_ratio)))  # anisotropic voxels: shrink z less
+        f = sitk.Shrink(region, [shrink, shrink, zs]) if shrink > 1 else region
+        m = sitk.Resample(moved, f, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        demons = sitk.DiffeomorphicDemonsRegistrationFilter()
+        demons.SetNumberOfIterations(int(iters))
+        demons.SetSmoothDisplacementField(True)
+        demons.SetStandardDeviations(s.demons_field_sigma)
+        demons.SetSmoothUpdateField(True)
+        demons.SetUpdateFieldStandardDeviations(1.0)
+        if field is None:
+            field = demons.Execute(f, m)
+        else:
+            init = sitk.Resample(field, f, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
+            field = demons.Execute(f, m, init)
+    field = sitk.Resample(field, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
+    disp = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    # query point -> displaced point in the affinely resampled frame -> support point
+    return sitk.CompositeTransform([affine, disp])
+
+
+def affine_stage(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings,
+                 moving_mask: sitk.Image | None = None) -> tuple[sitk.Transform, float]:
+    """Moments-initialised affine (Mattes MI); returns the transform and the final metric value."""
+    _set_threads(settings)
+    return _affine_stage(fixed, moving, settings, moving_mask)
+
+
+def deformable_stage(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform,
+                     settings: RegistrationSettings, moving_mask: sitk.Image | None = None) -> sitk.Transform:
+    """The deformable stage on top of ``affine``; returns the full query -> support transform."""
+    _set_threads(settings)
+    if settings.deformable == "bspline":
+        return _bspline_stage(fixed, moving, affine, settings, moving_mask)
+    if settings.deformable == "demons":
+        return _demons_stage(fixed, moving, affine, settings, moving_mask)
+    if settings.deformable in ("none", None, False):
+        return affine
+    raise ValueError(f"unknown deformable stage '{settings.deformable}' (bspline, demons or none)")
+
+
+def register(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings,
+             moving_mask: sitk.Image | None = None) -> RegistrationResult:
+    """Transform mapping ``fixed`` (query) points to ``moving`` (support) points."""
+    t0 = time.perf_counter()
+    affine, metric = affine_stage(fixed, moving, settings, moving_mask)
+    t1 = time.perf_counter()
+    tx = deformable_stage(fixed, moving, affine, settings, moving_mask)
+    t2 = time.perf_counter()
+    return RegistrationResult(tx, metric, {"affine_s": round(t1 - t0, 3), "deformable_s": round(t2 - t1, 3)})
+
+
+def warp_label_probabilities(label: Volume, classes, query: Volume, transform: sitk.Transform) -> np.ndarray:
+    """Each class of a support label as a 0/1 image, warped linearly onto the query's full grid.
+
+    Returns (C, X, Y, Z) float32 in [0, 1] in the query's canonical order.
+    """
+    ref = to_sitk(np.zeros(query.shape, dtype=np.float32), query.affine)
+    out = np.zeros((len(classes),) + query.shape, dtype=np.float32)
+    for i, c in enumerate(classes):
+        onehot = to_sitk((label.array == c).astype(np.float32), label.affine)
+        warped = sitk.Resample(onehot, ref, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        out[i] = np.clip(from_sitk(warped), 0.0, 1.0)
+    return out
+
+
+def warp_array(array: np.ndarray, affine: np.ndarray, query: Volume, transform: sitk.Transform) -> np.ndarray:
+    """A support-grid array (canonical order) warped linearly onto the query's full canonical grid."""
+    ref = to_sitk(np.zeros(query.shape, dtype=np.float32), query.affine)
+    img = to_sitk(np.asarray(array, dtype=np.float32), affine)
+    return from_sitk(sitk.Resample(img, ref, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
