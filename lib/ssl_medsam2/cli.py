@@ -129,9 +129,32 @@ def _run_predict(args) -> int:
     return 0
 
 
+# --- make-studies ---------------------------------------------------------------------------------
+
+def _add_make_studies(sub) -> None:
+    p = sub.add_parser("make-studies", help="copy an nnU-Net dataset into a MONAI Label studies folder",
+                       description="Images go to OUT/<case>.nii.gz; the labels of the first N cases (or of "
+                                   "--cases) go to OUT/labels/final/ as the app's human labels.")
+    p.add_argument("--images", required=True, help="folder of images (imagesTr/)")
+    p.add_argument("--labels", help="folder of labels (labelsTr/)")
+    p.add_argument("--out", required=True, help="new studies folder (for --studies of the server)")
+    p.add_argument("--labelled", type=int, default=2, help="how many cases keep their label (first by name)")
+    p.add_argument("--cases", nargs="*", help="exactly these cases keep their label (instead of --labelled)")
+    _common(p)
+    p.set_defaults(func=_run_make_studies)
+
+
+def _run_make_studies(args) -> int:
+    from .studies import make_studies
+
+    res = make_studies(args.images, args.labels, args.out, args.cases if args.cases else args.labelled)
+    print(f"{len(res['images'])} image(s) in {res['studies']}, final labels for: {', '.join(res['labelled']) or 'none'}")
+    return 0
+
+
 # --- main -----------------------------------------------------------------------------------------
 
-SUBCOMMANDS = [_add_pseudo_label, _add_run, _add_predict]
+SUBCOMMANDS = [_add_pseudo_label, _add_run, _add_predict, _add_make_studies]
 
 
 def build_parser() -> argparse.ArgumentParser:
