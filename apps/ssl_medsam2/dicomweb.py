@@ -7,6 +7,11 @@ Why:
   ``MONAI_LABEL_DICOMWEB_CACHE_EXPIRY`` seconds (default 7200): after a label is saved as DICOM-SEG
   the image would still be listed as unlabelled (and handed out again) for up to two hours. We
   clear those caches after every save and every image upload, so the state updates at once.
+- A local datastore finds an image's final label by the image id; the DICOMweb one wants the
+  DICOM-SEG series id (asked with an image id it downloads the image series and fails to read it as
+  a SEG). ``get_label_uri(image_id, "final")`` now looks up the SEG series that references the image.
+- ``dicom_to_nifti(seg, is_seg=True)`` writes ``.seg.nrrd``; the app reads NIfTI (geometry-checked
+  through ``ssl_medsam2.io``), so DICOM-SEG labels are converted to ``.nii.gz`` instead.
 
 Hook: ``import dicomweb`` at the top of the app's ``main.py`` (idempotent, every process).
 """
@@ -41,6 +46,33 @@ def clear_listing_caches() -> None:
             fn.cache_clear()
         elif hasattr(fn, "cache"):
             fn.cache.clear()
+    _seg_cache.clear()
+
+
+_seg_cache: dict = {}
+
+
+def seg_series_by_image(ds) -> dict[str, str]:
+    """Image SeriesInstanceUID -> the newest DICOM-SEG series referencing it (what 'final' means in a PACS)."""
+    key = id(ds)
+    if key in _seg_cache:
+        return _seg_cache[key]
+    from pydicom import Dataset
+
+    out: dict[str, tuple[str, str]] = {}
+    for item in ds._client.search_for_series(search_filters={"Modality": "SEG"}):
+        seg = Dataset.from_json(item)
+        meta = Dataset.from_json(ds._client.retrieve_series_metadata(str(seg.StudyInstanceUID),
+                                                                     str(seg.SeriesInstanceUID))[0])
+        refs = meta.get("ReferencedSeriesSequence")
+        if refs:
+            ref = str(refs[0].SeriesInstanceUID)
+            stamp = f"{meta.get('SeriesDate', '')}{meta.get('SeriesTime', '')}{meta.get('ContentDate', '')}" \
+                    f"{meta.get('ContentTime', '')}"
+            if ref not in out or stamp >= out[ref][1]:
+                out[ref] = (str(seg.SeriesInstanceUID), stamp)
+    _seg_cache[key] = {k: v[0] for k, v in out.items()}
+    return _seg_cache[key]
 
 
 def install() -> None:
@@ -62,6 +94,33 @@ def install() -> None:
 
         wrapper._ssl_medsam2_fresh = True
         return wrapper
+
+    from monailabel.datastore.utils import convert
+
+    if not getattr(convert.dicom_seg_to_itk_image, "_ssl_medsam2_nifti", False):
+        seg_to_image = convert.dicom_seg_to_itk_image
+
+        @functools.wraps(seg_to_image)
+        def dicom_seg_to_nifti(label, output_ext=".nii.gz"):
+            return seg_to_image(label, output_ext=output_ext)
+
+        dicom_seg_to_nifti._ssl_medsam2_nifti = True
+        convert.dicom_seg_to_itk_image = dicom_seg_to_nifti
+
+    original_get_label_uri = DICOMWebDatastore.get_label_uri
+    if not getattr(original_get_label_uri, "_ssl_medsam2_by_image", False):
+        @functools.wraps(original_get_label_uri)
+        def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+            if label_tag == "final" and not image_id and label_id in set(self.list_images()):
+                seg = seg_series_by_image(self).get(label_id)
+                if seg is None:
+                    return ""
+                self.get_image_uri(label_id)  # the local index must know the image before its label
+                return original_get_label_uri(self, seg, label_tag, image_id=label_id)
+            return original_get_label_uri(self, label_id, label_tag, image_id)
+
+        get_label_uri._ssl_medsam2_by_image = True
+        DICOMWebDatastore.get_label_uri = get_label_uri
 
     for name in ("save_label", "add_image", "remove_image", "remove_label"):
         method = getattr(DICOMWebDatastore, name, None)
