@@ -39,6 +39,20 @@ def _nifti_name(image_id: str, path: str) -> str:
     return image_id + (".nii.gz" if path.endswith(".nii.gz") else Path(path).suffix)
 
 
+def should_promote(new_dice: float | None, deployed_dice: float | None, tolerance: float = 0.0) -> bool:
+    """Deploy the new version unless it is worse on the labelled cases than the deployed one.
+
+    Both Dice values are measured on the same labelled cases at promotion time (the labelled set
+    grows between versions, so a stored old score would not be comparable). No deployed version or
+    no score for it: promote; no score for the new one: keep the deployed one.
+    """
+    if deployed_dice is None:
+        return True
+    if new_dice is None:
+        return False
+    return new_dice >= deployed_dice - tolerance
+
+
 class SSLNnUNetTrain(TrainTask):
     def __init__(self, ws: Workspace):
         super().__init__("FSL-nnUNet: nnU-Net rounds on final labels + refined pseudo labels (SSL-MedSAM2)")
@@ -142,7 +156,7 @@ class SSLNnUNetTrain(TrainTask):
             cur = self.ws.registry.current()
             cur_dice = self._dice_on_labelled(cur["model_dir"], final) if cur else None
             tol = float(cfg["app"].get("promote_tolerance", 0.0))
-            promote = cur is None or cur_dice is None or (new_dice is not None and new_dice >= cur_dice - tol)
+            promote = should_promote(new_dice, cur_dice if cur else None, tol)
             entry = {"id": version, "model_dir": model_dir, "dice": new_dice, "round": final_json.get("round"),
                      "labelled": sorted(final), "compared_with": cur["id"] if cur else None,
                      "compared_dice": cur_dice, "train_s": round(time.time() - t0, 1)}

@@ -1,0 +1,127 @@
+"""The app's pieces without a server: upload checks (OHIF raw, Slicer NRRD, NIfTI) on real CHAOS volumes,
+model-version promotion and rollback, debounced continuous retraining, --conf overrides, make-studies."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "apps" / "ssl_medsam2"))
+from lib.retrain import RetrainScheduler  # noqa: E402
+from lib.trainers import should_promote  # noqa: E402
+from lib.uploads import prepare_label  # noqa: E402
+from lib.workspace import ModelRegistry, project_config  # noqa: E402
+
+from ssl_medsam2.io import InputError  # noqa: E402
+from ssl_medsam2.studies import make_studies  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def case(small_chaos):
+    return small_chaos / "imagesTr" / "chaos_02_0000.nii.gz", small_chaos / "labelsTr" / "chaos_02.nii.gz"
+
+
+def _saved(path):
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj), img.affine, img.get_data_dtype()
+
+
+def test_label_uploads_ohif_raw_slicer_nrrd_and_nifti(case, tmp_path):
+    import SimpleITK as sitk
+
+    image, label = case
+    ref = np.asarray(nib.load(str(label)).dataobj).astype(np.uint8)
+    aff = nib.load(str(image)).affine
+    # NIfTI (REST / Slicer)
+    arr, a, dt = _saved(prepare_label(str(image), str(label), "l.nii.gz"))
+    assert np.array_equal(arr, ref) and np.allclose(a, aff) and dt == np.uint8
+    # OHIF: raw uint8 bytes, Fortran order (x fastest)
+    raw = tmp_path / "label.bin"
+    raw.write_bytes(ref.tobytes(order="F"))
+    arr, a, _ = _saved(prepare_label(str(image), str(raw), "label.bin"))
+    assert np.array_equal(arr, ref) and np.allclose(a, aff)
+    # Slicer: NRRD written by SimpleITK from the label (same physical geometry)
+    nrrd = tmp_path / "label.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(label)), str(nrrd))
+    arr, a, _ = _saved(prepare_label(str(image), str(nrrd), "label.nrrd"))
+    assert np.array_equal(arr, ref) and np.allclose(a, aff)
+    # NRRD with a moved origin is refused with the reason
+    moved = sitk.ReadImage(str(label))
+    moved.SetOrigin(tuple(o + 5 for o in moved.GetOrigin()))
+    sitk.WriteImage(moved, str(nrrd))
+    with pytest.raises(InputError, match="origin"):
+        prepare_label(str(image), str(nrrd), "label.nrrd")
+    # a label with a class id that is not an integer
+    bad = tmp_path / "bad.nii.gz"
+    nib.save(nib.Nifti1Image(ref.astype(np.float32) * 0.5, aff), str(bad))
+    with pytest.raises(InputError, match="non-integer"):
+        prepare_label(str(image), str(bad), "bad.nii.gz")
+
+
+def test_registry_promotion_and_rollback(tmp_path):
+    reg = ModelRegistry(tmp_path)
+    assert reg.current() is None and reg.current_model_dir() is None
+    v1, v2, v3 = reg.next_id(), reg.next_id(), reg.next_id()
+    assert (v1, v2, v3) == ("v001", "v002", "v003")
+    for v in (v1, v2, v3):
+        (tmp_path / v / "model").mkdir()
+    reg.add({"id": v1, "model_dir": str(tmp_path / v1 / "model"), "dice": 0.80}, promote=should_promote(0.80, None))
+    assert reg.current()["id"] == v1
+    assert should_promote(0.78, 0.80) is False  # Dice dropped: keep v1
+    reg.add({"id": v2, "model_dir": str(tmp_path / v2 / "model"), "dice": 0.78}, promote=should_promote(0.78, 0.80))
+    assert reg.current()["id"] == v1
+    assert should_promote(0.80, 0.80) is True and should_promote(0.79, 0.80, tolerance=0.02) is True
+    reg.add({"id": v3, "model_dir": str(tmp_path / v3 / "model"), "dice": 0.85}, promote=should_promote(0.85, 0.80))
+    assert reg.current_model_dir() == str(tmp_path / v3 / "model")
+    assert reg.set_current()["current"] == v1  # rollback: the previously deployed version
+    assert reg.set_current(v2, why="manual")["current"] == v2
+    with pytest.raises(KeyError, match="v009"):
+        reg.set_current("v009")
+    assert [v["promoted"] for v in reg.state()["versions"]] == [True, False, True]
+
+
+def test_retraining_is_debounced_and_counts_labels(tmp_path):
+    started = []
+    sched = RetrainScheduler(tmp_path / "retrain.json", after_labels=2, debounce_s=0.6,
+                             start=lambda: started.append(time.time()))
+    assert sched.label_saved("a")["retrain_scheduled_at"] is None
+    assert sched.label_saved("a")["retrain_pending"] == 1  # the same image twice counts once
+    t0 = time.time()
+    assert sched.label_saved("b")["retrain_scheduled_at"] is not None
+    time.sleep(0.3)
+    sched.label_saved("c")  # pushes the run back
+    time.sleep(0.45)
+    assert started == []  # 0.75 s after the 2nd label but only 0.45 s after the 3rd
+    time.sleep(0.5)
+    assert len(started) == 1 and started[0] - t0 >= 0.85
+    st = sched.state()
+    assert st["pending"] == [] and st["runs"][-1]["labels"] == ["a", "b", "c"]
+    off = RetrainScheduler(tmp_path / "off.json", after_labels=0, debounce_s=0, start=lambda: started.append(0))
+    assert off.label_saved("x") == {"retrain": "off"}
+    assert threading.active_count() < 50
+
+
+def test_conf_overrides_any_project_key_and_rejects_typos():
+    cfg = project_config({"sam2.checkpoint": "/w/MedSAM2.pt", "nnunet.epochs": "2", "app.lease_hours": "0.5",
+                          "models": "all"})  # plain keys belong to MONAI Label
+    assert cfg["sam2"]["checkpoint"] == "/w/MedSAM2.pt" and cfg["nnunet"]["epochs"] == 2
+    assert cfg["app"]["lease_hours"] == 0.5
+    with pytest.raises(KeyError, match="app.lease_hour"):
+        project_config({"app.lease_hour": "2"})
+
+
+def test_make_studies_from_nnunet_layout(small_chaos, tmp_path):
+    res = make_studies(small_chaos / "imagesTr", small_chaos / "labelsTr", tmp_path / "s", labelled=2)
+    assert res["labelled"] == ["chaos_01", "chaos_02"] and len(res["images"]) == 8
+    assert (tmp_path / "s" / "chaos_05.nii.gz").exists()
+    assert sorted(p.name for p in (tmp_path / "s" / "labels" / "final").iterdir()) == \
+        ["chaos_01.nii.gz", "chaos_02.nii.gz"]
+    with pytest.raises(InputError, match="already holds"):
+        make_studies(small_chaos / "imagesTr", small_chaos / "labelsTr", tmp_path / "s", labelled=1)
