@@ -1,0 +1,210 @@
+"""TFFS-MedSAM2 engine on real CHAOS MRI (downsampled, z-cropped) with RANDOM-weight SAM2.1 Hiera-T.
+
+Random weights say nothing about accuracy; these tests check the mechanics: the cached engine equals
+the paper-order reference, prompts are respected, geometry is kept, seeds reproduce, bad input fails
+cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from conftest import downsample_case
+from ssl_medsam2.config import load_config
+from ssl_medsam2.engines.base import Case
+from ssl_medsam2.engines.sam2_engine import SAM2Engine
+from ssl_medsam2.engines.sam2_model import CheckpointNotFound, checkpoint_status
+from ssl_medsam2.io import InputError, load_label_for, load_volume
+from ssl_medsam2.pseudo_label import pseudo_label_folder
+
+SMALL = ["sam2.checkpoint=none", "sam2.image_size=64", "sam2.n_inserts=2", "sam2.device=cpu",
+         "sam2.max_cond_frames_in_attn=-1"]
+# liver-containing z ranges of three CHAOS cases, cropped short to keep CPU time low
+CROPS = {"chaos_01": (14, 22), "chaos_02": (10, 17), "chaos_03": (12, 19)}
+
+
+@pytest.fixture(scope="module")
+def tiny(chaos_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    for case, zr in CROPS.items():
+        downsample_case(chaos_dir / "imagesTr" / f"{case}_0000.nii.gz", chaos_dir / "labelsTr" / f"{case}.nii.gz",
+                        root / "imagesTr" / f"{case}_0000.nii.gz", root / "all_labels" / f"{case}.nii.gz",
+                        factor=4, z_range=zr)
+    (root / "labelsTr").mkdir()
+    for case in ("chaos_01", "chaos_02"):  # supports; chaos_03 is the query
+        (root / "labelsTr" / f"{case}.nii.gz").write_bytes((root / "all_labels" / f"{case}.nii.gz").read_bytes())
+    return root
+
+
+def _case(root, name, labelled=True):
+    im = load_volume(root / "imagesTr" / f"{name}_0000.nii.gz")
+    return Case(im, load_label_for(im, root / "all_labels" / f"{name}.nii.gz") if labelled else None)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return SAM2Engine(load_config(overrides=SMALL))
+
+
+def test_cached_engine_equals_reference_order(tiny, engine):
+    sup = [_case(tiny, "chaos_01"), _case(tiny, "chaos_02")]
+    q = _case(tiny, "chaos_03", labelled=False)
+    cached = engine.predict(sup, q, [1, 2])
+    reference = SAM2Engine(load_config(overrides=SMALL)).predict_reference(sup, q, [1, 2])
+    assert cached.probs.shape == (2,) + q.image.shape
+    assert cached.meta["insert_positions"] == reference.meta["insert_positions"]
+    assert np.abs(cached.probs - reference.probs).max() <= 1e-4
+    assert cached.meta["random_weights"] is True and cached.n_runs == 4
+    assert 0.0 <= cached.probs.min() and cached.probs.max() <= 1.0
+
+
+def test_support_masks_are_respected_on_prompted_frames(tiny, engine):
+    s = _case(tiny, "chaos_01")
+    q = _case(tiny, "chaos_03", labelled=False)
+    axis = 2
+    s_scaled, s_lab = engine._slices(s, axis)
+    q_scaled, _ = engine._slices(q, axis)
+    ctx = {"axis": axis, "q_scaled": q_scaled, "hw": q_scaled.shape[1:]}
+    mask = s_lab == 1
+    prompts = engine._prompts(ctx, {"case": s, "scaled": s_scaled, "label": s_lab}, 1, mask)
+    prompted = set(np.flatnonzero(mask.reshape(len(mask), -1).any(1)).tolist())
+    assert set(prompts) == prompted and prompted
+    for j, out in prompts.items():
+        prob = engine._to_query_prob(out["pred_masks"], ctx["hw"]).numpy()
+        # SAM2 keeps mask outputs at 1/4 of the model size: compare away from the boundary
+        inside = ndimage.binary_erosion(mask[j], iterations=3)
+        outside = ~ndimage.binary_dilation(mask[j], iterations=3)
+        assert (prob[inside] > 0.9).all() and (prob[outside] < 0.1).all()
+        assert out["maskmem_features"] is not None  # its memory was encoded for tracking
+
+
+def test_same_seed_same_result_other_seed_other_positions(tiny):
+    sup = [_case(tiny, "chaos_01")]
+    q = _case(tiny, "chaos_03", labelled=False)
+    a = SAM2Engine(load_config(overrides=SMALL + ["sam2.seed=3"])).predict(sup, q, [1])
+    b = SAM2Engine(load_config(overrides=SMALL + ["sam2.seed=3"])).predict(sup, q, [1])
+    c = SAM2Engine(load_config(overrides=SMALL + ["sam2.seed=4"])).predict(sup, q, [1])
+    np.testing.assert_array_equal(a.probs, b.probs)
+    assert a.meta["insert_positions"] == b.meta["insert_positions"]
+    assert a.meta["insert_positions"] != c.meta["insert_positions"] or not np.array_equal(a.probs, c.probs)
+
+
+def test_pseudo_label_folder_multilabel_geometry_and_summary(tiny, tmp_path):
+    cfg = load_config(overrides=SMALL + ["sam2.n_inserts=1"])
+    out = tmp_path / "out"
+    summaries = pseudo_label_folder(tiny / "imagesTr", tiny / "labelsTr", out, cfg, show_progress=False)
+    assert [s["case"] for s in summaries] == ["chaos_03"]
+    src = nib.load(str(tiny / "imagesTr" / "chaos_03_0000.nii.gz"))
+    lab = nib.load(str(out / "labels" / "chaos_03.nii.gz"))
+    prob = nib.load(str(out / "probabilities" / "chaos_03.nii.gz"))
+    ent = nib.load(str(out / "entropy" / "chaos_03.nii.gz"))
+    for img in (lab, prob, ent):
+        np.testing.assert_allclose(img.affine, src.affine, atol=1e-6)
+        assert img.shape[:3] == src.shape
+        assert nib.aff2axcodes(img.affine) == nib.aff2axcodes(src.affine)
+    assert prob.shape[3] == ent.shape[3] == 4  # liver, right kidney, left kidney, spleen
+    assert set(np.unique(np.asarray(lab.dataobj)).tolist()) <= {0, 1, 2, 3, 4}
+    p = np.asarray(prob.dataobj)
+    e = np.asarray(ent.dataobj)
+    assert 0 <= p.min() and p.max() <= 1 and 0 <= e.min() and e.max() <= 1
+    summary = json.loads((out / "summaries" / "chaos_03.json").read_text())
+    assert summary["classes"] == [1, 2, 3, 4] and summary["random_weights"] is True
+    assert summary["weights"] == "RANDOM" and summary["n_runs"] == 2
+    assert set(summary["per_class"]) == {"liver", "right_kidney", "left_kidney", "spleen"}
+    assert "mean_entropy_boundary" in summary and "timings" in summary
+    assert b"RANDOM" in lab.header["descrip"].tobytes()
+    assert not [p for p in out.rglob(".staging*")]
+
+
+# --- bad input: clear error naming the file, nothing partial written -------------------------------
+
+def _write(path, data, affine=np.diag([4.0, 4.0, 7.7, 1.0])):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def _bad_folder(tiny, tmp_path, mutate):
+    """A copy of the tiny folder (2 supports + 1 query) with one thing broken by ``mutate``."""
+    root = tmp_path / "bad"
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True)
+        for f in (tiny / sub).iterdir():
+            (root / sub / f.name).write_bytes(f.read_bytes())
+    mutate(root)
+    return root
+
+
+def _label(root, name="chaos_01"):
+    img = nib.load(str(root / "labelsTr" / f"{name}.nii.gz"))
+    return np.asarray(img.dataobj), img.affine
+
+
+BAD_INPUTS = {
+    "label shape mismatch": (lambda r: _write(r / "labelsTr" / "chaos_01.nii.gz", _label(r)[0][:-1], _label(r)[1]),
+                             "chaos_01.nii.gz", "does not match image shape"),
+    "label affine mismatch": (lambda r: _write(r / "labelsTr" / "chaos_01.nii.gz", _label(r)[0],
+                                               _label(r)[1] @ np.diag([1, 1, 1.5, 1])),
+                              "chaos_01.nii.gz", "affine differs"),
+    "empty support mask": (lambda r: _write(r / "labelsTr" / "chaos_02.nii.gz", np.zeros_like(_label(r, "chaos_02")[0]),
+                                            _label(r, "chaos_02")[1]), "chaos_02.nii.gz", "empty"),
+    "2D image": (lambda r: _write(r / "imagesTr" / "chaos_03_0000.nii.gz", np.ones((16, 16), np.float32)),
+                 "chaos_03_0000.nii.gz", "expected a 3D volume"),
+    "4D image": (lambda r: _write(r / "imagesTr" / "chaos_03_0000.nii.gz", np.ones((16, 16, 8, 2), np.float32)),
+                 "chaos_03_0000.nii.gz", "expected a 3D volume"),
+    "NaN voxels": (lambda r: _write(r / "imagesTr" / "chaos_03_0000.nii.gz",
+                                    np.where(np.arange(64 * 64 * 7).reshape(64, 64, 7) == 5, np.nan, 1.0).astype(np.float32)),
+                   "chaos_03_0000.nii.gz", "NaN"),
+    "unreadable file": (lambda r: (r / "imagesTr" / "chaos_03_0000.nii.gz").write_bytes(b"not a nifti at all"),
+                        "chaos_03_0000.nii.gz", "unreadable"),
+    "no support": (lambda r: [p.unlink() for p in (r / "labelsTr").iterdir()], None, "no support"),
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_INPUTS))
+def test_bad_input_clear_error_and_nothing_written(tiny, tmp_path, what):
+    mutate, fname, words = BAD_INPUTS[what]
+    root = _bad_folder(tiny, tmp_path, mutate)
+    out = tmp_path / "out"
+    cfg = load_config(overrides=SMALL)
+    with pytest.raises(InputError) as err:
+        pseudo_label_folder(root / "imagesTr", root / "labelsTr", out, cfg, show_progress=False)
+    msg = str(err.value)
+    assert words.lower() in msg.lower()
+    if fname:
+        assert fname in msg
+    assert not out.exists() or not any(out.rglob("*"))
+
+
+def test_missing_checkpoint_names_file_and_remedy(tmp_path):
+    cfg = load_config(overrides=[f"sam2.cache_dir={tmp_path}", "sam2.download=false", "sam2.device=cpu"])
+    ok, reason = checkpoint_status(cfg)
+    assert not ok and "MedSAM2_latest.pt" in reason and str(tmp_path) in reason and "--checkpoint" in reason
+    with pytest.raises(CheckpointNotFound) as err:
+        SAM2Engine(cfg).predictor
+    assert "MedSAM2_latest.pt" in str(err.value) and "huggingface.co" in str(err.value)
+    assert checkpoint_status(load_config(overrides=["sam2.checkpoint=none"]))[0]
+
+
+def test_cli_pseudo_label_end_to_end_and_bad_input(tiny, tmp_path, capsys):
+    from ssl_medsam2.cli import main
+
+    out = tmp_path / "cli_out"
+    rc = main(["pseudo-label", "--images", str(tiny / "imagesTr"), "--labels", str(tiny / "labelsTr"),
+               "--out", str(out), "--checkpoint", "none", "--device", "cpu",
+               "--set", "sam2.image_size=64", "--set", "sam2.n_inserts=1"])
+    assert rc == 0
+    assert (out / "labels" / "chaos_03.nii.gz").exists() and (out / "run.json").exists()
+    rc = main(["pseudo-label", "--images", str(tiny / "imagesTr"), "--labels", str(tmp_path / "nope"),
+               "--out", str(tmp_path / "o2"), "--checkpoint", "none"])
+    assert rc == 2
+    assert "nope" in capsys.readouterr().err
+    rc = main(["pseudo-label", "--images", str(tiny / "imagesTr"), "--labels", str(tiny / "labelsTr"),
+               "--out", str(tmp_path / "o3"), "--set", "sam2.n_insert=1"])
+    assert rc == 2 and "unknown config key" in capsys.readouterr().err
