@@ -317,8 +317,12 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
         load_label_for(load_volume(images[n], name=n), p)
     unlabelled = sorted(set(images) - set(labels))
     classes = _classes(cfg, labels)
-    engine_name = ("given:" + str(Path(pseudo_labels_dir).resolve())) if pseudo_labels_dir is not None else \
-        (getattr(engine, "name", None) or cfg.get("protocol", {}).get("engine", "sam2"))
+    if not unlabelled:
+        engine_name = "none (every image has a label)"
+    elif pseudo_labels_dir is not None:
+        engine_name = "given:" + str(Path(pseudo_labels_dir).resolve())
+    else:
+        engine_name = getattr(engine, "name", None) or cfg.get("protocol", {}).get("engine", "sam2")
     settings = _settings(cfg, engine_name)
 
     work_dir.mkdir(parents=True, exist_ok=True)
