@@ -163,25 +163,30 @@ def plot_curves(history: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = [h["round"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    axes[0].plot(rounds, [h["change"] for h in history], "o-")
-    if history and history[-1].get("min_change") is not None:
-        axes[0].axhline(history[-1]["min_change"], color="grey", ls="--", label="min_change")
-        axes[0].legend()
-    axes[0].set(xlabel="round", ylabel="1 - mean Dice to previous round", title="pseudo-label change")
-    axes[1].plot(rounds, [h["labelled_dice"] for h in history], "o-", label="labelled cases (in training set)")
-    ema = [h.get("nnunet_ema_pseudo_dice") for h in history]
-    if any(e is not None for e in ema):
-        axes[1].plot(rounds, [np.nan if e is None else e for e in ema], "s--", label="nnU-Net EMA pseudo Dice")
-    axes[1].set(xlabel="round", ylabel="Dice", ylim=(0, 1), title="validation Dice")
-    axes[1].legend(fontsize=8)
-    for ax in axes:
-        ax.set_xticks(rounds)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    # nnU-Net imports seaborn, which restyles matplotlib globally (huge fonts): draw with the defaults
+    with matplotlib.rc_context(rc=matplotlib.rcParamsDefault):
+        rounds = [h["round"] for h in history]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        axes[0].plot(rounds, [h["change"] for h in history], "o-", label="change")
+        if history and history[-1].get("min_change") is not None:
+            axes[0].axhline(history[-1]["min_change"], color="grey", ls="--", label="min_change (stop below)")
+        axes[0].set(xlabel="round", ylabel="1 - mean Dice to previous round", title="pseudo-label change",
+                    ylim=(0, 1.02))
+        axes[0].legend(fontsize=8)
+        axes[1].plot(rounds, [h["labelled_dice"] for h in history], "o-",
+                     label="labelled cases (in the training set)")
+        ema = [h.get("nnunet_ema_pseudo_dice") for h in history]
+        if any(e is not None for e in ema):
+            axes[1].plot(rounds, [np.nan if e is None else e for e in ema], "s--", label="nnU-Net EMA pseudo Dice")
+        axes[1].set(xlabel="round", ylabel="Dice", ylim=(0, 1.02), title="validation Dice")
+        axes[1].legend(fontsize=8)
+        for ax in axes:
+            ax.set_xticks(rounds)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
     os.replace(tmp, path)
     return path
 
