@@ -1,0 +1,212 @@
+"""OHIF + Orthanc + the app, end to end in a real headless Chromium (Debian's, never a downloaded one).
+
+Orthanc (started here) holds three CHAOS MRI studies (128x128 in-plane, 12 slices) and two of them
+have a DICOM-SEG (the labelled supports). The app runs on ``--studies http://127.0.0.1:PORT/dicom-web``.
+The browser opens ``/ohif/``, sees the studies, opens the unlabelled one in the MONAI Label mode,
+connects the panel, runs the few-shot model and we check from the screenshot's pixels that the
+overlay appeared. OHIF 3.10's MONAI Label panel has a client ``save_label`` but no button wired to
+it, so the page calls that same request (``PUT /datastore/label``, ``label.bin`` raw uint8, as the
+panel's client builds it) with the labelmap OHIF holds; then a DICOM-SEG referencing the image
+series must be in Orthanc, with the same voxels, and the image must count as labelled at once.
+Screenshots go to tests/artifacts/ohif/.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import REPO, downsample_case
+from ssl_medsam2 import dicom
+
+ARTIFACTS = REPO / "tests" / "artifacts" / "ohif"
+CHROMIUM = "/usr/bin/chromium"
+CASES = ["chaos_01", "chaos_02", "chaos_03"]
+LABELLED = ["chaos_01", "chaos_02"]
+QUERY = "chaos_03"
+
+
+def _pacs_demo():
+    spec = importlib.util.spec_from_file_location("pacs_demo", REPO / "scripts" / "pacs_demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["pacs_demo"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def stack(chaos_dir, tmp_path_factory):
+    missing = [what for what, ok in (("Orthanc (apt: orthanc orthanc-dicomweb)", dicom.orthanc_binary()),
+                                     ("dcmqi (pip: dcmqi)", dicom.dcmqi_tool()),
+                                     (f"Chromium at {CHROMIUM} (apt: chromium)", Path(CHROMIUM).exists()),
+                                     ("playwright (pip: playwright)", importlib.util.find_spec("playwright")))
+               if not ok]
+    if missing:
+        pytest.skip("missing: " + ", ".join(missing))
+    root = tmp_path_factory.mktemp("ohif")
+    for case in CASES:
+        img = chaos_dir / "imagesTr" / f"{case}_0000.nii.gz"
+        z = nib.load(str(img)).shape[2]
+        downsample_case(img, chaos_dir / "labelsTr" / f"{case}.nii.gz", root / "images" / f"{case}_0000.nii.gz",
+                        root / "labels" / f"{case}.nii.gz", factor=2, z_range=((z - 12) // 2, (z - 12) // 2 + 12))
+    orthanc = dicom.Orthanc.start(root / "orthanc")
+    server = None
+    try:
+        series = dicom.upload_folder(orthanc, root / "images", root / "dicom")
+        for case in LABELLED:
+            orthanc.upload([dicom.label_to_dicom_seg(root / "labels" / f"{case}.nii.gz", root / "dicom" / case,
+                                                     root / "dicom" / f"{case}_seg.dcm", class_names={1: "liver"})])
+        server = _pacs_demo().start_monailabel(
+            orthanc.dicomweb_url, root / "work",
+            conf={"input.classes": "[1]", "app.retrain_after_labels": 0, "sam2.checkpoint": "none",
+                  "sam2.image_size": 128, "sam2.n_inserts": 1, "sam2.n_supports": 1, "sam2.device": "cpu"},
+            env={"MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "MR"})})
+        yield {"orthanc": orthanc, "url": server.url, "series": series, "root": root, "server": server}
+    finally:
+        if server is not None:
+            server.stop()
+        orthanc.stop()
+
+
+def _overlay_pixels(before: Path, after: Path, box: dict) -> int:
+    """Pixels of the viewport that turned colour (segment colours are saturated; MRI is grey; the
+    viewport's text overlays are the same in both shots)."""
+    from PIL import Image
+
+    x0, y0, x1, y1 = int(box["x"]), int(box["y"]), int(box["x"] + box["width"]), int(box["y"] + box["height"])
+    a, b = (np.asarray(Image.open(p).convert("RGB")).astype(int)[y0:y1, x0:x1] for p in (before, after))
+    changed = np.abs(b - a).sum(axis=2) > 60
+    tinted = (b.max(axis=2) - b.min(axis=2)) > 60
+    return int((changed & tinted).sum())
+
+
+SAVE_JS = """
+async ([image, clientId]) => {
+  // find the MONAI Label panel's props (servicesManager) through React's fiber of its server input
+  const input = [...document.querySelectorAll('input')].find(i => (i.value || '').includes('127.0.0.1'));
+  const key = Object.keys(input).find(k => k.startsWith('__reactFiber$'));
+  let fiber = input[key];
+  while (fiber && !(fiber.memoizedProps && fiber.memoizedProps.servicesManager)) fiber = fiber.return;
+  const { segmentationService } = fiber.memoizedProps.servicesManager.services;
+  const volume = segmentationService.getLabelmapVolume('1');
+  const data = volume.voxelManager.getCompleteScalarDataArray();
+  const label = new Uint8Array(data.length);
+  label.set(data);
+  const seg = segmentationService.getSegmentation('1');
+  const labelInfo = Object.values(seg.segments || {}).filter(s => s && s.segmentIndex)
+      .map(s => ({ name: s.label, idx: s.segmentIndex }));
+  const counts = {};
+  for (const v of label) if (v) counts[v] = (counts[v] || 0) + 1;
+  // exactly what MonaiLabelClient.save_label sends: params + label.bin (raw uint8)
+  const form = new FormData();
+  form.append('params', JSON.stringify({ label_info: labelInfo, client_id: clientId }));
+  form.append('label', new Blob([label]), 'label.bin');
+  const url = new URL('datastore/label', window.location.origin + '/');
+  url.searchParams.append('image', image);
+  const r = await fetch(url.toString(), { method: 'PUT', body: form, headers: { accept: 'application/json' } });
+  return { status: r.status, body: await r.text(), counts, labelInfo, n: label.length };
+}
+"""
+
+
+def test_ohif_runs_the_model_on_an_orthanc_study_and_saves_a_dicom_seg(stack):
+    from playwright.sync_api import sync_playwright
+
+    url, orthanc, series = stack["url"], stack["orthanc"], stack["series"]
+    study_uid = dicom.stable_uid(QUERY, "study")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS.parent / ".gitignore").write_text("*\n")
+    info = httpx.get(f"{url}/info/", timeout=30).json()
+    unavailable = info.get("unavailable_models") or {}
+    model = next(m for m in ("atlas_fewshot", "sam2_fewshot") if m in info["models"] and m not in unavailable)
+    assert httpx.get(f"{url}/datastore/?output=stats", timeout=60).json()["completed"] == len(LABELLED)
+
+    logs: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.on("console", lambda m: logs.append(m.text))
+            # 1. the study list, served by OHIF through MONAI Label's DICOMweb proxy from Orthanc
+            page.goto(f"{url}/ohif/", wait_until="load", timeout=120_000)
+            for case in CASES:
+                page.get_by_text(case, exact=True).first.wait_for(timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "1_study_list.png"))
+            # 2. the unlabelled study in the MONAI Label mode
+            page.goto(f"{url}/ohif/monai-label?StudyInstanceUIDs={study_uid}", wait_until="load", timeout=120_000)
+            page.get_by_text("Confirm and Hide").click(timeout=60_000)
+            page.wait_for_function("() => [...document.querySelectorAll('canvas')].some(c => c.width > 100)",
+                                   timeout=60_000)
+            page.wait_for_timeout(3000)
+            axial = page.locator("canvas").first.bounding_box()
+            before = ARTIFACTS / "2_study_loaded.png"
+            page.screenshot(path=str(before))
+            # 3. connect the panel to this server
+            server_input = page.locator("input[value*='127.0.0.1']").first
+            server_input.fill(url + "/")
+            server_input.press("Tab")
+            server_input.locator("xpath=following::button[1]").click()
+            page.get_by_text("SSL-MedSAM2", exact=True).first.wait_for(timeout=60_000)
+            # 4. run the model from the Auto-Segmentation section
+            models = page.locator("select:visible", has=page.locator(f"option:text-is('{model}')")).first
+            models.select_option(label=model)
+            t0 = time.time()
+            models.locator("xpath=following::button[1]").click()  # its Run button
+            deadline = time.time() + 300
+            while not any("updated the segmentation's scalar data" in m for m in logs):
+                assert not any("Failed to Run Segmentation" in m for m in logs), logs[-20:]
+                assert time.time() < deadline, "no segmentation after 300 s:\n" + "\n".join(logs[-20:])
+                page.wait_for_timeout(500)
+            infer_s = time.time() - t0
+            page.wait_for_timeout(2000)
+            after = ARTIFACTS / "3_overlay.png"
+            page.screenshot(path=str(after))
+            tinted_after = _overlay_pixels(before, after, axial)
+            assert tinted_after > 300, f"overlay not visible: {tinted_after} pixels turned colour in the axial view"
+            # 5. save the label OHIF holds, as the panel's client does
+            saved = page.evaluate(SAVE_JS, [series[QUERY], "ohif-test"])
+            page.screenshot(path=str(ARTIFACTS / "4_saved.png"))
+        finally:
+            browser.close()
+    assert saved["status"] == 200, saved
+    assert saved["counts"], "OHIF's labelmap is empty"
+
+    # 6. a DICOM-SEG referencing the image series is in Orthanc, with the voxels OHIF held
+    segs = [s for s in orthanc.series("SEG")]
+    assert len(segs) == len(LABELLED) + 1
+    new = [s for s in segs if json.loads(orthanc.request(f"/instances/{s['Instances'][0]}/tags?simplify"))
+           ["ReferencedSeriesSequence"][0]["SeriesInstanceUID"] == series[QUERY]]
+    assert len(new) == 1, "no DICOM-SEG references the saved image"
+    seg_path = stack["root"] / "saved_seg.dcm"
+    seg_path.write_bytes(orthanc.request(f"/instances/{new[0]['Instances'][0]}/file"))
+    import pydicom
+    import pydicom_seg
+    import SimpleITK as sitk
+
+    seg_img = pydicom_seg.MultiClassReader().read(pydicom.dcmread(str(seg_path))).image
+    seg_arr = sitk.GetArrayFromImage(seg_img)
+    assert int((seg_arr > 0).sum()) == sum(saved["counts"].values())
+    # and it lies on the patient: overlap with the expert liver label of this case
+    truth = sitk.ReadImage(str(stack["root"] / "labels" / f"{QUERY}.nii.gz"))
+    truth = sitk.Resample(truth, seg_img, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    t = sitk.GetArrayFromImage(truth) == 1
+    s = seg_arr > 0
+    dice = 2 * (t & s).sum() / max(1, t.sum() + s.sum())
+    # 7. the labelled state changed at once (no 2 h DICOMweb cache), and the image is not handed out again
+    stats = httpx.get(f"{url}/datastore/?output=stats", timeout=60).json()
+    assert stats["completed"] == len(LABELLED) + 1, stats
+    nxt = httpx.post(f"{url}/activelearning/first", json={"client_id": "someone-else"}, timeout=60).json()
+    assert nxt.get("id") != series[QUERY]
+    print(json.dumps({"model": model, "infer_s": round(infer_s, 1), "overlay_px": tinted_after,
+                      "saved_voxels": saved["counts"], "dice_vs_expert_liver": round(float(dice), 3)}))
+    if model == "atlas_fewshot":
+        assert dice > 0.5, f"saved SEG does not overlap the liver (Dice {dice:.2f}): geometry lost on the way"
