@@ -152,9 +152,42 @@ def _run_make_studies(args) -> int:
     return 0
 
 
+# --- evaluate -------------------------------------------------------------------------------------
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="Dice and HD95 (mm) of label maps against ground truth, CSV + JSON + PNG",
+                       description="Scores every label map in --pred that has a ground truth of the same case "
+                                   "name in --gt; writes metrics.csv, metrics.json and report.png to --out.")
+    p.add_argument("--pred", required=True, help="folder of predicted label maps (e.g. pseudo-label's out/labels)")
+    p.add_argument("--gt", required=True, help="folder of ground-truth label maps")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--images", help="image folder: background of the report's overlays (optional)")
+    p.add_argument("--classes", nargs="*", type=int, help="class ids to score (default: every id in the ground truth)")
+    p.add_argument("--no-report", action="store_true", help="skip the PNG report")
+    _common(p)
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from .evaluate import evaluate_folders
+
+    cfg = _load_cfg(args)
+    result = evaluate_folders(args.pred, args.gt, args.out, classes=args.classes or None,
+                              class_names=cfg.get("input", {}).get("class_names"), images_dir=args.images,
+                              report=not args.no_report)
+    for name, pc in result["per_class"].items():
+        d, h = pc["dice"], pc["hd95_mm"]
+        hd = "n/a" if h["mean"] is None else f"{h['mean']:.1f} mm"
+        print(f"{name}: Dice mean {d['mean']:.3f} (min {d['min']:.3f}, {d['n']} cases), HD95 mean {hd}")
+    if result["missing_predictions"]:
+        print(f"no prediction for: {', '.join(result['missing_predictions'])}")
+    print(f"wrote metrics.csv, metrics.json{', report.png' if not args.no_report else ''} to {args.out}")
+    return 0
+
+
 # --- main -----------------------------------------------------------------------------------------
 
-SUBCOMMANDS = [_add_pseudo_label, _add_run, _add_predict, _add_make_studies]
+SUBCOMMANDS = [_add_pseudo_label, _add_run, _add_predict, _add_make_studies, _add_evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:
