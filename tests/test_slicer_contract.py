@@ -74,6 +74,9 @@ def _model(info: dict) -> str:
 
 def test_slicer_session(server, client, tmp_path):
     url = server["url"]
+    # the app hooks the PyJWT 2 auth fix and the DICOMweb fixes (apps/ssl_medsam2/main.py imports them)
+    log = server["server"].log_path.read_text(errors="replace")
+    assert "ssl_medsam2 auth: PyJWT 2 token check installed" in log and "ssl_medsam2 dicomweb:" in log
     # 1. connect: /info drives the module's model, strategy and trainer lists and its label names
     info = client.info()
     model = _model(info)
