@@ -1,8 +1,8 @@
 """MONAI Label Keycloak RBAC works with PyJWT 2 through apps/ssl_medsam2/auth.py.
 
 A local token issuer (Keycloak-shaped realm document, OpenID configuration, JWKS and a password-grant
-token endpoint) runs in a thread with a freshly generated RSA key; a real MONAI Label server runs with
-``MONAI_LABEL_AUTH_ENABLE=true`` against it. Roles are MONAI Label's own (user < annotator < admin per
+token endpoint) runs in a thread with a freshly generated RSA key; the real app runs in a MONAI Label
+server with ``MONAI_LABEL_AUTH_ENABLE=true`` against it. Roles are MONAI Label's own (user < annotator < admin per
 endpoint): anonymous is refused, a user can read, an annotator can save labels but cannot train,
 an admin can. OHIF's static files load without a token.
 """
@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import base64
 import importlib.util
-import io
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -24,8 +22,6 @@ from pathlib import Path
 
 import httpx
 import jwt
-import nibabel as nib
-import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -159,66 +155,31 @@ def test_jwks_only_issuer_and_algorithm_pinning(monkeypatch):
         issuer.close()
 
 
-MINIMAL_APP = '''
-import sys
-sys.path.insert(0, {app_dir!r})
-import auth  # noqa: F401  (the hook under test)
-from monailabel.interfaces.app import MONAILabelApp
-
-
-class AuthTestApp(MONAILabelApp):
-    def __init__(self, app_dir, studies, conf):
-        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="auth-test",
-                         description="auth test", version="0")
-
-    def init_infers(self):
-        return {{}}
-
-    def init_trainers(self):
-        return {{}}
-
-    def init_strategies(self):
-        return {{}}
-
-    def init_scoring_methods(self):
-        return {{}}
-'''
+def _pacs_demo():
+    spec = importlib.util.spec_from_file_location("pacs_demo", REPO / "scripts" / "pacs_demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["pacs_demo"] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, chaos_dir):
+    """The real app (apps/ssl_medsam2, whose main.py imports auth.py) with Keycloak auth on."""
     root = tmp_path_factory.mktemp("auth")
-    app = root / "app"
-    app.mkdir()
-    (app / "main.py").write_text(MINIMAL_APP.format(app_dir=str(APP_AUTH.parent)))
     studies = root / "studies"
     downsample_case(chaos_dir / "imagesTr" / "chaos_01_0000.nii.gz", chaos_dir / "labelsTr" / "chaos_01.nii.gz",
                     studies / "chaos_01.nii.gz", root / "label_chaos_01.nii.gz", factor=8)
     issuer = Issuer()
-    port = _free_port()
-    env = {**os.environ, "MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": issuer.realm,
-           "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app),
-                             "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    srv = None
     try:
-        deadline = time.time() + 90
-        while True:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("MONAI Label did not start:\n" + (root / "server.log").read_text()[-4000:])
-            try:
-                if httpx.get(f"{url}/auth/", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        yield {"url": url, "issuer": issuer, "label": root / "label_chaos_01.nii.gz", "log": root / "server.log"}
+        srv = _pacs_demo().start_monailabel(
+            str(studies), root / "work", conf={"app.retrain_after_labels": 0},
+            env={"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": issuer.realm})
+        yield {"url": srv.url, "issuer": issuer, "label": root / "label_chaos_01.nii.gz", "log": srv.log_path}
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(30)
-        log.close()
+        if srv is not None:
+            srv.stop()
         issuer.close()
 
 
@@ -252,14 +213,16 @@ def test_roles_as_monai_label_defines_them(server):
     assert _save_label(server, viewer).status_code == 403
     r = _save_label(server, annotator)
     assert r.status_code == 200, r.text
+    assert r.json().get("user") == "annotator", "the saved label records the authenticated user"
     ds = httpx.get(f"{url}/datastore/", params={"output": "all"}, headers=_h(viewer)).json()
     assert "final" in json.dumps(ds["objects"]["chaos_01"]["labels"])
     # training and logs need the admin role
     assert httpx.post(f"{url}/train/", json={}, headers=_h(annotator)).status_code == 403
     assert httpx.get(f"{url}/logs/", headers=_h(annotator)).status_code == 403
     assert httpx.get(f"{url}/logs/", headers=_h(admin)).status_code == 200
-    # the admin passes the role check for training (this app has no trainer, so the task itself fails)
-    assert httpx.post(f"{url}/train/", json={}, headers=_h(admin)).status_code not in (401, 403)
+    assert httpx.post(f"{url}/train/ssl_nnunet", json={}, headers=_h(annotator)).status_code == 403
+    # the admin passes the role check (an unknown trainer then gets the app's 404, nothing is started)
+    assert httpx.post(f"{url}/train/no_such_trainer", json={}, headers=_h(admin)).status_code == 404
 
 
 def test_password_login_through_the_server(server):
