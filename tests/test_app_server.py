@@ -260,6 +260,13 @@ def test_batch_pseudo_labels_train_new_version_then_nnunet_infer(server):
     assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine, atol=1e-4)
     info = requests.get(f"{url}/datastore/image/info", params={"image": unlabelled[0]}, timeout=30).json()
     assert info["ssl_nnunet_version"] == "v001" and 0.0 <= info["ssl_disagreement"] <= 1.0
+    # disagreement scoring: every image with a few-shot label is compared with v001's prediction
+    r = requests.post(f"{url}/scoring/disagreement", params={"run_sync": True}, json={}, timeout=600)
+    assert r.status_code == 200, r.text
+    scored = r.json()["scored"]
+    assert set(unlabelled) | {"chaos_03"} <= set(scored) and all(0.0 <= v <= 1.0 for v in scored.values())
+    ds = json.loads((studies / "datastore_v2.json").read_text())["objects"]
+    assert all(ds[i]["image"]["info"]["ssl_disagreement"] == v for i, v in scored.items())
     # nothing earlier to roll back to yet
     r = requests.post(f"{url}/ssl_medsam2/models/rollback", timeout=30)
     assert r.status_code == 404 and "earlier" in r.json()["detail"]

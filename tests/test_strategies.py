@@ -92,7 +92,7 @@ def _grab(path, holder, q):
 
 
 def test_leases_concurrent_processes_never_share(tmp_path):
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")  # separate processes, without re-importing everything
     q = ctx.Queue()
     procs = [ctx.Process(target=_grab, args=(tmp_path / "l.json", f"user{i}", q)) for i in range(4)]
     for p in procs:
