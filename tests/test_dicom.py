@@ -115,3 +115,28 @@ def test_orthanc_dicomweb_lists_uploaded_cases_and_labels(orthanc, chaos_dir, tm
     ref = meta[0]["00081115"]["Value"][0]["0020000E"]["Value"][0]  # ReferencedSeriesSequence
     assert ref == series["chaos_01"]
     assert len(meta[0]["00620002"]["Value"]) == 4  # liver, kidneys, spleen segments
+
+
+def _non_loopback_ipv4() -> str | None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent; picks the outgoing interface
+            ip = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ip.startswith("127.") else ip
+
+
+def test_orthanc_refuses_requests_from_other_addresses(orthanc):
+    import urllib.error
+    import urllib.request
+
+    ip = _non_loopback_ipv4()
+    if ip is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to test from")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"http://{ip}:{orthanc.http_port}/system", timeout=10)
+    assert err.value.code in (401, 403)
+    assert orthanc.get_json("/system")["Name"]  # loopback still works
