@@ -191,7 +191,10 @@ SUBCOMMANDS = [_add_pseudo_label, _add_run, _add_predict, _add_make_studies, _ad
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ssl-medsam2", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="ssl-medsam2",
+        description="SSL-MedSAM2: training-free few-shot SAM2 pseudo labels, iterative nnU-Net refinement, "
+                    "evaluation. Every subcommand takes --config and --set key.sub=value overrides.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
