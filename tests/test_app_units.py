@@ -125,3 +125,18 @@ def test_make_studies_from_nnunet_layout(small_chaos, tmp_path):
         ["chaos_01.nii.gz", "chaos_02.nii.gz"]
     with pytest.raises(InputError, match="already holds"):
         make_studies(small_chaos / "imagesTr", small_chaos / "labelsTr", tmp_path / "s", labelled=1)
+
+
+def test_app_without_sam2_weights_lists_task_unavailable_with_reason(small_chaos, tmp_path):
+    from main import create_app
+
+    make_studies(small_chaos / "imagesTr", small_chaos / "labelsTr", tmp_path / "studies", labelled=1)
+    missing = tmp_path / "nowhere" / "MedSAM2_latest.pt"
+    app = create_app(str(REPO / "apps" / "ssl_medsam2"), str(tmp_path / "studies"),
+                     {"sam2.checkpoint": str(missing)})
+    info = app.info()
+    assert "sam2_fewshot" not in info["models"]
+    assert str(missing) in info["unavailable_models"]["sam2_fewshot"]
+    assert "atlas_fewshot" in info["models"] and "ssl_nnunet" in info["trainers"]  # the rest works
+    assert info["datastore"] == {"total": 8, "completed": 1, "label_tags": {"final": 1}}
+    assert (tmp_path / "studies" / ".ssl_medsam2").is_dir()
