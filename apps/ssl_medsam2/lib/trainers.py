@@ -115,12 +115,9 @@ class SSLNnUNetTrain(TrainTask):
         return float(np.mean(vals)) if vals else None
 
     def _device(self) -> str:
-        d = self.ws.cfg.get("nnunet", {}).get("device", "auto")
-        if d in (None, "auto"):
-            import torch
+        from ssl_medsam2.nnunet.train import resolve_device
 
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return str(d)
+        return resolve_device(self.ws.cfg.get("nnunet", {}).get("device"))
 
     def __call__(self, request, datastore):
         from ssl_medsam2.config import merge
