@@ -87,6 +87,7 @@ def predict_folder(model_dir: str | os.PathLike, images_dir: str | os.PathLike, 
     """Label every NIfTI of ``images_dir`` into ``out_dir/<case>.nii.gz`` (source affine and header)."""
     from tqdm.auto import tqdm
 
+    model_dir = resolve_model_dir(model_dir)  # a wrong --model fails before any image is read
     images = list_volumes(images_dir)
     if names is not None:
         images = {k: v for k, v in images.items() if k in set(names)}
