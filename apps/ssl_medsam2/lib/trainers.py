@@ -158,6 +158,7 @@ class SSLNnUNetTrain(TrainTask):
                      "labelled": sorted(final), "compared_with": cur["id"] if cur else None,
                      "compared_dice": cur_dice, "train_s": round(time.time() - t0, 1)}
             self.ws.registry.add(entry, promote)
+            self._keep_fewshot_outputs(work / "rounds")
             if promote:
                 self._publish_pseudo_labels(work / "rounds", final_json.get("round"), final, datastore)
             stats.update({"status": "DONE", "stage": "done", "promoted": promote, "dice_labelled": new_dice,
@@ -172,6 +173,27 @@ class SSLNnUNetTrain(TrainTask):
                           "total_time": f"{time.time() - t0:.0f}s"})
             self._write_stats(stats)
             raise
+
+    def _keep_fewshot_outputs(self, rounds: Path) -> None:
+        """Round 0's few-shot outputs (when this run made them) feed the uncertainty/disagreement scores.
+
+        Only cases with no stored few-shot output yet are copied: an explicit few-shot infer is newer.
+        """
+        from ssl_medsam2.io import case_name
+        from ssl_medsam2.pseudo_label import OUTPUT_KINDS
+
+        r0 = rounds / "round_000"
+        ids = {case_name(i): i for i in self.ws.image_ids()}
+        for summ in sorted((r0 / "summaries").glob("*.json")) if (r0 / "summaries").is_dir() else []:
+            i = ids.get(summ.stem)
+            if i is None:
+                continue
+            src = {k: r0 / k / (f"{summ.stem}.json" if k == "summaries" else f"{summ.stem}.nii.gz") for k in OUTPUT_KINDS}
+            dst = {k: self.ws.fewshot_dir / k / (f"{i}.json" if k == "summaries" else f"{i}.nii.gz") for k in OUTPUT_KINDS}
+            if all(p.exists() for p in src.values()) and not any(p.exists() for p in dst.values()):
+                for k in OUTPUT_KINDS:
+                    dst[k].parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src[k], dst[k])
 
     def _publish_pseudo_labels(self, rounds: Path, round_no, final: dict, datastore) -> None:
         """Refined pseudo labels of the deployed round go to the datastore under the pseudo tag."""
