@@ -150,6 +150,10 @@ def test_bad_requests_get_4xx_and_leave_datastore_unchanged(server, tmp_path):
     checks["corrupt image"] = (requests.put(f"{url}/datastore/image", params={"image": "junk"},
                                             files={"file": ("junk.nii.gz", b"\x1f\x8b garbage")}, timeout=30),
                                422, "junk")
+    # the same through Slicer's upload route (MONAI Label's deprecated alias PUT /datastore/)
+    checks["corrupt image (Slicer route)"] = (requests.put(f"{url}/datastore/", params={"image": "junk"},
+                                                          files={"file": ("junk.nii.gz", b"\x1f\x8b garbage")},
+                                                          timeout=30), 422, "junk")
     for what, (r, code, word) in checks.items():
         assert r.status_code == code, f"{what}: {r.status_code} {r.text}"
         assert word in r.json()["detail"], f"{what}: reason missing in {r.text}"

@@ -158,6 +158,7 @@ def build_router(app) -> APIRouter:
         res.update({"image": image, "label": label_id, "tag": tag, "user": who})
         return res
 
+    @r.put("/datastore/", summary="Upload an image (Slicer's route; checked like /datastore/image)")
     @r.put("/datastore/image", summary="Upload an image (checked: readable 3D volume)")
     def add_image(background_tasks: BackgroundTasks, image: Optional[str] = None, params: str = Form("{}"),
                   file: UploadFile = File(...), user: User = Depends(RBAC(ANNOTATOR))):
@@ -182,6 +183,7 @@ def build_router(app) -> APIRouter:
         check_image_id(image)
         return ws.datastore.get_image_info(image)
 
+    @r.delete("/datastore/", summary="Remove an image and its labels (deprecated alias, checked)")
     @r.delete("/datastore/image", summary="Remove an image and its labels (404 for an unknown image)")
     def remove_image(id: str, user: User = Depends(RBAC(ADMIN))):
         check_image_id(id)
