@@ -147,10 +147,9 @@ def test_slicer_session(server, client, tmp_path):
     print(json.dumps({"model": model, "infer_s": round(infer_s, 1), "running": running, "stopped": stopped}))
 
 
-@pytest.mark.xfail(reason="app gap (issue 4, apps/ssl_medsam2/lib/routes.py): Slicer's upload route PUT /datastore/ "
-                          "(MONAI Label's deprecated alias of PUT /datastore/image) is not guarded, so a corrupt "
-                          "upload is accepted", strict=False)
 def test_slicer_upload_route_rejects_a_corrupt_file(server, tmp_path):
+    """Slicer uploads through PUT /datastore/ (MONAI Label's older alias of PUT /datastore/image):
+    the app guards it like the other upload routes."""
     url = server["url"]
     total = httpx.get(f"{url}/datastore/?output=stats").json()["total"]
     bad = tmp_path / "broken.nii.gz"
