@@ -112,20 +112,10 @@ def nifti_to_dicom_series(image: str | os.PathLike, out_dir: str | os.PathLike, 
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
 
-    from .io import case_name
+    from .io import case_name, read_nifti_3d
 
     image = Path(image)
-    if not image.exists():
-        raise InputError(image, "file not found")
-    try:
-        img = nib.load(str(image))
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:
-        raise InputError(image, f"unreadable image file ({type(exc).__name__}: {exc})") from exc
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise InputError(image, f"expected a 3D volume, got shape {tuple(data.shape)}")
+    img, data = read_nifti_3d(image)
     if not np.all(np.isfinite(data)):
         raise InputError(image, "image contains NaN or infinite voxels")
     try:

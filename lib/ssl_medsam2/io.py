@@ -98,8 +98,8 @@ def list_volumes(folder: str | os.PathLike) -> dict[str, Path]:
     return out
 
 
-def load_volume(path: str | os.PathLike, *, is_label: bool = False, name: str | None = None) -> Volume:
-    """Read a 3D NIfTI into canonical order, with clear errors for the usual ways input goes wrong."""
+def read_nifti_3d(path: str | os.PathLike):
+    """(nibabel image, 3D array in the file's voxel order), or an InputError naming the file."""
     path = Path(path)
     if not path.exists():
         raise InputError(path, "file not found")
@@ -112,6 +112,13 @@ def load_volume(path: str | os.PathLike, *, is_label: bool = False, name: str | 
         data = data[..., 0]
     if data.ndim != 3:
         raise InputError(path, f"expected a 3D volume, got {data.ndim}D data of shape {tuple(data.shape)}")
+    return img, data
+
+
+def load_volume(path: str | os.PathLike, *, is_label: bool = False, name: str | None = None) -> Volume:
+    """Read a 3D NIfTI into canonical order, with clear errors for the usual ways input goes wrong."""
+    path = Path(path)
+    img, data = read_nifti_3d(path)
     if min(data.shape) < 1:
         raise InputError(path, f"empty volume of shape {tuple(data.shape)}")
     affine = np.asarray(img.affine, dtype=np.float64)

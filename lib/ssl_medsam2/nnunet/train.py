@@ -50,19 +50,11 @@ def nnunet_env(root: str | os.PathLike, ncfg: dict | None = None):
            "nnUNet_n_proc_DA": str(int(ncfg.get("num_workers", 2)))}
     if resolve_device(ncfg.get("device")) == "cpu" or not ncfg.get("compile", False):
         new["nnUNet_compile"] = "false"
-    old = {k: os.environ.get(k) for k in new}
     for k in ("raw", "preprocessed", "results"):
         (root / k).mkdir(parents=True, exist_ok=True)
-    os.environ.update(new)
-    trainers.register()
-    try:
+    with _env(**new):
+        trainers.register()
         yield root
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextlib.contextmanager
