@@ -44,19 +44,10 @@ class MonaiLabelServer:
     _log: object = field(default=None, repr=False)
 
     def log_tail(self, n: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return dicom.tail_lines(self.log_path, n)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
+        dicom.stop_process_group(self.process, grace_s=30)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -12,7 +12,6 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from scipy import ndimage
 
 from conftest import downsample_case

@@ -258,6 +258,26 @@ def orthanc_config(work_dir: str | os.PathLike, *, http_port: int = 8042,
     return cfg
 
 
+def tail_lines(path: str | os.PathLike | None, n: int) -> str:
+    """The last ``n`` lines of a server's log file ('' when there is none yet)."""
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    except (OSError, TypeError):
+        return ""
+
+
+def stop_process_group(process: subprocess.Popen | None, grace_s: float = 20.0) -> None:
+    """End a server started with ``start_new_session=True`` and all its children: TERM, then KILL."""
+    if process is None or process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
 @dataclass
 class Orthanc:
     """A local Orthanc process (loopback only, DICOMweb on) with its storage in ``work_dir``.
@@ -322,19 +342,10 @@ class Orthanc:
                            + (f"; see {self.log_path}" if self.log_path else ""))
 
     def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return tail_lines(self.log_path, n)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
+        stop_process_group(self.process, grace_s=20)
         if self._log is not None:
             self._log.close()
             self._log = None

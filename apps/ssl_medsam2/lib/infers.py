@@ -15,7 +15,6 @@ import os
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType

@@ -22,7 +22,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from ssl_medsam2 import strategies
 from ssl_medsam2.io import load_label_for, load_volume, write_text_atomic
 
-from .workspace import FINAL_TAG, Workspace
+from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
