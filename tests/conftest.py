@@ -20,6 +20,18 @@ for _k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
 os.environ.setdefault("nnUNet_compile", "false")
 
 
+def load_script(name: str):
+    """Import ``scripts/<name>.py`` as module ``name`` (tests reuse the scripts users run)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def chaos_cases() -> list[str]:
     return sorted(p.name[: -len("_0000.nii.gz")] for p in (CHAOS / "imagesTr").glob("*_0000.nii.gz"))
 

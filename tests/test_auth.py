@@ -13,7 +13,6 @@ import base64
 import importlib.util
 import json
 import os
-import sys
 import threading
 import time
 import urllib.parse
@@ -26,7 +25,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from conftest import REPO, downsample_case
+from conftest import REPO, downsample_case, load_script
 
 APP_AUTH = REPO / "apps" / "ssl_medsam2" / "auth.py"
 ROLES = {"admin": ["monailabel-admin", "monailabel-reviewer", "monailabel-annotator", "monailabel-user"],
@@ -156,11 +155,7 @@ def test_jwks_only_issuer_and_algorithm_pinning(monkeypatch):
 
 
 def _pacs_demo():
-    spec = importlib.util.spec_from_file_location("pacs_demo", REPO / "scripts" / "pacs_demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["pacs_demo"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("pacs_demo")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REPO, downsample_case
+from conftest import REPO, downsample_case, load_script
 from ssl_medsam2 import dicom
 
 ARTIFACTS = REPO / "tests" / "artifacts" / "ohif"
@@ -36,11 +35,7 @@ REST_QUERY = "chaos_05"  # saved over REST (the DICOMweb path without a browser)
 
 
 def _pacs_demo():
-    spec = importlib.util.spec_from_file_location("pacs_demo", REPO / "scripts" / "pacs_demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["pacs_demo"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("pacs_demo")
 
 
 @pytest.fixture(scope="module")

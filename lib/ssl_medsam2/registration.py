@@ -137,17 +137,24 @@ def focus_mask(label: Volume, classes, reference: sitk.Image, margin_mm: float) 
     return mask
 
 
-def _affine_stage(fixed: sitk.Image, moving: sitk.Image, s: RegistrationSettings,
-                  moving_mask: sitk.Image | None = None) -> tuple[sitk.Transform, float]:
-    init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
-                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+def _mattes_mi_registration(s: "RegistrationSettings", sampling: float,
+                            moving_mask: sitk.Image | None = None) -> sitk.ImageRegistrationMethod:
+    """Mattes MI with seeded random sampling (optionally only within the moving mask), linear interpolation."""
     reg = sitk.ImageRegistrationMethod()
     if moving_mask is not None:
         reg.SetMetricMovingMask(moving_mask)
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=s.mi_bins)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(s.affine_sampling, int(s.seed) + 1)  # seed 0 would mean "wall clock"
+    reg.SetMetricSamplingPercentage(sampling, int(s.seed) + 1)  # seed 0 would mean "wall clock"
     reg.SetInterpolator(sitk.sitkLinear)
+    return reg
+
+
+def _affine_stage(fixed: sitk.Image, moving: sitk.Image, s: RegistrationSettings,
+                  moving_mask: sitk.Image | None = None) -> tuple[sitk.Transform, float]:
+    init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
+                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+    reg = _mattes_mi_registration(s, s.affine_sampling, moving_mask)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4,
                                                  numberOfIterations=s.affine_iterations,
                                                  gradientMagnitudeTolerance=1e-6)
@@ -165,13 +172,7 @@ def _bspline_stage(fixed, moving, affine: sitk.Transform, s: RegistrationSetting
     extent = np.array(fixed.GetSize()) * np.array(fixed.GetSpacing())
     mesh = [max(1, int(round(e / s.bspline_grid_mm))) for e in extent]
     bs = sitk.BSplineTransformInitializer(fixed, mesh, order=3)
-    reg = sitk.ImageRegistrationMethod()
-    if moving_mask is not None:
-        reg.SetMetricMovingMask(moving_mask)
-    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=s.mi_bins)
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(s.bspline_sampling, int(s.seed) + 1)  # seed 0 would mean "wall clock"
-    reg.SetInterpolator(sitk.sitkLinear)
+    reg = _mattes_mi_registration(s, s.bspline_sampling, moving_mask)
     reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=s.bspline_iterations,
                              maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=1000,
                              costFunctionConvergenceFactor=1e7)
