@@ -203,8 +203,9 @@ class SAM2Engine:
 
     # --- protocol (shared by the cached engine and the reference) ---------------------------------
 
-    def _protocol(self, supports, query, classes, run_one, progress) -> EngineResult:
-        """Loop supports x insert positions x classes; ``run_one`` returns query-frame probabilities."""
+    def _protocol(self, supports, query, classes, run_one, progress, prepare_query=None) -> EngineResult:
+        """Loop supports x insert positions x classes; ``run_one`` returns query-frame probabilities,
+        ``prepare_query`` (optional) adds per-query state to the context once."""
         classes = tuple(int(c) for c in classes)
         check_supports(supports, classes)
         if query.image.array.ndim != 3:
@@ -218,7 +219,8 @@ class SAM2Engine:
         rng = np.random.default_rng(self.seed)
         positions: dict[str, list[int]] = {}
         ctx = {"axis": axis, "q_scaled": q_scaled, "hw": (h, w)}
-        self._prepare_query(ctx)
+        if prepare_query is not None:
+            prepare_query(ctx)
         for s in chosen:
             s_scaled, s_lab = self._slices(s, axis)
             s_lab = resize_mask_nearest(s_lab, (h, w))
@@ -256,11 +258,9 @@ class SAM2Engine:
     def predict(self, supports: Sequence[Case], query: Case, classes: Sequence[int],
                 progress: Callable[[int], None] | None = None) -> EngineResult:
         self.predictor  # build (and fail on missing weights) before any work
-        return self._protocol(supports, query, classes, self._run_cached, progress)
+        return self._protocol(supports, query, classes, self._run_cached, progress, self._encode_query)
 
-    def _prepare_query(self, ctx):
-        if ctx.get("reference"):
-            return
+    def _encode_query(self, ctx):
         ctx["q_feats"] = self._encode(ctx["q_scaled"])
 
     def _new_state(self, source, hw):
