@@ -2,9 +2,11 @@
 
 Every volume is read into the closest canonical (RAS+) voxel order so that supports and queries
 acquired in different orientations line up slice by slice; it keeps the source affine, header and
-the orientation transform needed to put any array back on the source grid. Every NIfTI written by
-the project goes through :func:`save_like`, which restores the source voxel order, affine and
-header, and writes atomically (temp file + rename) so a crash never leaves a half-written file.
+the orientation transform needed to put any array back on the source grid (:class:`Volume` owns
+both directions, 3D and channels-first 4D). Every NIfTI written by the project goes through
+:func:`save_like`, which restores the source voxel order, affine and header. Every output file goes
+through :func:`atomic_write` (temp file + rename, so a crash never leaves a half-written file, and
+the user's umask decides the mode, as for any ordinary file).
 """
 
 from __future__ import annotations
@@ -64,10 +66,24 @@ class Volume:
                       self.path, name or self.name, dict(self.meta))
 
     def in_source_order(self, array: np.ndarray) -> np.ndarray:
-        """Put a canonical-order array (trailing 3 axes spatial) back in the file's voxel order."""
-        if array.ndim == 3:
-            return np.ascontiguousarray(nib.orientations.apply_orientation(array, self.to_source))
-        return np.stack([self.in_source_order(a) for a in array])
+        """Put a canonical-order array (3D, or 4D channels first) back in the file's voxel order."""
+        return _reorient(array, self.to_source)
+
+    def in_canonical_order(self, array: np.ndarray) -> np.ndarray:
+        """Put a source-order array (3D, or 4D channels first) as stored on disk into canonical order."""
+        return _reorient(array, _ornt_to_canonical(self.source_affine))
+
+
+def _ornt_to_canonical(affine: np.ndarray) -> np.ndarray:
+    return nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                           nib.orientations.axcodes2ornt(("R", "A", "S")))
+
+
+def _reorient(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    array = np.asarray(array)
+    if array.ndim == 3:
+        return np.ascontiguousarray(nib.orientations.apply_orientation(array, ornt))
+    return np.stack([_reorient(a, ornt) for a in array])
 
 
 def case_name(path: str | os.PathLike) -> str:
@@ -125,29 +141,39 @@ def load_volume(path: str | os.PathLike, *, is_label: bool = False, name: str | 
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputError(path, "invalid (singular or non-finite) affine")
     if is_label:
-        if not np.issubdtype(data.dtype, np.integer):
-            if not np.all(np.isfinite(data)):
-                raise InputError(path, "label contains NaN or infinite values")
-            rounded = np.rint(data)
-            if np.abs(rounded - data).max() > 1e-3:
-                raise InputError(path, "label has non-integer values; expected integer class ids")
-            data = rounded
-        if data.min() < 0:
-            raise InputError(path, f"label has negative class id {int(data.min())}")
-        data = data.astype(np.uint8 if data.max() < 256 else np.int16)
+        data = label_values(data, path)
     else:
         data = np.asarray(data, dtype=np.float32)
         if not np.all(np.isfinite(data)):
             n = int((~np.isfinite(data)).sum())
             raise InputError(path, f"image contains {n} NaN or infinite voxels")
-    src_ornt = nib.orientations.io_orientation(affine)
-    ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
-    to_canon = nib.orientations.ornt_transform(src_ornt, ras)
-    to_source = nib.orientations.ornt_transform(ras, src_ornt)
-    canon = np.ascontiguousarray(nib.orientations.apply_orientation(data, to_canon))
+    to_canon = _ornt_to_canonical(affine)
+    to_source = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")),
+                                                nib.orientations.io_orientation(affine))
+    canon = _reorient(data, to_canon)
     canon_affine = affine @ nib.orientations.inv_ornt_aff(to_canon, data.shape)
     header = img.header.copy()
     return Volume(canon, canon_affine, affine, header, to_source, str(path), name or case_name(path))
+
+
+def label_values(data: np.ndarray, path: str | os.PathLike | None, max_id: int | None = None) -> np.ndarray:
+    """The one check of label voxel values: finite, integer, >= 0 (and <= ``max_id``); as uint8 / int16.
+
+    Raises InputError naming ``path`` otherwise.
+    """
+    data = np.asarray(data)
+    if not np.issubdtype(data.dtype, np.integer):
+        if not np.all(np.isfinite(data)):
+            raise InputError(path, "label contains NaN or infinite values")
+        rounded = np.rint(data)
+        if np.abs(rounded - data).max() > 1e-3:
+            raise InputError(path, "label has non-integer values; expected integer class ids")
+        data = rounded
+    if data.min() < 0:
+        raise InputError(path, f"label has negative class id {int(data.min())}")
+    if max_id is not None and data.max() > max_id:
+        raise InputError(path, f"label has class id {int(data.max())} > {max_id}")
+    return data.astype(np.uint8 if data.max() < 256 else np.int16)
 
 
 def load_label_for(image: Volume, path: str | os.PathLike, *, atol: float = 1e-3) -> Volume:
@@ -163,18 +189,42 @@ def load_label_for(image: Volume, path: str | os.PathLike, *, atol: float = 1e-3
     return label
 
 
-def _atomic_write(write, path: Path) -> None:
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc), else set-and-restore."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """The project's one file writer: ``write(tmp_path)`` fills a temp file beside ``path``, then rename.
+
+    A crash never leaves a half-written ``path``. The file gets the mode an ordinary ``open()`` would
+    give (0o666 minus the umask), not mkstemp's private 0600, so shared sites and servers running as
+    another user can read outputs. The temp name keeps ``path``'s suffix (writers that pick the
+    format from it, e.g. nibabel, see ``.nii.gz``).
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(s for s in path.suffixes[-2:])
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
 
 
 def save_like(array: np.ndarray, like: Volume, path: str | os.PathLike, *, dtype=None,
@@ -200,16 +250,9 @@ def save_like(array: np.ndarray, like: Volume, path: str | os.PathLike, *, dtype
     img.header.set_slope_inter(1.0, 0.0)
     if description:
         img.header["descrip"] = description.encode()[:79]
-    _atomic_write(lambda tmp: nib.save(img, tmp), path)
-    return path
+    return atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
-    path = Path(path)
-
-    def _write(tmp):
-        with open(tmp, "w") as fh:
-            fh.write(text)
-
-    _atomic_write(_write, path)
-    return path
+    """:func:`atomic_write` of a text file."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -1,0 +1,85 @@
+"""The project's one Dice and one HD95: every comparison of two masks goes through here.
+
+Why one module: round-to-round change, labelled-case fit, active-learning scores, ensemble agreement,
+evaluation and the benches all compare masks, and they must agree on what an empty mask scores. The
+arithmetic is MONAI's (``compute_dice``, ``compute_hausdorff_distance`` with the voxel spacing).
+
+Empty-mask rule (MONAI returns NaN / inf there): a mask empty on both sides is perfect agreement —
+Dice 1, HD95 0 mm; empty on one side only — Dice 0, HD95 None (undefined).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Sequence
+
+import numpy as np
+
+
+def _pair(a: np.ndarray, b: np.ndarray):
+    a = np.asarray(a, dtype=bool)
+    b = np.asarray(b, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
+    return a, b
+
+
+def _tensors(a: np.ndarray, b: np.ndarray):
+    import torch
+
+    return (torch.from_numpy(a[None, None].astype(np.float32)), torch.from_numpy(b[None, None].astype(np.float32)))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """MONAI 1.5+ emits deprecation chatter from inside its own helpers."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice of two boolean masks on the same grid (empty-mask rule in the module docstring)."""
+    from monai.metrics import compute_dice
+
+    pred, gt = _pair(pred, gt)
+    has_p, has_g = bool(pred.any()), bool(gt.any())
+    if not (has_p and has_g):
+        return 1.0 if has_p == has_g else 0.0
+    with _quiet():
+        return float(compute_dice(*_tensors(pred, gt), include_background=True)[0, 0])
+
+
+def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float | None:
+    """95th-percentile Hausdorff distance in mm of two boolean masks (empty-mask rule in the module docstring)."""
+    from monai.metrics import compute_hausdorff_distance
+
+    pred, gt = _pair(pred, gt)
+    has_p, has_g = bool(pred.any()), bool(gt.any())
+    if not (has_p and has_g):
+        return 0.0 if has_p == has_g else None
+    with _quiet():
+        return float(compute_hausdorff_distance(*_tensors(pred, gt), include_background=True, percentile=95,
+                                                spacing=[float(s) for s in spacing])[0, 0])
+
+
+def mean_dice(a: np.ndarray, b: np.ndarray, classes: Sequence[int] | None = None) -> float | None:
+    """Mean over ``classes`` of the per-class :func:`dice` of two label maps; None when there is no class.
+
+    ``classes`` defaults to every foreground class present in either map.
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        raise ValueError(f"label shapes differ: {a.shape} vs {b.shape}")
+    if classes is None:
+        classes = present_classes(a, b)
+    scores = [dice(a == c, b == c) for c in classes]
+    return float(np.mean(scores)) if scores else None
+
+
+def present_classes(a: np.ndarray, b: np.ndarray, classes: Sequence[int] | None = None) -> list[int]:
+    """The foreground classes (of ``classes``, default all) that occur in at least one of two label maps."""
+    found = (set(np.unique(a).tolist()) | set(np.unique(b).tolist())) - {0}
+    return sorted(int(c) for c in found) if classes is None else [int(c) for c in classes if c in found]
