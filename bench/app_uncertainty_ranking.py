@@ -36,6 +36,7 @@ def main() -> int:
 
     from conftest import downsample_case
     from ssl_medsam2 import strategies as st
+    from ssl_medsam2.metrics import mean_dice, present_classes
     from ssl_medsam2.config import load_config
     from ssl_medsam2.engines import build_engine
     from ssl_medsam2.pseudo_label import load_cases, pseudo_label_case
@@ -59,7 +60,8 @@ def main() -> int:
         from ssl_medsam2.io import load_label_for
 
         gt = load_label_for(q.image, tmp / "gt" / f"{q.name}.nii.gz").array
-        err = 1.0 - (st.dice(gt, out["label"], out["summary"]["classes"]) or 0.0)
+        classes = present_classes(gt, out["label"], out["summary"]["classes"])
+        err = 1.0 - (mean_dice(gt, out["label"], classes) or 0.0)
         rows.append({"case": q.name, "uncertainty": round(u, 4), "error": round(err, 4)})
         print(json.dumps(rows[-1]), flush=True)
     u = np.array([r["uncertainty"] for r in rows])

@@ -51,13 +51,9 @@ from conftest import CHAOS, chaos_cases, downsample_case  # noqa: E402
 
 from ssl_medsam2.config import load_config  # noqa: E402
 from ssl_medsam2.io import load_label_for, load_volume  # noqa: E402
+from ssl_medsam2.metrics import dice  # noqa: E402
 
 ORGANS = {1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else float(2.0 * np.logical_and(a, b).sum() / s)
 
 
 def held_out_dice(model_dir: Path, data: Path, held_out: list[str], device: str) -> dict:
@@ -136,9 +132,9 @@ def main(argv=None) -> dict:
             overrides.append(f"nnunet.cpu_threads={args.threads}")
         cfg = load_config(overrides=overrides)
         from ssl_medsam2.nnunet.rounds import run_ssl
-        from ssl_medsam2.nnunet.train import resolve_device
+        from ssl_medsam2.devices import resolve_device
 
-        device = resolve_device(args.device)
+        device = str(resolve_device(args.device))
         times = {}
         log.info("split: labelled %s, unlabelled %s, held out %s", split["labelled"],
                  [c for c in split["pool"] if c not in split["labelled"]], split["held_out"])

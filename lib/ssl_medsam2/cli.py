@@ -118,7 +118,7 @@ def _add_predict(sub) -> None:
 
 def _run_predict(args) -> int:
     from .nnunet.predict import predict_folder
-    from .nnunet.train import resolve_device
+    from .devices import resolve_device
 
     cfg = _load_cfg(args)
     ncfg = cfg.get("nnunet", {})

@@ -2,11 +2,9 @@
 
 Why: pseudo labels are only useful if we know how good they are; this is how every engine (SAM2,
 atlas, ensemble) and every nnU-Net round is compared on real data. The metrics are MONAI's
-(``compute_dice``, ``compute_hausdorff_distance`` with the voxel spacing), not hand-written ones.
-
-Conventions for empty masks (MONAI returns NaN / inf there): a class absent from both the
-prediction and the ground truth scores Dice 1 and HD95 0 mm; absent from only one of them, Dice 0
-and HD95 null (undefined).
+(:mod:`ssl_medsam2.metrics`, with the voxel spacing and its empty-mask rule: a class absent from both
+the prediction and the ground truth scores Dice 1 and HD95 0 mm; absent from only one of them,
+Dice 0 and HD95 null).
 """
 
 from __future__ import annotations
@@ -16,42 +14,17 @@ import io as _io
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from .io import InputError, Volume, list_volumes, load_volume, write_text_atomic
+from .metrics import dice, hd95
 
 log = logging.getLogger(__name__)
 
 CSV_FIELDS = ("case", "class_id", "class_name", "dice", "hd95_mm", "gt_voxels", "pred_voxels")
-
-
-def dice_hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> tuple[float, float | None]:
-    """Dice and 95th-percentile Hausdorff distance (mm) of two boolean masks on the same grid."""
-    import torch
-    from monai.metrics import compute_dice, compute_hausdorff_distance
-
-    pred = np.asarray(pred, dtype=bool)
-    gt = np.asarray(gt, dtype=bool)
-    if pred.shape != gt.shape:
-        raise ValueError(f"mask shapes differ: {pred.shape} vs {gt.shape}")
-    np_, ng = bool(pred.any()), bool(gt.any())
-    if not np_ and not ng:
-        return 1.0, 0.0
-    if not np_ or not ng:
-        return 0.0, None
-    p = torch.from_numpy(pred[None, None].astype(np.float32))
-    g = torch.from_numpy(gt[None, None].astype(np.float32))
-    with warnings.catch_warnings():  # MONAI 1.5+ deprecation chatter from inside its own helpers
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        dice = float(compute_dice(p, g, include_background=True)[0, 0])
-        hd = float(compute_hausdorff_distance(p, g, include_background=True, percentile=95,
-                                              spacing=[float(s) for s in spacing])[0, 0])
-    return dice, hd
 
 
 def _class_name(names: dict | None, c: int) -> str:
@@ -70,7 +43,7 @@ def evaluate_pair(pred: Volume, gt: Volume, classes: Sequence[int], class_names:
     rows = []
     for c in classes:
         p, g = pred.array == c, gt.array == c
-        d, hd = dice_hd95(p, g, gt.spacing)
+        d, hd = dice(p, g), hd95(p, g, gt.spacing)
         rows.append({"case": gt.name, "class_id": int(c), "class_name": _class_name(class_names, c),
                      "dice": round(d, 6), "hd95_mm": None if hd is None else round(hd, 4),
                      "gt_voxels": int(g.sum()), "pred_voxels": int(p.sum())})

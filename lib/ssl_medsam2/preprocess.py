@@ -25,6 +25,16 @@ class IntensityConfig:
     ct_level: float = 40.0
     ct_width: float = 400.0
 
+    @classmethod
+    def from_config(cls, cfg: dict) -> "IntensityConfig":
+        """The ``input:`` section of a loaded config (keys it does not set keep the defaults above)."""
+        icfg = cfg.get("input") or {}
+        kw = {"modality": str(icfg["modality"])} if "modality" in icfg else {}
+        if "mri_percentiles" in icfg:
+            kw["mri_percentiles"] = tuple(float(p) for p in icfg["mri_percentiles"])
+        kw.update({k: float(icfg[k]) for k in ("ct_level", "ct_width") if k in icfg})
+        return cls(**kw)
+
 
 def resolve_modality(array: np.ndarray, modality: str = "auto") -> str:
     if modality in ("mri", "mr", "MRI", "MR"):

@@ -16,6 +16,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from .metrics import mean_dice, present_classes
+
 ANNOTATION_STRATEGIES = ("uncertainty", "disagreement", "diversity", "random", "first")
 PSEUDO_LABEL_STRATEGIES = ("most_confident",)
 
@@ -129,31 +131,11 @@ def image_embedding(array: np.ndarray, grid: Sequence[int] = (8, 8, 4), bins: in
 
 # --- scores ---------------------------------------------------------------------------------------
 
-def dice(a: np.ndarray, b: np.ndarray, classes: Sequence[int] | None = None) -> float | None:
-    """Mean Dice over ``classes`` (default: every foreground class in either map); None if both are empty.
-
-    A class present in one map only counts as Dice 0; a class absent from both is skipped.
-    """
-    a = np.asarray(a)
-    b = np.asarray(b)
-    if a.shape != b.shape:
-        raise ValueError(f"label shapes differ: {a.shape} vs {b.shape}")
-    if classes is None:
-        classes = sorted((set(np.unique(a).tolist()) | set(np.unique(b).tolist())) - {0})
-    vals = []
-    for c in classes:
-        x, y = a == c, b == c
-        s = int(x.sum()) + int(y.sum())
-        if s == 0:
-            continue
-        vals.append(2.0 * int((x & y).sum()) / s)
-    return float(np.mean(vals)) if vals else None
-
-
 def disagreement_score(fewshot_label: np.ndarray, nnunet_label: np.ndarray,
                        classes: Sequence[int] | None = None) -> float:
-    """1 - Dice between the few-shot pseudo label and the nnU-Net prediction (0 when both are empty)."""
-    d = dice(fewshot_label, nnunet_label, classes)
+    """1 - mean Dice between the few-shot pseudo label and the nnU-Net prediction, over the classes
+    (of ``classes``) present in either map; 0 when both are empty."""
+    d = mean_dice(fewshot_label, nnunet_label, present_classes(fewshot_label, nnunet_label, classes))
     return 0.0 if d is None else float(1.0 - d)
 
 

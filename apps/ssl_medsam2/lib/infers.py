@@ -192,7 +192,7 @@ class NnUNetInfer(InferTask):
                 raise RuntimeError("no trained model yet: run POST /train/ssl_nnunet")
             if self._model is None or self._model_dir != cur["model_dir"]:
                 log.info("loading nnU-Net model %s (%s)", cur["id"], cur["model_dir"])
-                from ssl_medsam2.nnunet.train import resolve_device
+                from ssl_medsam2.devices import resolve_device
 
                 device = resolve_device(self.ws.cfg.get("nnunet", {}).get("device"))  # auto: cuda when present
                 self._model = NnUNetModel(cur["model_dir"], device=device)

@@ -29,9 +29,7 @@ def _load_4d_canonical(image, path) -> np.ndarray:
     arr = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
     if arr.ndim == 3:
         arr = arr[..., None]
-    src_to_canon = nib.orientations.ornt_transform(
-        nib.orientations.io_orientation(image.source_affine), nib.orientations.axcodes2ornt(("R", "A", "S")))
-    return np.stack([nib.orientations.apply_orientation(arr[..., c], src_to_canon) for c in range(arr.shape[-1])])
+    return image.in_canonical_order(np.moveaxis(arr, -1, 0))
 
 
 class UncertaintyScoring(ScoringMethod):
@@ -81,7 +79,7 @@ class DisagreementScoring(ScoringMethod):
                 if model is None:
                     from ssl_medsam2.nnunet.predict import NnUNetModel
 
-                    from ssl_medsam2.nnunet.train import resolve_device
+                    from ssl_medsam2.devices import resolve_device
 
                     model = NnUNetModel(cur["model_dir"], device=resolve_device(self.ws.cfg["nnunet"].get("device")))
                 pred = np.asarray(model.predict_volume(image)[0], dtype=np.uint8)

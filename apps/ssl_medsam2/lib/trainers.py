@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from monailabel.interfaces.tasks.train import TrainTask
 
-from ssl_medsam2 import strategies
 from ssl_medsam2.io import load_label_for, load_volume, write_text_atomic
+from ssl_medsam2.metrics import mean_dice
 
 from .workspace import Workspace
 
@@ -109,13 +109,13 @@ class SSLNnUNetTrain(TrainTask):
             img = load_volume(final[i][0], name=i)
             ref = load_label_for(img, final[i][1]).array
             pred, _ = model.predict_volume(img)
-            d = strategies.dice(ref, np.asarray(pred))
+            d = mean_dice(ref, np.asarray(pred))
             if d is not None:
                 vals.append(d)
         return float(np.mean(vals)) if vals else None
 
     def _device(self) -> str:
-        from ssl_medsam2.nnunet.train import resolve_device
+        from ssl_medsam2.devices import resolve_device
 
         return resolve_device(self.ws.cfg.get("nnunet", {}).get("device"))
 

@@ -80,10 +80,8 @@ class AtlasEngine:
         if unknown:
             raise ValueError(f"unknown atlas setting(s): {', '.join(unknown)}")
         engine_kw = {k: settings.pop(k) for k in own if k in settings}
-        icfg = cfg.get("input", {})
-        intensity = IntensityConfig(icfg.get("modality", "auto"), tuple(icfg.get("mri_percentiles", (0.5, 99.5))),
-                                    float(icfg.get("ct_level", 40)), float(icfg.get("ct_width", 400)))
-        return cls(reg.RegistrationSettings.from_dict(settings), intensity=intensity, **engine_kw)
+        return cls(reg.RegistrationSettings.from_dict(settings), intensity=IntensityConfig.from_config(cfg),
+                   **engine_kw)
 
     def _n_used(self, supports: Sequence[Case]) -> int:
         return len(supports) if self.max_supports <= 0 else min(self.max_supports, len(supports))

@@ -13,12 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..metrics import dice
 from .base import Case, EngineResult, FewShotEngine, ProgressFn
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float | None:
-    s = int(a.sum()) + int(b.sum())
-    return None if s == 0 else float(2.0 * np.logical_and(a, b).sum() / s)
 
 
 class EnsembleEngine:
@@ -66,7 +62,7 @@ class EnsembleEngine:
         agreement = {}
         if len(results) >= 2:
             for k, c in enumerate(classes):
-                agreement[str(c)] = _dice(results[0].probs[k] > 0.5, results[1].probs[k] > 0.5)
+                agreement[str(c)] = dice(results[0].probs[k] > 0.5, results[1].probs[k] > 0.5)
         meta = {
             "members": {e.name: {"n_runs": r.n_runs, "weight": float(w), **r.meta}
                         for e, r, w in zip(self.engines, results, self.weights)},

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..devices import resolve_device
 from ..io import InputError
 from ..preprocess import (IntensityConfig, frames_for_model, resize_mask_nearest, resolve_slice_axis,
                           scale_to_uint8_range, to_slices, from_slices)
@@ -40,15 +41,6 @@ from .sam2_model import CheckpointNotFound, build_predictor, checkpoint_status  
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{name}' requested but CUDA is not available here")
-    return dev
-
-
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -57,14 +49,6 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
                 "bf16": torch.bfloat16}[str(name)]
     except KeyError:
         raise ValueError(f"sam2.dtype must be auto, float32 or bfloat16, got '{name}'") from None
-
-
-def intensity_config(cfg: dict) -> IntensityConfig:
-    icfg = cfg.get("input", {})
-    return IntensityConfig(modality=icfg.get("modality", "auto"),
-                           mri_percentiles=tuple(icfg.get("mri_percentiles", (0.5, 99.5))),
-                           ct_level=float(icfg.get("ct_level", 40.0)),
-                           ct_width=float(icfg.get("ct_width", 400.0)))
 
 
 class _Features:
@@ -122,7 +106,7 @@ class SAM2Engine:
     def __init__(self, cfg: dict):
         self.cfg = cfg
         self.scfg = dict(cfg.get("sam2", {}))
-        self.icfg = intensity_config(cfg)
+        self.icfg = IntensityConfig.from_config(cfg)
         self.slice_axis = cfg.get("input", {}).get("slice_axis", "auto")
         self.device = resolve_device(self.scfg.get("device"))
         self.dtype = resolve_dtype(self.scfg.get("dtype"), self.device)

@@ -34,13 +34,6 @@ DATASET_ID = 900
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_SSLMedSAM2"
 
 
-def to_canonical(volume: Volume, source_array: np.ndarray) -> np.ndarray:
-    """A source-order 3D array (as stored on disk) -> ``volume``'s canonical order."""
-    src = nib.orientations.io_orientation(volume.source_affine)
-    to_canon = nib.orientations.ornt_transform(src, nib.orientations.axcodes2ornt(("R", "A", "S")))
-    return np.ascontiguousarray(nib.orientations.apply_orientation(source_array, to_canon))
-
-
 def load_entropy_for(image: Volume, path: str | os.PathLike) -> np.ndarray:
     """Entropy map (3D, or 4D with classes last as pseudo_label writes it) -> max over classes, canonical."""
     path = Path(path)
@@ -51,7 +44,7 @@ def load_entropy_for(image: Volume, path: str | os.PathLike) -> np.ndarray:
         data = data.max(axis=3)
     if data.shape != image.source_shape:
         raise InputError(path, f"entropy shape {data.shape} does not match image {image.source_shape}")
-    return to_canonical(image, data)
+    return image.in_canonical_order(data)
 
 
 def save_canonical(array: np.ndarray, volume: Volume, path: Path, dtype) -> None:

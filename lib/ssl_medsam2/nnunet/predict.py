@@ -45,14 +45,14 @@ class NnUNetModel:
         import torch
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-        from .train import resolve_device
+        from ..devices import resolve_device
 
         self.model_dir = resolve_model_dir(model_dir)
         if num_threads:
             torch.set_num_threads(int(num_threads))
         trainers.register()  # the checkpoint names our trainer class; nnU-Net looks it up by name
         os.environ.setdefault("nnUNet_compile", "false")
-        dev = torch.device(resolve_device(device))
+        dev = resolve_device(device)
         folds = sorted(p.name[len("fold_"):] for p in self.model_dir.glob("fold_*")
                        if (p / checkpoint_name).exists())
         if not folds:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -30,7 +29,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..io import InputError, list_volumes, load_label_for, load_volume, save_like, write_text_atomic
+from ..devices import resolve_device
+from ..io import InputError, atomic_write, list_volumes, load_label_for, load_volume, save_like, write_text_atomic
+from ..metrics import mean_dice
 from ..uncertainty import binary_entropy
 from . import train as nn_train
 from .export import export_dataset, verify
@@ -46,16 +47,6 @@ FINGERPRINT_KEYS = ("configuration", "fold", "epochs", "iterations_per_epoch", "
 
 def round_dir(work_dir: Path, k: int) -> Path:
     return Path(work_dir) / f"round_{k:03d}"
-
-
-def dice(a: np.ndarray, b: np.ndarray, classes) -> float:
-    """Mean Dice over ``classes``; a class absent from both maps counts as perfect agreement."""
-    scores = []
-    for c in classes:
-        x, y = a == c, b == c
-        s = x.sum() + y.sum()
-        scores.append(1.0 if s == 0 else 2.0 * np.logical_and(x, y).sum() / s)
-    return float(np.mean(scores)) if scores else 1.0
 
 
 def should_stop(changes: list[float], min_change: float | None, max_rounds: int) -> tuple[bool, str]:
@@ -119,8 +110,8 @@ def _round0(images_dir, labels_dir, work_dir: Path, cfg: dict, unlabelled: list[
             lab = load_label_for(image, given[n])
             if ent_dir is not None and (ent_dir / f"{n}.nii.gz").exists():
                 (r0 / "entropy").mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(ent_dir / f"{n}.nii.gz", r0 / "entropy" / f".{n}.tmp.nii.gz")
-                os.replace(r0 / "entropy" / f".{n}.tmp.nii.gz", r0 / "entropy" / f"{n}.nii.gz")
+                atomic_write(r0 / "entropy" / f"{n}.nii.gz",
+                             lambda tmp, src=ent_dir / f"{n}.nii.gz": shutil.copyfile(src, tmp))
             save_like(lab.array, image, r0 / "labels" / f"{n}.nii.gz", dtype=lab.array.dtype,
                       description="ssl-medsam2 round 0 (given)")
         return
@@ -184,10 +175,8 @@ def plot_curves(history: list[dict], path: Path) -> Path:
             ax.set_xticks(rounds)
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=100)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
         plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -246,7 +235,7 @@ def run_round(k: int, work_dir: Path, images: dict, labels: dict, unlabelled: li
         if not loaded:
             from .predict import NnUNetModel
 
-            loaded.append(NnUNetModel(model_dir, device=nn_train.resolve_device(ncfg.get("device")),
+            loaded.append(NnUNetModel(model_dir, device=resolve_device(ncfg.get("device")),
                                       use_mirroring=bool(ncfg.get("use_mirroring", False)),
                                       num_threads=ncfg.get("cpu_threads")))
         return loaded[0]
@@ -260,12 +249,12 @@ def run_round(k: int, work_dir: Path, images: dict, labels: dict, unlabelled: li
         img = load_volume(images[n], name=n)
         a = load_label_for(img, rdir / "labels" / f"{n}.nii.gz").array
         b = load_label_for(img, prev / "labels" / f"{n}.nii.gz").array
-        per_case_change[n] = dice(a, b, classes)
+        per_case_change[n] = mean_dice(a, b, classes)
     labelled_dice = {}
     for n in sorted(labels):
         img = load_volume(images[n], name=n)
         a = load_label_for(img, _predictions_dir(rdir) / "labels" / f"{n}.nii.gz").array
-        labelled_dice[n] = dice(a, load_label_for(img, labels[n]).array, classes)
+        labelled_dice[n] = mean_dice(a, load_label_for(img, labels[n]).array, classes)
     ckpt = model_dir / f"fold_{fold}" / "checkpoint_final.pth"
     ema = None
     try:

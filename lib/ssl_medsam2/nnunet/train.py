@@ -24,20 +24,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ..devices import resolve_device
 from . import trainers
 from .export import DATASET_ID, DATASET_NAME
 
 log = logging.getLogger(__name__)
 
 PLANS_NAME = "nnUNetPlans"
-
-
-def resolve_device(device: str | None) -> str:
-    import torch
-
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
 
 
 @contextlib.contextmanager
@@ -48,7 +41,7 @@ def nnunet_env(root: str | os.PathLike, ncfg: dict | None = None):
     new = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
            "nnUNet_results": str(root / "results"),
            "nnUNet_n_proc_DA": str(int(ncfg.get("num_workers", 2)))}
-    if resolve_device(ncfg.get("device")) == "cpu" or not ncfg.get("compile", False):
+    if resolve_device(ncfg.get("device")).type == "cpu" or not ncfg.get("compile", False):
         new["nnUNet_compile"] = "false"
     for k in ("raw", "preprocessed", "results"):
         (root / k).mkdir(parents=True, exist_ok=True)
@@ -175,7 +168,7 @@ def _train_in_process(ncfg, name, conf, fold, device, init_checkpoint, progress,
     dataset_json = load_json(str(pre / "dataset.json"))
     with _nnunet_output(log_path):
         trainer = trainer_cls(plans=plans, configuration=conf, fold=fold, dataset_json=dataset_json,
-                              device=torch.device(device))
+                              device=device)
         trainer.initialize()
         if init_checkpoint is not None:
             state = torch.load(str(init_checkpoint), map_location="cpu", weights_only=False)["network_weights"]
