@@ -24,6 +24,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _ray_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="spread the cases over a Ray cluster: local (start one here), auto, ray://host:port "
+                        "(config: cluster.ray_address; default: in-process)")
+
+
+def _ray_extra(args, extra: dict) -> dict:
+    if getattr(args, "ray", None):
+        extra.setdefault("cluster", {})["ray_address"] = args.ray
+    return extra
+
+
 def _load_cfg(args, extra: dict | None = None) -> dict:
     cfg = config_mod.load_config(args.config, args.overrides)
     return config_mod.merge(cfg, extra) if extra else cfg
@@ -42,6 +54,7 @@ def _add_pseudo_label(sub) -> None:
     p.add_argument("--checkpoint", help="SAM2 checkpoint path, 'auto', or 'none' for RANDOM weights (tests only)")
     p.add_argument("--device", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--cases", nargs="*", help="only these query case names")
+    _ray_option(p)
     _common(p)
     p.set_defaults(func=_run_pseudo_label)
 
@@ -56,7 +69,7 @@ def _run_pseudo_label(args) -> int:
         extra.setdefault("sam2", {})["checkpoint"] = args.checkpoint
     if args.device:
         extra.setdefault("sam2", {})["device"] = args.device
-    cfg = _load_cfg(args, extra)
+    cfg = _load_cfg(args, _ray_extra(args, extra))
     summaries = pseudo_label_folder(args.images, args.labels, args.out, cfg, names=args.cases)
     for s in summaries:
         print(json.dumps({"case": s["case"], "mean_entropy_inside": s["mean_entropy_inside"],
@@ -82,6 +95,7 @@ def _add_run(sub) -> None:
     p.add_argument("--max-rounds", type=int, help="config: nnunet.max_rounds")
     p.add_argument("--configuration", choices=["2d", "3d_fullres"], help="config: nnunet.configuration")
     p.add_argument("--device", help="nnU-Net device: cpu | cuda | auto (config: nnunet.device)")
+    _ray_option(p)
     _common(p)
     p.set_defaults(func=_run_run)
 
@@ -96,7 +110,7 @@ def _run_run(args) -> int:
                      ("device", args.device)):
         if val is not None:
             extra.setdefault("nnunet", {})[key] = val
-    cfg = _load_cfg(args, extra)
+    cfg = _load_cfg(args, _ray_extra(args, extra))
     state = run_ssl(args.images, args.labels, args.work, cfg, pseudo_labels_dir=args.pseudo_labels)
     for r in state["rounds"]:
         print(json.dumps(r))

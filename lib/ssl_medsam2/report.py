@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import Volume, load_volume
+from .io import Volume, atomic_write, load_volume
 from .preprocess import resolve_slice_axis, scale_to_uint8_range
 
 CLASS_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
@@ -125,20 +125,4 @@ def write_report(result: dict, pairs: dict[str, tuple[Volume, Volume]], path: st
     fig.savefig(buf, format="png")
     plt.close(fig)
     path = Path(path)
-    _atomic_bytes(buf.getvalue(), path)
-    return path
-
-
-def _atomic_bytes(data: bytes, path: Path) -> None:
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))

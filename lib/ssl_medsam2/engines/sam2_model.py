@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..config import CONFIG_DIR, load_yaml
+from ..io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +88,10 @@ def ensure_checkpoint(scfg: dict, spec: ModelSpec) -> Path | None:
         return path
     url = scfg.get("url") or spec.url
     if origin == "auto" and url and scfg.get("download", True):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".part")
         log.info("downloading %s from %s", spec.checkpoint_file, url)
         try:
-            torch.hub.download_url_to_file(url, str(tmp), progress=True)
-            os.replace(tmp, path)
-            return path
+            return atomic_write(path, lambda tmp: torch.hub.download_url_to_file(url, tmp, progress=True))
         except Exception as exc:
-            if tmp.exists():
-                tmp.unlink()
             raise CheckpointNotFound(_missing_message(path, spec, url, f"Download failed ({exc}). ")) from exc
     raise CheckpointNotFound(_missing_message(path, spec, url))
 
