@@ -15,8 +15,19 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-#: ``configs/`` of the source tree (the project is installed editable), overridable for deployments.
-CONFIG_DIR = Path(os.environ.get("SSL_MEDSAM2_CONFIG_DIR", PACKAGE_DIR.parents[1] / "configs"))
+
+
+def _config_dir() -> Path:
+    """``$SSL_MEDSAM2_CONFIG_DIR`` (deployments), else the copy inside an installed wheel
+    (``ssl_medsam2/configs``), else the source tree's top-level ``configs/`` (editable install)."""
+    if os.environ.get("SSL_MEDSAM2_CONFIG_DIR"):
+        return Path(os.environ["SSL_MEDSAM2_CONFIG_DIR"])
+    packaged = PACKAGE_DIR / "configs"
+    return packaged if (packaged / "ssl_medsam2.yaml").is_file() else PACKAGE_DIR.parents[1] / "configs"
+
+
+#: where ``ssl_medsam2.yaml``, ``sam2/*.yaml`` and ``orthanc/`` are read from
+CONFIG_DIR = _config_dir()
 
 
 def config_path(name: str | os.PathLike) -> Path:

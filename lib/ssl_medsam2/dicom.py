@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Sequence
 import nibabel as nib
 import numpy as np
 
+from .config import CONFIG_DIR
 from .io import InputError, list_volumes
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 #: RAS (NIfTI world) -> LPS (DICOM patient coordinates).
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 UID_ROOT = "1.2.826.0.1.3680043.10.1467."  # project prefix for name-derived UIDs (pydicom hashes the rest)
-DEFAULT_ORTHANC_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "orthanc" / "orthanc.json"
+DEFAULT_ORTHANC_CONFIG = CONFIG_DIR / "orthanc" / "orthanc.json"
 ORTHANC_DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
