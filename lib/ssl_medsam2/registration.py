@@ -16,6 +16,7 @@ images are built from the canonical affine so the physical geometry is that of t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ class RegistrationSettings:
 
     working_spacing: tuple[float, float, float] = (2.5, 2.5, 0.0)  # mm, 0 = keep that axis
     seed: int = 0
-    threads: int = 0  # 0 = SimpleITK default (all cores)
+    threads: int = 1  # SimpleITK threads; 1 = bit-reproducible (see sitk_threads), 0 = all cores
     # affine stage
     affine_iterations: int = 100
     affine_shrink: tuple[int, ...] = (4, 2)
@@ -117,9 +118,25 @@ def prepare(volume: Volume, settings: RegistrationSettings,
                          tuple(new_origin), tuple(new_spacing), tuple(direction.ravel()), 0.0, sitk.sitkFloat32)
 
 
-def _set_threads(settings: RegistrationSettings) -> None:
-    if settings.threads and settings.threads > 0:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(settings.threads))
+@contextlib.contextmanager
+def sitk_threads(settings: RegistrationSettings):
+    """SimpleITK's thread count for the duration (restored afterwards).
+
+    Why 1 is the default: SimpleITK's multi-threaded metrics and filters (Mattes MI, demons,
+    smoothing) split work dynamically and add per-thread partial results in whatever order the
+    threads finish, so the same inputs and seed gave different pseudo labels from run to run (two
+    atlas runs on CHAOS chaos_15 differed by thousands of liver voxels). With one thread every run is
+    byte-identical; it costs wall time only where idle cores exist (CPU time is the same).
+    ``threads: 0`` uses every core and gives up bit-reproducibility.
+    """
+    old = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    n = int(settings.threads or 0)
+    if n > 0:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(old)
 
 
 def focus_mask(label: Volume, classes, reference: sitk.Image, margin_mm: float) -> sitk.Image:
@@ -239,18 +256,19 @@ def _demons_stage(fixed, moving, affine: sitk.Transform, s: RegistrationSettings
 def affine_stage(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings,
                  moving_mask: sitk.Image | None = None) -> tuple[sitk.Transform, float]:
     """Moments-initialised affine (Mattes MI); returns the transform and the final metric value."""
-    _set_threads(settings)
-    return _affine_stage(fixed, moving, settings, moving_mask)
+    with sitk_threads(settings):
+        return _affine_stage(fixed, moving, settings, moving_mask)
 
 
 def deformable_stage(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform,
                      settings: RegistrationSettings, moving_mask: sitk.Image | None = None) -> sitk.Transform:
     """The deformable stage on top of ``affine``; returns the full query -> support transform."""
-    _set_threads(settings)
     if settings.deformable == "bspline":
-        return _bspline_stage(fixed, moving, affine, settings, moving_mask)
+        with sitk_threads(settings):
+            return _bspline_stage(fixed, moving, affine, settings, moving_mask)
     if settings.deformable == "demons":
-        return _demons_stage(fixed, moving, affine, settings, moving_mask)
+        with sitk_threads(settings):
+            return _demons_stage(fixed, moving, affine, settings, moving_mask)
     if settings.deformable in ("none", None, False):
         return affine
     raise ValueError(f"unknown deformable stage '{settings.deformable}' (bspline, demons or none)")

@@ -94,6 +94,11 @@ class AtlasEngine:
 
     def predict(self, supports: Sequence[Case], query: Case, classes: Sequence[int],
                 progress: ProgressFn | None = None) -> EngineResult:
+        with reg.sitk_threads(self.settings):  # every SimpleITK step, so a seed gives identical labels
+            return self._predict(supports, query, classes, progress)
+
+    def _predict(self, supports: Sequence[Case], query: Case, classes: Sequence[int],
+                 progress: ProgressFn | None = None) -> EngineResult:
         classes = tuple(int(c) for c in classes)
         check_supports(supports, classes)
         s = self.settings
