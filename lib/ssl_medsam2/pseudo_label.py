@@ -14,6 +14,7 @@ so an error or an interrupt never leaves a partial case behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +27,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .engines.base import Case, FewShotEngine, check_supports, classes_in
-from .io import InputError, list_volumes, load_label_for, load_volume, save_like, write_text_atomic
+from .io import (InputError, atomic_write, list_volumes, load_label_for, load_volume, save_like,
+                 write_text_atomic)
 from .protocol import probabilities_to_label
 from .uncertainty import binary_entropy, summarize
 
@@ -93,28 +95,66 @@ def finalize(engine_result, query: Case, cfg: dict) -> dict:
     return {"label": label, "probabilities": probs, "entropy": entropy, "summary": summary}
 
 
-def write_outputs(out_dir: str | os.PathLike, query: Case, outputs: dict) -> dict[str, Path]:
-    """Write one query's outputs all-or-nothing; returns the final paths."""
+def case_paths(out_dir: str | os.PathLike, name: str) -> dict[str, Path]:
+    """Where one case's outputs live: ``out_dir/<kind>/<name>.nii.gz`` (summaries: ``.json``)."""
+    return {k: Path(out_dir) / k / (f"{name}.json" if k == "summaries" else f"{name}.nii.gz")
+            for k in OUTPUT_KINDS}
+
+
+def is_finished(out_dir: str | os.PathLike, name: str) -> bool:
+    """All of a case's outputs are in place (the summary is moved in last)."""
+    return all(p.exists() for p in case_paths(out_dir, name).values())
+
+
+@contextlib.contextmanager
+def _staged_case(out_dir: str | os.PathLike, name: str):
+    """Yield staging paths for one case's files; on success move them all into place, else drop them."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{query.name}-", dir=out_dir))
-    final = {k: out_dir / k / (f"{query.name}.json" if k == "summaries" else f"{query.name}.nii.gz")
-             for k in OUTPUT_KINDS}
-    staged = {k: staging / f"{k}{final[k].name[len(query.name):]}" for k in OUTPUT_KINDS}
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{name}-", dir=out_dir))
+    final = case_paths(out_dir, name)
+    staged = {k: staging / f"{k}{final[k].name[len(name):]}" for k in OUTPUT_KINDS}
     try:
-        desc = "ssl-medsam2 RANDOM WEIGHTS" if outputs["summary"].get("random_weights") else "ssl-medsam2"
-        save_like(outputs["label"], query.image, staged["labels"], dtype=outputs["label"].dtype, description=desc)
-        save_like(outputs["probabilities"], query.image, staged["probabilities"], dtype=np.float32,
-                  description=desc + " probability")
-        save_like(outputs["entropy"], query.image, staged["entropy"], dtype=np.float32,
-                  description=desc + " entropy (bits)")
-        write_text_atomic(json.dumps(outputs["summary"], indent=2, default=_json_default), staged["summaries"])
-        for k in OUTPUT_KINDS:
+        yield staged
+        for k in OUTPUT_KINDS:  # summaries last: their presence means the case is complete
             final[k].parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged[k], final[k])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return final
+
+
+def _save_case_files(query: Case, outputs: dict, paths: dict[str, Path]) -> None:
+    """The one encoder of a case's outputs (NIfTI on the query's source grid + JSON summary)."""
+    desc = "ssl-medsam2 RANDOM WEIGHTS" if outputs["summary"].get("random_weights") else "ssl-medsam2"
+    save_like(outputs["label"], query.image, paths["labels"], dtype=outputs["label"].dtype, description=desc)
+    save_like(outputs["probabilities"], query.image, paths["probabilities"], dtype=np.float32,
+              description=desc + " probability")
+    save_like(outputs["entropy"], query.image, paths["entropy"], dtype=np.float32,
+              description=desc + " entropy (bits)")
+    write_text_atomic(json.dumps(outputs["summary"], indent=2, default=_json_default), paths["summaries"])
+
+
+def write_outputs(out_dir: str | os.PathLike, query: Case, outputs: dict) -> dict[str, Path]:
+    """Write one query's outputs all-or-nothing; returns the final paths."""
+    with _staged_case(out_dir, query.name) as staged:
+        _save_case_files(query, outputs, staged)
+    return case_paths(out_dir, query.name)
+
+
+def encode_outputs(query: Case, outputs: dict) -> dict[str, bytes]:
+    """One query's output files as bytes (what :func:`write_outputs` would write), e.g. on a remote worker."""
+    with tempfile.TemporaryDirectory(prefix="ssl_medsam2_case_") as tmp:
+        paths = case_paths(tmp, query.name)
+        _save_case_files(query, outputs, paths)
+        return {k: p.read_bytes() for k, p in paths.items()}
+
+
+def write_encoded(out_dir: str | os.PathLike, name: str, files: dict[str, bytes]) -> dict[str, Path]:
+    """Write :func:`encode_outputs`' files all-or-nothing, exactly as :func:`write_outputs` does."""
+    with _staged_case(out_dir, name) as staged:
+        for k in OUTPUT_KINDS:
+            atomic_write(staged[k], lambda tmp, b=files[k]: Path(tmp).write_bytes(b))
+    return case_paths(out_dir, name)
 
 
 def _json_default(o):
@@ -148,11 +188,24 @@ def pseudo_label_case(engine: FewShotEngine, supports: Sequence[Case], query: Ca
 
 def pseudo_label_folder(images_dir, labels_dir, out_dir, cfg: dict, engine: FewShotEngine | None = None,
                         show_progress: bool = True, names: Sequence[str] | None = None) -> list[dict]:
-    """Pseudo-label every unlabelled image of ``images_dir``; returns the per-query summaries."""
+    """Pseudo-label every unlabelled image of ``images_dir``; returns the per-query summaries.
+
+    With ``cluster.ray_address`` set in ``cfg`` the queries are spread over Ray workers
+    (:mod:`ssl_medsam2.cluster`); otherwise everything runs here, in this process.
+    """
     from tqdm.auto import tqdm
 
-    from .engines import build_engine
+    from .cluster import cluster_address
+    from .engines import build_engine, with_engine_chosen
 
+    if engine is None:  # protocol.engine: auto -> sam2 or atlas, decided once here and said in one line
+        cfg = with_engine_chosen(cfg)
+    if cluster_address(cfg):
+        from .cluster import pseudo_label_folder_on_cluster
+
+        name = getattr(engine, "name", None) or cfg.get("protocol", {}).get("engine", "sam2")
+        return pseudo_label_folder_on_cluster(images_dir, labels_dir, out_dir, cfg, engine_name=name,
+                                              show_progress=show_progress, names=names)
     supports, queries = load_cases(images_dir, labels_dir, names)
     classes = resolve_classes(supports, cfg.get("input", {}).get("classes"))
     check_supports(supports, classes)
@@ -170,8 +223,14 @@ def pseudo_label_folder(images_dir, labels_dir, out_dir, cfg: dict, engine: FewS
             log.info("%s: %s voxels labelled, mean entropy inside %.4f, %.1fs", q.name,
                      int((out["label"] > 0).sum()), out["summary"]["mean_entropy_inside"] or float("nan"),
                      out["summary"]["timings"]["total_s"])
-    write_text_atomic(json.dumps({"engine": engine.name, "supports": [s.name for s in supports],
-                                  "queries": [q.name for q in queries], "classes": list(classes),
-                                  "summaries": summaries}, indent=2, default=_json_default),
-                      Path(out_dir) / "run.json")
+    write_run_json(out_dir, engine.name, supports, [q.name for q in queries], classes, summaries)
     return summaries
+
+
+def write_run_json(out_dir, engine_name: str, supports: Sequence[Case], queries: Sequence[str], classes,
+                   summaries: list[dict], **extra) -> Path:
+    """``out_dir/run.json``: what a folder run did (engine, supports, queries, summaries, ...)."""
+    return write_text_atomic(json.dumps({"engine": engine_name, "supports": [s.name for s in supports],
+                                         "queries": list(queries), "classes": list(classes),
+                                         "summaries": summaries, **extra}, indent=2, default=_json_default),
+                             Path(out_dir) / "run.json")

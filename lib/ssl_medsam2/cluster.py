@@ -1,0 +1,484 @@
+"""Scale out on a Ray cluster: few-shot pseudo labels and nnU-Net round predictions spread over workers.
+
+Optional: Ray is imported only when an address is given (``--ray ADDRESS`` or ``cluster.ray_address``);
+without one everything runs in-process exactly as before. Addresses: ``local`` (start Ray on this
+machine, loopback only), ``auto`` (the cluster this machine belongs to, e.g. inside a Slurm allocation
+after ``ray start``), ``ray://host:10001`` (Ray Client, e.g. a KubeRay head service) or ``host:6379``.
+
+How the work is spread:
+
+- **Workers are Ray actors** (``cluster.cpus_per_worker`` CPUs, ``cluster.gpus_per_worker`` GPUs each).
+  A pseudo-label worker builds its few-shot engine once and keeps it, so its caches (support
+  features, prompt memories, registered supports) serve every query it gets; an nnU-Net worker keeps
+  its ``nnUNetPredictor`` loaded for the whole round.
+- **Inputs and outputs travel through Ray, not through a shared filesystem.** The driver reads and
+  checks every input and ships it to a worker; the worker returns the finished files (compressed
+  NIfTI / JSON bytes, encoded by the same code as in-process) and the driver writes them
+  all-or-nothing. Workers therefore need no access to the driver's disks (KubeRay pods, cloud
+  nodes), a case is written exactly once by one process, and a worker that dies mid-case never
+  leaves a half-written file.
+- **Fault tolerance.** A worker that dies mid-case (node lost, OOM kill) is restarted by Ray
+  (``cluster.max_restarts``) and its case is resubmitted at once to another live worker, up to
+  ``cluster.max_case_attempts`` attempts. A case that fails on its input (or with any error inside
+  the engine) is reported once, with its reason, and never retried; the other cases go on.
+- **Resumable.** Cases whose outputs are complete are skipped on a re-run.
+- **Progress.** One tqdm bar on the driver over all cases; each finished case and, at the end, each
+  worker's throughput (cases, cases/min, node) are logged.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import socket
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+#: environment defaults for Ray processes this module starts (usage stats off, small footprint)
+RAY_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
+
+
+class CasesFailed(ValueError):
+    """Some cases failed (each reported once with its reason); the others were written."""
+
+    def __init__(self, failed: dict[str, str], written: int):
+        self.failed = dict(failed)
+        lines = "; ".join(f"{k}: {v.strip().splitlines()[-1] if v.strip() else v}" for k, v in failed.items())
+        super().__init__(f"{len(failed)} case(s) failed (not retried), {written} written: {lines}")
+
+
+def cluster_cfg(cfg: dict) -> dict:
+    return dict(cfg.get("cluster") or {})
+
+
+def cluster_address(cfg: dict) -> str | None:
+    """The configured Ray address, or None to run in-process."""
+    addr = cluster_cfg(cfg).get("ray_address")
+    return str(addr) if addr not in (None, "", False) else None
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ValueError("a Ray address was given (--ray / cluster.ray_address) but Ray is not installed: "
+                         "pip install -r requirements.txt (it pins ray), or leave the address unset to run "
+                         "in-process") from exc
+    return ray
+
+
+@contextlib.contextmanager
+def ray_session(address: str, ccfg: dict):
+    """Connect to Ray at ``address`` (or start a local one) for the duration; reuse an existing connection.
+
+    ``local`` starts a private single-node Ray bound to 127.0.0.1 with ``cluster.local_num_cpus`` CPUs,
+    a ``cluster.object_store_mb`` object store and no dashboard, and stops it at the end.
+    """
+    ray = _import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    for k, v in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    if address == "local":
+        ncpu = ccfg.get("local_num_cpus") or os.cpu_count() or 1
+        ray.init(num_cpus=int(ncpu), num_gpus=ccfg.get("local_num_gpus"),
+                 object_store_memory=int(ccfg.get("object_store_mb", 512)) * 2**20,
+                 include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
+                 log_to_driver=True)
+    else:
+        ray.init(address=address, configure_logging=False, log_to_driver=True)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _n_workers(ray, ccfg: dict) -> int:
+    """``cluster.num_workers``, or as many as the cluster's CPUs / GPUs allow right now."""
+    if ccfg.get("num_workers"):
+        return int(ccfg["num_workers"])
+    res = ray.cluster_resources()
+    n = int(res.get("CPU", 1) // max(float(ccfg.get("cpus_per_worker", 1)), 1e-9))
+    gpw = float(ccfg.get("gpus_per_worker") or 0)
+    if gpw > 0:
+        n = min(n, int(res.get("GPU", 0) // gpw))
+    if n < 1:
+        raise ValueError(f"the Ray cluster ({res}) cannot hold one worker of {ccfg.get('cpus_per_worker', 1)} "
+                         f"CPU(s) and {gpw} GPU(s); lower cluster.cpus_per_worker / gpus_per_worker")
+    return n
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _limit_threads(cpus: float) -> None:
+    """Keep a worker to its share of the node: torch and SimpleITK default to every core otherwise."""
+    n = max(1, int(cpus))
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)  # atlas.threads > 0 still wins
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _failure(case: str, exc: BaseException, input_error: bool) -> dict:
+    return {"ok": False, "case": case, "input_error": input_error, "worker": _worker_id(),
+            "error": f"{type(exc).__name__}: {exc}" if input_error else traceback.format_exc()}
+
+
+# --- the dispatcher: cases over actors, retried elsewhere when a worker dies ----------------------------
+
+@dataclass
+class _Stats:
+    cases: int = 0
+    busy_s: float = 0.0
+    first: float = field(default_factory=time.perf_counter)
+    last: float = 0.0
+
+
+def run_cases(ray, make_actor: Callable[[], Any], n_workers: int, cases: Sequence[str],
+              submit: Callable[[Any, str], Any], on_result: Callable[[dict], None], ccfg: dict,
+              desc: str, show_progress: bool = True, initial: int = 0) -> dict[str, str]:
+    """Run ``submit(actor, case)`` for every case on ``n_workers`` actors; returns {case: reason} of failures.
+
+    Each actor has one case in flight. A result dict with ``ok`` goes to ``on_result`` (the driver
+    writes it); ``ok: False`` is a reported failure (not retried). A dead worker (``RayActorError``)
+    puts its case back at the front of the queue for the next live worker (at most
+    ``cluster.max_case_attempts`` attempts per case); the actor itself is restarted by Ray (or
+    replaced when out of restarts) and rejoins once its ``ready()`` answers.
+    """
+    from ray.exceptions import GetTimeoutError, RayActorError, RayError
+    from tqdm.auto import tqdm
+
+    max_attempts = max(1, int(ccfg.get("max_case_attempts", 3)))
+    stall_s = float(ccfg.get("stall_timeout_s", 600))
+    todo = collections.deque(cases)
+    attempts: dict[str, int] = collections.Counter()
+    failed: dict[str, str] = {}
+    idle: list = []
+    starting: dict = {}  # ready() ref -> actor
+    busy: dict = {}  # task ref -> (actor, case, t0)
+    stats: dict[str, _Stats] = collections.defaultdict(_Stats)
+    replacements = 0
+
+    def start(actor=None):
+        actor = actor or make_actor()
+        starting[actor.ready.remote()] = actor
+
+    for _ in range(min(n_workers, len(todo))):
+        start()
+    last_progress = time.perf_counter()
+    with tqdm(total=initial + len(cases), initial=initial, desc=desc, unit="case",
+              disable=not show_progress) as bar:
+        while todo or busy:
+            while idle and todo:
+                actor, case = idle.pop(), todo.popleft()
+                attempts[case] += 1
+                busy[submit(actor, case)] = (actor, case, time.perf_counter())
+            refs = list(busy) + list(starting)
+            if not refs:  # every worker gone and none starting: start fresh ones
+                for _ in range(min(n_workers, len(todo))):
+                    start()
+                continue
+            done, _ = ray.wait(refs, num_returns=1, timeout=5.0)
+            if not done:
+                if not busy and time.perf_counter() - last_progress > stall_s:
+                    raise RuntimeError(f"no Ray worker could be scheduled for {stall_s:.0f}s (each needs "
+                                       f"{ccfg.get('cpus_per_worker', 1)} CPU(s), "
+                                       f"{ccfg.get('gpus_per_worker', 0)} GPU(s); cluster has "
+                                       f"{ray.available_resources()} free); {len(todo)} case(s) left")
+                continue
+            ref = done[0]
+            if ref in starting:
+                actor = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                    idle.append(actor)
+                    last_progress = time.perf_counter()
+                except RayActorError as exc:  # out of restarts: replace it
+                    replacements += 1
+                    log.warning("a worker could not start (%s)%s", type(exc).__name__,
+                                "; starting a replacement" if replacements <= n_workers * 4 else "")
+                    if replacements <= n_workers * 4:
+                        start()
+                continue
+            actor, case, t0 = busy.pop(ref)
+            try:
+                result = ray.get(ref)
+            except (RayActorError, GetTimeoutError) as exc:
+                n = attempts[case]
+                log.warning("worker died while on %s (attempt %d/%d): %s", case, n, max_attempts,
+                            type(exc).__name__)
+                if n >= max_attempts:
+                    failed[case] = f"worker died on each of {n} attempts ({type(exc).__name__})"
+                    log.error("%s: %s", case, failed[case])
+                    bar.update(1)
+                else:
+                    todo.appendleft(case)  # the next free worker takes it
+                start(actor)  # Ray restarts it (max_restarts); it rejoins when ready() answers
+                continue
+            except RayError as exc:  # e.g. the result could not be transferred: report, do not loop
+                result = {"ok": False, "case": case, "input_error": False, "worker": "?",
+                          "error": f"{type(exc).__name__}: {exc}"}
+            idle.append(actor)
+            last_progress = time.perf_counter()
+            s = stats[result.get("worker", "?")]
+            s.cases += 1
+            s.busy_s += time.perf_counter() - t0
+            s.last = time.perf_counter()
+            if result.get("ok"):
+                on_result(result)
+                rate = 60.0 * s.cases / max(s.last - s.first, 1e-9)
+                log.info("%s done on %s in %.1fs (attempt %d; this worker: %d case(s), %.2f cases/min)",
+                         case, result.get("worker"), result.get("seconds", 0.0), attempts[case], s.cases, rate)
+            else:
+                failed[case] = result.get("error", "unknown error")
+                log.error("%s failed on %s (%s, not retried): %s", case, result.get("worker"),
+                          "bad input" if result.get("input_error") else "error", failed[case].strip())
+            bar.update(1)
+    for a in idle + [a for a, _, _ in busy.values()] + list(starting.values()):
+        with contextlib.suppress(Exception):
+            ray.kill(a, no_restart=True)
+    for w, s in sorted(stats.items()):
+        log.info("worker %s: %d case(s), %.2f cases/min (busy %.0fs)", w, s.cases,
+                 60.0 * s.cases / max(s.last - s.first, 1e-9), s.busy_s)
+    return failed
+
+
+def _actor_options(ccfg: dict) -> dict:
+    return {"num_cpus": float(ccfg.get("cpus_per_worker", 1)), "num_gpus": float(ccfg.get("gpus_per_worker") or 0),
+            "max_restarts": int(ccfg.get("max_restarts", 3)), "max_task_retries": 0}
+
+
+# --- few-shot pseudo labels -----------------------------------------------------------------------------
+
+class PseudoLabelWorker:
+    """A Ray actor: one few-shot engine, built on first use and kept (its caches serve every query)."""
+
+    def __init__(self, cfg: dict, engine_name: str, supports):
+        _limit_threads(cluster_cfg(cfg).get("cpus_per_worker", 1))
+        self.cfg, self.engine_name, self.supports = cfg, engine_name, supports
+        self.engine = None
+
+    def ready(self) -> str:
+        return _worker_id()
+
+    def run(self, query) -> dict:
+        from .engines import Case, build_engine
+        from .io import InputError
+        from .pseudo_label import encode_outputs, pseudo_label_case
+
+        t0 = time.perf_counter()
+        try:
+            if self.engine is None:
+                self.engine = build_engine(self.engine_name, self.cfg)
+            case = Case(query)
+            outputs = pseudo_label_case(self.engine, self.supports, case, self.cfg)
+            files = encode_outputs(case, outputs)
+        except InputError as exc:
+            return _failure(query.name, exc, True)
+        except Exception as exc:
+            return _failure(query.name, exc, False)
+        return {"ok": True, "case": query.name, "files": files, "summary": outputs["summary"],
+                "worker": _worker_id(), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def pseudo_label_folder_on_cluster(images_dir, labels_dir, out_dir, cfg: dict, engine_name: str,
+                                   show_progress: bool = True, names: Sequence[str] | None = None) -> list[dict]:
+    """:func:`ssl_medsam2.pseudo_label.pseudo_label_folder` with the queries spread over Ray workers.
+
+    Supports are read and checked here first (a bad support stops everything before any work, as
+    in-process). Queries are read here one at a time as workers free up; one that is bad input is
+    reported once and skipped, the others go on; :class:`CasesFailed` is raised at the end if any
+    failed. Finished cases (all outputs present) are skipped, so a re-run resumes.
+    """
+    import json
+
+    from .engines import Case, check_supports
+    from .io import InputError, list_volumes, load_label_for, load_volume
+    from .pseudo_label import is_finished, resolve_classes, write_encoded, write_run_json
+
+    ccfg = cluster_cfg(cfg)
+    images = list_volumes(images_dir)
+    if not images:
+        raise InputError(images_dir, "no NIfTI image (.nii / .nii.gz) in this folder")
+    labels = list_volumes(labels_dir) if labels_dir else {}
+    unknown = sorted(set(labels) - set(images))
+    if unknown:
+        raise InputError(labels_dir, f"labels without an image: {', '.join(unknown)}")
+    supports = []
+    for n in sorted(labels):
+        image = load_volume(images[n], name=n)
+        supports.append(Case(image, load_label_for(image, labels[n])))
+    classes = resolve_classes(supports, cfg.get("input", {}).get("classes"))
+    check_supports(supports, classes)
+    queries = [n for n in images if n not in labels and (names is None or n in names)]
+    if not queries:
+        log.warning("every image in %s has a label: nothing to pseudo-label", images_dir)
+        return []
+    todo = [n for n in queries if not is_finished(out_dir, n)]
+    if len(todo) < len(queries):
+        log.info("resuming: %d of %d case(s) already finished in %s", len(queries) - len(todo), len(queries),
+                 out_dir)
+    failed: dict[str, str] = {}
+    if todo:
+        with ray_session(cluster_address(cfg), ccfg) as ray:
+            n_workers = min(_n_workers(ray, ccfg), len(todo))
+            log.info("pseudo-labelling %d case(s) on %d Ray worker(s) (%s engine)", len(todo), n_workers,
+                     engine_name)
+            supports_ref = ray.put(supports)
+            Worker = ray.remote(PseudoLabelWorker).options(**_actor_options(ccfg))
+            loaded: dict[str, Any] = {}
+
+            def submit(actor, name):
+                if name not in loaded:  # read + checked once here; kept for a resubmission
+                    loaded[name] = ray.put(load_volume(images[name], name=name))
+                return actor.run.remote(loaded[name])
+
+            def on_result(res):
+                loaded.pop(res["case"], None)
+                write_encoded(out_dir, res["case"], res["files"])
+
+            def safe_submit(actor, name):
+                try:
+                    return submit(actor, name)
+                except InputError as exc:  # bad input: a failed result, never sent to a worker
+                    return ray.put(_failure(name, exc, True))
+
+            failed = run_cases(ray, lambda: Worker.remote(cfg, engine_name, supports_ref), n_workers, todo,
+                               safe_submit, on_result, ccfg, f"pseudo-label ({engine_name}, Ray)",
+                               show_progress, initial=len(queries) - len(todo))
+    summaries = []
+    for n in queries:
+        p = Path(out_dir) / "summaries" / f"{n}.json"
+        if n not in failed and p.exists():
+            summaries.append(json.loads(p.read_text()))
+    write_run_json(out_dir, engine_name, supports, queries, classes, summaries, failed=failed,
+                   ray_address=cluster_address(cfg))
+    if failed:
+        raise CasesFailed(failed, len(summaries))
+    return summaries
+
+
+# --- nnU-Net round predictions --------------------------------------------------------------------------
+
+MODEL_FILES = ("dataset.json", "plans.json", "dataset_fingerprint.json")
+
+
+def model_files(model_dir: Path, checkpoint_name: str = "checkpoint_final.pth") -> dict[str, bytes]:
+    """What a worker needs of a trained model folder (relative path -> bytes)."""
+    files = {n: (model_dir / n).read_bytes() for n in MODEL_FILES if (model_dir / n).exists()}
+    for ck in sorted(model_dir.glob(f"fold_*/{checkpoint_name}")):
+        files[str(ck.relative_to(model_dir))] = ck.read_bytes()
+    return files
+
+
+class NnUNetPredictWorker:
+    """A Ray actor holding one ``nnUNetPredictor`` per model folder (loaded once, kept for the round)."""
+
+    def __init__(self, ncfg: dict, cpus: float):
+        _limit_threads(cpus)
+        self.ncfg = ncfg
+        self.models: dict[str, Any] = {}
+        self._tmp = tempfile.TemporaryDirectory(prefix="ssl_medsam2_nnunet_worker_")
+
+    def ready(self) -> str:
+        return _worker_id()
+
+    def _model(self, key: str, files: dict[str, bytes]):
+        if key not in self.models:
+            from .devices import resolve_device
+            from .nnunet.predict import NnUNetModel
+
+            d = Path(self._tmp.name) / f"model_{len(self.models)}"
+            for rel, data in files.items():
+                (d / rel).parent.mkdir(parents=True, exist_ok=True)
+                (d / rel).write_bytes(data)
+            self.models = {key: NnUNetModel(d, device=resolve_device(self.ncfg.get("device")),
+                                            use_mirroring=bool(self.ncfg.get("use_mirroring", False)))}
+        return self.models[key]
+
+    def run(self, key: str, files, k: int, name: str, filename: str, image: bytes) -> dict:
+        from .io import InputError
+        from .nnunet.rounds import _predict_round
+
+        t0 = time.perf_counter()
+        try:
+            model = self._model(key, files)
+            with tempfile.TemporaryDirectory(prefix="ssl_medsam2_case_") as tmp:
+                src = Path(tmp) / "in" / filename
+                src.parent.mkdir()
+                src.write_bytes(image)
+                out = Path(tmp) / "out"
+                _predict_round(lambda: model, out, k, {name: src}, [name], False, None)
+                result = {kind: (out / kind / f"{name}.nii.gz").read_bytes() for kind in ("entropy", "labels")}
+        except InputError as exc:
+            return _failure(name, exc, True)
+        except Exception as exc:
+            return _failure(name, exc, False)
+        return {"ok": True, "case": name, "files": result, "worker": _worker_id(),
+                "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def predict_round_on_cluster(cfg: dict, model_dir: str | os.PathLike, jobs: Iterable[tuple[Path, list[str]]],
+                             k: int, images: dict, show_progress: bool = True,
+                             progress: Callable[[dict], None] | None = None) -> None:
+    """One round's nnU-Net predictions on Ray workers: for each (out_dir, names), labels/ and entropy/.
+
+    Same files as in-process (the workers run the in-process code on each case); cases already
+    predicted are skipped; the model folder travels once through the object store.
+    """
+    from .io import atomic_write
+
+    def finished(out_dir, n):
+        return all((Path(out_dir) / kind / f"{n}.nii.gz").exists() for kind in ("labels", "entropy"))
+
+    jobs = [(Path(d), [n for n in names if not finished(d, n)]) for d, names in jobs]
+    where = {n: d for d, names in jobs for n in names}
+    todo = [n for _, names in jobs for n in names]
+    if not todo:
+        return
+    ccfg = cluster_cfg(cfg)
+    ncfg = cfg.get("nnunet", {})
+    counted = [n for n in jobs[0][1]] if jobs else []
+    done = [0]
+    with ray_session(cluster_address(cfg), ccfg) as ray:
+        n_workers = min(_n_workers(ray, ccfg), len(todo))
+        log.info("round %d: predicting %d case(s) on %d Ray worker(s)", k, len(todo), n_workers)
+        files_ref = ray.put(model_files(Path(model_dir)))
+        key = f"{Path(model_dir).resolve()}"
+        Worker = ray.remote(NnUNetPredictWorker).options(**_actor_options(ccfg))
+
+        def submit(actor, n):
+            p = Path(images[n])
+            return actor.run.remote(key, files_ref, k, n, p.name, p.read_bytes())
+
+        def on_result(res):
+            n = res["case"]
+            for kind in ("entropy", "labels"):  # labels last, as in-process: both present = done
+                atomic_write(where[n] / kind / f"{n}.nii.gz", lambda tmp, b=res["files"][kind]: Path(tmp).write_bytes(b))
+            if n in counted and progress is not None:
+                done[0] += 1
+                progress({"stage": "predict", "round": k, "case": n, "done": done[0], "total": len(counted)})
+
+        failed = run_cases(ray, lambda: Worker.remote(ncfg, float(ccfg.get("cpus_per_worker", 1))), n_workers,
+                           todo, submit, on_result, ccfg, f"round {k}: predict (Ray)", show_progress)
+    if failed:
+        raise CasesFailed(failed, len(todo) - len(failed))

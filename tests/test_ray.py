@@ -1,0 +1,296 @@
+"""Scale-out on Ray (issue 11), on real CHAOS MRI, CPU only, Ray bound to 127.0.0.1.
+
+- ``--ray local`` gives the in-process result: labels byte for byte, probabilities within 1e-6
+  (atlas engine and random-weight SAM2 engine); a bad query is reported once and not retried, the
+  others are written; a re-run skips finished cases.
+- Two Ray nodes on this machine (each ``ray start --block`` in its own process group): the worker
+  node is killed mid-run; its case is retried on the other node and every case is written once,
+  equal to the in-process result.
+Each test starts and stops its own Ray; the atlas engine runs with ``atlas.threads=1`` so that
+in-process and worker registrations use the same thread count (deterministic sums).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import downsample_case
+from ssl_medsam2.cli import main
+from ssl_medsam2.config import load_config
+from ssl_medsam2.pseudo_label import pseudo_label_folder
+
+if importlib.util.find_spec("ray") is None:
+    pytest.skip("Ray is optional and not installed (pip install -r requirements.txt pins it)", allow_module_level=True)
+
+SUPPORTS = ("chaos_01", "chaos_02")
+QUERIES = ("chaos_03", "chaos_05", "chaos_08", "chaos_10")
+#: atlas at this test's 64x64 in-plane size: a few seconds per query on one core
+ATLAS = ["protocol.engine=atlas", "atlas.threads=1", "atlas.demons_iterations=[20,10]", "atlas.demons_shrink=[2,1]",
+         "atlas.affine_iterations=50", "atlas.affine_shrink=[2,1]", "atlas.affine_smooth_mm=[2.0,1.0]"]
+SAM2 = ["protocol.engine=sam2", "sam2.checkpoint=none", "sam2.image_size=64", "sam2.n_inserts=1", "sam2.device=cpu"]
+CROPS = {"chaos_01": (14, 22), "chaos_02": (10, 17), "chaos_03": (12, 19), "chaos_05": (10, 17)}
+LOCAL = ["cluster.local_num_cpus=2", "cluster.object_store_mb=200", "cluster.stall_timeout_s=120"]
+#: token auth with a throwaway token (nothing written to ~/.ray), no usage stats, fast node-death detection;
+#: set before Ray is first imported (it reads them once per process)
+RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_env():
+    old = {k: os.environ.get(k) for k in RAY_ENV}
+    os.environ.update(RAY_ENV)
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _folder(chaos_dir, root: Path, queries, crops: dict | None = None) -> Path:
+    for c in SUPPORTS + tuple(queries):
+        zr = crops.get(c) if crops else None
+        downsample_case(chaos_dir / "imagesTr" / f"{c}_0000.nii.gz", chaos_dir / "labelsTr" / f"{c}.nii.gz",
+                        root / "images" / f"{c}_0000.nii.gz", root / "truth" / f"{c}.nii.gz", factor=4, z_range=zr)
+    (root / "labels").mkdir()
+    for c in SUPPORTS:
+        shutil.copyfile(root / "truth" / f"{c}.nii.gz", root / "labels" / f"{c}.nii.gz")
+    return root
+
+
+@pytest.fixture(scope="module")
+def atlas_data(chaos_dir, tmp_path_factory):
+    root = _folder(chaos_dir, tmp_path_factory.mktemp("ray_atlas"), QUERIES)
+    ref = root / "in_process"
+    pseudo_label_folder(root / "images", root / "labels", ref, load_config(overrides=ATLAS), show_progress=False)
+    return root, ref
+
+
+def _assert_same(ref: Path, out: Path, cases) -> None:
+    for c in cases:
+        a, b = ref / "labels" / f"{c}.nii.gz", out / "labels" / f"{c}.nii.gz"
+        assert a.read_bytes() == b.read_bytes(), f"{c}: label file differs from the in-process one"
+        for kind in ("probabilities", "entropy"):
+            pa = np.asarray(nib.load(str(ref / kind / f"{c}.nii.gz")).dataobj)
+            pb = np.asarray(nib.load(str(out / kind / f"{c}.nii.gz")).dataobj)
+            assert pa.shape == pb.shape and np.abs(pa - pb).max() <= 1e-6, f"{c}: {kind} differ"
+        sa = json.loads((ref / "summaries" / f"{c}.json").read_text())
+        sb = json.loads((out / "summaries" / f"{c}.json").read_text())
+        assert sa["per_class"] == sb["per_class"] and sa["supports"] == sb["supports"]
+    assert not list(out.glob(".staging-*")), "staging folders left behind"
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")], "temp files left behind"
+
+
+def _bad_copy(src: Path, dst: Path) -> None:
+    img = nib.load(str(src))
+    a = np.asarray(img.dataobj).astype(np.float32)
+    a[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(a, img.affine), str(dst))
+
+
+def test_local_ray_equals_in_process_atlas_bad_input_once_and_resume(atlas_data, tmp_path, caplog):
+    root, ref = atlas_data
+    images = tmp_path / "images"
+    shutil.copytree(root / "images", images)
+    _bad_copy(images / "chaos_03_0000.nii.gz", images / "chaos_99_0000.nii.gz")  # one NaN voxel
+    out = tmp_path / "ray_out"
+    sets = [a for kv in ATLAS + LOCAL for a in ("--set", kv)]
+    t0 = time.perf_counter()
+    with caplog.at_level("INFO", logger="ssl_medsam2"):
+        rc = main(["pseudo-label", "--images", str(images), "--labels", str(root / "labels"), "--out", str(out),
+                   "--ray", "local", *sets])
+    took = time.perf_counter() - t0
+    assert rc == 2  # one case failed: reported, the others written
+    _assert_same(ref, out, QUERIES)
+    assert not (out / "labels" / "chaos_99.nii.gz").exists()
+    errors = [r for r in caplog.records if "chaos_99" in r.getMessage() and r.levelname == "ERROR"]
+    assert len(errors) == 1 and "NaN" in errors[0].getMessage() and "not retried" in errors[0].getMessage()
+    run = json.loads((out / "run.json").read_text())
+    assert set(run["failed"]) == {"chaos_99"} and run["ray_address"] == "local"
+    assert sorted(s["case"] for s in run["summaries"]) == sorted(QUERIES)
+    done = [r.getMessage().split()[0] for r in caplog.records if " done on " in r.getMessage()]
+    assert sorted(done) == sorted(QUERIES), "every case written exactly once"
+    assert len({r.getMessage().split(" done on ")[1].split()[0] for r in caplog.records
+                if " done on " in r.getMessage()}) == 2, "both workers took cases"
+
+    # resume: finished cases are skipped (Ray is not even started when nothing is left but the bad one)
+    (images / "chaos_99_0000.nii.gz").unlink()
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "labels").iterdir()}
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ssl_medsam2"):
+        rc = main(["pseudo-label", "--images", str(images), "--labels", str(root / "labels"), "--out", str(out),
+                   "--ray", "local", *sets])
+    assert rc == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "labels").iterdir()} == mtimes
+    assert any("already finished" in r.getMessage() for r in caplog.records)
+    print(f"local Ray, atlas, {len(QUERIES)} queries + 1 bad on 2 workers: {took:.1f}s")
+
+
+def test_local_ray_equals_in_process_random_weight_sam2(chaos_dir, tmp_path):
+    root = _folder(chaos_dir, tmp_path, ("chaos_03", "chaos_05"), CROPS)
+    cfg = load_config(overrides=SAM2)
+    pseudo_label_folder(root / "images", root / "labels", root / "in_process", cfg, show_progress=False)
+    out = root / "ray_out"
+    summaries = pseudo_label_folder(root / "images", root / "labels", out,
+                                    load_config(overrides=SAM2 + LOCAL + ["cluster.ray_address=local"]),
+                                    show_progress=False)
+    assert sorted(s["case"] for s in summaries) == ["chaos_03", "chaos_05"]
+    assert all(s["random_weights"] for s in summaries)
+    _assert_same(root / "in_process", out, ("chaos_03", "chaos_05"))
+
+
+def test_no_address_means_in_process_without_ray(atlas_data, monkeypatch):
+    """No cluster.ray_address: Ray is never imported or started."""
+    from ssl_medsam2 import cluster
+
+    assert cluster.cluster_address(load_config()) is None
+    monkeypatch.setattr(cluster, "_import_ray", lambda: (_ for _ in ()).throw(AssertionError("Ray used")))
+    root, ref = atlas_data
+    cfg = load_config(overrides=ATLAS + ["input.classes=[1]"])
+    out = pseudo_label_folder(root / "images", root / "labels", root / "no_ray", cfg, show_progress=False,
+                              names=["chaos_03"])
+    assert [s["case"] for s in out] == ["chaos_03"]
+
+
+# --- two nodes on one machine ---------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_start(args: list[str], log: Path) -> subprocess.Popen:
+    """`ray start ... --block` in its own process group (stopped by killing that group)."""
+    exe = Path(sys.executable).with_name("ray")
+    cmd = [str(exe) if exe.exists() else "ray", "start", "--block", "--node-ip-address", "127.0.0.1",
+           "--num-cpus", "1", "--object-store-memory", str(150 * 2**20), "--disable-usage-stats", *args]
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen, sig=signal.SIGTERM, wait: float = 20) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def _wait_nodes(address: str, n: int, timeout: float = 60) -> None:
+    code = ("import ray,sys,time; ray.init(address=sys.argv[1], configure_logging=False, log_to_driver=False); "
+            "t=time.time()\nwhile len([x for x in ray.nodes() if x['Alive']])<int(sys.argv[2]):\n"
+            " assert time.time()-t<float(sys.argv[3]); time.sleep(0.5)\nray.shutdown()")
+    subprocess.run([sys.executable, "-c", code, address, str(n), str(timeout)], check=True, timeout=timeout + 30,
+                   capture_output=True)
+
+
+def test_two_nodes_worker_node_killed_mid_run(atlas_data, tmp_path):
+    root, ref = atlas_data
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # Ray's socket paths must stay short
+    head = _ray_start(["--head", "--port", str(port), "--include-dashboard=false", "--temp-dir", str(tmp / "h")],
+                      tmp_path / "head.log")
+    worker = None
+    driver = None
+    try:
+        _wait_nodes(address, 1)
+        worker = _ray_start(["--address", address], tmp_path / "worker.log")
+        _wait_nodes(address, 2)
+        out = tmp_path / "out"
+        cmd = [sys.executable, "-m", "ssl_medsam2.cli", "pseudo-label", "--images", str(root / "images"),
+               "--labels", str(root / "labels"), "--out", str(out), "--ray", address,
+               *[a for kv in ATLAS + ["cluster.num_workers=2", "cluster.stall_timeout_s=120"]
+                 for a in ("--set", kv)]]
+        driver_log = tmp_path / "driver.log"
+        driver = subprocess.Popen(cmd, stdout=open(driver_log, "w"), stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        t0 = time.time()
+        while not (out / "summaries").is_dir() or not any((out / "summaries").iterdir()):
+            assert driver.poll() is None, driver_log.read_text()[-3000:]
+            assert time.time() - t0 < 300, "no case finished in 300 s"
+            time.sleep(0.2)
+        _stop(worker, signal.SIGKILL)  # the worker node dies mid-run (both workers are busy now)
+        rc = driver.wait(600)
+        text = driver_log.read_text()
+        assert rc == 0, text[-3000:]
+        assert "worker died while on" in text, "the killed node was not mid-case: " + text[-3000:]
+        _assert_same(ref, out, QUERIES)
+        done = [ln.split(" done on ")[0].split()[-1] for ln in text.splitlines() if " done on " in ln]
+        assert sorted(done) == sorted(QUERIES), f"each case written exactly once: {done}"
+    finally:
+        if driver is not None and driver.poll() is None:
+            _stop(driver, signal.SIGKILL)
+        if worker is not None:
+            _stop(worker, signal.SIGKILL)
+        _stop(head)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_multi_gpu_training_command(monkeypatch, tmp_path):
+    """nnunet.num_gpus > 1 runs nnUNetv2_train -num_gpus N (DDP) in a subprocess: the command it builds.
+
+    Never run on several GPUs here (none were lent); this checks the command only.
+    """
+    from ssl_medsam2.nnunet import train
+
+    seen = {}
+
+    def fake_run(cmd, check, stdout, stderr, env):
+        seen["cmd"], seen["env"] = cmd, env
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(train.subprocess, "run", fake_run)
+    ckpt = tmp_path / "prev.pth"
+    train._train_ddp({"num_gpus": 4}, "nnUNetTrainerSSL_2ep_3it_1val", "3d_fullres", "all", ckpt,
+                     tmp_path / "nnunet.log")
+    cmd = seen["cmd"]
+    assert cmd[0] == sys.executable and "run_training_entry" in cmd[2]
+    args = cmd[3:]
+    from ssl_medsam2.nnunet.export import DATASET_ID
+
+    assert args[:3] == [str(DATASET_ID), "3d_fullres", "all"]
+    assert args[args.index("-tr") + 1] == "nnUNetTrainerSSL_2ep_3it_1val"
+    assert args[args.index("-num_gpus") + 1] == "4"
+    assert args[args.index("-pretrained_weights") + 1] == str(ckpt)
+
+    # train_model takes that path (and only that one) when num_gpus > 1
+    called = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_ddp(*a):
+        called.append("ddp")
+        raise Stop
+
+    monkeypatch.setattr(train, "_train_ddp", fake_ddp)
+    monkeypatch.setattr(train, "_train_in_process", lambda *a: called.append("in_process"))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    with pytest.raises(Stop):
+        train.train_model({**load_config()["nnunet"], "num_gpus": 2, "device": "cpu"}, tmp_path / "model")
+    assert called == ["ddp"]
