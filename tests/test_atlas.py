@@ -127,3 +127,54 @@ def test_local_ncc_is_one_for_identical_and_low_for_unrelated():
     a = rng.normal(size=(20, 20, 8)).astype(np.float32)
     assert np.allclose(local_ncc(a, 2 * a + 3, 2.0), 1.0, atol=1e-3)
     assert abs(float(local_ncc(a, rng.normal(size=a.shape), 2.0).mean())) < 0.1
+
+
+def _two_supports_one_query(small_chaos, tmp_path, query):
+    img_dir, lab_dir = tmp_path / "images", tmp_path / "labels"
+    img_dir.mkdir()
+    lab_dir.mkdir()
+    for c in ("chaos_01", "chaos_02", query):
+        (img_dir / f"{c}_0000.nii.gz").symlink_to(small_chaos / "imagesTr" / f"{c}_0000.nii.gz")
+    for c in ("chaos_01", "chaos_02"):
+        (lab_dir / f"{c}.nii.gz").symlink_to(small_chaos / "labelsTr" / f"{c}.nii.gz")
+    return img_dir, lab_dir
+
+
+def test_cli_without_engine_or_weights_uses_atlas_and_is_byte_reproducible(small_chaos, tmp_path, caplog):
+    """`pseudo-label` with no --engine and no SAM2 checkpoint: atlas, said in one line; two runs, same bytes.
+
+    chaos_15 is the subject whose atlas pseudo labels differed between two runs while SimpleITK ran
+    multi-threaded (146,011 vs 147,984 liver voxels at full resolution).
+    """
+    import logging
+
+    from ssl_medsam2.cli import main
+
+    img_dir, lab_dir = _two_supports_one_query(small_chaos, tmp_path, "chaos_15")
+    no_weights = tmp_path / "no_weights"
+    outs = []
+    for run in ("a", "b"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="ssl_medsam2"):
+            rc = main(["pseudo-label", "--images", str(img_dir), "--labels", str(lab_dir),
+                       "--out", str(tmp_path / run), "--set", f"sam2.cache_dir={no_weights}",
+                       "--set", "sam2.download=false"])
+        assert rc == 0
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("few-shot engine:")]
+        assert len(said) == 1 and said[0].startswith("few-shot engine: atlas (protocol.engine=auto and no SAM2 "
+                                                     f"checkpoint at {no_weights}"), said
+        assert json.loads((tmp_path / run / "run.json").read_text())["engine"] == "atlas"
+        outs.append((tmp_path / run / "labels" / "chaos_15.nii.gz").read_bytes())
+    assert outs[0] == outs[1]
+    lab = np.asarray(nib.load(str(tmp_path / "a" / "labels" / "chaos_15.nii.gz")).dataobj)
+    assert (lab == 1).sum() > 1000  # a real liver, not an empty map
+
+
+def test_explicit_sam2_without_checkpoint_names_the_atlas_way_out(small_chaos, tmp_path, capsys):
+    from ssl_medsam2.cli import main
+
+    img_dir, lab_dir = _two_supports_one_query(small_chaos, tmp_path, "chaos_03")
+    rc = main(["pseudo-label", "--images", str(img_dir), "--labels", str(lab_dir), "--out", str(tmp_path / "out"),
+               "--engine", "sam2", "--set", f"sam2.cache_dir={tmp_path / 'none'}", "--set", "sam2.download=false"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "SAM2 checkpoint not found" in err and "--engine atlas" in err, err

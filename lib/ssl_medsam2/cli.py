@@ -50,7 +50,8 @@ def _add_pseudo_label(sub) -> None:
     p.add_argument("--images", required=True, help="folder of NIfTI images (nnU-Net names like case_0000.nii.gz work)")
     p.add_argument("--labels", required=True, help="folder of label maps for the supports")
     p.add_argument("--out", required=True, help="output folder (labels/, probabilities/, entropy/, summaries/)")
-    p.add_argument("--engine", choices=["sam2", "atlas", "ensemble"], help="few-shot engine (config: protocol.engine)")
+    p.add_argument("--engine", choices=["auto", "sam2", "atlas", "ensemble"],
+                   help="few-shot engine (config: protocol.engine; auto = sam2 when its checkpoint is here, else atlas)")
     p.add_argument("--checkpoint", help="SAM2 checkpoint path, 'auto', or 'none' for RANDOM weights (tests only)")
     p.add_argument("--device", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--cases", nargs="*", help="only these query case names")
@@ -91,7 +92,8 @@ def _add_run(sub) -> None:
     p.add_argument("--work", required=True, help="work folder (round_000/, round_001/, ..., final.json)")
     p.add_argument("--pseudo-labels", help="use these as round 0 instead of running the few-shot engine "
                                            "(a labels folder or a pseudo-label output folder)")
-    p.add_argument("--engine", choices=["sam2", "atlas", "ensemble"], help="few-shot engine for round 0")
+    p.add_argument("--engine", choices=["auto", "sam2", "atlas", "ensemble"],
+                   help="few-shot engine for round 0 (auto = sam2 when its checkpoint is here, else atlas)")
     p.add_argument("--max-rounds", type=int, help="config: nnunet.max_rounds")
     p.add_argument("--configuration", choices=["2d", "3d_fullres"], help="config: nnunet.configuration")
     p.add_argument("--device", help="nnU-Net device: cpu | cuda | auto (config: nnunet.device)")

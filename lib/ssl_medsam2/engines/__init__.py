@@ -8,11 +8,49 @@ from __future__ import annotations
 
 from .base import Case, EngineResult, FewShotEngine, check_supports, classes_in
 
+import logging
+
+log = logging.getLogger(__name__)
+
 ENGINE_NAMES = ("sam2", "atlas", "ensemble")
+AUTO = "auto"
+
+
+def choose_engine(cfg: dict) -> tuple[str, str]:
+    """``protocol.engine`` as a concrete engine name, and why (one line for the user).
+
+    ``auto``: SAM2 when its checkpoint is on this machine (or ``sam2.checkpoint: none`` asks for random
+    weights), otherwise the weight-free atlas engine, so a first run works on any machine. Nothing is
+    downloaded to decide.
+    """
+    name = str(cfg.get("protocol", {}).get("engine") or AUTO)
+    if name != AUTO:
+        return name, f"protocol.engine={name}"
+    from .sam2_model import checkpoint_status, model_spec, resolve_checkpoint
+
+    ok, where = checkpoint_status(cfg)
+    if ok:
+        return "sam2", f"protocol.engine=auto and the SAM2 weights are here ({where})"
+    scfg = cfg.get("sam2", {})
+    try:
+        path = resolve_checkpoint(scfg, model_spec(scfg.get("model", "medsam2_t512")))[0]
+    except Exception:  # a bad model name: the SAM2 engine would fail; atlas still works
+        path = scfg.get("checkpoint")
+    return "atlas", (f"protocol.engine=auto and no SAM2 checkpoint at {path}: using the weight-free atlas "
+                     f"engine (put the checkpoint there or pass --checkpoint PATH for SAM2)")
+
+
+def with_engine_chosen(cfg: dict) -> dict:
+    """``cfg`` with ``protocol.engine: auto`` replaced by the chosen engine; says which and why once."""
+    name, why = choose_engine(cfg)
+    log.info("few-shot engine: %s (%s)", name, why)
+    return {**cfg, "protocol": {**cfg.get("protocol", {}), "engine": name}}
 
 
 def build_engine(name: str, cfg: dict) -> FewShotEngine:
-    """Build the engine ``name`` from the project config (its ``sam2`` / ``atlas`` sections)."""
+    """Build the engine ``name`` (or ``auto``: :func:`choose_engine`) from the project config."""
+    if name == AUTO:
+        name = with_engine_chosen(cfg)["protocol"]["engine"]
     if name == "sam2":
         from .sam2_engine import SAM2Engine
 
@@ -25,7 +63,8 @@ def build_engine(name: str, cfg: dict) -> FewShotEngine:
         from .ensemble import EnsembleEngine
 
         return EnsembleEngine([build_engine("sam2", cfg), build_engine("atlas", cfg)])
-    raise ValueError(f"unknown engine '{name}' (choose from {', '.join(ENGINE_NAMES)})")
+    raise ValueError(f"unknown engine '{name}' (choose from {', '.join(ENGINE_NAMES + (AUTO,))})")
 
 
-__all__ = ["Case", "EngineResult", "FewShotEngine", "build_engine", "check_supports", "classes_in", "ENGINE_NAMES"]
+__all__ = ["Case", "EngineResult", "FewShotEngine", "build_engine", "check_supports", "choose_engine", "classes_in",
+           "with_engine_chosen", "ENGINE_NAMES"]

@@ -63,6 +63,7 @@ def _missing_message(path: Path, spec: ModelSpec, url: str | None, why: str = ""
             f"Get '{spec.checkpoint_file}'" + (f" from {url}" if url else "") +
             f" and put it at {path}, or pass its location with --checkpoint PATH "
             f"(config sam2.checkpoint, MONAI Label --conf sam2.checkpoint PATH). "
+            f"No weights at hand? --engine atlas makes pseudo labels without any (weight-free registration). "
             f"For tests of the mechanics only: --checkpoint none runs RANDOM weights.")
 
 
