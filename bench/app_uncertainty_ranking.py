@@ -21,20 +21,19 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+from shared_data import CHAOS, chaos_cases, downsample_case
+
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "chaos_t2spir"))
+    ap.add_argument("--data", default=str(CHAOS))
     ap.add_argument("--engine", default="atlas")
     ap.add_argument("--labelled", type=int, default=2)
     ap.add_argument("--factor", type=int, default=2, help="in-plane downsampling (1 = full 256x256)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
 
-    from conftest import downsample_case
     from ssl_medsam2 import strategies as st
     from ssl_medsam2.metrics import mean_dice, present_classes
     from ssl_medsam2.config import load_config
@@ -42,7 +41,7 @@ def main() -> int:
     from ssl_medsam2.pseudo_label import load_cases, pseudo_label_case
 
     data = Path(args.data)
-    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (data / "imagesTr").glob("*_0000.nii.gz"))
+    cases = chaos_cases(data)
     tmp = Path(tempfile.mkdtemp(prefix="bench_unc_"))
     for i, c in enumerate(cases):
         downsample_case(data / "imagesTr" / f"{c}_0000.nii.gz", data / "labelsTr" / f"{c}.nii.gz",

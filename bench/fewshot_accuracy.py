@@ -31,8 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = Path(os.environ.get("SSL_MEDSAM2_SHARED_DATA", REPO.parent / "shared" / "data")) / "chaos_t2spir"
+from shared_data import CHAOS as DEFAULT_DATA
 ORGANS = {1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
 
 

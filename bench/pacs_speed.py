@@ -2,7 +2,7 @@
 """Benchmark of the PACS path on real CHAOS data: NIfTI -> DICOM, upload to Orthanc, DICOMweb listing,
 DICOM-SEG of the labels, and the geometry of the NIfTI -> DICOM -> NIfTI round trip.
 
-    python scripts/bench_pacs.py [--data ../shared/data/chaos_t2spir] [--work-dir /tmp/bench_pacs]
+    python bench/pacs_speed.py [--data ../shared/data/chaos_t2spir] [--work-dir /tmp/bench_pacs]
 
 Prints one line per case, then a JSON summary as its LAST line.
 """
@@ -21,17 +21,16 @@ import numpy as np
 
 from ssl_medsam2 import dicom
 from ssl_medsam2.io import list_volumes, load_volume
-
-REPO = Path(__file__).resolve().parents[1]
+from shared_data import CHAOS
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "chaos_t2spir"))
+    ap.add_argument("--data", default=str(CHAOS))
     ap.add_argument("--work-dir", default=None, help="default: a temp dir, removed afterwards")
     args = ap.parse_args(argv)
     data = Path(args.data)
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_pacs_"))
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="pacs_speed_"))
     images, labels = list_volumes(data / "imagesTr"), list_volumes(data / "labelsTr")
     res = {"cases": len(images), "convert_s": 0.0, "upload_s": 0.0, "seg_s": 0.0, "slices": 0,
            "roundtrip_max_abs_intensity_err": 0.0, "roundtrip_max_affine_err_mm": 0.0}

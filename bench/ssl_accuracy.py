@@ -37,17 +37,13 @@ import argparse
 import json
 import logging
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-from conftest import CHAOS, chaos_cases, downsample_case  # noqa: E402
+from shared_data import CHAOS, chaos_cases, downsample_case  # noqa: E402
 
 from ssl_medsam2.config import load_config  # noqa: E402
 from ssl_medsam2.io import load_label_for, load_volume  # noqa: E402

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("SSL_MEDSAM2_SHARED_DATA", REPO.parent / "shared" / "data"))
-CHAOS = SHARED_DATA / "chaos_t2spir"
-TOTALSEG = SHARED_DATA / "totalseg_example"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from shared_data import CHAOS, REPO, TOTALSEG, chaos_cases, downsample_case  # noqa: E402,F401  (re-exported)
 
 # nnU-Net needs these set before it is imported anywhere; tests point them at throwaway dirs.
 for _k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
@@ -32,10 +29,6 @@ def load_script(name: str):
     return mod
 
 
-def chaos_cases() -> list[str]:
-    return sorted(p.name[: -len("_0000.nii.gz")] for p in (CHAOS / "imagesTr").glob("*_0000.nii.gz"))
-
-
 @pytest.fixture(scope="session")
 def chaos_dir() -> Path:
     if not (CHAOS / "imagesTr").is_dir():
@@ -49,25 +42,6 @@ def totalseg_dir() -> Path:
     if not (TOTALSEG / "imagesTr").is_dir():
         pytest.skip(f"TotalSegmentator example data not found at {TOTALSEG}")
     return TOTALSEG
-
-
-def downsample_case(src_img: Path, src_lab: Path | None, dst_img: Path, dst_lab: Path | None,
-                    factor: int = 4, z_range: tuple[int, int] | None = None) -> None:
-    """Write an in-plane downsampled (and optionally z-cropped) copy with a consistent affine."""
-    img = nib.load(str(src_img))
-    sl = (slice(None, None, factor), slice(None, None, factor), slice(*z_range) if z_range else slice(None))
-    aff = img.affine.copy()
-    aff[:3, 0] *= factor
-    aff[:3, 1] *= factor
-    if z_range:
-        aff[:3, 3] += aff[:3, 2] * z_range[0]
-    data = np.asarray(img.dataobj)[sl].astype(np.float32)
-    dst_img.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, aff), str(dst_img))
-    if src_lab is not None and dst_lab is not None:
-        lab = np.asarray(nib.load(str(src_lab)).dataobj)[sl].astype(np.uint8)
-        dst_lab.parent.mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(lab, aff), str(dst_lab))
 
 
 @pytest.fixture(scope="session")
