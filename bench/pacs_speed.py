@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl_medsam2 import dicom
+from ssl_medsam2 import dicom, dicom_seg, pacs
 from ssl_medsam2.io import list_volumes, load_volume
 from shared_data import CHAOS
 
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     images, labels = list_volumes(data / "imagesTr"), list_volumes(data / "labelsTr")
     res = {"cases": len(images), "convert_s": 0.0, "upload_s": 0.0, "seg_s": 0.0, "slices": 0,
            "roundtrip_max_abs_intensity_err": 0.0, "roundtrip_max_affine_err_mm": 0.0}
-    orthanc = dicom.Orthanc.start(work / "orthanc") if dicom.orthanc_binary() else None
+    orthanc = pacs.Orthanc.start(work / "orthanc") if pacs.orthanc_binary() else None
     try:
         for case, path in images.items():
             t = time.perf_counter()
@@ -55,9 +55,9 @@ def main(argv=None) -> int:
                 orthanc.upload(files)
                 line["upload_s"] = round(time.perf_counter() - t, 3)
                 res["upload_s"] += line["upload_s"]
-                if case in labels and dicom.dcmqi_tool():
+                if case in labels and dicom_seg.dcmqi_tool():
                     t = time.perf_counter()
-                    seg = dicom.label_to_dicom_seg(labels[case], work / "dicom" / case, work / "seg" / f"{case}.dcm")
+                    seg = dicom_seg.label_to_dicom_seg(labels[case], work / "dicom" / case, work / "seg" / f"{case}.dcm")
                     orthanc.upload([seg])
                     line["seg_s"] = round(time.perf_counter() - t, 3)
                     res["seg_s"] += line["seg_s"]

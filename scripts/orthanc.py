@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ssl_medsam2 import dicom
+from ssl_medsam2 import dicom, dicom_seg, pacs
 from ssl_medsam2.config import load_config
 from ssl_medsam2.io import InputError, list_volumes
 
@@ -41,9 +41,9 @@ def _class_names() -> dict[int, str]:
         return {}
 
 
-def upload(server: dicom.Orthanc, images: str, labels: str | None, dicom_dir: Path,
+def upload(server: pacs.Orthanc, images: str, labels: str | None, dicom_dir: Path,
            cases: list[str] | None, label_cases: list[str] | None) -> dict:
-    series = dicom.upload_folder(server, images, dicom_dir, cases=cases)
+    series = pacs.upload_folder(server, images, dicom_dir, cases=cases)
     segs = {}
     if labels:
         lab = list_volumes(labels)
@@ -55,7 +55,7 @@ def upload(server: dicom.Orthanc, images: str, labels: str | None, dicom_dir: Pa
                 if label_cases:
                     raise InputError(labels, f"no label file for case '{case}'")
                 continue
-            seg = dicom.label_to_dicom_seg(lab[case], dicom_dir / case, dicom_dir / f"{case}_seg.dcm",
+            seg = dicom_seg.label_to_dicom_seg(lab[case], dicom_dir / case, dicom_dir / f"{case}_seg.dcm",
                                            class_names=names)
             server.upload([seg])
             segs[case] = str(seg)
@@ -89,8 +89,8 @@ def main(argv=None) -> int:
             out = dicom.convert_folder(args.images, args.out, cases=args.cases)
             print(json.dumps({case: len(files) for case, files in out.items()}))
             return 0
-        server = (dicom.Orthanc.start(args.work_dir, args.port) if args.cmd == "serve"
-                  else dicom.Orthanc.connect(args.url))
+        server = (pacs.Orthanc.start(args.work_dir, args.port) if args.cmd == "serve"
+                  else pacs.Orthanc.connect(args.url))
         try:
             if args.images:
                 with tempfile.TemporaryDirectory() as tmp:

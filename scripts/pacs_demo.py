@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "apps" / "ssl_medsam2"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ssl_medsam2 import dicom  # noqa: E402
+from ssl_medsam2 import pacs  # noqa: E402
 
 
 @dataclass
@@ -44,10 +44,10 @@ class MonaiLabelServer:
     _log: object = field(default=None, repr=False)
 
     def log_tail(self, n: int = 60) -> str:
-        return dicom.tail_lines(self.log_path, n)
+        return pacs.tail_lines(self.log_path, n)
 
     def stop(self) -> None:
-        dicom.stop_process_group(self.process, grace_s=30)
+        pacs.stop_process_group(self.process, grace_s=30)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -59,7 +59,7 @@ def start_monailabel(studies: str, work_dir: str | os.PathLike, *, port: int | N
     """Start the app on ``studies`` (a folder or a DICOMweb URL); state and caches live in ``work_dir``."""
     work_dir = Path(work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
-    port = port or dicom.free_port()
+    port = port or pacs.free_port()
     conf = {"app.state_dir": str(work_dir / "state"), **(conf or {})}
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies", str(studies),
            "--host", "127.0.0.1", "--port", str(port)]
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     from orthanc import upload
 
     work = Path(args.work_dir).resolve()
-    orthanc = dicom.Orthanc.start(work / "orthanc", args.orthanc_port)
+    orthanc = pacs.Orthanc.start(work / "orthanc", args.orthanc_port)
     server = None
     try:
         if args.images:

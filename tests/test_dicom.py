@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from ssl_medsam2 import dicom
+from ssl_medsam2 import dicom, dicom_seg, pacs
 from ssl_medsam2.io import InputError, load_volume
 
 
@@ -80,23 +80,23 @@ def test_bad_input_is_named_and_leaves_nothing(tmp_path):
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
-    if dicom.orthanc_binary() is None:
+    if pacs.orthanc_binary() is None:
         pytest.skip("Orthanc not installed (Debian packages: orthanc orthanc-dicomweb)")
-    server = dicom.Orthanc.start(tmp_path_factory.mktemp("orthanc"))
+    server = pacs.Orthanc.start(tmp_path_factory.mktemp("orthanc"))
     yield server
     server.stop()
 
 
 def test_orthanc_dicomweb_lists_uploaded_cases_and_labels(orthanc, chaos_dir, tmp_path):
-    if dicom.dcmqi_tool() is None:
+    if dicom_seg.dcmqi_tool() is None:
         pytest.skip("dcmqi not installed (pip install dcmqi)")
     # loopback only, DICOMweb Host carries the port (retrieve URLs would lose it otherwise)
     cfg = json.loads((orthanc.work_dir / "config" / "orthanc.json").read_text())
     assert cfg["RemoteAccessAllowed"] is False and cfg["DicomServerEnabled"] is False
     assert str(orthanc.work_dir) in cfg["StorageDirectory"]
     cases = ["chaos_01", "chaos_02"]
-    series = dicom.upload_folder(orthanc, chaos_dir / "imagesTr", tmp_path / "dcm", cases=cases)
-    seg = dicom.label_to_dicom_seg(chaos_dir / "labelsTr" / "chaos_01.nii.gz", tmp_path / "dcm" / "chaos_01",
+    series = pacs.upload_folder(orthanc, chaos_dir / "imagesTr", tmp_path / "dcm", cases=cases)
+    seg = dicom_seg.label_to_dicom_seg(chaos_dir / "labelsTr" / "chaos_01.nii.gz", tmp_path / "dcm" / "chaos_01",
                                    tmp_path / "seg.dcm", class_names={1: "liver", 2: "right kidney",
                                                                       3: "left kidney", 4: "spleen"})
     orthanc.upload([seg])

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, downsample_case, load_script
-from ssl_medsam2 import dicom
+from ssl_medsam2 import dicom, dicom_seg, pacs
 
 ARTIFACTS = REPO / "tests" / "artifacts" / "ohif"
 CHROMIUM = "/usr/bin/chromium"
@@ -40,8 +40,8 @@ def _pacs_demo():
 
 @pytest.fixture(scope="module")
 def stack(chaos_dir, tmp_path_factory):
-    missing = [what for what, ok in (("Orthanc (apt: orthanc orthanc-dicomweb)", dicom.orthanc_binary()),
-                                     ("dcmqi (pip: dcmqi)", dicom.dcmqi_tool())) if not ok]
+    missing = [what for what, ok in (("Orthanc (apt: orthanc orthanc-dicomweb)", pacs.orthanc_binary()),
+                                     ("dcmqi (pip: dcmqi)", dicom_seg.dcmqi_tool())) if not ok]
     if missing:
         pytest.skip("missing: " + ", ".join(missing))
     root = tmp_path_factory.mktemp("ohif")
@@ -50,12 +50,12 @@ def stack(chaos_dir, tmp_path_factory):
         z = nib.load(str(img)).shape[2]
         downsample_case(img, chaos_dir / "labelsTr" / f"{case}.nii.gz", root / "images" / f"{case}_0000.nii.gz",
                         root / "labels" / f"{case}.nii.gz", factor=2, z_range=((z - 12) // 2, (z - 12) // 2 + 12))
-    orthanc = dicom.Orthanc.start(root / "orthanc")
+    orthanc = pacs.Orthanc.start(root / "orthanc")
     server = None
     try:
-        series = dicom.upload_folder(orthanc, root / "images", root / "dicom")
+        series = pacs.upload_folder(orthanc, root / "images", root / "dicom")
         for case in LABELLED:
-            orthanc.upload([dicom.label_to_dicom_seg(root / "labels" / f"{case}.nii.gz", root / "dicom" / case,
+            orthanc.upload([dicom_seg.label_to_dicom_seg(root / "labels" / f"{case}.nii.gz", root / "dicom" / case,
                                                      root / "dicom" / f"{case}_seg.dcm", class_names={1: "liver"})])
         server = _pacs_demo().start_monailabel(
             orthanc.dicomweb_url, root / "work",
