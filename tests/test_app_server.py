@@ -5,7 +5,6 @@ time low), SAM2 with random weights at 64 px. The tests run in order and share t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -233,8 +232,6 @@ def test_scoring_writes_scores_into_datastore(server):
     assert stored["objects"]["chaos_03"]["image"]["info"]["ssl_uncertainty"] == info["ssl_uncertainty"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ssl_medsam2.nnunet.rounds") is None,
-                    reason="ssl_medsam2.nnunet.rounds (the nnU-Net loop) is not in this tree yet")
 def test_batch_pseudo_labels_train_new_version_then_nnunet_infer(server):
     url, studies = server["url"], server["studies"]
     # batch pseudo-labelling on CPU (the atlas engine: same task class as sam2_fewshot, cheaper on CPU)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,13 +83,6 @@ class RegistrationSettings:
             if k in cls.__dataclass_fields__:
                 kw[k] = tuple(v) if isinstance(v, list) else v
         return cls(**kw)
-
-
-@dataclass
-class RegistrationResult:
-    transform: sitk.Transform  # maps query (fixed) physical points to support (moving) points
-    metric_affine: float
-    timings: dict
 
 
 def prepare(volume: Volume, settings: RegistrationSettings,
@@ -272,17 +264,6 @@ def deformable_stage(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transfo
     if settings.deformable in ("none", None, False):
         return affine
     raise ValueError(f"unknown deformable stage '{settings.deformable}' (bspline, demons or none)")
-
-
-def register(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings,
-             moving_mask: sitk.Image | None = None) -> RegistrationResult:
-    """Transform mapping ``fixed`` (query) points to ``moving`` (support) points."""
-    t0 = time.perf_counter()
-    affine, metric = affine_stage(fixed, moving, settings, moving_mask)
-    t1 = time.perf_counter()
-    tx = deformable_stage(fixed, moving, affine, settings, moving_mask)
-    t2 = time.perf_counter()
-    return RegistrationResult(tx, metric, {"affine_s": round(t1 - t0, 3), "deformable_s": round(t2 - t1, 3)})
 
 
 def warp_label_probabilities(label: Volume, classes, query: Volume, transform: sitk.Transform) -> np.ndarray:

@@ -31,12 +31,6 @@ class EnsembleEngine:
         self.engines = list(engines)
         self.weights = w / w.sum()
 
-    @classmethod
-    def from_config(cls, cfg: dict) -> "EnsembleEngine":
-        from . import build_engine
-
-        return cls([build_engine("sam2", cfg), build_engine("atlas", cfg)])
-
     def work_units(self, supports: Sequence[Case], query: Case, classes: Sequence[int]) -> int:
         return sum(e.work_units(supports, query, classes) for e in self.engines)
 
