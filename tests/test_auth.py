@@ -1,4 +1,4 @@
-"""MONAI Label Keycloak RBAC works with PyJWT 2 through apps/ssl_medsam2/auth.py.
+"""MONAI Label Keycloak RBAC works with PyJWT 2 through apps/ssl_medsam2/monailabel_085.py.
 
 A local token issuer (Keycloak-shaped realm document, OpenID configuration, JWKS and a password-grant
 token endpoint) runs in a thread with a freshly generated RSA key; the real app runs in a MONAI Label
@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
-import os
 import threading
 import time
 import urllib.parse
@@ -27,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from conftest import REPO, downsample_case, load_script
 
-APP_AUTH = REPO / "apps" / "ssl_medsam2" / "auth.py"
+APP_FIXES = REPO / "apps" / "ssl_medsam2" / "monailabel_085.py"
 ROLES = {"admin": ["monailabel-admin", "monailabel-reviewer", "monailabel-annotator", "monailabel-user"],
          "annotator": ["monailabel-annotator", "monailabel-user"],
          "viewer": ["monailabel-user"],
@@ -113,13 +112,10 @@ class Issuer:
 
 
 def _load_auth_module():
-    spec = importlib.util.spec_from_file_location("ssl_medsam2_app_auth", APP_AUTH)
+    """The app's fix module, imported without installing anything in this process."""
+    spec = importlib.util.spec_from_file_location("ssl_medsam2_monailabel_085", APP_FIXES)
     mod = importlib.util.module_from_spec(spec)
-    os.environ["SSL_MEDSAM2_NO_AUTH_PATCH"] = "1"  # test the functions without patching this process
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        os.environ.pop("SSL_MEDSAM2_NO_AUTH_PATCH")
+    spec.loader.exec_module(mod)
     return mod
 
 
@@ -160,7 +156,7 @@ def _pacs_demo():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, chaos_dir):
-    """The real app (apps/ssl_medsam2, whose main.py imports auth.py) with Keycloak auth on."""
+    """The real app (apps/ssl_medsam2, whose main.py installs monailabel_085.py) with Keycloak auth on."""
     root = tmp_path_factory.mktemp("auth")
     studies = root / "studies"
     downsample_case(chaos_dir / "imagesTr" / "chaos_01_0000.nii.gz", chaos_dir / "labelsTr" / "chaos_01.nii.gz",
@@ -227,7 +223,8 @@ def test_password_login_through_the_server(server):
     assert r.status_code == 200, r.text
     token = r.json()["access_token"]
     assert httpx.get(f"{url}/info/", headers=_h(token)).status_code == 200
-    assert httpx.post(f"{url}/auth/token", data={"username": "annotator", "password": "wrong"}).status_code >= 400
+    r = httpx.post(f"{url}/auth/token", data={"username": "annotator", "password": "wrong"})
+    assert r.status_code == 401 and "invalid" in r.json()["detail"], r.text
 
 
 def test_ohif_static_files_load_without_a_token(server):

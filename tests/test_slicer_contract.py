@@ -74,9 +74,9 @@ def _model(info: dict) -> str:
 
 def test_slicer_session(server, client, tmp_path):
     url = server["url"]
-    # the app hooks the PyJWT 2 auth fix and the DICOMweb fixes (apps/ssl_medsam2/main.py imports them)
+    # the app installs its MONAI Label 0.8.5 fixes (token check, DICOMweb; apps/ssl_medsam2/monailabel_085.py)
     log = server["server"].log_path.read_text(errors="replace")
-    assert "ssl_medsam2 auth: PyJWT 2 token check installed" in log and "ssl_medsam2 dicomweb:" in log
+    assert "ssl_medsam2: MONAI Label 0.8.5 fixes installed" in log and "ssl_medsam2 dicomweb:" in log
     # 1. connect: /info drives the module's model, strategy and trainer lists and its label names
     info = client.info()
     model = _model(info)

@@ -4,7 +4,7 @@ learning with leases, scoring and continuous retraining; a thin shell over the `
 Start:  python -m monailabel.main start_server --app apps/ssl_medsam2 --studies DIR --host 127.0.0.1 --port 8000
 Any project config key can be overridden with ``--conf section.key value`` (e.g. ``--conf sam2.checkpoint
 /path/MedSAM2_latest.pt``, ``--conf nnunet.epochs 2``, ``--conf app.lease_hours 2``).
-Other apps (OHIF / auth) can reuse :func:`create_app` and :func:`lib.routes.install_routes`.
+Other apps can reuse :func:`create_app` and :func:`lib.routes.install_routes`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import sys
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 
-import auth  # noqa: F401  Keycloak token check for PyJWT 2 + token-free /ohif/ (apps/ssl_medsam2/auth.py)
-import dicomweb  # noqa: F401  DICOMweb mode: offline dcmqi, labelled state fresh after saves (dicomweb.py)
+import monailabel_085  # every MONAI Label 0.8.5 workaround (token check, DICOMweb, datastore file, routes)
 from lib.activelearning import LeasedStrategy
 from lib.infers import FewShotInfer, NnUNetInfer
 from lib.retrain import RetrainScheduler
@@ -26,6 +25,7 @@ from lib.trainers import SSLNnUNetTrain
 from lib.workspace import FINAL_TAG, Workspace
 
 log = logging.getLogger(__name__)
+monailabel_085.install()
 
 TRAINER = "ssl_nnunet"
 
@@ -33,6 +33,7 @@ TRAINER = "ssl_nnunet"
 class SSLMedSAM2App(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.workspace: Workspace | None = None
+        self.datastore_recovery: str | None = None
         self._pre_conf = dict(conf or {})
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="SSL-MedSAM2",
                          description="Semi-supervised 3D segmentation: few-shot SAM2 pseudo labels + nnU-Net rounds",
@@ -45,44 +46,57 @@ class SSLMedSAM2App(MONAILabelApp):
 
     # -- construction (light: no model is loaded here; child processes rebuild all of this) --
     def init_datastore(self):
-        ds = super().init_datastore()
+        from monailabel.config import settings
+
+        if self.studies.startswith(("http://", "https://")):
+            ds = super().init_datastore()
+        else:  # MONAI Label's local datastore, its file written atomically and recovered when damaged
+            self.datastore_recovery = monailabel_085.recover_datastore_file(self.studies)
+            ds = monailabel_085.local_datastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                                                auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                                                read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
         self.workspace = Workspace(self.app_dir, self.studies, self._pre_conf, ds)
         return ds
 
     def init_infers(self):
         ws = self.workspace
-        return {
+        self.infer_tasks = {
             "sam2_fewshot": FewShotInfer(ws, "sam2", "TFFS-MedSAM2: training-free few-shot SAM2 propagation from "
                                                      "the labelled images (supports)"),
             "atlas_fewshot": FewShotInfer(ws, "atlas", "Few-shot atlas registration from the labelled images"),
             "nnunet": NnUNetInfer(ws),
         }
+        return self.infer_tasks
 
     def init_trainers(self):
-        return {TRAINER: SSLNnUNetTrain(self.workspace)}
+        self.train_tasks = {TRAINER: SSLNnUNetTrain(self.workspace)}
+        return self.train_tasks
 
     def init_strategies(self):
         names = ("uncertainty", "disagreement", "diversity", "random", "first", "most_confident")
-        return {n: LeasedStrategy(self.workspace, n) for n in names}
+        self.strategy_tasks = {n: LeasedStrategy(self.workspace, n) for n in names}
+        return self.strategy_tasks
 
     def init_scoring_methods(self):
-        return {"uncertainty": UncertaintyScoring(self.workspace),
-                "disagreement": DisagreementScoring(self.workspace)}
+        self.scoring_tasks = {"uncertainty": UncertaintyScoring(self.workspace),
+                              "disagreement": DisagreementScoring(self.workspace)}
+        return self.scoring_tasks
 
     # -- behaviour --
     def model_availability(self, model: str) -> tuple[bool, str]:
-        task = self._infers.get(model)
+        task = self.infer_tasks.get(model)
         if task is None:
             return False, f"unknown model '{model}'"
         return task.availability() if hasattr(task, "availability") else (task.is_valid(), "")
 
     def info(self):
         meta = super().info()
-        meta["unavailable_models"] = {k: r for k in self._infers for ok, r in [self.model_availability(k)] if not ok}
+        meta["unavailable_models"] = {k: r for k in self.infer_tasks for ok, r in [self.model_availability(k)] if not ok}
         meta["ssl_medsam2"] = {"state_dir": str(self.workspace.state_dir),
                                "deployed_model": (self.workspace.registry.current() or {}).get("id"),
                                "pseudo_tag": self.workspace.pseudo_tag,
                                "lease_hours": self.workspace.leases.ttl_s / 3600,
+                               "datastore_recovery": self.datastore_recovery,
                                "retrain": self.retrain.state() if hasattr(self, "retrain") else None}
         return meta
 
@@ -109,14 +123,15 @@ class SSLMedSAM2App(MONAILabelApp):
 
     def next_sample(self, request):
         strategy = request.get("strategy") or "random"
-        if strategy not in self._strategies:
+        if strategy not in self.strategy_tasks:
             raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"unknown strategy '{strategy}'")
         return super().next_sample(request)
 
     def on_label_saved(self, image_id: str, tag: str, user: str) -> dict:
-        """After a validated save: release the image's lease; final labels count towards retraining."""
-        self.workspace.leases.release(image_id)
-        res = {"lease_released": True}
+        """After a validated save: a final label ends the image's lease (whoever held it: the image is
+        labelled now), any other save only the saver's own lease; final labels count towards retraining."""
+        released = self.workspace.leases.release(image_id, holder=None if tag == FINAL_TAG else user)
+        res = {"lease_released": released}
         if tag == FINAL_TAG:
             res.update(self.retrain.label_saved(image_id))
         log.info("label saved: %s (%s) by %s", image_id, tag, user)
@@ -126,9 +141,9 @@ class SSLMedSAM2App(MONAILabelApp):
         super().on_init_complete()
         server = sys.modules.get("monailabel.app")  # only in the server process, never in child processes
         if server is not None:
-            from lib.routes import install_routes
+            from lib.routes import build_router
 
-            install_routes(server.app, self)
+            monailabel_085.install_server_routes(server.app, build_router(self))
 
 
 def create_app(app_dir: str, studies: str, conf: dict | None = None) -> SSLMedSAM2App:

@@ -2,9 +2,15 @@
 
 The lease book is one JSON file guarded by a file lock, so the MONAI Label server, its training and
 scoring child processes and several worker threads all see the same leases. Leases expire on their
-own (default one hour) so an annotator who walks away does not block an image forever; saving a
-label releases the image's lease at once. Choosing and leasing happen under the same lock, so two
-clients asking at the same moment can never be handed the same image.
+own (default one hour) so an annotator who walks away does not block an image forever. Choosing and
+leasing happen under the same lock, so two clients asking at the same moment can never be handed the
+same image.
+
+Who may end a lease: its holder (``release(image, holder=...)``), whoever labels the image for good
+(the app's final save calls ``release(image)``), and time. A holder works on one image at a time:
+asking for another releases their previous lease, so nobody can collect leases by asking repeatedly.
+Clients with no verified identity (no token) are ``anonymous``: together they may hold at most
+``anonymous_limit`` leases, so self-declared names cannot lock every image.
 """
 
 from __future__ import annotations
@@ -30,9 +36,14 @@ class Lease:
     since: float
     expires: float
     strategy: str = ""
+    anonymous: bool = False
 
     def active(self, now: float) -> bool:
         return self.expires > now
+
+
+class LeaseLimitError(RuntimeError):
+    """Anonymous clients already hold as many leases as allowed."""
 
 
 class LeaseBook:
@@ -72,13 +83,18 @@ class LeaseBook:
         return {k for k, v in self.active(now).items() if v.holder != holder}
 
     def acquire(self, image: str, holder: str, ttl_s: float | None = None, strategy: str = "",
-                now: float | None = None) -> Lease | None:
+                now: float | None = None, **kw) -> Lease | None:
         """Lease ``image`` to ``holder`` (renewing their own lease); None if someone else holds it."""
-        return self.acquire_first([image], holder, ttl_s=ttl_s, strategy=strategy, now=now)
+        return self.acquire_first([image], holder, ttl_s=ttl_s, strategy=strategy, now=now, **kw)
 
     def acquire_first(self, ranked: Sequence[str], holder: str, ttl_s: float | None = None,
-                      strategy: str = "", exclude: Iterable[str] = (), now: float | None = None) -> Lease | None:
-        """Lease the first image of ``ranked`` nobody else holds (and not in ``exclude``), atomically."""
+                      strategy: str = "", exclude: Iterable[str] = (), now: float | None = None,
+                      anonymous: bool = False, anonymous_limit: int | None = None) -> Lease | None:
+        """Lease the first image of ``ranked`` nobody else holds (and not in ``exclude``), atomically.
+
+        The holder's other leases end (one image at a time). An ``anonymous`` holder gets
+        :class:`LeaseLimitError` when anonymous clients already hold ``anonymous_limit`` leases.
+        """
         now = time.time() if now is None else now
         ttl = self.ttl_s if ttl_s is None else float(ttl_s)
         skip = set(exclude)
@@ -90,9 +106,15 @@ class LeaseBook:
                 cur = leases.get(image)
                 if cur is not None and cur.holder != holder:
                     continue
-                lease = Lease(image, holder, cur.since if cur else now, now + ttl, strategy)
-                leases[image] = lease
-                self._write(leases)
+                others = {k: v for k, v in leases.items() if v.holder != holder}
+                if anonymous and anonymous_limit is not None and cur is None:
+                    held = sum(1 for v in others.values() if v.anonymous)
+                    if held >= anonymous_limit:
+                        raise LeaseLimitError(f"clients without a token already hold {held} leases "
+                                              f"(limit {anonymous_limit}); try again when one is saved or expires")
+                lease = Lease(image, holder, cur.since if cur else now, now + ttl, strategy, anonymous)
+                others[image] = lease
+                self._write(others)
                 return lease
             self._write(leases)  # drops expired leases
             return None

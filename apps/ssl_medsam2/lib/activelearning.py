@@ -1,8 +1,9 @@
 """Strategy adapters: gather per-image scores from the datastore, rank with ssl_medsam2.strategies, and
 lease the first image nobody else holds (leases make two annotators never get the same volume).
 
-The request's ``client_id`` names the annotator (the app's route fills it from the request's
-``client_id`` / ``user`` or the authenticated user).
+The request's ``client_id`` names the annotator: the app's route sets it to the token's user when auth
+is on, else to what the client declared (``client_id`` / ``user``, or ``anonymous``), with
+``ssl_anonymous`` true; anonymous clients together hold at most ``app.anonymous_leases`` leases.
 """
 
 from __future__ import annotations
@@ -76,9 +77,11 @@ class LeasedStrategy(Strategy):
         candidates = self.ws.unlabelled()
         if not candidates:
             return {}
-        holder = str(request.get("client_id") or request.get("user") or "anonymous")
+        holder = str(request.get("client_id") or "anonymous")
+        anonymous = request.get("ssl_anonymous", True) is not False
         ranked = self.rank(candidates, request)
-        lease = self.ws.leases.acquire_first(ranked, holder, strategy=self.name)
+        lease = self.ws.leases.acquire_first(ranked, holder, strategy=self.name, anonymous=anonymous,
+                                             anonymous_limit=int(self.ws.limit("anonymous_leases", 4)))
         if lease is None:
             log.info("%s: every unlabelled image is leased to someone else", self.name)
             return {}

@@ -34,16 +34,25 @@ def label_names(cfg: dict) -> dict[str, int]:
     return {str(v): int(k) for k, v in names.items()}
 
 
-def write_result(label: np.ndarray, image: Volume, request: dict) -> str:
-    """Write a canonical-order label on the image's source grid in the requested format; returns the path."""
+RESULT_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+
+
+def result_format(request: dict) -> tuple[str, np.dtype, bool]:
+    """(extension, dtype, compress) the client asked for; InputError before any computation otherwise."""
     ext = str(request.get("result_extension") or ".nii.gz")
     ext = ext if ext.startswith(".") else "." + ext
     if ext not in RESULT_EXTENSIONS:
         raise InputError(None, f"result_extension '{ext}' is not supported (choose from {', '.join(RESULT_EXTENSIONS)})")
-    dtype = np.dtype(str(request.get("result_dtype") or "uint8"))
-    if dtype.kind not in "uif":
-        raise InputError(None, f"result_dtype '{dtype}' is not a numeric type")
+    dtype = str(request.get("result_dtype") or "uint8")
+    if dtype not in RESULT_DTYPES:
+        raise InputError(None, f"result_dtype '{dtype}' is not supported (choose from {', '.join(RESULT_DTYPES)})")
     compress = str(request.get("result_compress", "true")).lower() not in ("false", "0", "no")
+    return ext, np.dtype(dtype), compress
+
+
+def write_result(label: np.ndarray, image: Volume, request: dict) -> str:
+    """Write a canonical-order label on the image's source grid in the requested format; returns the path."""
+    ext, dtype, compress = result_format(request)
     fd, nii = tempfile.mkstemp(suffix=".nii.gz" if ext != ".nii" else ".nii", prefix="ssl_medsam2_")
     os.close(fd)
     save_like(label, image, nii, dtype=dtype, description="ssl-medsam2 label")

@@ -2,7 +2,9 @@
 
 Labels arrive as NIfTI (REST, Slicer), NRRD (Slicer) or raw uint8 bytes in Fortran order (OHIF's
 ``label.bin``); each is checked against its image (shape, and affine / origin / spacing / direction)
-and rewritten as a uint8 NIfTI on exactly the image's grid and header.
+and rewritten as a uint8 NIfTI on exactly the image's grid and header. Class ids outside the app's
+label set are refused, naming them. Sizes are checked from the file header before any voxel is
+decompressed, so a small gzip bomb cannot make the server inflate gigabytes.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ssl_medsam2.io import InputError, load_label_for, load_volume, save_like
+from ssl_medsam2.io import InputError, label_values, load_label_for, load_volume, save_like
 
 NIFTI = (".nii.gz", ".nii")
 
@@ -27,10 +29,66 @@ def suffix_of(filename: str | None, default: str = ".nii.gz") -> str:
     return "".join(Path(name).suffixes) or default
 
 
-def _tmp(suffix: str) -> str:
-    fd, p = tempfile.mkstemp(suffix=suffix, prefix="ssl_medsam2_upload_")
+def _tmp(suffix: str, work_dir: str | os.PathLike | None = None) -> str:
+    fd, p = tempfile.mkstemp(suffix=suffix, prefix="ssl_medsam2_upload_", dir=work_dir)
     os.close(fd)
     return p
+
+
+def declared_shape(path: str, shown_name: str) -> tuple[int, ...]:
+    """The voxel grid a file's header declares, read without decompressing any voxel data."""
+    try:
+        if path.endswith(NIFTI):
+            return tuple(int(n) for n in nib.load(path).header.get_data_shape())
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(path)
+        reader.ReadImageInformation()
+        return tuple(int(n) for n in reader.GetSize()) + ((reader.GetNumberOfComponents(),)
+                                                           if reader.GetNumberOfComponents() > 1 else ())
+    except Exception as exc:
+        raise InputError(shown_name, f"unreadable image header ({type(exc).__name__})") from exc
+
+
+def check_declared_size(path: str, shown_name: str, max_voxels: int) -> tuple[int, ...]:
+    """Refuse a file whose header declares more than ``max_voxels`` voxels, or a gzipped NIfTI that
+    holds more data than its header declares; both found without holding more than 1 MB in memory."""
+    shape = declared_shape(path, shown_name)
+    n = int(np.prod([max(1, s) for s in shape], dtype=np.float64))
+    if n > max_voxels:
+        raise InputError(shown_name, f"declares {shape} = {n} voxels, more than the server accepts "
+                                     f"({max_voxels}, app.max_upload_voxels)")
+    if path.endswith(".nii.gz"):
+        img = nib.load(path)
+        expected = int(getattr(img.dataobj, "offset", 352)) + n * int(img.header.get_data_dtype().itemsize)
+        _check_gzip_length(path, expected, shown_name)
+    return shape
+
+
+def _check_gzip_length(path: str, limit: int, shown_name: str) -> None:
+    """Decompress in 1 MB steps and stop as soon as the data exceeds ``limit`` bytes (gzip bombs)."""
+    import zlib
+
+    total, step = 0, 1 << 20
+    with open(path, "rb") as fh:
+        while True:  # one gzip member after another (concatenated members are valid gzip)
+            z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            data = fh.read(step)
+            while data:
+                total += len(z.decompress(data, step))
+                while z.unconsumed_tail and total <= limit + 4096:
+                    total += len(z.decompress(z.unconsumed_tail, step))
+                if total > limit + 4096:  # NIfTI extensions are inside the data offset; allow some padding
+                    raise InputError(shown_name, f"holds more than the {limit} bytes its header declares "
+                                                 f"(decompression stopped)")
+                if z.eof:
+                    break
+                data = fh.read(step)
+            rest = z.unused_data + fh.read(2)
+            if not z.eof or not rest.strip(b"\0"):
+                return
+            fh.seek(-len(rest), 1)
 
 
 def check_image(path: str, shown_name: str) -> None:
@@ -51,38 +109,49 @@ def check_image(path: str, shown_name: str) -> None:
         raise InputError(shown_name, f"expected a 3D volume, got {img.GetDimension()}D")
 
 
-def prepare_label(image_path: str, upload: str, shown_name: str) -> str:
-    """Validate an uploaded label against its image; returns a temp uint8 NIfTI on the image grid."""
+def prepare_label(image_path: str, upload: str, shown_name: str, allowed: set[int] | None = None,
+                  work_dir: str | os.PathLike | None = None) -> str:
+    """Validate an uploaded label against its image (grid, and class ids in ``allowed`` when given);
+    returns a temp uint8 NIfTI on the image grid (in ``work_dir``)."""
     if not image_path.endswith(NIFTI):
         raise InputError(image_path, "labels can only be checked against NIfTI images in this app")
     image = load_volume(image_path)
     ext = suffix_of(upload)
     try:
         if ext == ".bin":
-            raw = np.fromfile(upload, dtype=np.uint8)
             n = int(np.prod(image.source_shape))
-            if raw.size != n:
-                raise InputError(shown_name, f"raw label has {raw.size} bytes; the image {image.source_shape} "
-                                             f"needs {n} (uint8, one per voxel)")
-            src = raw.reshape(image.source_shape, order="F")
-            path = _tmp(".nii.gz")
-            nib.save(nib.Nifti1Image(src, image.source_affine, image.source_header), path)
-            label = load_label_for(image, path)
-            os.unlink(path)
-        elif ext in NIFTI:
-            label = load_label_for(image, upload)
+            if os.path.getsize(upload) != n:
+                raise InputError(shown_name, f"raw label has {os.path.getsize(upload)} bytes; the image "
+                                             f"{image.source_shape} needs {n} (uint8, one per voxel)")
+            src = np.fromfile(upload, dtype=np.uint8).reshape(image.source_shape, order="F")
+            path = _tmp(".nii.gz", work_dir)
+            try:
+                nib.save(nib.Nifti1Image(src, image.source_affine, image.source_header), path)
+                label = load_label_for(image, path)
+            finally:
+                os.unlink(path)
         else:
-            label = _label_from_itk(image, image_path, upload, shown_name)
+            shape = check_declared_size(upload, shown_name, int(np.prod(image.source_shape)))
+            if tuple(shape[:3]) != tuple(image.source_shape) or any(s > 1 for s in shape[3:]):
+                raise InputError(shown_name, f"label shape {shape} does not match image shape {image.source_shape}")
+            if ext in NIFTI:
+                label = load_label_for(image, upload)
+            else:
+                label = _label_from_itk(image, image_path, upload, shown_name, work_dir)
     except InputError as exc:
         raise InputError(shown_name, exc.problem.replace(upload, shown_name)) from exc
-    if label.array.max() > 255:
-        raise InputError(shown_name, f"label has class id {int(label.array.max())} > 255")
-    out = _tmp(".nii.gz")
+    if allowed is not None:
+        bad = sorted(set(int(v) for v in np.unique(label.array)) - set(allowed))
+        if bad:
+            raise InputError(shown_name, f"class ids {bad} are not in the app's label set {sorted(allowed)} "
+                                         f"(input.class_names)")
+    label_values(label.array, shown_name, max_id=255)  # stored as uint8
+    out = _tmp(".nii.gz", work_dir)
     save_like(label.array.astype(np.uint8), image, out, dtype=np.uint8, description="ssl-medsam2 saved label")
     return out
 
 
-def _label_from_itk(image, image_path: str, upload: str, shown_name: str):
+def _label_from_itk(image, image_path: str, upload: str, shown_name: str, work_dir=None):
     """NRRD / MHA labels: compare physical geometry with the image as SimpleITK sees both."""
     import SimpleITK as sitk
 
@@ -100,14 +169,9 @@ def _label_from_itk(image, image_path: str, upload: str, shown_name: str):
         if not np.allclose(a, b, atol=1e-3):
             raise InputError(shown_name, f"label {what} {tuple(round(x, 4) for x in a)} differs from the image "
                                          f"{what} {tuple(round(x, 4) for x in b)}")
-    arr = sitk.GetArrayFromImage(lab).transpose(2, 1, 0)  # NIfTI voxel order of the image file
-    if not np.issubdtype(arr.dtype, np.integer):
-        if np.abs(np.rint(arr) - arr).max() > 1e-3:
-            raise InputError(shown_name, "label has non-integer values; expected integer class ids")
-    if arr.min() < 0:
-        raise InputError(shown_name, f"label has negative class id {int(arr.min())}")
-    path = _tmp(".nii.gz")
-    nib.save(nib.Nifti1Image(np.rint(arr).astype(np.uint8), image.source_affine, image.source_header), path)
+    arr = label_values(sitk.GetArrayFromImage(lab).transpose(2, 1, 0), shown_name, max_id=255)  # NIfTI voxel order
+    path = _tmp(".nii.gz", work_dir)
+    nib.save(nib.Nifti1Image(arr.astype(np.uint8), image.source_affine, image.source_header), path)
     try:
         return load_label_for(image, path)
     finally:

@@ -131,7 +131,23 @@ class Workspace:
         self.leases = LeaseBook(self.state_dir / "leases.json", ttl_s=float(acfg.get("lease_hours", 1.0)) * 3600)
         self.pseudo_tag = str(acfg.get("pseudo_tag", "pseudo"))
 
+    @property
+    def label_ids(self) -> set[int]:
+        """Class ids a saved label may hold: background, ``input.class_names`` and ``input.classes``."""
+        inp = self.cfg.get("input", {})
+        return {0} | {int(k) for k in (inp.get("class_names") or {})} | {int(c) for c in (inp.get("classes") or [])}
+
+    def limit(self, key: str, default: float) -> float:
+        """A numeric ``app.`` limit (anonymous_leases, max_upload_voxels, max_upload_mb)."""
+        value = self.cfg["app"].get(key)
+        return default if value is None else float(value)
+
     # -- folders --
+    @property
+    def scratch_root(self) -> Path:
+        """Per-request temporary files (uploads being checked); each request removes its own folder."""
+        return self.state_dir / "scratch"
+
     @property
     def fewshot_dir(self) -> Path:
         """Few-shot outputs (labels/, probabilities/, entropy/, summaries/) of the latest few-shot infer."""

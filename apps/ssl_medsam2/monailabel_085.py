@@ -1,0 +1,520 @@
+"""Every workaround for MONAI Label 0.8.5 in one place (this app patches nothing else of MONAI Label).
+
+``PATCHED_VERSION`` is the MONAI Label release these fixes were written and tested against; importing
+this module on another release stops the server at start (the fixes reach into that release's
+internals and must be re-checked, not silently applied). Public hooks are used where 0.8.5 has them
+(``MONAILabelApp.init_datastore``, ``on_init_complete``, FastAPI routes); the rest is named below.
+
+What and why:
+
+1. **Token check** (``from_token``): upstream calls ``jwt.decode`` without ``algorithms=``, which PyJWT 2
+   rejects, so with auth on every valid token fails. Ours pins asymmetric algorithms (an HS256 token
+   keyed with the public key, or ``alg: none``, is refused), takes the key from the Keycloak realm's
+   ``public_key`` or the issuer's JWKS by ``kid``, verifies signature and expiry, and reads roles from
+   ``MONAI_LABEL_AUTH_TOKEN_ROLES``. Replaces ``monailabel.endpoints.user.auth.from_token`` (looked up
+   at call time by ``get_current_user``, which every ``RBAC`` dependency uses).
+2. **Login** (``POST /auth/token``): upstream turns a wrong password into a 500 (``raise_for_status``);
+   ours answers 401 (502 when the issuer cannot be reached), never echoing the issuer's body.
+3. **OHIF** (``/ohif/``): upstream needs a token for static files (a browser cannot attach one to a
+   ``<script>`` load) and joins sub-paths with ``os.pathsep`` (returns index.html for every asset).
+   Ours serves the files token-free and path-correct, and, with auth on, puts a small login step in
+   front of the viewer: ``index.html`` first loads ``ssl_medsam2_auth.js``, which sends the user to
+   ``ssl_medsam2_login.html`` when there is no token, and adds ``Authorization: Bearer`` to every
+   same-origin request OHIF makes (XHR and fetch: DICOMweb proxy, MONAI Label panel).
+4. **Datastore file** (``LocalDatastore._update_datastore_file``): upstream truncates
+   ``datastore_v2.json`` and rewrites it in place, so readers see it empty or half-written, and a
+   server that finds it damaged refuses to start. Ours writes a temp file in the same folder, fsyncs
+   it, renames it over the old one, and keeps ``.datastore_v2.json.last_good``; at start a damaged
+   file is replaced by the last good copy (the damaged one kept beside it) and the server says so.
+5. **DICOMweb** (``DICOMWebDatastore``): dcmqi from the PyPI wheel (upstream downloads it at start);
+   the image list / labelled set caches (2 h by default) are cleared after every save and upload;
+   ``get_label_uri(image_id, "final")`` finds the DICOM-SEG referencing the image; SEGs are converted
+   to NIfTI (the app reads and geometry-checks NIfTI). Uses the datastore's private ``_client``.
+6. **Routes** (``install_in_front``): upstream's endpoints answer bad names with 500 and trust the
+   request; the app's guarded routes are put in front of them on the same paths (FastAPI matches in
+   order), so every client keeps the same API.
+
+Hooks: ``main.py`` calls :func:`install` at import (patches 1 and 5, in every process MONAI Label starts);
+``SSLMedSAM2App.init_datastore`` uses :func:`local_datastore` (4); ``on_init_complete`` calls
+:func:`install_server_routes` in the server process (2, 3, 6).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import mimetypes
+import os
+import threading
+import time
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, HTTPException
+from fastapi.security import OAuth2PasswordRequestForm
+
+logger = logging.getLogger(__name__)
+
+PATCHED_VERSION = "0.8.5"
+ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+LAST_GOOD_SUFFIX = ".last_good"
+
+_lock = threading.Lock()
+_installed = False
+
+
+def check_version() -> str:
+    """The installed MONAI Label version; RuntimeError unless it is the one these fixes were made for."""
+    import monailabel
+
+    found = str(getattr(monailabel, "__version__", "unknown"))
+    if found.split("+")[0] != PATCHED_VERSION:
+        raise RuntimeError(f"apps/ssl_medsam2 patches MONAI Label {PATCHED_VERSION} (monailabel_085.py) but "
+                           f"{found} is installed: install monailabel=={PATCHED_VERSION} or re-check every fix "
+                           f"listed in monailabel_085.py against {found}")
+    return found
+
+
+def _settings():
+    from monailabel.config import settings
+
+    return settings
+
+
+# ---------------------------------------------------------------- 1. token check
+_realm_cache: dict[str, dict] = {}
+_jwk_clients: dict[str, object] = {}
+
+
+def _realm_document(realm_uri: str) -> dict:
+    import requests
+
+    r = requests.get(realm_uri, timeout=_settings().MONAI_LABEL_AUTH_TIMEOUT)
+    r.raise_for_status()
+    return r.json()
+
+
+def signing_key(token: str, realm_uri: str):
+    """The issuer's public key for ``token``: Keycloak's realm ``public_key``, else the JWKS key by ``kid``."""
+    import jwt
+
+    doc = _realm_cache.get(realm_uri)
+    if doc is None:
+        try:
+            doc = _realm_document(realm_uri)
+        except Exception as exc:  # unreachable issuer: treat like any other failed check, never as a pass
+            raise jwt.InvalidTokenError(f"cannot fetch the auth realm {realm_uri}: {exc}") from exc
+        _realm_cache[realm_uri] = doc
+    if doc.get("public_key"):
+        return f"-----BEGIN PUBLIC KEY-----\n{doc['public_key']}\n-----END PUBLIC KEY-----"
+    client = _jwk_clients.get(realm_uri)
+    if client is None:
+        from monailabel.endpoints.user.auth import open_id_configuration
+
+        jwks_uri = doc.get("jwks_uri") or open_id_configuration(realm_uri).get("jwks_uri")
+        if not jwks_uri:
+            raise jwt.InvalidTokenError(f"auth realm {realm_uri} publishes neither public_key nor jwks_uri")
+        client = jwt.PyJWKClient(jwks_uri, cache_keys=True, timeout=_settings().MONAI_LABEL_AUTH_TIMEOUT)
+        _jwk_clients[realm_uri] = client
+    try:
+        return client.get_signing_key_from_jwt(token).key
+    except jwt.PyJWKClientError as exc:
+        raise jwt.InvalidTokenError(str(exc)) from exc
+
+
+def _roles(payload: dict, path: str) -> list[str]:
+    node = payload
+    for key in path.split("#"):
+        node = node.get(key) if isinstance(node, dict) else None
+    return [str(r) for r in node] if isinstance(node, (list, tuple)) else []
+
+
+def from_token(token: str):
+    """Drop-in for ``monailabel.endpoints.user.auth.from_token`` that names its algorithms."""
+    import jwt
+    from monailabel.endpoints.user.auth import DEFAULT_USER, User
+
+    s = _settings()
+    if not s.MONAI_LABEL_AUTH_ENABLE:
+        return DEFAULT_USER
+    if not token:
+        raise jwt.InvalidTokenError("no token")
+    header = jwt.get_unverified_header(token)
+    alg = header.get("alg")
+    if alg not in ASYMMETRIC_ALGORITHMS:
+        raise jwt.InvalidAlgorithmError(f"token algorithm {alg!r} is not allowed")
+    key = signing_key(token, s.MONAI_LABEL_AUTH_REALM_URI)
+    payload = jwt.decode(token, key, algorithms=[alg],
+                         options={"verify_signature": True, "verify_aud": False, "verify_exp": True,
+                                  "require": ["exp"]})
+    return User(username=payload.get(s.MONAI_LABEL_AUTH_TOKEN_USERNAME) or "",
+                email=payload.get(s.MONAI_LABEL_AUTH_TOKEN_EMAIL),
+                name=payload.get(s.MONAI_LABEL_AUTH_TOKEN_NAME),
+                roles=_roles(payload, s.MONAI_LABEL_AUTH_TOKEN_ROLES))
+
+
+# ---------------------------------------------------------------- 2. login
+def login_router() -> APIRouter:
+    r = APIRouter()
+
+    @r.post("/auth/token", summary="Log in with user name and password (401 when they are wrong)")
+    def access_token(form_data: OAuth2PasswordRequestForm = Depends()):
+        import requests
+        from monailabel.endpoints.user.auth import token_uri
+
+        s = _settings()
+        if not s.MONAI_LABEL_AUTH_ENABLE:
+            return {"access_token": None, "token_type": None}
+        data = {"client_id": s.MONAI_LABEL_AUTH_CLIENT_ID, "username": form_data.username,
+                "password": form_data.password, "grant_type": "password"}
+        try:
+            resp = requests.post(token_uri(), data=data, timeout=s.MONAI_LABEL_AUTH_TIMEOUT,
+                                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+        except requests.RequestException as exc:
+            raise HTTPException(502, detail="the auth server cannot be reached") from exc
+        if resp.status_code in (400, 401, 403):
+            raise HTTPException(401, detail="invalid user name or password",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if resp.status_code != 200:
+            raise HTTPException(502, detail=f"the auth server answered {resp.status_code}")
+        return resp.json()
+
+    return r
+
+
+# ---------------------------------------------------------------- 3. OHIF
+TOKEN_JS = r"""
+(function () {
+  var KEY = 'ssl_medsam2_token', LOGIN = '/ohif/ssl_medsam2_login.html';
+  var origin = window.location.origin;
+  function token() { return window.sessionStorage.getItem(KEY); }
+  function same(url) { try { return new URL(url, window.location.href).origin === origin; } catch (e) { return false; } }
+  function toLogin() {
+    window.sessionStorage.removeItem(KEY);
+    window.location.replace(LOGIN + '?next=' + encodeURIComponent(window.location.pathname + window.location.search));
+  }
+  var st = new XMLHttpRequest();  // synchronous on purpose: decide before OHIF starts
+  st.open('GET', '/auth/', false);
+  st.send();
+  var enabled = false;
+  try { enabled = st.status === 200 && JSON.parse(st.responseText).enabled === true; } catch (e) {}
+  if (!enabled) return;
+  if (!token()) { window.stop(); toLogin(); return; }
+  var open = XMLHttpRequest.prototype.open, send = XMLHttpRequest.prototype.send;
+  XMLHttpRequest.prototype.open = function (method, url) { this.__sslUrl = url; return open.apply(this, arguments); };
+  XMLHttpRequest.prototype.send = function () {
+    var xhr = this;
+    if (same(xhr.__sslUrl)) {
+      try { xhr.setRequestHeader('Authorization', 'Bearer ' + token()); } catch (e) {}
+      xhr.addEventListener('load', function () { if (xhr.status === 401) toLogin(); });
+    }
+    return send.apply(this, arguments);
+  };
+  var fetch0 = window.fetch;
+  window.fetch = function (input, init) {
+    var url = typeof input === 'string' ? input : (input && input.url) || String(input);
+    if (!same(url)) return fetch0.call(this, input, init);
+    init = Object.assign({}, init || {});
+    var headers = new Headers(init.headers || (input instanceof Request ? input.headers : undefined));
+    if (!headers.has('Authorization')) headers.set('Authorization', 'Bearer ' + token());
+    init.headers = headers;
+    return fetch0.call(this, input, init).then(function (r) { if (r.status === 401) toLogin(); return r; });
+  };
+})();
+"""
+
+LOGIN_HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>SSL-MedSAM2 - log in</title>
+<style>body{font-family:sans-serif;background:#111;color:#eee;display:flex;justify-content:center;margin-top:12vh}
+form{display:flex;flex-direction:column;gap:.6em;width:18em}input,button{font-size:1em;padding:.4em}
+#ssl-medsam2-login-error{color:#f88;min-height:1.2em}</style></head>
+<body><form id="ssl-medsam2-login">
+<h2>SSL-MedSAM2</h2>
+<input id="ssl-medsam2-login-user" name="username" placeholder="user name" autocomplete="username" required>
+<input id="ssl-medsam2-login-password" name="password" type="password" placeholder="password"
+       autocomplete="current-password" required>
+<button id="ssl-medsam2-login-submit" type="submit">Log in</button>
+<div id="ssl-medsam2-login-error"></div></form>
+<script>
+document.getElementById('ssl-medsam2-login').addEventListener('submit', async function (ev) {
+  ev.preventDefault();
+  var body = new URLSearchParams({username: document.getElementById('ssl-medsam2-login-user').value,
+                                  password: document.getElementById('ssl-medsam2-login-password').value});
+  var r = await fetch('/auth/token', {method: 'POST', body: body});
+  if (r.status !== 200) {
+    document.getElementById('ssl-medsam2-login-error').textContent = r.status === 401 ?
+      'Wrong user name or password' : 'Login failed (' + r.status + ')';
+    return;
+  }
+  window.sessionStorage.setItem('ssl_medsam2_token', (await r.json()).access_token);
+  var next = new URLSearchParams(window.location.search).get('next') || '/ohif/';
+  window.location.replace(next.startsWith('/ohif/') ? next : '/ohif/');
+});
+</script></body></html>
+"""
+
+
+def ohif_dir() -> Path:
+    import monailabel
+
+    return Path(monailabel.__file__).resolve().parent / "endpoints" / "static" / "ohif"
+
+
+def _serve_ohif(path: str):
+    from fastapi.responses import FileResponse, HTMLResponse, Response
+
+    if path == "ssl_medsam2_auth.js":
+        return Response(TOKEN_JS, media_type="application/javascript")
+    if path == "ssl_medsam2_login.html":
+        return HTMLResponse(LOGIN_HTML)
+    root = ohif_dir()
+    target = (root / path).resolve() if path else root / "index.html"
+    if root not in target.parents and target != root:
+        raise HTTPException(status_code=404, detail="Resource NOT Found")
+    if not target.is_file():
+        target = root / "index.html"  # the viewer's client-side routes (e.g. /ohif/viewer?...)
+    if target.name == "index.html" and target.parent == root:
+        html = target.read_text()
+        html = html.replace("<head>", '<head><script src="/ohif/ssl_medsam2_auth.js"></script>', 1)
+        return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+    media = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+    if target.suffix == ".wasm":
+        media = "application/wasm"
+    return FileResponse(str(target), media_type=media)
+
+
+def ohif_router() -> APIRouter:
+    r = APIRouter()
+
+    @r.get("/ohif/{path:path}", include_in_schema=False)
+    async def ohif(path: str = ""):
+        return _serve_ohif(path)
+
+    return r
+
+
+# ---------------------------------------------------------------- 4. datastore file
+def _write_synced(path: str, text: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_datastore_file(path: str | os.PathLike, text: str) -> None:
+    """Atomic write (temp in the same folder, fsync, rename), then the same bytes as the last good copy."""
+    from ssl_medsam2.io import atomic_write
+
+    path = Path(path)
+    for target in (path, path.with_name("." + path.name + LAST_GOOD_SUFFIX)):
+        atomic_write(target, lambda tmp: _write_synced(tmp, text))
+    try:  # the renames themselves survive a crash only once the folder is synced
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _datastore_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be loaded as a MONAI Label datastore file (None when it can)."""
+    from monailabel.datastore.local import LocalDatastoreModel
+
+    try:
+        LocalDatastoreModel.model_validate_json(path.read_text())
+        return None
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {text[0] if text else 'empty'}"
+
+
+def recover_datastore_file(studies: str | os.PathLike, name: str = "datastore_v2.json") -> str | None:
+    """Before MONAI Label reads it: replace a damaged datastore file by its last good copy.
+
+    Returns a message saying what was done (None when the file was fine or absent). The damaged file
+    is kept beside it as ``<name>.damaged-<time>``. Without a good copy the server starts from the
+    files on disk (MONAI Label rebuilds images and labels; their info fields are lost).
+    """
+    path = Path(studies) / name
+    if not path.exists():
+        return None
+    problem = _datastore_problem(path)
+    if problem is None:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    kept = path.with_name(f"{name}.damaged-{stamp}")
+    os.replace(path, kept)
+    good = path.with_name("." + name + LAST_GOOD_SUFFIX)
+    if good.exists() and _datastore_problem(good) is None:
+        write_datastore_file(path, good.read_text())
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(good.stat().st_mtime))
+        msg = (f"{name} was damaged ({problem}); restored the last good copy from {when}; "
+               f"the damaged file is kept as {kept.name}")
+    else:
+        msg = (f"{name} was damaged ({problem}) and no good copy exists; started from the image and label "
+               f"files on disk (their info fields are lost); the damaged file is kept as {kept.name}")
+    logger.warning("DATASTORE RECOVERY: %s", msg)
+    return msg
+
+
+def local_datastore(studies: str, **kwargs):
+    """MONAI Label's LocalDatastore whose datastore file is written atomically, with a last good copy."""
+    from monailabel.datastore.local import LocalDatastore
+
+    class AtomicLocalDatastore(LocalDatastore):
+        def _update_datastore_file(self, lock=True):
+            from filelock import FileLock
+
+            def write():
+                self._ignore_event_config = True
+                text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+                write_datastore_file(self._datastore_config_path, text)
+                self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+            if lock:
+                with FileLock(self._lock_file):
+                    write()
+            else:
+                write()
+
+    return AtomicLocalDatastore(studies, **kwargs)
+
+
+# ---------------------------------------------------------------- 5. DICOMweb
+_seg_cache: dict = {}
+
+
+def clear_listing_caches() -> None:
+    """Forget the cached image list and labelled set of every DICOMweb datastore in this process."""
+    from monailabel.datastore.dicom import DICOMWebDatastore
+
+    for name in ("list_images", "get_labeled_images"):
+        fn = getattr(DICOMWebDatastore, name)
+        if hasattr(fn, "cache_clear"):
+            fn.cache_clear()
+        elif hasattr(fn, "cache"):
+            fn.cache.clear()
+    _seg_cache.clear()
+
+
+def seg_series_by_image(ds) -> dict[str, str]:
+    """Image SeriesInstanceUID -> the newest DICOM-SEG series referencing it (what 'final' means in a PACS)."""
+    key = id(ds)
+    if key in _seg_cache:
+        return _seg_cache[key]
+    from pydicom import Dataset
+
+    client = ds._client  # 0.8.5 has no public accessor for the datastore's DICOMweb client
+    out: dict[str, tuple[str, str]] = {}
+    for item in client.search_for_series(search_filters={"Modality": "SEG"}):
+        seg = Dataset.from_json(item)
+        meta = Dataset.from_json(client.retrieve_series_metadata(str(seg.StudyInstanceUID),
+                                                                 str(seg.SeriesInstanceUID))[0])
+        refs = meta.get("ReferencedSeriesSequence")
+        if refs:
+            ref = str(refs[0].SeriesInstanceUID)
+            stamp = f"{meta.get('SeriesDate', '')}{meta.get('SeriesTime', '')}{meta.get('ContentDate', '')}" \
+                    f"{meta.get('ContentTime', '')}"
+            if ref not in out or stamp >= out[ref][1]:
+                out[ref] = (str(seg.SeriesInstanceUID), stamp)
+    _seg_cache[key] = {k: v[0] for k, v in out.items()}
+    return _seg_cache[key]
+
+
+def _install_dicomweb() -> None:
+    from ssl_medsam2.dicom_seg import dcmqi_bin_dir
+
+    bin_dir = dcmqi_bin_dir()
+    if bin_dir is not None and str(bin_dir) not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = str(bin_dir) + os.pathsep + os.environ.get("PATH", "")
+    from monailabel.datastore.dicom import DICOMWebDatastore
+    from monailabel.datastore.utils import convert
+
+    def fresh_after(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                clear_listing_caches()
+
+        wrapper._ssl_medsam2_fresh = True
+        return wrapper
+
+    if not getattr(convert.dicom_seg_to_itk_image, "_ssl_medsam2_nifti", False):
+        seg_to_image = convert.dicom_seg_to_itk_image
+
+        @functools.wraps(seg_to_image)
+        def dicom_seg_to_nifti(label, output_ext=".nii.gz"):
+            return seg_to_image(label, output_ext=output_ext)
+
+        dicom_seg_to_nifti._ssl_medsam2_nifti = True
+        convert.dicom_seg_to_itk_image = dicom_seg_to_nifti
+
+    original_get_label_uri = DICOMWebDatastore.get_label_uri
+    if not getattr(original_get_label_uri, "_ssl_medsam2_by_image", False):
+        @functools.wraps(original_get_label_uri)
+        def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+            if label_tag == "final" and not image_id and label_id in set(self.list_images()):
+                seg = seg_series_by_image(self).get(label_id)
+                if seg is None:
+                    return ""
+                self.get_image_uri(label_id)  # the local index must know the image before its label
+                return original_get_label_uri(self, seg, label_tag, image_id=label_id)
+            return original_get_label_uri(self, label_id, label_tag, image_id)
+
+        get_label_uri._ssl_medsam2_by_image = True
+        DICOMWebDatastore.get_label_uri = get_label_uri
+
+    for name in ("save_label", "add_image", "remove_image", "remove_label"):
+        method = getattr(DICOMWebDatastore, name, None)
+        if method is not None and not getattr(method, "_ssl_medsam2_fresh", False):
+            setattr(DICOMWebDatastore, name, fresh_after(method))
+    logger.info("ssl_medsam2 dicomweb: dcmqi %s; listing caches cleared after saves", bin_dir or "NOT found")
+
+
+# ---------------------------------------------------------------- 6. routes in front
+def install_in_front(fastapi_app, router, tag: str = "SSL-MedSAM2") -> int:
+    """Put ``router``'s routes ahead of MONAI Label's own (same paths: the first match wins)."""
+    from fastapi.routing import APIRoute
+
+    prefix = _settings().MONAI_LABEL_API_STR or ""
+    new = []
+    for route in router.routes:
+        if isinstance(route, APIRoute):
+            fastapi_app.add_api_route(prefix + route.path, route.endpoint, methods=list(route.methods),
+                                      summary=route.summary, tags=[tag], include_in_schema=route.include_in_schema)
+            new.append(fastapi_app.router.routes.pop())
+    fastapi_app.router.routes[0:0] = new
+    fastapi_app.openapi_schema = None
+    return len(new)
+
+
+def install_server_routes(fastapi_app, app_router) -> None:
+    """In the server process: login, OHIF and the app's guarded routes in front of MONAI Label's; once."""
+    if getattr(fastapi_app.state, "ssl_medsam2_routes", False):
+        return
+    n = install_in_front(fastapi_app, app_router)
+    n += install_in_front(fastapi_app, ohif_router())
+    n += install_in_front(fastapi_app, login_router())
+    fastapi_app.state.ssl_medsam2_routes = True
+    logger.info("ssl_medsam2: %d routes installed in front of MONAI Label %s's", n, PATCHED_VERSION)
+
+
+def install() -> None:
+    """Process-wide fixes (token check, DICOMweb), once per process, after the version check."""
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        check_version()
+        import monailabel.endpoints.user.auth as ml_auth
+
+        ml_auth.from_token = from_token
+        _install_dicomweb()
+        _installed = True
+        logger.info("ssl_medsam2: MONAI Label %s fixes installed (auth %s)", PATCHED_VERSION,
+                    "ON" if _settings().MONAI_LABEL_AUTH_ENABLE else "off")
+
