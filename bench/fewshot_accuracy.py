@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     from ssl_medsam2.config import load_config
     from ssl_medsam2.engines import build_engine
     from ssl_medsam2.engines.base import Case
-    from ssl_medsam2.evaluate import dice_hd95, evaluate_folders
+    from ssl_medsam2.evaluate import evaluate_folders
+    from ssl_medsam2.metrics import dice
     from ssl_medsam2.io import list_volumes, load_label_for, load_volume
     from ssl_medsam2.pseudo_label import pseudo_label_case
 
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
             t0, c0 = time.perf_counter(), time.process_time()
             res = pseudo_label_case(engine, supports, Case(query_img), cfg, out_dir=out / "pseudo")
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            d = {ORGANS.get(c, str(c)): dice_hd95(res["label"] == c, truth.array == c, truth.spacing)[0]
+            d = {ORGANS.get(c, str(c)): dice(res["label"] == c, truth.array == c)
                  for c in res["summary"]["classes"]}
             per_query.append({"query": q, "dice": d, "seconds": wall, "cpu_seconds": cpu})
             print(f"[{engine.name}] {q}: " + ", ".join(f"{k} {v:.3f}" for k, v in d.items())
