@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from ssl_medsam2.config import load_config
 from ssl_medsam2.io import InputError, load_label_for, load_volume, save_like
 from ssl_medsam2.preprocess import (IMAGENET_MEAN, IMAGENET_STD, IntensityConfig, frames_for_model,
                                     resize_mask_nearest, resolve_modality, resolve_slice_axis,
@@ -16,7 +17,7 @@ def test_mri_percentile_clip_of_nonzero_voxels(chaos_dir):
     assert resolve_modality(vol.array) == "mri"
     nz = vol.array[vol.array != 0]
     lo, hi = np.percentile(nz, [0.5, 99.5])
-    out = scale_to_uint8_range(vol.array, IntensityConfig())
+    out = scale_to_uint8_range(vol.array, IntensityConfig.from_config(load_config()))
     assert out.min() == 0.0 and out.max() == pytest.approx(255.0)
     mid = (vol.array > lo) & (vol.array < hi)
     np.testing.assert_allclose(out[mid], (vol.array[mid] - lo) / (hi - lo) * 255, rtol=1e-4, atol=1e-3)
@@ -27,7 +28,7 @@ def test_mri_percentile_clip_of_nonzero_voxels(chaos_dir):
 def test_ct_window(totalseg_dir):
     vol = load_volume(totalseg_dir / "imagesTr" / "ct_sm_0000.nii.gz")
     assert resolve_modality(vol.array) == "ct"
-    cfg = IntensityConfig(ct_level=40, ct_width=400)
+    cfg = IntensityConfig(modality="auto", mri_percentiles=(0.5, 99.5), ct_level=40, ct_width=400)
     out = scale_to_uint8_range(vol.array, cfg)
     assert np.all(out[vol.array <= -160] == 0) and np.all(out[vol.array >= 240] == 255)
     mid = (vol.array > -100) & (vol.array < 200)

@@ -119,7 +119,14 @@ class SSLMedSAM2App(MONAILabelApp):
         return params
 
     def batch_infer(self, request, datastore=None):
-        return super().batch_infer(self.batch_defaults(request.get("model", ""), dict(request)), datastore)
+        model = request.get("model", "")
+        params = self.batch_defaults(model, dict(request))
+        task = self._infers.get(model)
+        if isinstance(task, FewShotInfer) and self.workspace.cfg.get("cluster", {}).get("ray_address"):
+            from lib.cluster_batch import batch_fewshot_on_cluster  # cluster.ray_address: hand it to Ray
+
+            return batch_fewshot_on_cluster(self.workspace, task.engine_name, params, datastore or self.datastore())
+        return super().batch_infer(params, datastore)
 
     def next_sample(self, request):
         strategy = request.get("strategy") or "random"

@@ -8,9 +8,10 @@ dicts. Unknown keys are rejected so a typo never silently does nothing.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, TypeVar
 
 import yaml
 
@@ -39,6 +40,28 @@ def config_path(name: str | os.PathLike) -> Path:
         if cand.exists():
             return cand
     raise FileNotFoundError(f"config '{name}' not found (looked in {CONFIG_DIR})")
+
+
+T = TypeVar("T")
+
+
+def section(cfg: Mapping, name: str, cls: type[T]) -> T:
+    """The ``name:`` section of a loaded config as a typed ``cls`` (a dataclass; the keys it names).
+
+    Why: every default lives in ``configs/ssl_medsam2.yaml`` only. A typed view fails here, naming
+    the key, when a config lacks a setting, instead of a second default silently written in code.
+    """
+    sec = cfg.get(name)
+    if not isinstance(sec, Mapping):
+        raise KeyError(f"config has no '{name}:' section (configs/ssl_medsam2.yaml lists every setting)")
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    missing = [f"{name}.{k}" for k in fields if k not in sec]
+    if missing:
+        raise KeyError(f"config lacks {', '.join(missing)} (configs/ssl_medsam2.yaml lists every setting)")
+    try:
+        return cls(**{k: sec[k] for k in fields})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"config section '{name}': {exc}") from exc
 
 
 def load_yaml(name: str | os.PathLike) -> dict:

@@ -20,20 +20,24 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class IntensityConfig:
-    modality: str = "auto"  # "mri", "ct" or "auto" (CT when the volume has values below -500)
-    mri_percentiles: tuple[float, float] = (0.5, 99.5)
-    ct_level: float = 40.0
-    ct_width: float = 400.0
+    """How intensities are clipped before scaling (the ``input:`` section; defaults in the YAML only)."""
+
+    modality: str  # "mri", "ct" or "auto" (CT when the volume has values below -500)
+    mri_percentiles: tuple[float, float]
+    ct_level: float
+    ct_width: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "modality", str(self.modality))
+        object.__setattr__(self, "mri_percentiles", tuple(float(p) for p in self.mri_percentiles))
+        object.__setattr__(self, "ct_level", float(self.ct_level))
+        object.__setattr__(self, "ct_width", float(self.ct_width))
 
     @classmethod
     def from_config(cls, cfg: dict) -> "IntensityConfig":
-        """The ``input:`` section of a loaded config (keys it does not set keep the defaults above)."""
-        icfg = cfg.get("input") or {}
-        kw = {"modality": str(icfg["modality"])} if "modality" in icfg else {}
-        if "mri_percentiles" in icfg:
-            kw["mri_percentiles"] = tuple(float(p) for p in icfg["mri_percentiles"])
-        kw.update({k: float(icfg[k]) for k in ("ct_level", "ct_width") if k in icfg})
-        return cls(**kw)
+        from .config import section
+
+        return section(cfg, "input", cls)
 
 
 def resolve_modality(array: np.ndarray, modality: str = "auto") -> str:
@@ -46,7 +50,7 @@ def resolve_modality(array: np.ndarray, modality: str = "auto") -> str:
     return "ct" if float(array.min()) < -500 else "mri"
 
 
-def scale_to_uint8_range(array: np.ndarray, cfg: IntensityConfig = IntensityConfig()) -> np.ndarray:
+def scale_to_uint8_range(array: np.ndarray, cfg: IntensityConfig) -> np.ndarray:
     """Clip (MRI percentiles of non-zero voxels, or CT window) and scale to float32 0..255."""
     a = np.asarray(array, dtype=np.float32)
     if resolve_modality(a, cfg.modality) == "ct":

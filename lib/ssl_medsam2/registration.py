@@ -86,7 +86,7 @@ class RegistrationSettings:
 
 
 def prepare(volume: Volume, settings: RegistrationSettings,
-            intensity: IntensityConfig = IntensityConfig()) -> sitk.Image:
+            intensity: IntensityConfig) -> sitk.Image:
     """Intensity-normalised (0..1) working copy of a volume on a coarser grid."""
     scaled = scale_to_uint8_range(volume.array, intensity) / 255.0
     img = to_sitk(scaled.astype(np.float32), volume.affine)

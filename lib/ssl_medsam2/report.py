@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from .io import Volume, atomic_write, load_volume
-from .preprocess import resolve_slice_axis, scale_to_uint8_range
+from .config import load_config
+from .preprocess import IntensityConfig, resolve_slice_axis, scale_to_uint8_range
 
 CLASS_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
 
@@ -48,6 +49,7 @@ def write_report(result: dict, pairs: dict[str, tuple[Volume, Volume]], path: st
     classes = result["classes"]
     names = [result["class_names"][str(c)] for c in classes]
     picks = pick_cases(result["per_case"])
+    intensity = IntensityConfig.from_config(load_config())  # the project's display windowing
     fig = plt.figure(figsize=(5 * max(3, len(picks)), 10), dpi=100)
     gs = fig.add_gridspec(2, max(3, len(picks)), height_ratios=[1.25, 1])
     for col, (title, case) in enumerate(picks):
@@ -61,7 +63,7 @@ def write_report(result: dict, pairs: dict[str, tuple[Volume, Volume]], path: st
             try:
                 img = load_volume(images[case], name=case)
                 if img.shape == gt.shape:
-                    bg = scale_to_uint8_range(img.array)
+                    bg = scale_to_uint8_range(img.array, intensity)
             except Exception:  # the report must not fail for a background image
                 bg = None
         sp = [s for a, s in enumerate(gt.spacing) if a != axis]

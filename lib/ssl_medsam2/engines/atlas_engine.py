@@ -51,9 +51,8 @@ class AtlasEngine:
 
     name = "atlas"
 
-    def __init__(self, settings: reg.RegistrationSettings, fusion: str = "local_ncc",
-                 fusion_sigma_mm: float = 6.0, fusion_sharpness: float = 5.0, max_supports: int = 0,
-                 intensity: IntensityConfig = IntensityConfig()):
+    def __init__(self, settings: reg.RegistrationSettings, intensity: IntensityConfig, *, fusion: str,
+                 fusion_sigma_mm: float, fusion_sharpness: float, max_supports: int):
         if fusion not in FUSIONS:
             raise ValueError(f"unknown atlas fusion '{fusion}' (choose from {', '.join(FUSIONS)})")
         self.settings = settings
@@ -79,9 +78,11 @@ class AtlasEngine:
         unknown = sorted(set(settings) - set(reg.RegistrationSettings.__dataclass_fields__) - set(own))
         if unknown:
             raise ValueError(f"unknown atlas setting(s): {', '.join(unknown)}")
-        engine_kw = {k: settings.pop(k) for k in own if k in settings}
-        return cls(reg.RegistrationSettings.from_dict(settings), intensity=IntensityConfig.from_config(cfg),
-                   **engine_kw)
+        missing = [f"atlas.{k}" for k in own if k not in settings]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} set neither by the atlas preset nor directly")
+        engine_kw = {k: settings.pop(k) for k in own}
+        return cls(reg.RegistrationSettings.from_dict(settings), IntensityConfig.from_config(cfg), **engine_kw)
 
     def _n_used(self, supports: Sequence[Case]) -> int:
         return len(supports) if self.max_supports <= 0 else min(self.max_supports, len(supports))
