@@ -11,9 +11,11 @@ from scipy import ndimage
 
 from conftest import chaos_cases, downsample_case
 
-#: a schedule that only proves the plumbing (seconds per round on CPU), never accuracy
+#: a schedule that only proves the plumbing (seconds per round on CPU), never accuracy; the quality
+#: gate is off because every 2-iteration model is worse than any pseudo label (tests turn it on)
 TINY_SCHEDULE = ["nnunet.epochs=1", "nnunet.iterations_per_epoch=2", "nnunet.val_iterations=1",
-                 "nnunet.device=cpu", "nnunet.num_workers=0", "nnunet.num_processes=1", "nnunet.cpu_threads=1"]
+                 "nnunet.device=cpu", "nnunet.num_workers=0", "nnunet.num_processes=1", "nnunet.cpu_threads=1",
+                 "nnunet.quality_gate=off"]
 
 
 def make_tiny_chaos(chaos_dir: Path, root: Path, n_cases: int = 4, n_labelled: int = 2) -> dict:

@@ -27,10 +27,15 @@ LABELLED = 2
 CONF = {
     "sam2.checkpoint": "none", "sam2.image_size": "64", "sam2.n_inserts": "1", "sam2.n_supports": "1",
     "sam2.device": "cpu", "sam2.max_cond_frames_in_attn": "2", "app.fewshot_top_k": "1",
-    "app.retrain_after_labels": "0",
+    # continuous retraining: the 2nd new final label (the lease test saves the 1st) starts a run 3 s later;
+    # every new version is deployed (tiny schedules make Dice noise), so "new version served" is testable
+    "app.retrain_after_labels": "2", "app.retrain_debounce_s": "3", "app.promote_tolerance": "1.0",
+    "nnunet.epochs": "1", "nnunet.iterations_per_epoch": "2", "nnunet.val_iterations": "1", "nnunet.max_rounds": "1",
+    "nnunet.configuration": "2d", "nnunet.device": "cpu", "nnunet.num_workers": "0", "nnunet.num_processes": "1",
 }
 NNUNET_TINY = {"epochs": 1, "iterations_per_epoch": 2, "val_iterations": 1, "max_rounds": 1,
-               "configuration": "2d", "device": "cpu", "num_workers": 0, "num_processes": 1}
+               "configuration": "2d", "device": "cpu", "num_workers": 0, "num_processes": 1,
+               "quality_gate": "off"}  # plumbing: a 2-iteration model would (rightly) fail the gate
 
 
 def _free_port() -> int:

@@ -17,7 +17,7 @@ import pytest
 
 from nnunet_helpers import TINY_SCHEDULE, make_tiny_chaos
 from ssl_medsam2.config import load_config
-from ssl_medsam2.nnunet import rounds
+from ssl_medsam2.nnunet import one_round
 from ssl_medsam2.nnunet import train as nn_train
 from ssl_medsam2.nnunet.rounds import round_dir, run_ssl, should_stop
 
@@ -37,23 +37,23 @@ def pipeline(chaos_dir, tmp_path_factory):
     root, work = tiny["root"], tiny["root"] / "work"
     cfg = load_config(overrides=TINY_SCHEDULE + ["nnunet.max_rounds=2", "nnunet.min_change=0.0"])
     calls = {"train": [], "predict": []}
-    real_train, real_predict = nn_train.train_model, rounds._predict_round
+    real_train, real_predict = nn_train.train_model, one_round.predict_cases
     events = []
 
     def counting_train(ncfg, model_dir, *a, **kw):
         calls["train"].append(Path(model_dir).parent.name)
         return real_train(ncfg, model_dir, *a, **kw)
 
-    def crashing_predict(get_model, out_dir, k, *a, **kw):
+    def crashing_predict(model_dir, ncfg, images, names, out_dir, k, *a, **kw):
         calls["predict"].append((k, Path(out_dir).name))
         if k == 2 and crash["on"]:
             raise SimulatedCrash("power cut while predicting round 2")
-        return real_predict(get_model, out_dir, k, *a, **kw)
+        return real_predict(model_dir, ncfg, images, names, out_dir, k, *a, **kw)
 
     crash = {"on": True}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(nn_train, "train_model", counting_train)
-        mp.setattr(rounds, "_predict_round", crashing_predict)
+        mp.setattr(one_round, "predict_cases", crashing_predict)
         with pytest.raises(SimulatedCrash):
             run_ssl(root / "images", root / "labels", work, cfg, pseudo_labels_dir=root / "pseudo",
                     progress=events.append, show_progress=False)
@@ -108,10 +108,18 @@ def test_two_rounds_are_two_versions_on_disk(pipeline):
     assert ckpts[0] != ckpts[1]
     final = json.loads((work / "final.json").read_text())
     assert final["round"] == 2 and final["model_dir"] == str((round_dir(work, 2) / "model").resolve())
+    # the schedule: auto on this CPU -> short (the tiny test values override its lengths), recorded
+    sched = json.loads((work / "state.json").read_text())["schedule"]
+    assert final["schedule"] == sched and sched["spec"] == "auto" and sched["name"] == "short"
+    assert sched["epochs"] == 1 and sched["iterations_per_epoch"] == 2 and sched["it_per_s"] > 0
+    assert "schedule auto on CPU" in sched["reason"] and "overridden: epochs=1" in sched["reason"]
     stages = {e["stage"] for e in pipeline["events"]}
     assert {"export", "plan", "train", "predict", "round_done", "done"} <= stages
     train_ev = [e for e in pipeline["events"] if e["stage"] == "train"]
     assert all(e["total_epochs"] == 1 and "best_metric" in e for e in train_ev)
+    # what the progress line and MONAI Label's train_stats show: speed, loss, pseudo Dice, round k/K
+    assert all(e["epoch_s"] > 0 and e["iterations_per_epoch"] == 2 and e["round"] in (1, 2) and e["max_rounds"] == 2
+               and isinstance(e["train_loss"], float) and "pseudo_dice" in e for e in train_ev)
 
 
 def test_convergence_rule_stops_the_loop(pipeline, capsys):
@@ -138,10 +146,12 @@ def test_changed_training_settings_are_refused(pipeline):
     from ssl_medsam2.io import InputError
 
     tiny, work = pipeline["tiny"], pipeline["work"]
-    cfg = load_config(overrides=TINY_SCHEDULE + ["nnunet.epochs=3"])
-    with pytest.raises(InputError, match="epochs"):
-        run_ssl(tiny["root"] / "images", tiny["root"] / "labels", work, cfg,
-                pseudo_labels_dir=tiny["root"] / "pseudo", show_progress=False)
+    for change, what in ((["nnunet.epochs=3"], "epochs"), (["nnunet.schedule=full"], "schedule"),
+                         (["nnunet.quality_gate=holdout"], "quality_gate")):
+        cfg = load_config(overrides=TINY_SCHEDULE + change)
+        with pytest.raises(InputError, match=what):
+            run_ssl(tiny["root"] / "images", tiny["root"] / "labels", work, cfg,
+                    pseudo_labels_dir=tiny["root"] / "pseudo", show_progress=False)
 
 
 def test_predict_cli_writes_labels_with_the_source_affine(pipeline, tmp_path):

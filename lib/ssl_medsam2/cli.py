@@ -116,7 +116,11 @@ def _run_run(args) -> int:
     state = run_ssl(args.images, args.labels, args.work, cfg, pseudo_labels_dir=args.pseudo_labels)
     for r in state["rounds"]:
         print(json.dumps(r))
-    print(f"{state.get('stop_reason', '')}; final model: {state.get('final', {}).get('model_dir')}")
+    final = state.get("final", {})
+    if final.get("warning"):
+        print("!" * 100 + f"\n{final['warning']}\n" + "!" * 100)
+    print(f"{state.get('stop_reason', '')}; deployed: round {final.get('round')} "
+          f"({final.get('model_dir') or 'few-shot pseudo labels, no nnU-Net model'})")
     return 0
 
 
@@ -140,7 +144,7 @@ def _run_predict(args) -> int:
     ncfg = cfg.get("nnunet", {})
     paths = predict_folder(args.model, args.images, args.out,
                            device=resolve_device(args.device or ncfg.get("device")),
-                           use_mirroring=args.mirroring or bool(ncfg.get("use_mirroring", False)))
+                           use_mirroring=args.mirroring or bool(ncfg.get("use_mirroring", False)), cfg=cfg)
     print(f"wrote {len(paths)} label map(s) to {args.out}")
     return 0
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..io import InputError, Volume, list_volumes, load_volume, save_like
 from . import trainers
+from .layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,15 @@ log = logging.getLogger(__name__)
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """A model folder (has plans.json) or a work dir of ``ssl-medsam2 run`` (its final.json names one)."""
     path = Path(path)
-    if (path / "final.json").exists():
-        final = json.loads((path / "final.json").read_text())
-        path = path / final["model_dir"]  # absolute paths stay as they are
+    if RunLayout.is_run(path) or (path / "final.json").exists():
+        layout = RunLayout(path)
+        final = layout.read_final()
+        if final is None:
+            raise InputError(path, "this run has not finished a round yet (final.json is written after each "
+                                   "round); wait for round 1, or pass a model folder")
+        if layout.deployed_model_dir() is None:
+            raise InputError(path, f"round 0 is deployed: {final.get('warning') or final.get('note')}")
+        path = layout.deployed_model_dir()
     if not (path / "plans.json").exists() or not (path / "dataset.json").exists():
         raise InputError(path, "not an nnU-Net model folder (no plans.json/dataset.json) and no final.json "
                                "of an ssl-medsam2 work dir")
@@ -83,17 +90,27 @@ class NnUNetModel:
 
 def predict_folder(model_dir: str | os.PathLike, images_dir: str | os.PathLike, out_dir: str | os.PathLike,
                    device: str = "cpu", use_mirroring: bool = False, show_progress: bool = True,
-                   names=None, progress: Callable[[int], None] | None = None) -> list[Path]:
-    """Label every NIfTI of ``images_dir`` into ``out_dir/<case>.nii.gz`` (source affine and header)."""
+                   names=None, progress: Callable[[int], None] | None = None, cfg: dict | None = None) -> list[Path]:
+    """Label every NIfTI of ``images_dir`` into ``out_dir/<case>.nii.gz`` (source affine and header).
+
+    ``model_dir``: a model folder or a run's work dir. A run whose quality gate kept round 0 (no
+    nnU-Net round beat the few-shot pseudo labels) labels new images with that few-shot engine and the
+    run's labelled cases as supports (``cfg`` configures the engine), and says so.
+    """
     from tqdm.auto import tqdm
 
-    model_dir = resolve_model_dir(model_dir)  # a wrong --model fails before any image is read
+    run = RunLayout(model_dir) if RunLayout.is_run(model_dir) else None
+    fewshot = run is not None and run.read_final() is not None and run.deployed_model_dir() is None
+    if not fewshot:
+        model_dir = resolve_model_dir(model_dir)  # a wrong --model fails before any image is read
     images = list_volumes(images_dir)
     if names is not None:
         images = {k: v for k, v in images.items() if k in set(names)}
     if not images:
         raise InputError(images_dir, "no NIfTI image (.nii / .nii.gz) to predict")
     vols = {n: load_volume(p, name=n) for n, p in images.items()}  # check every input before any work
+    if fewshot:
+        return _predict_with_round0(run, vols, Path(out_dir), cfg or {}, show_progress, progress)
     model = NnUNetModel(model_dir, device=device, use_mirroring=use_mirroring)
     out = []
     for name, vol in tqdm(vols.items(), desc="nnU-Net predict", unit="case", disable=not show_progress):
@@ -103,4 +120,40 @@ def predict_folder(model_dir: str | os.PathLike, images_dir: str | os.PathLike, 
         if progress is not None:
             progress(1)
     log.info("predicted %d case(s) with %s into %s", len(out), model.model_dir, out_dir)
+    return out
+
+
+def _predict_with_round0(run: RunLayout, vols: dict, out_dir: Path, cfg: dict, show_progress: bool,
+                         progress) -> list[Path]:
+    """The deployed round is 0: label new volumes with the run's few-shot engine and labelled supports."""
+    from tqdm.auto import tqdm
+
+    from ..engines import build_engine
+    from ..engines.base import Case
+    from ..io import load_label_for
+    from ..pseudo_label import pseudo_label_case
+
+    state = json.loads(run.state_path.read_text())
+    engine_name = str(state["settings"].get("round0", ""))
+    final = run.read_final()
+    if engine_name.startswith(("given:", "none")):
+        raise InputError(run.work, f"round 0 is deployed ({final.get('warning') or final.get('note')}) and its "
+                                   f"pseudo labels were given, not made by an engine: there is no model to "
+                                   f"predict with; train longer (nnunet.schedule) in a new --work")
+    log.warning("deployed: round 0 (%s) -> labelling with the few-shot engine '%s' and the run's labelled cases",
+                final.get("warning") or final.get("note"), engine_name)
+    imgs, labs = list_volumes(state["inputs"]["images"]), list_volumes(state["inputs"]["labels"])
+    supports = []
+    for n in state["labelled"]:
+        img = load_volume(imgs[n], name=n)
+        supports.append(Case(img, load_label_for(img, labs[n])))
+    engine = build_engine(engine_name, cfg)
+    out = []
+    for name, vol in tqdm(vols.items(), desc=f"round 0 ({engine_name}) predict", unit="case",
+                          disable=not show_progress):
+        label = pseudo_label_case(engine, supports, Case(vol), cfg)["label"]
+        out.append(save_like(label, vol, out_dir / f"{name}.nii.gz", dtype=label.dtype,
+                             description=f"ssl-medsam2 round 0 ({engine_name})"))
+        if progress is not None:
+            progress(1)
     return out

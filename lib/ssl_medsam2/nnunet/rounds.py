@@ -1,28 +1,23 @@
-"""FSL-nnUNet: few-shot pseudo labels, then nnU-Net rounds that refine them until they stop changing.
+"""FSL-nnUNet: few-shot pseudo labels, then nnU-Net rounds that refine them while they get better.
 
 Round 0 is the few-shot engine's pseudo labels (or labels the user already has). Round k exports
-ground truth + round k-1 pseudo labels, trains nnU-Net, and predicts every unlabelled volume to
-get round k's pseudo labels. The change of a round is 1 - mean Dice between its pseudo labels and
-the previous round's; the loop stops when it falls below ``nnunet.min_change`` or after
-``nnunet.max_rounds``. Every round stays on disk as a version::
+ground truth + round k-1 pseudo labels, trains nnU-Net, and predicts every pseudo-labelled volume to
+get round k's pseudo labels (:mod:`.one_round`). A round is deployed only if the quality gate
+(:mod:`.gate`) finds it not worse than the deployed one on a held-out labelled case; a worse round
+stops the refinement. Otherwise the loop stops when the change (1 - mean Dice between a round's
+pseudo labels and the previous round's) falls below ``nnunet.min_change`` or after
+``nnunet.max_rounds``. How long a round trains is ``nnunet.schedule`` (:mod:`.schedule`).
 
-    work/round_000/labels/ (+ probabilities/ entropy/ summaries/ from the few-shot engine)
-    work/round_001/model/      nnU-Net model folder (nnUNetPredictor loads it)
-    work/round_001/labels/     refined pseudo labels      work/round_001/entropy/ (max over classes, bits)
-    work/round_001/metrics.json, curves.png
-    work/state.json            what is finished, with the settings it was made with
-    work/final.json            {"round": k, "model_dir": ...}: the deployed model
-
-Resumable: every finished step is recorded (round 0 per case, each round's model and each
-predicted case) and never recomputed; re-running the same command continues where it stopped.
-Raising ``max_rounds`` later continues the same history; changing training settings is refused.
+Every round stays on disk as a version (:class:`.layout.RunLayout`); ``final.json`` names the
+deployed one and is written after every round. Resumable (:mod:`.runstate`): finished steps (round 0
+per case, each round's model, each predicted case) are never recomputed, a round stopped mid-training
+continues from nnU-Net's latest checkpoint, raising ``max_rounds`` continues the history, and changed
+training settings are refused.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,23 +25,20 @@ from typing import Callable
 import numpy as np
 
 from ..devices import resolve_device
-from ..io import InputError, atomic_write, list_volumes, load_label_for, load_volume, save_like, write_text_atomic
-from ..metrics import mean_dice
-from ..uncertainty import binary_entropy
-from . import train as nn_train
-from .export import export_dataset, verify
+from ..io import InputError, list_volumes, load_label_for, load_volume
+from . import gate as gate_mod
+from . import one_round, runstate
+from . import schedule as schedule_mod
+from .layout import RunLayout
+from .reporting import ProgressLine, loud
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[dict], None]
 
-#: settings that change what a finished round contains; a work dir refuses to continue with others
-FINGERPRINT_KEYS = ("configuration", "fold", "epochs", "iterations_per_epoch", "val_iterations", "fine_tune",
-                    "ignore_entropy_threshold", "gpu_memory_target")
-
 
 def round_dir(work_dir: Path, k: int) -> Path:
-    return Path(work_dir) / f"round_{k:03d}"
+    return RunLayout(work_dir).round(k)
 
 
 def should_stop(changes: list[float], min_change: float | None, max_rounds: int) -> tuple[bool, str]:
@@ -56,24 +48,6 @@ def should_stop(changes: list[float], min_change: float | None, max_rounds: int)
     if len(changes) >= int(max_rounds):
         return True, f"reached max_rounds={int(max_rounds)}"
     return False, ""
-
-
-def _emit(progress: ProgressFn | None, **event) -> None:
-    if progress is not None:
-        progress(event)
-
-
-def _load_state(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _save_state(path: Path, state: dict) -> None:
-    write_text_atomic(json.dumps(state, indent=2), path)
-
-
-def _settings(cfg: dict, engine_name: str) -> dict:
-    ncfg = cfg.get("nnunet", {})
-    return {**{k: ncfg.get(k) for k in FINGERPRINT_KEYS}, "round0": engine_name}
 
 
 def _classes(cfg: dict, labels: dict[str, Path]) -> list[int]:
@@ -90,199 +64,30 @@ def _classes(cfg: dict, labels: dict[str, Path]) -> list[int]:
     return sorted(found)
 
 
-def _round0(images_dir, labels_dir, work_dir: Path, cfg: dict, unlabelled: list[str], images: dict,
-            pseudo_labels_dir, engine, show_progress: bool) -> None:
-    """Round 0 pseudo labels: from the few-shot engine, or validated copies of ``pseudo_labels_dir``."""
-    r0 = round_dir(work_dir, 0)
-    missing = [n for n in unlabelled if not (r0 / "labels" / f"{n}.nii.gz").exists()]
-    if not missing:
-        return
+def _engine_name(cfg, engine, pseudo_labels_dir, unlabelled) -> str:
+    if not unlabelled:
+        return "none (every image has a label)"
     if pseudo_labels_dir is not None:
-        src = Path(pseudo_labels_dir)
-        lab_dir = src / "labels" if (src / "labels").is_dir() else src
-        given = list_volumes(lab_dir)
-        absent = [n for n in missing if n not in given]
-        if absent:
-            raise InputError(lab_dir, f"no pseudo label for unlabelled case(s): {', '.join(absent)}")
-        ent_dir = src / "entropy" if (src / "entropy").is_dir() else None
-        for n in missing:
-            image = load_volume(images[n], name=n)
-            lab = load_label_for(image, given[n])
-            if ent_dir is not None and (ent_dir / f"{n}.nii.gz").exists():
-                (r0 / "entropy").mkdir(parents=True, exist_ok=True)
-                atomic_write(r0 / "entropy" / f"{n}.nii.gz",
-                             lambda tmp, src=ent_dir / f"{n}.nii.gz": shutil.copyfile(src, tmp))
-            save_like(lab.array, image, r0 / "labels" / f"{n}.nii.gz", dtype=lab.array.dtype,
-                      description="ssl-medsam2 round 0 (given)")
-        return
-    from ..pseudo_label import pseudo_label_folder
+        return "given:" + str(Path(pseudo_labels_dir).resolve())
+    if engine is not None:
+        return engine.name
+    from ..engines import choose_engine
 
-    log.info("round 0: few-shot pseudo labels for %d case(s)", len(missing))
-    pseudo_label_folder(images_dir, labels_dir, r0, cfg, engine=engine, show_progress=show_progress, names=missing)
+    return choose_engine(cfg)[0]
 
 
-def _predict_round(get_model, out_dir: Path, k: int, images: dict, names: list[str],
-                   show_progress: bool, progress) -> None:
-    """Predict ``names`` into out_dir/labels and out_dir/entropy; cases already there are skipped."""
-    from tqdm.auto import tqdm
+def _schedule_hook(state: dict, layout: RunLayout, ncfg: dict, device_type: str, max_rounds: int):
+    """The schedule for every round: resolved once (after round 1's preprocessing, from a measured speed),
+    said in one line, recorded in state.json; later rounds and resumed runs reuse it."""
+    def schedule_for(probe: Callable[[], float]) -> dict:
+        if state.get("schedule") is None:
+            sched = schedule_mod.resolve(ncfg, device_type, it_per_s=probe())
+            state["schedule"] = sched.as_dict()
+            runstate.save(layout, state)
+            log.info("%s", sched.describe(max_rounds))
+        return schedule_mod.apply(ncfg, schedule_mod.Schedule.from_dict(state["schedule"]))
 
-    todo = [n for n in names if not ((out_dir / "labels" / f"{n}.nii.gz").exists()
-                                     and (out_dir / "entropy" / f"{n}.nii.gz").exists())]
-    if not todo:
-        return
-    model = get_model()
-    for i, n in enumerate(tqdm(todo, desc=f"round {k}: predict", unit="case", disable=not show_progress)):
-        vol = load_volume(images[n], name=n)
-        label, probs = model.predict_volume(vol)
-        entropy = binary_entropy(probs[1:]).max(axis=0) if probs.shape[0] > 1 else np.zeros(vol.shape, np.float32)
-        save_like(entropy, vol, out_dir / "entropy" / f"{n}.nii.gz", dtype=np.float32,
-                  description="ssl-medsam2 nnU-Net entropy (bits)")
-        save_like(label, vol, out_dir / "labels" / f"{n}.nii.gz", dtype=label.dtype,
-                  description=f"ssl-medsam2 round {k}")
-        _emit(progress, stage="predict", round=k, case=n, done=i + 1, total=len(todo))
-
-
-def _predictions_dir(rdir: Path) -> Path:
-    """Where a round's predictions of the labelled cases go (for its validation Dice)."""
-    return rdir / "labelled_predictions"
-
-
-def plot_curves(history: list[dict], path: Path) -> Path:
-    """Round-to-round change and labelled-case Dice per round, one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    # nnU-Net imports seaborn, which restyles matplotlib globally (huge fonts): draw with the defaults
-    with matplotlib.rc_context(rc=matplotlib.rcParamsDefault):
-        rounds = [h["round"] for h in history]
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        axes[0].plot(rounds, [h["change"] for h in history], "o-", label="change")
-        if history and history[-1].get("min_change") is not None:
-            axes[0].axhline(history[-1]["min_change"], color="grey", ls="--", label="min_change (stop below)")
-        axes[0].set(xlabel="round", ylabel="1 - mean Dice to previous round", title="pseudo-label change",
-                    ylim=(0, 1.02))
-        axes[0].legend(fontsize=8)
-        axes[1].plot(rounds, [h["labelled_dice"] for h in history], "o-",
-                     label="labelled cases (in the training set)")
-        ema = [h.get("nnunet_ema_pseudo_dice") for h in history]
-        if any(e is not None for e in ema):
-            axes[1].plot(rounds, [np.nan if e is None else e for e in ema], "s--", label="nnU-Net EMA pseudo Dice")
-        axes[1].set(xlabel="round", ylabel="Dice", ylim=(0, 1.02), title="validation Dice")
-        axes[1].legend(fontsize=8)
-        for ax in axes:
-            ax.set_xticks(rounds)
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
-        plt.close(fig)
-    return path
-
-
-def run_round(k: int, work_dir: Path, images: dict, labels: dict, unlabelled: list[str], classes: list[int],
-              cfg: dict, history: list[dict], show_progress: bool = True,
-              progress: ProgressFn | None = None) -> dict:
-    """Train round ``k`` on ground truth + round k-1 pseudo labels, predict, measure; returns its metrics."""
-    ncfg = cfg.get("nnunet", {})
-    max_rounds = int(ncfg.get("max_rounds", 3))
-    rdir = round_dir(work_dir, k)
-    prev = round_dir(work_dir, k - 1)
-    model_dir = rdir / "model"
-    nn_root = rdir / "nnunet"
-    nn_log = rdir / "nnunet.log"
-    fold = nn_train._fold(ncfg)
-    times: dict[str, float] = {}
-    first_model = round_dir(work_dir, 1) / "model"
-    if not (model_dir / f"fold_{fold}" / "checkpoint_final.pth").exists():
-        if nn_root.exists():
-            shutil.rmtree(nn_root)  # leftovers of an interrupted attempt
-        with nn_train.nnunet_env(nn_root, ncfg):
-            t = time.perf_counter()
-            _emit(progress, stage="export", round=k, max_rounds=max_rounds)
-            pseudo = {n: prev / "labels" / f"{n}.nii.gz" for n in unlabelled}
-            entropy = {n: prev / "entropy" / f"{n}.nii.gz" for n in unlabelled}
-            ds = export_dataset(nn_root / "raw", images, labels, pseudo, classes, cfg, entropy=entropy)
-            if k == 1:
-                verify(ds, max(1, int(ncfg.get("num_processes", 2))))
-            times["export_s"] = time.perf_counter() - t
-            t = time.perf_counter()
-            _emit(progress, stage="plan", round=k, max_rounds=max_rounds)
-            reuse = first_model if k > 1 and first_model.exists() else None
-            nn_train.plan_and_preprocess(ncfg, reuse_from=reuse, log_path=nn_log)
-            times["plan_preprocess_s"] = time.perf_counter() - t
-            t = time.perf_counter()
-            init = None
-            if ncfg.get("fine_tune") and k > 1:
-                init = round_dir(work_dir, k - 1) / "model" / f"fold_{fold}" / "checkpoint_final.pth"
-
-            def _train_progress(ev):
-                _emit(progress, **ev, round=k, max_rounds=max_rounds)
-
-            nn_train.train_model(ncfg, model_dir, init_checkpoint=init, progress=_train_progress, log_path=nn_log)
-            times["train_s"] = time.perf_counter() - t
-        if not ncfg.get("keep_intermediate", False):
-            shutil.rmtree(nn_root, ignore_errors=True)
-        log.info("round %d: trained in %.0fs (export %.0fs, plan+preprocess %.0fs)", k, times["train_s"],
-                 times["export_s"], times["plan_preprocess_s"])
-    else:
-        log.info("round %d: model already trained, reusing %s", k, model_dir)
-    t = time.perf_counter()
-    _emit(progress, stage="predict", round=k, max_rounds=max_rounds)
-    loaded = []
-
-    def get_model():  # loaded at most once per round, and only when something is left to predict
-        if not loaded:
-            from .predict import NnUNetModel
-
-            loaded.append(NnUNetModel(model_dir, device=resolve_device(ncfg.get("device")),
-                                      use_mirroring=bool(ncfg.get("use_mirroring", False)),
-                                      num_threads=ncfg.get("cpu_threads")))
-        return loaded[0]
-
-    _predict_round(get_model, rdir, k, images, unlabelled, show_progress, progress)
-    _predict_round(get_model, _predictions_dir(rdir), k, images, sorted(labels), show_progress, None)
-    times["predict_s"] = time.perf_counter() - t
-
-    per_case_change = {}
-    for n in unlabelled:
-        img = load_volume(images[n], name=n)
-        a = load_label_for(img, rdir / "labels" / f"{n}.nii.gz").array
-        b = load_label_for(img, prev / "labels" / f"{n}.nii.gz").array
-        per_case_change[n] = mean_dice(a, b, classes)
-    labelled_dice = {}
-    for n in sorted(labels):
-        img = load_volume(images[n], name=n)
-        a = load_label_for(img, _predictions_dir(rdir) / "labels" / f"{n}.nii.gz").array
-        labelled_dice[n] = mean_dice(a, load_label_for(img, labels[n]).array, classes)
-    ckpt = model_dir / f"fold_{fold}" / "checkpoint_final.pth"
-    ema = None
-    try:
-        import torch
-
-        ema = torch.load(str(ckpt), map_location="cpu", weights_only=False).get("_best_ema")
-        ema = None if ema is None else float(ema)
-    except Exception:  # the metric is informative only
-        pass
-    metrics = {
-        "round": k,
-        "change": float(1.0 - np.mean(list(per_case_change.values()))) if per_case_change else 0.0,
-        "min_change": ncfg.get("min_change"),
-        "dice_to_previous": per_case_change,
-        "labelled_dice": float(np.mean(list(labelled_dice.values()))),
-        "labelled_dice_per_case": labelled_dice,
-        "labelled_dice_note": "labelled cases are in nnU-Net's training set (fit to ground truth, not held out)",
-        "nnunet_ema_pseudo_dice": ema,
-        "model_dir": str(model_dir.resolve()),
-        "trainer": nn_train.trainers.trainer_name_from_config(ncfg),
-        "configuration": ncfg.get("configuration", "2d"),
-        "fold": fold,
-        "fine_tuned_from": str(round_dir(work_dir, k - 1) / "model") if ncfg.get("fine_tune") and k > 1 else None,
-        "seconds": {k2: round(v, 1) for k2, v in times.items()},
-    }
-    plot_curves(history + [metrics], rdir / "curves.png")
-    write_text_atomic(json.dumps(metrics, indent=2), rdir / "metrics.json")  # written last: round done
-    return metrics
+    return schedule_for
 
 
 def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
@@ -293,11 +98,11 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
     ground truth for some of them (the rest get pseudo labels). ``pseudo_labels_dir``: use these
     as round 0 instead of running the few-shot engine (a labels folder, or a pseudo-label output
     folder with labels/ and entropy/). ``engine``: a few-shot engine object (default: the config's).
+    ``progress`` gets every event (stage, round, epoch, ...); ``show_progress`` draws the console line.
     """
-    from tqdm.auto import tqdm
-
-    work_dir = Path(work_dir).resolve()
+    layout = RunLayout(work_dir)
     ncfg = cfg.get("nnunet", {})
+    schedule_mod.parse(ncfg.get("schedule"))  # a bad schedule fails before any work
     images = list_volumes(images_dir)
     if not images:
         raise InputError(images_dir, "no NIfTI image (.nii / .nii.gz) in this folder")
@@ -311,82 +116,104 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
         load_label_for(load_volume(images[n], name=n), p)
     unlabelled = sorted(set(images) - set(labels))
     classes = _classes(cfg, labels)
-    if not unlabelled:
-        engine_name = "none (every image has a label)"
-    elif pseudo_labels_dir is not None:
-        engine_name = "given:" + str(Path(pseudo_labels_dir).resolve())
-    else:
-        engine_name = getattr(engine, "name", None) or cfg.get("protocol", {}).get("engine", "sam2")
-    settings = _settings(cfg, engine_name)
+    gate, gate_why = gate_mod.pick_gate_cases(sorted(labels), ncfg)
+    engine_name = _engine_name(cfg, engine, pseudo_labels_dir, unlabelled)
+    if engine is None and pseudo_labels_dir is None and unlabelled + gate:
+        from ..engines import with_engine_chosen
 
-    work_dir.mkdir(parents=True, exist_ok=True)
-    state_path = work_dir / "state.json"
-    state = _load_state(state_path)
-    if state is not None:
-        diff = {k: (state["settings"].get(k), v) for k, v in settings.items()
-                if k != "round0" and state["settings"].get(k) != v}
-        if diff:
-            raise InputError(work_dir, "this work dir was made with other settings "
-                                       + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-                                       + "; use a new --work folder (or the old settings)")
-        if state["labelled"] != sorted(labels) or state["unlabelled"] != unlabelled:
-            raise InputError(work_dir, "this work dir was made with other images/labels; use a new --work folder")
-    else:
-        state = {"settings": settings, "labelled": sorted(labels), "unlabelled": unlabelled,
-                 "classes": classes, "round0": {"done": False, "source": engine_name}, "rounds": []}
+        cfg = with_engine_chosen(cfg)  # says once which engine round 0 uses, and why
+    state = runstate.open_state(layout, runstate.settings(ncfg, engine_name), sorted(labels), unlabelled, classes,
+                                gate, gate_why, {"images": str(Path(images_dir).resolve()),
+                                                 "labels": str(Path(labels_dir).resolve())})
     state["max_rounds"] = int(ncfg.get("max_rounds", 3))
     state["min_change"] = ncfg.get("min_change")
-    _save_state(state_path, state)
+    runstate.save(layout, state)
+    log.info("%s", state["gate"]["why"])
+
+    line = ProgressLine(show_progress)
+
+    def report(event: dict) -> None:
+        line(event)
+        if progress is not None:
+            progress(event)
 
     t_start = time.perf_counter()
-    if not state["round0"]["done"]:
-        t = time.perf_counter()
-        _emit(progress, stage="pseudo_label", round=0, max_rounds=state["max_rounds"])
-        _round0(images_dir, labels_dir, work_dir, cfg, unlabelled, images, pseudo_labels_dir, engine,
-                show_progress)
-        state["round0"].update(done=True, seconds=round(time.perf_counter() - t, 1))
-        _save_state(state_path, state)
-        log.info("round 0 done (%s) in %.0fs", engine_name, time.perf_counter() - t)
-    else:
-        log.info("round 0 already done (%s)", state["round0"]["source"])
+    try:
+        if not state["round0"]["done"]:
+            t = time.perf_counter()
+            report({"stage": "pseudo_label", "round": 0, "max_rounds": state["max_rounds"]})
+            one_round.make_round0(layout, images_dir, labels_dir, images, labels, unlabelled, gate, cfg,
+                                  pseudo_labels_dir, engine, show_progress)
+            state["round0"].update(done=True, seconds=round(time.perf_counter() - t, 1))
+            log.info("round 0 done (%s) in %.0fs", engine_name, time.perf_counter() - t)
+        if state.get("deployed") is None:
+            s0 = gate_mod.gate_score(layout.labels(0), gate, images, labels, classes)
+            state["deployed"] = {"round": 0, "gate_dice": None if s0 is None else s0["dice"],
+                                 "message": "round 0 (few-shot pseudo labels)"
+                                 + ("" if s0 is None else f": held-out gate Dice {s0['dice']:.4f}")}
+            runstate.save(layout, state)
 
-    history = []
-    for k in range(1, state["max_rounds"] + 1):  # pick up rounds finished by an earlier run
-        m = round_dir(work_dir, k) / "metrics.json"
-        if not m.exists():
-            break
-        history.append(json.loads(m.read_text()))
-    stop, reason = should_stop([h["change"] for h in history], state["min_change"], state["max_rounds"])
-    with tqdm(total=state["max_rounds"], initial=len(history), desc="FSL-nnUNet rounds", unit="round",
-              disable=not show_progress) as bar:
+        history = layout.finished_rounds(state["max_rounds"])  # rounds finished by an earlier run
+        schedule_for = _schedule_hook(state, layout, ncfg, resolve_device(ncfg.get("device")).type,
+                                      state["max_rounds"])
+        if state.get("schedule") is not None:
+            log.info("%s (recorded in state.json)", schedule_mod.Schedule.from_dict(state["schedule"])
+                     .describe(state["max_rounds"]))
+        stop, reason = _verdict(history, state)
         while not stop:
             k = len(history) + 1
             t = time.perf_counter()
             log.info("round %d/%d: train on %d labelled + %d pseudo-labelled volumes", k, state["max_rounds"],
-                     len(labels), len(unlabelled))
-            metrics = run_round(k, work_dir, images, labels, unlabelled, classes, cfg, history, show_progress,
-                                progress)
+                     len(labels) - len(gate), len(unlabelled) + len(gate))
+            metrics = one_round.run_round(k, layout, cfg, images, labels, unlabelled, gate, classes, history,
+                                          state["deployed"], schedule_for, report)
             history.append(metrics)
-            state["rounds"] = [{kk: h[kk] for kk in ("round", "change", "labelled_dice", "model_dir")}
-                               for h in history]
-            _save_state(state_path, state)
-            bar.update(1)
-            log.info("round %d done in %.0fs: change %.4f, labelled Dice %.4f", k, time.perf_counter() - t,
-                     metrics["change"], metrics["labelled_dice"])
-            _emit(progress, stage="round_done", round=k, max_rounds=state["max_rounds"], change=metrics["change"],
-                  best_metric=metrics["labelled_dice"])
-            stop, reason = should_stop([h["change"] for h in history], state["min_change"], state["max_rounds"])
-    state["rounds"] = [{kk: h[kk] for kk in ("round", "change", "labelled_dice", "model_dir")} for h in history]
+            state["rounds"] = [runstate.round_summary(h) for h in history]
+            _deploy(state, metrics)
+            runstate.write_final(layout, state)
+            runstate.save(layout, state)
+            log.info("round %d done in %.0fs: change %.4f, labelled fit %s, %s", k, time.perf_counter() - t,
+                     metrics["change"], _f(metrics["labelled_dice"]), metrics["gate_message"])
+            report({"stage": "round_done", "round": k, "max_rounds": state["max_rounds"], "change": metrics["change"],
+                    "best_metric": metrics["gate_dice"] if metrics["gate_dice"] is not None
+                    else metrics["labelled_dice"], "deployed": metrics["deployed"],
+                    "gate_message": metrics["gate_message"]})
+            stop, reason = _verdict(history, state)
+    finally:
+        line.close()
+    for h in history:  # re-derive deployment from the finished rounds (a resumed run sees them all)
+        _deploy(state, h)
+    state["rounds"] = [runstate.round_summary(h) for h in history]
     state["stop_reason"] = reason
     state["converged"] = reason.startswith("converged")
-    if history:
-        final = {"round": history[-1]["round"], "model_dir": history[-1]["model_dir"]}
-        write_text_atomic(json.dumps(final, indent=2), work_dir / "final.json")
-        state["final"] = final
-    _save_state(state_path, state)
-    log.info("FSL-nnUNet finished: %s (%d round(s), this run %.0fs)", reason, len(history),
-             time.perf_counter() - t_start)
-    _emit(progress, stage="done", round=len(history), max_rounds=state["max_rounds"],
-          change=history[-1]["change"] if history else None,
-          best_metric=history[-1]["labelled_dice"] if history else None)
+    state["gate_refused"] = [h["round"] for h in history if h.get("deployed") is False]
+    runstate.write_final(layout, state)
+    runstate.save(layout, state)
+    if state["gate_refused"]:
+        loud(state["final"]["warning"])
+    log.info("FSL-nnUNet finished: %s (%d round(s), this run %.0fs); deployed: round %d", reason, len(history),
+             time.perf_counter() - t_start, state["deployed"]["round"])
+    event = {"stage": "done", "round": len(history), "max_rounds": state["max_rounds"],
+             "change": history[-1]["change"] if history else None, "deployed_round": state["deployed"]["round"],
+             "best_metric": state["deployed"].get("gate_dice"), "gate_refused": state["gate_refused"]}
+    if progress is not None:
+        progress(event)
     return state
+
+
+def _f(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _deploy(state: dict, metrics: dict) -> None:
+    """Apply a finished round's gate decision to ``state['deployed']`` (idempotent)."""
+    if metrics.get("deployed", True) and int(metrics["round"]) >= int(state["deployed"]["round"]):
+        state["deployed"] = {"round": int(metrics["round"]), "gate_dice": metrics.get("gate_dice"),
+                             "message": metrics.get("gate_message")}
+
+
+def _verdict(history: list[dict], state: dict) -> tuple[bool, str]:
+    refused = [h for h in history if h.get("deployed") is False]
+    if refused:
+        return True, refused[0]["gate_message"]
+    return should_stop([h["change"] for h in history], state["min_change"], state["max_rounds"])

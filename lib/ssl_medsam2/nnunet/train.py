@@ -9,6 +9,11 @@ Training runs in this process (single device) so the epoch callback can drive pr
 its own processes), which finds the same trainer by name through ``nnUNet_extTrainer``.
 The trained folder (``dataset.json``, ``plans.json``, ``fold_<f>/checkpoint_final.pth``) is moved
 into place only once complete, so its presence means training finished.
+
+Mid-round resume: nnU-Net writes ``checkpoint_latest.pth`` every ``nnunet.checkpoint_every`` epochs
+(its own default is 50, longer than a short schedule); :func:`latest_checkpoint` finds it and
+:func:`train_model` ``resume=True`` continues from it the way ``nnUNetv2_train --c`` does
+(``load_checkpoint``: weights, optimizer, epoch count, logs), so the epoch count goes on.
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ def _env(**values: str):
 
 
 @contextlib.contextmanager
-def _nnunet_output(log_path: Path | None):
+def nnunet_output(log_path: Path | None):
     """nnU-Net prints a lot; send its stdout to a log file so our progress bars stay readable."""
     if log_path is None:
         yield
@@ -90,7 +95,7 @@ def plan_and_preprocess(ncfg: dict, reuse_from: str | os.PathLike | None = None,
     conf = ncfg.get("configuration", "2d")
     pre = Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME
     # the planner calls torch.set_num_threads(nnUNet_n_proc_DA), which must then be >= 1
-    with _nnunet_output(log_path), _env(nnUNet_n_proc_DA=str(max(1, int(ncfg.get("num_workers", 2))))):
+    with nnunet_output(log_path), _env(nnUNet_n_proc_DA=str(max(1, int(ncfg.get("num_workers", 2))))):
         if reuse_from is not None:
             reuse_from = Path(reuse_from)
             pre.mkdir(parents=True, exist_ok=True)
@@ -116,13 +121,29 @@ def _fold(ncfg: dict):
     return "all" if str(f) == "all" else int(f)
 
 
+def _trained_dir(ncfg: dict, name: str | None = None) -> Path:
+    """nnU-Net's output folder of this trainer/plans/configuration (inside :func:`nnunet_env`)."""
+    name = name or trainers.trainer_name_from_config(ncfg)
+    return (Path(os.environ["nnUNet_results"]) / DATASET_NAME
+            / f"{name}__{PLANS_NAME}__{ncfg.get('configuration', '2d')}")
+
+
+def latest_checkpoint(ncfg: dict) -> Path | None:
+    """The ``checkpoint_latest.pth`` an interrupted training of this schedule left behind, if any."""
+    p = _trained_dir(ncfg) / f"fold_{_fold(ncfg)}" / "checkpoint_latest.pth"
+    return p if p.exists() else None
+
+
 def train_model(ncfg: dict, model_dir: str | os.PathLike, init_checkpoint: str | os.PathLike | None = None,
-                progress: Callable[[dict], None] | None = None, log_path: Path | None = None) -> Path:
+                progress: Callable[[dict], None] | None = None, log_path: Path | None = None,
+                resume: bool = False) -> Path:
     """Train on the preprocessed dataset; the finished model folder lands at ``model_dir``.
 
     ``init_checkpoint``: start from these weights (fine-tuning from the previous round) instead of
-    from scratch. ``progress`` gets {"stage": "train", "epoch", "total_epochs", "best_metric",
-    "train_loss"} after every epoch. Call inside :func:`nnunet_env`.
+    from scratch. ``resume``: continue from :func:`latest_checkpoint` when there is one (epoch count,
+    optimizer and logs included). ``progress`` gets {"stage": "train", "epoch", "total_epochs",
+    "best_metric", "pseudo_dice", "train_loss", "epoch_s", "iterations_per_epoch"} after every epoch.
+    Call inside :func:`nnunet_env`.
     """
     model_dir = Path(model_dir)
     name = trainers.trainer_name_from_config(ncfg)
@@ -131,15 +152,15 @@ def train_model(ncfg: dict, model_dir: str | os.PathLike, init_checkpoint: str |
     device = resolve_device(ncfg.get("device"))
     if model_dir.exists():
         shutil.rmtree(model_dir)
-    results = Path(os.environ["nnUNet_results"])
-    trained = results / DATASET_NAME / f"{name}__{PLANS_NAME}__{conf}"
-    if trained.exists():
+    trained = _trained_dir(ncfg, name)
+    resume_from = latest_checkpoint(ncfg) if resume else None
+    if trained.exists() and resume_from is None:
         shutil.rmtree(trained)
     t0 = time.perf_counter()
     if int(ncfg.get("num_gpus", 1)) > 1:
-        _train_ddp(ncfg, name, conf, fold, init_checkpoint, log_path)
+        _train_ddp(ncfg, name, conf, fold, init_checkpoint, log_path, resume_from is not None)
     else:
-        _train_in_process(ncfg, name, conf, fold, device, init_checkpoint, progress, log_path)
+        _train_in_process(ncfg, name, conf, fold, device, init_checkpoint, progress, log_path, resume_from)
     ckpt = trained / f"fold_{fold}" / "checkpoint_final.pth"
     if not ckpt.exists():
         raise RuntimeError(f"nnU-Net finished without writing {ckpt}; see {log_path or 'its log'}")
@@ -150,7 +171,7 @@ def train_model(ncfg: dict, model_dir: str | os.PathLike, init_checkpoint: str |
     return model_dir
 
 
-def _train_in_process(ncfg, name, conf, fold, device, init_checkpoint, progress, log_path):
+def _train_in_process(ncfg, name, conf, fold, device, init_checkpoint, progress, log_path, resume_from=None):
     import numpy as np
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -166,11 +187,16 @@ def _train_in_process(ncfg, name, conf, fold, device, init_checkpoint, progress,
     plans = load_json(str(pre / f"{PLANS_NAME}.json"))
     plans["continue_training"] = False
     dataset_json = load_json(str(pre / "dataset.json"))
-    with _nnunet_output(log_path):
+    with nnunet_output(log_path):
         trainer = trainer_cls(plans=plans, configuration=conf, fold=fold, dataset_json=dataset_json,
                               device=device)
         trainer.initialize()
-        if init_checkpoint is not None:
+        trainer.save_every = max(1, int(ncfg.get("checkpoint_every") or 1))
+        if resume_from is not None:
+            trainer.load_checkpoint(str(resume_from))  # what nnUNetv2_train --c does
+            log.info("resuming training from %s at epoch %d/%d", resume_from, trainer.current_epoch,
+                     trainer.num_epochs)
+        elif init_checkpoint is not None:
             state = torch.load(str(init_checkpoint), map_location="cpu", weights_only=False)["network_weights"]
             net = trainer.network.module if hasattr(trainer.network, "module") else trainer.network
             net = getattr(net, "_orig_mod", net)
@@ -178,17 +204,71 @@ def _train_in_process(ncfg, name, conf, fold, device, init_checkpoint, progress,
         if progress is not None:
             def _cb(tr):
                 lg = tr.logger
+                ema = float(tr._best_ema) if tr._best_ema is not None else None
+                last = lg.get_value("ema_fg_dice", step=-1)
+                epoch_s = lg.get_value("epoch_end_timestamps", step=-1) - lg.get_value("epoch_start_timestamps",
+                                                                                          step=-1)
                 progress({"stage": "train", "epoch": tr.current_epoch, "total_epochs": tr.num_epochs,
-                          "best_metric": float(tr._best_ema) if tr._best_ema is not None else None,
-                          "train_loss": float(lg.get_value("train_losses", step=-1))})
+                          "best_metric": ema, "pseudo_dice": None if last is None else float(last),
+                          "train_loss": float(lg.get_value("train_losses", step=-1)),
+                          "epoch_s": float(epoch_s), "iterations_per_epoch": tr.num_iterations_per_epoch})
             trainer.epoch_callback = _cb
         trainer.run_training()
 
 
-def _train_ddp(ncfg, name, conf, fold, init_checkpoint, log_path):
+def measure_speed(ncfg: dict, iterations: int = 5, warmup: int = 2, log_path: Path | None = None) -> float:
+    """Training iterations per second on the preprocessed dataset, over ``iterations`` after ``warmup``.
+
+    The same trainer, network, batch and augmentation workers as the real training; nothing is kept
+    (its output folder is removed). Call inside :func:`nnunet_env`, after preprocessing.
+    """
+    import numpy as np
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    if ncfg.get("cpu_threads"):
+        torch.set_num_threads(int(ncfg["cpu_threads"]))
+    probe = {**ncfg, "epochs": 1, "iterations_per_epoch": max(1, iterations + warmup), "val_iterations": 1}
+    name = trainers.trainer_name_from_config(probe)
+    pre = Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME
+    plans = load_json(str(pre / f"{PLANS_NAME}.json"))
+    plans["continue_training"] = False
+    dataset_json = load_json(str(pre / "dataset.json"))
+    if ncfg.get("seed") is not None:
+        torch.manual_seed(int(ncfg["seed"]))
+        np.random.seed(int(ncfg["seed"]))
+    with nnunet_output(log_path):
+        trainer = trainers.find_trainer(name)(plans=plans, configuration=ncfg.get("configuration", "2d"),
+                                              fold=_fold(ncfg), dataset_json=dataset_json,
+                                              device=resolve_device(ncfg.get("device")))
+        try:
+            trainer.on_train_start()
+            trainer.on_train_epoch_start()
+            for _ in range(max(0, warmup)):
+                trainer.train_step(next(trainer.dataloader_train))
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(max(1, iterations)):
+                trainer.train_step(next(trainer.dataloader_train))
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize()
+            speed = max(1, iterations) / (time.perf_counter() - t)
+        finally:
+            for dl in (getattr(trainer, "dataloader_train", None), getattr(trainer, "dataloader_val", None)):
+                if dl is not None and hasattr(dl, "_finish"):
+                    dl._finish()
+            shutil.rmtree(_trained_dir(probe, name), ignore_errors=True)
+    log.info("measured %.3f training iterations/s (%d iterations after %d warm-up)", speed, iterations, warmup)
+    return speed
+
+
+def _train_ddp(ncfg, name, conf, fold, init_checkpoint, log_path, resume=False):
     cmd = [sys.executable, "-c", "from nnunetv2.run.run_training import run_training_entry as m; m()",
            str(DATASET_ID), conf, str(fold), "-tr", name, "-num_gpus", str(int(ncfg["num_gpus"]))]
-    if init_checkpoint is not None:
+    if resume:
+        cmd += ["--c"]
+    elif init_checkpoint is not None:
         cmd += ["-pretrained_weights", str(init_checkpoint)]
     log.info("multi-GPU training: %s", " ".join(cmd[3:]))
     with open(log_path or os.devnull, "a") as fh:

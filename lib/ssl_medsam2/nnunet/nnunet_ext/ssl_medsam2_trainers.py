@@ -32,6 +32,9 @@ class nnUNetTrainerSSL(nnUNetTrainer):
         self.num_epochs = self.EPOCHS
         self.num_iterations_per_epoch = self.ITERATIONS
         self.num_val_iterations_per_epoch = self.VAL_ITERATIONS
+        # checkpoint_latest.pth after every epoch (nnU-Net: every 50), so a stopped round resumes
+        # where it was (nnUNetv2_train --c) instead of from epoch 0
+        self.save_every = 1
         # called as epoch_callback(trainer) after every epoch (progress bars, MONAI Label train_stats)
         self.epoch_callback = None
 

@@ -1,0 +1,294 @@
+"""One FSL-nnUNet round, and round 0.
+
+Round 0 (:func:`make_round0`): few-shot pseudo labels for every unlabelled case (or validated copies
+of pseudo labels the user already has), plus leave-one-out few-shot pseudo labels of the quality
+gate's held-out labelled case(s) (:mod:`.gate`).
+
+Round k (:func:`run_round`): export ground truth + round k-1 pseudo labels as an nnU-Net dataset,
+plan (round 1) / reuse round 1's plans, preprocess, train (resuming from ``checkpoint_latest.pth``
+when a previous attempt was stopped mid-training), predict the pseudo-labelled and labelled cases
+(:func:`predict_cases`), measure, apply the quality gate and write ``metrics.json`` last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..cluster import cluster_address, predict_round_on_cluster
+from ..devices import resolve_device
+from ..io import InputError, atomic_write, list_volumes, load_label_for, load_volume, save_like, write_text_atomic
+from ..metrics import mean_dice
+from ..uncertainty import binary_entropy
+from . import gate as gate_mod
+from . import train as nn_train
+from .export import export_dataset, verify
+from .layout import RunLayout
+from .reporting import plot_curves
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[dict], None]
+#: called after preprocessing with a speed probe; returns the nnunet config with the schedule filled in
+ScheduleFn = Callable[[Callable[[], float]], dict]
+
+
+def emit(progress: ProgressFn | None, **event) -> None:
+    if progress is not None:
+        progress(event)
+
+
+# --- round 0 ------------------------------------------------------------------------------------
+
+def _copy_given(src_dir: Path, layout: RunLayout, names: Sequence[str], images: Mapping[str, Path]) -> list[str]:
+    """Validated copies of given pseudo labels (and entropy maps when present); returns the names not given."""
+    lab_dir = src_dir / "labels" if (src_dir / "labels").is_dir() else src_dir
+    given = list_volumes(lab_dir)
+    ent_dir = src_dir / "entropy" if (src_dir / "entropy").is_dir() else None
+    for n in [n for n in names if n in given]:
+        image = load_volume(images[n], name=n)
+        lab = load_label_for(image, given[n])
+        if ent_dir is not None and (ent_dir / f"{n}.nii.gz").exists():
+            atomic_write(layout.entropy(0) / f"{n}.nii.gz",
+                         lambda tmp, src=ent_dir / f"{n}.nii.gz": shutil.copyfile(src, tmp))
+        save_like(lab.array, image, layout.labels(0) / f"{n}.nii.gz", dtype=lab.array.dtype,
+                  description="ssl-medsam2 round 0 (given)")
+    return [n for n in names if n not in given]
+
+
+def _gate_supports(layout: RunLayout, labels: Mapping[str, Path], gate: Sequence[str]) -> Path:
+    """A folder of links to the labelled cases minus the gate cases: the gate cases' few-shot supports."""
+    d = layout.gate_supports
+    d.mkdir(parents=True, exist_ok=True)
+    for n, p in labels.items():
+        link = d / f"{n}.nii.gz"
+        if n not in gate and not link.exists():
+            try:
+                os.symlink(Path(p).resolve(), link)
+            except OSError:
+                shutil.copyfile(p, link)
+    return d
+
+
+def make_round0(layout: RunLayout, images_dir, labels_dir, images: Mapping[str, Path], labels: Mapping[str, Path],
+                unlabelled: Sequence[str], gate: Sequence[str], cfg: dict, pseudo_labels_dir=None, engine=None,
+                show_progress: bool = True) -> None:
+    """Round 0 pseudo labels: unlabelled cases from the engine (all labelled supports) or ``pseudo_labels_dir``;
+    gate cases leave-one-out (the other labelled cases as supports) unless ``pseudo_labels_dir`` has them."""
+    from ..pseudo_label import pseudo_label_folder
+
+    def missing(names):
+        return [n for n in names if not (layout.labels(0) / f"{n}.nii.gz").exists()]
+
+    todo = missing(unlabelled)
+    if todo and pseudo_labels_dir is not None:
+        absent = _copy_given(Path(pseudo_labels_dir), layout, todo, images)
+        if absent:
+            raise InputError(pseudo_labels_dir, f"no pseudo label for unlabelled case(s): {', '.join(absent)}")
+    elif todo:
+        log.info("round 0: few-shot pseudo labels for %d case(s)", len(todo))
+        pseudo_label_folder(images_dir, labels_dir, layout.round(0), cfg, engine=engine,
+                            show_progress=show_progress, names=todo)
+    todo = missing(gate)
+    if todo and pseudo_labels_dir is not None:
+        todo = _copy_given(Path(pseudo_labels_dir), layout, todo, images)
+    if todo:
+        log.info("round 0: leave-one-out few-shot pseudo labels for the gate case(s) %s", ", ".join(todo))
+        pseudo_label_folder(images_dir, _gate_supports(layout, labels, gate), layout.round(0), cfg, engine=engine,
+                            show_progress=show_progress, names=todo)
+
+
+# --- predicting -----------------------------------------------------------------------------------
+
+def load_model(model_dir: Path, ncfg: dict):
+    from .predict import NnUNetModel
+
+    return NnUNetModel(model_dir, device=resolve_device(ncfg.get("device")),
+                       use_mirroring=bool(ncfg.get("use_mirroring", False)), num_threads=ncfg.get("cpu_threads"))
+
+
+def predict_cases(model_dir: Path, ncfg: dict, images: Mapping[str, Path], names: Sequence[str], out_dir: Path,
+                  round_no: int, progress: ProgressFn | None = None, cache: dict | None = None) -> list[str]:
+    """Predict these cases with this model: ``out_dir/labels/<case>`` + ``out_dir/entropy/<case>`` (max over
+    classes, bits), each on its source grid. Cases already there are skipped; returns the ones predicted.
+
+    ``cache``: a dict that keeps the loaded model between calls of one round (it is loaded only when
+    something is left to predict).
+    """
+    todo = [n for n in names if not ((out_dir / "labels" / f"{n}.nii.gz").exists()
+                                     and (out_dir / "entropy" / f"{n}.nii.gz").exists())]
+    if not todo:
+        return []
+    cache = {} if cache is None else cache
+    if str(model_dir) not in cache:
+        cache[str(model_dir)] = load_model(model_dir, ncfg)
+    model = cache[str(model_dir)]
+    for i, n in enumerate(todo):
+        vol = load_volume(images[n], name=n)
+        label, probs = model.predict_volume(vol)
+        entropy = binary_entropy(probs[1:]).max(axis=0) if probs.shape[0] > 1 else np.zeros(vol.shape, np.float32)
+        save_like(entropy, vol, out_dir / "entropy" / f"{n}.nii.gz", dtype=np.float32,
+                  description="ssl-medsam2 nnU-Net entropy (bits)")
+        save_like(label, vol, out_dir / "labels" / f"{n}.nii.gz", dtype=label.dtype,
+                  description=f"ssl-medsam2 round {round_no}")
+        emit(progress, stage="predict", round=round_no, case=n, done=i + 1, total=len(todo))
+    return todo
+
+
+# --- training -------------------------------------------------------------------------------------
+
+def train_round(k: int, layout: RunLayout, cfg: dict, images: Mapping[str, Path], train_labels: Mapping[str, Path],
+                pseudo_names: Sequence[str], classes: Sequence[int], schedule_for: ScheduleFn,
+                progress: ProgressFn | None = None) -> dict:
+    """Export, plan/preprocess and train round ``k`` (or resume it); returns the seconds spent per step.
+
+    A folder ``round_k/nnunet/`` with ``prepared.json`` means export + preprocessing finished; with a
+    ``checkpoint_latest.pth`` inside, training continues from it (the epoch count goes on).
+    """
+    ncfg = cfg.get("nnunet", {})
+    max_rounds = int(ncfg.get("max_rounds", 3))
+    root, nn_log, model_dir = layout.nnunet_root(k), layout.nnunet_log(k), layout.model(k)
+    marker = root / "prepared.json"
+    times: dict[str, float] = {}
+    prepared = marker.exists()
+    if root.exists() and not prepared:
+        shutil.rmtree(root)  # an attempt stopped before preprocessing finished: start the round over
+    with nn_train.nnunet_env(root, ncfg):
+        if not prepared:
+            t = time.perf_counter()
+            emit(progress, stage="export", round=k, max_rounds=max_rounds)
+            prev = layout.round(k - 1)
+            pseudo = {n: prev / "labels" / f"{n}.nii.gz" for n in pseudo_names}
+            entropy = {n: prev / "entropy" / f"{n}.nii.gz" for n in pseudo_names}
+            ds = export_dataset(root / "raw", images, train_labels, pseudo, classes, cfg, entropy=entropy)
+            if k == 1:
+                with nn_train.nnunet_output(nn_log):
+                    verify(ds, max(1, int(ncfg.get("num_processes", 2))))
+            times["export_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            emit(progress, stage="plan", round=k, max_rounds=max_rounds)
+            first = layout.model(1)
+            nn_train.plan_and_preprocess(ncfg, reuse_from=first if k > 1 and first.exists() else None,
+                                         log_path=nn_log)
+            write_text_atomic(json.dumps({"round": k}), marker)
+            times["plan_preprocess_s"] = time.perf_counter() - t
+
+        def probe() -> float:
+            emit(progress, stage="speed", round=k, max_rounds=max_rounds)
+            return nn_train.measure_speed(ncfg, int(ncfg.get("speed_probe_iterations", 5)), log_path=nn_log)
+
+        ncfg_run = schedule_for(probe)
+        resume = nn_train.latest_checkpoint(ncfg_run)
+        if resume is not None:
+            log.info("round %d: resuming nnU-Net training from %s", k, resume)
+        init = None
+        if ncfg.get("fine_tune") and k > 1:
+            init = layout.model(k - 1) / f"fold_{nn_train._fold(ncfg)}" / "checkpoint_final.pth"
+        t = time.perf_counter()
+        nn_train.train_model(ncfg_run, model_dir, init_checkpoint=init, log_path=nn_log, resume=True,
+                             progress=lambda ev: emit(progress, **ev, round=k, max_rounds=max_rounds))
+        times["train_s"] = time.perf_counter() - t
+    if not ncfg.get("keep_intermediate", False):
+        shutil.rmtree(root, ignore_errors=True)
+    log.info("round %d: trained in %.0fs", k, times["train_s"])
+    return times
+
+
+def _checkpoint_info(ckpt: Path) -> tuple[float | None, str | None]:
+    """(nnU-Net's best EMA pseudo Dice, trainer class name) from a checkpoint; informative only."""
+    try:
+        import torch
+
+        c = torch.load(str(ckpt), map_location="cpu", weights_only=False)
+        ema = c.get("_best_ema")
+        return (None if ema is None else float(ema)), c.get("trainer_name")
+    except Exception:
+        return None, None
+
+
+# --- one round ------------------------------------------------------------------------------------
+
+def run_round(k: int, layout: RunLayout, cfg: dict, images: Mapping[str, Path], labels: Mapping[str, Path],
+              unlabelled: Sequence[str], gate: Sequence[str], classes: Sequence[int], history: list[dict],
+              deployed: dict, schedule_for: ScheduleFn, progress: ProgressFn | None = None) -> dict:
+    """Train round ``k`` on ground truth (minus the gate cases) + round k-1 pseudo labels, predict, measure,
+    decide deployment against ``deployed`` ({"round", "gate_dice"}); writes and returns its metrics."""
+    ncfg = cfg.get("nnunet", {})
+    max_rounds = int(ncfg.get("max_rounds", 3))
+    fold = nn_train._fold(ncfg)
+    model_dir = layout.model(k)
+    ckpt = model_dir / f"fold_{fold}" / "checkpoint_final.pth"
+    train_labels = {n: p for n, p in labels.items() if n not in gate}
+    pseudo_names = sorted(unlabelled) + sorted(gate)
+    times: dict[str, float] = {}
+    if not ckpt.exists():
+        times.update(train_round(k, layout, cfg, images, train_labels, pseudo_names, classes, schedule_for,
+                                 progress))
+    else:
+        log.info("round %d: model already trained, reusing %s", k, model_dir)
+    t = time.perf_counter()
+    emit(progress, stage="predict", round=k, max_rounds=max_rounds)
+    cache: dict = {}
+    if cluster_address(cfg):  # spread over Ray workers (ssl_medsam2.cluster), same files
+        predict_round_on_cluster(cfg, model_dir, [(layout.round(k), pseudo_names),
+                                                  (layout.labelled_predictions(k), sorted(train_labels))],
+                                 k, images, show_progress=False, progress=progress)
+    else:
+        predict_cases(model_dir, ncfg, images, pseudo_names, layout.round(k), k, progress, cache)
+        predict_cases(model_dir, ncfg, images, sorted(train_labels), layout.labelled_predictions(k), k, None, cache)
+    times["predict_s"] = time.perf_counter() - t
+
+    change = {}
+    for n in pseudo_names:
+        img = load_volume(images[n], name=n)
+        a = load_label_for(img, layout.labels(k) / f"{n}.nii.gz").array
+        b = load_label_for(img, layout.labels(k - 1) / f"{n}.nii.gz").array
+        change[n] = mean_dice(a, b, classes)
+    fit = {}
+    for n in sorted(train_labels):
+        img = load_volume(images[n], name=n)
+        a = load_label_for(img, layout.labelled_predictions(k) / "labels" / f"{n}.nii.gz").array
+        fit[n] = mean_dice(a, load_label_for(img, labels[n]).array, classes)
+    ema, trainer_name = _checkpoint_info(ckpt)
+    score = gate_mod.gate_score(layout.labels(k), gate, images, labels, classes)
+    decision = gate_mod.decide(k, None if score is None else score["dice"], int(deployed["round"]),
+                               deployed.get("gate_dice"), float(ncfg.get("gate_tolerance", 0.0) or 0.0))
+    metrics = {
+        "round": k,
+        "change": float(1.0 - np.mean(list(change.values()))) if change else 0.0,
+        "min_change": ncfg.get("min_change"),
+        "dice_to_previous": change,
+        "labelled_dice": float(np.mean(list(fit.values()))) if fit else None,
+        "labelled_dice_per_case": fit,
+        "labelled_dice_note": "labelled cases are in nnU-Net's training set (fit to ground truth, not held out)",
+        "gate_dice": None if score is None else score["dice"],
+        "gate_dice_per_case": None if score is None else score["per_case"],
+        "gate_cases": list(gate),
+        "deployed": decision.deploy,
+        "gate_message": decision.message,
+        "replaces": {"round": int(deployed["round"]), "gate_dice": deployed.get("gate_dice")},
+        "nnunet_ema_pseudo_dice": ema,
+        "model_dir": str(model_dir),
+        "trainer": trainer_name,
+        "configuration": ncfg.get("configuration", "2d"),
+        "fold": fold,
+        "fine_tuned_from": str(layout.model(k - 1)) if ncfg.get("fine_tune") and k > 1 else None,
+        "seconds": {k2: round(v, 1) for k2, v in times.items()},
+    }
+    plot_curves(history + [metrics], layout.curves(k), round0_gate=_round0_gate(history, deployed))
+    write_text_atomic(json.dumps(metrics, indent=2), layout.metrics(k))  # written last: round done
+    return metrics
+
+
+def _round0_gate(history: list[dict], deployed: dict) -> float | None:
+    if history:
+        return history[0].get("replaces", {}).get("gate_dice")
+    return deployed.get("gate_dice") if int(deployed["round"]) == 0 else None
+

@@ -1,0 +1,154 @@
+"""What a run tells people: one progress line, the round curves, and the loud lines of the quality gate.
+
+Progress events (dicts with a ``stage``) come from the loop and from nnU-Net's epoch callback;
+:class:`RunProgress` turns them into the fields that both the console line (:class:`ProgressLine`,
+one tqdm bar) and MONAI Label's ``train_stats`` show: round k/K, epoch e/E, iterations per second,
+ETA, last train loss and nnU-Net's pseudo Dice.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..io import atomic_write
+
+log = logging.getLogger(__name__)
+
+STAGE_WORDS = {"pseudo_label": "few-shot pseudo labels", "export": "export", "plan": "plan + preprocess",
+               "speed": "measuring speed", "train": "train", "predict": "predict", "round_done": "round done",
+               "done": "done"}
+
+
+class RunProgress:
+    """Progress events -> the fields every view shows (pure bookkeeping, no output)."""
+
+    def __init__(self):
+        self.fields: dict = {"round": 0, "max_rounds": None, "stage": "start", "epoch": 0, "total_epochs": None,
+                             "it_per_s": None, "eta_s": None, "eta_run_s": None, "train_loss": None,
+                             "pseudo_dice": None}
+        self._epoch_s: float | None = None
+
+    def update(self, event: dict) -> dict:
+        f = self.fields
+        for k in ("round", "max_rounds", "stage", "epoch", "total_epochs", "train_loss", "pseudo_dice", "done",
+                  "total", "case"):
+            if event.get(k) is not None:
+                f[k] = event[k]
+        if event.get("stage") == "train" and event.get("epoch_s"):
+            self._epoch_s = float(event["epoch_s"])
+            its = event.get("iterations_per_epoch")
+            f["it_per_s"] = round(float(its) / self._epoch_s, 3) if its else None
+            left = max(0, int(f["total_epochs"] or 0) - int(f["epoch"] or 0))
+            f["eta_s"] = round(left * self._epoch_s, 1)
+            rounds_left = max(0, int(f["max_rounds"] or 0) - int(f["round"] or 0))
+            f["eta_run_s"] = round(f["eta_s"] + rounds_left * int(f["total_epochs"] or 0) * self._epoch_s, 1)
+        if event.get("stage") in ("round_done", "done"):
+            f["eta_s"] = 0.0
+        return dict(f)
+
+
+def _fmt_s(s) -> str:
+    if s is None:
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class ProgressLine:
+    """One tqdm line on the console for the whole run; nnU-Net's own output goes to its log file."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.state = RunProgress()
+        self._bar = None
+        self._key = None
+
+    def __call__(self, event: dict) -> dict:
+        f = self.state.update(event)
+        if not self.enabled:
+            return f
+        from tqdm.auto import tqdm
+
+        stage = f["stage"]
+        total = f["total_epochs"] if stage == "train" else f.get("total") if stage == "predict" else None
+        key = (f["round"], stage)
+        if self._bar is None:
+            self._bar = tqdm(total=total, dynamic_ncols=True, leave=True)
+        if key != self._key:
+            self._key = key
+            self._bar.reset(total=total)
+            self._bar.unit = "ep" if stage == "train" else "case"
+            self._bar.bar_format = (None if total else "{desc} [{elapsed}{postfix}]")
+        self._bar.set_description(f"round {f['round']}/{f['max_rounds']} {STAGE_WORDS.get(stage, stage)}")
+        n = f["epoch"] if stage == "train" else f.get("done") if stage == "predict" else None
+        if n is not None and total:
+            self._bar.n = int(n)
+        post = []
+        if stage == "train":
+            post.append(f"epoch {f['epoch']}/{f['total_epochs']}")
+            if f["it_per_s"] is not None:
+                post.append(f"{f['it_per_s']:.2f} it/s")
+            if f["train_loss"] is not None:
+                post.append(f"loss {f['train_loss']:.3f}")
+            if f["pseudo_dice"] is not None:
+                post.append(f"pseudo-Dice {f['pseudo_dice']:.3f}")
+            post.append(f"ETA round {_fmt_s(f['eta_s'])}, run {_fmt_s(f['eta_run_s'])}")
+        self._bar.set_postfix_str(", ".join(post), refresh=False)
+        self._bar.refresh()
+        return f
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def plot_curves(history: list[dict], path: Path, round0_gate: float | None = None) -> Path:
+    """Round-to-round change, and labelled-case fit + held-out gate Dice per round, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # nnU-Net imports seaborn, which restyles matplotlib globally (huge fonts): draw with the defaults
+    with matplotlib.rc_context(rc=matplotlib.rcParamsDefault):
+        rounds = [h["round"] for h in history]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        axes[0].plot(rounds, [h["change"] for h in history], "o-", label="change")
+        if history and history[-1].get("min_change") is not None:
+            axes[0].axhline(history[-1]["min_change"], color="grey", ls="--", label="min_change (stop below)")
+        axes[0].set(xlabel="round", ylabel="1 - mean Dice to previous round", title="pseudo-label change",
+                    ylim=(0, 1.02))
+        axes[0].legend(fontsize=8)
+        axes[1].plot(rounds, [h["labelled_dice"] for h in history], "o-",
+                     label="labelled cases (in the training set: fit)")
+        gate = [h.get("gate_dice") for h in history]
+        if any(g is not None for g in gate):
+            xs, ys = ([0] + rounds, [round0_gate] + gate) if round0_gate is not None else (rounds, gate)
+            axes[1].plot(xs, [np.nan if g is None else g for g in ys], "D-", color="C3",
+                         label="held-out gate case (decides deployment)")
+            for h in history:
+                if h.get("deployed") is False:
+                    axes[1].annotate("not deployed", (h["round"], h["gate_dice"]), fontsize=8, color="C3",
+                                     xytext=(4, -12), textcoords="offset points")
+        ema = [h.get("nnunet_ema_pseudo_dice") for h in history]
+        if any(e is not None for e in ema):
+            axes[1].plot(rounds, [np.nan if e is None else e for e in ema], "s--", label="nnU-Net EMA pseudo Dice")
+        axes[1].set(xlabel="round", ylabel="Dice", ylim=(0, 1.02), title="Dice per round")
+        axes[1].legend(fontsize=8)
+        for ax in axes:
+            ax.set_xticks(sorted(set(rounds) | ({0} if round0_gate is not None else set())))
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        plt.close(fig)
+    return path
+
+
+def loud(message: str) -> None:
+    """A line nobody should miss (quality-gate refusals): the log at WARNING, framed."""
+    bar = "!" * min(100, len(message))
+    log.warning("\n%s\n%s\n%s", bar, message, bar)

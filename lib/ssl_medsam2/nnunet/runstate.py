@@ -1,0 +1,79 @@
+"""A run's memory: ``state.json`` (what is finished and with which settings) and ``final.json`` (what is deployed).
+
+Resuming is reading this back: settings that change what a finished round contains are compared
+with the ones the work dir was made with, and a difference is refused (new settings -> new
+``--work``); the image/label set must match too. The resolved schedule and the quality-gate decisions
+live here, so a resumed run trains with the same schedule and deploys the same rounds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..io import InputError, write_text_atomic
+from .layout import RunLayout
+
+#: settings that change what a finished round contains; a work dir refuses to continue with others
+FINGERPRINT_KEYS = ("configuration", "fold", "schedule", "epochs", "iterations_per_epoch", "val_iterations",
+                    "fine_tune", "ignore_entropy_threshold", "gpu_memory_target", "quality_gate", "gate_cases")
+
+
+def settings(ncfg: dict, engine_name: str) -> dict:
+    return {**{k: ncfg.get(k) for k in FINGERPRINT_KEYS}, "round0": engine_name}
+
+
+def open_state(layout: RunLayout, settings_now: dict, labelled: list[str], unlabelled: list[str],
+               classes: list[int], gate_cases: list[str], gate_why: str, inputs: dict) -> dict:
+    """The work dir's state: checked against these settings and inputs, or a new one."""
+    state = json.loads(layout.state_path.read_text()) if layout.state_path.exists() else None
+    if state is None:
+        return {"settings": settings_now, "labelled": sorted(labelled), "unlabelled": unlabelled, "classes": classes,
+                "gate": {"cases": gate_cases, "why": gate_why}, "inputs": inputs,
+                "round0": {"done": False, "source": settings_now["round0"]}, "rounds": [],
+                "deployed": None, "schedule": None}
+    old = state["settings"]
+    diff = {k: (old.get(k), v) for k, v in settings_now.items() if k != "round0" and old.get(k) != v}
+    if diff:
+        raise InputError(layout.work, "this work dir was made with other settings "
+                                      + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                                      + "; use a new --work folder (or the old settings)")
+    if state["labelled"] != sorted(labelled) or state["unlabelled"] != unlabelled:
+        raise InputError(layout.work, "this work dir was made with other images/labels; use a new --work folder")
+    return state
+
+
+def save(layout: RunLayout, state: dict) -> None:
+    layout.work.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(json.dumps(state, indent=2), layout.state_path)
+
+
+def round_summary(m: dict) -> dict:
+    keys = ("round", "change", "labelled_dice", "gate_dice", "deployed", "gate_message", "model_dir")
+    return {k: m.get(k) for k in keys}
+
+
+def write_final(layout: RunLayout, state: dict) -> dict:
+    """``final.json``: the deployed round, its model (None for round 0), schedule and gate verdicts."""
+    dep = state["deployed"]
+    k = int(dep["round"])
+    rejected = [r for r in state["rounds"] if r.get("deployed") is False]
+    final = {
+        "round": k,
+        "model_dir": str(layout.model(k)) if k > 0 else None,
+        "pseudo_labels_dir": str(layout.labels(k)),
+        "gate_dice": dep.get("gate_dice"),
+        "quality_gate": state["gate"],
+        "schedule": state.get("schedule"),
+        "rounds_finished": len(state["rounds"]),
+        "not_deployed": [{"round": r["round"], "gate_dice": r.get("gate_dice")} for r in rejected],
+        "message": dep.get("message"),
+        "warning": rejected[0].get("gate_message") if rejected else None,
+    }
+    if k == 0:
+        final["note"] = ("no nnU-Net round beat the few-shot round 0 on the held-out gate case: the deployed "
+                         "'model' is the few-shot engine with the labelled cases as supports")
+    write_text_atomic(json.dumps(final, indent=2), layout.final_path)
+    state["final"] = final
+    return final
+

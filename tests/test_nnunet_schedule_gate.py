@@ -1,0 +1,175 @@
+"""Schedules that fit the machine, progress fields, mid-round resume and the quality gate.
+
+Schedule and progress arithmetic is tested with given speeds (no stopwatch). The two integration
+tests run nnU-Net on tiny real CHAOS (4 cases at 32x32 in-plane, tests/nnunet_helpers.py): they prove
+the mechanics (resume from checkpoint_latest.pth, a worse round kept out), not segmentation quality.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from nnunet_helpers import TINY_SCHEDULE, make_tiny_chaos
+from ssl_medsam2.config import load_config
+from ssl_medsam2.nnunet import gate, schedule
+from ssl_medsam2.nnunet.layout import RunLayout
+from ssl_medsam2.nnunet.reporting import RunProgress
+from ssl_medsam2.nnunet.rounds import run_ssl
+
+
+def _ncfg(*overrides):
+    return load_config(overrides=list(overrides))["nnunet"]
+
+
+# --- schedules (pure) -------------------------------------------------------------------------------
+
+def test_auto_picks_short_on_cpu_and_full_on_cuda_and_says_so():
+    cpu = schedule.resolve(_ncfg(), "cpu", it_per_s=0.4)
+    assert (cpu.name, cpu.epochs, cpu.iterations_per_epoch, cpu.val_iterations) == ("short", 20, 25, 5)
+    line = cpu.describe(max_rounds=3)
+    assert "nnU-Net schedule short (schedule auto on CPU" in line and "500 training iterations per round" in line
+    # 20 x (25 + 0.5 x 5) = 550 iteration-equivalents at 0.4 it/s = 1375 s = ~23 min per round
+    assert cpu.seconds() == pytest.approx(1375.0) and "~23 min of training per round" in line
+    assert "~69 min for 3 rounds" in line
+    gpu = schedule.resolve(_ncfg(), "cuda", it_per_s=12.0)
+    assert (gpu.name, gpu.epochs, gpu.iterations_per_epoch, gpu.val_iterations) == ("full", 100, 250, 50)
+    assert "schedule auto on CUDA" in gpu.reason
+    assert schedule.resolve(_ncfg("nnunet.schedule=full"), "cpu").name == "full"
+    assert schedule.resolve(_ncfg("nnunet.schedule=short"), "cuda").epochs == 20
+
+
+def test_minutes_turns_a_measured_speed_into_epochs():
+    # CPU: 25 iterations + 5 validation (x0.5) per epoch = 27.5 iteration-equivalents; at 0.5 it/s = 55 s/epoch
+    s = schedule.resolve(_ncfg("nnunet.schedule=minutes:30"), "cpu", it_per_s=0.5)
+    assert s.name == "minutes:30" and s.iterations_per_epoch == 25 and s.epochs == 32  # floor(1800 / 55)
+    assert s.seconds() <= 30 * 60 < s.seconds() + 55
+    # CUDA: 250 + 25 = 275 per epoch; at 10 it/s = 27.5 s/epoch -> 60 min = 130 epochs
+    g = schedule.resolve(_ncfg("nnunet.schedule=minutes:60"), "cuda", it_per_s=10.0)
+    assert g.iterations_per_epoch == 250 and g.epochs == 130
+    assert schedule.resolve(_ncfg("nnunet.schedule=minutes:1"), "cpu", it_per_s=0.01).epochs == 1  # at least one
+    assert schedule.resolve(_ncfg("nnunet.schedule=minutes:30", "nnunet.epochs=3"), "cpu", it_per_s=0.5).epochs == 3
+    with pytest.raises(ValueError, match="measured training speed"):
+        schedule.resolve(_ncfg("nnunet.schedule=minutes:30"), "cpu", it_per_s=None)
+    for bad in ("fast", "minutes:0", "minutes:x", "minutes"):
+        with pytest.raises(ValueError, match="auto, short, full or minutes:N"):
+            schedule.parse(bad)
+    d = s.as_dict()
+    assert schedule.Schedule.from_dict(d) == s and d["estimated_minutes_per_round"] == pytest.approx(29.3, abs=0.1)
+
+
+def test_progress_fields_from_given_epoch_times():
+    p = RunProgress()
+    p.update({"stage": "train", "round": 1, "max_rounds": 3, "epoch": 1, "total_epochs": 20, "train_loss": -0.2,
+              "pseudo_dice": 0.31, "epoch_s": 50.0, "iterations_per_epoch": 25})
+    f = p.update({"stage": "train", "round": 1, "max_rounds": 3, "epoch": 5, "total_epochs": 20, "train_loss": -0.4,
+                  "pseudo_dice": 0.52, "epoch_s": 50.0, "iterations_per_epoch": 25})
+    assert f["it_per_s"] == 0.5 and f["eta_s"] == 15 * 50.0 and f["eta_run_s"] == 15 * 50.0 + 2 * 20 * 50.0
+    assert (f["round"], f["max_rounds"], f["epoch"], f["total_epochs"]) == (1, 3, 5, 20)
+    assert f["train_loss"] == -0.4 and f["pseudo_dice"] == 0.52
+
+
+# --- quality gate (pure) ----------------------------------------------------------------------------
+
+def test_gate_case_choice_and_decision():
+    assert gate.pick_gate_cases(["a", "b"], _ncfg())[0] == ["b"]
+    cases, why = gate.pick_gate_cases(["a"], _ncfg())
+    assert cases == [] and "quality gate off" in why and "no ground truth" in why
+    assert gate.pick_gate_cases(["a", "b", "c"], _ncfg("nnunet.gate_cases=2"))[0] == ["b", "c"]
+    assert gate.pick_gate_cases(["a", "b"], _ncfg("nnunet.quality_gate=off"))[0] == []
+    ok = gate.decide(2, 0.70, 1, 0.70)
+    assert ok.deploy and "round 2 deployed" in ok.message
+    bad = gate.decide(2, 0.40, 1, 0.70)
+    assert not bad.deploy and "round 2 NOT deployed" in bad.message and "keeping round 1" in bad.message
+    assert gate.decide(2, 0.68, 1, 0.70, tolerance=0.05).deploy
+    assert gate.decide(1, 0.1, 0, None).deploy  # no gate score: deployed, as without a gate
+
+
+# --- integration on tiny real CHAOS ------------------------------------------------------------------
+
+class Stop(RuntimeError):
+    pass
+
+
+def test_run_stopped_mid_round_resumes_from_its_checkpoint(chaos_dir, tmp_path, caplog):
+    """Stopped after epoch 1 of 3: the re-run continues at epoch 2 (nnU-Net's checkpoint_latest.pth), not 0."""
+    tiny = make_tiny_chaos(chaos_dir, tmp_path / "tiny")
+    root, work = tiny["root"], tiny["root"] / "work"
+    cfg = load_config(overrides=TINY_SCHEDULE + ["nnunet.epochs=3", "nnunet.max_rounds=1"])
+    seen = []
+
+    def stop_after_first_epoch(ev):
+        if ev["stage"] == "train":
+            seen.append(("a", ev["epoch"]))
+            if ev["epoch"] == 1:
+                raise Stop("stopped during round 1, epoch 1 of 3")
+
+    with pytest.raises(Stop):
+        run_ssl(root / "images", root / "labels", work, cfg, pseudo_labels_dir=root / "pseudo",
+                progress=stop_after_first_epoch, show_progress=False)
+    layout = RunLayout(work)
+    latest = list(layout.nnunet_root(1).rglob("checkpoint_latest.pth"))
+    assert len(latest) == 1 and not layout.metrics(1).exists() and not layout.model(1).exists()
+    with caplog.at_level(logging.INFO, logger="ssl_medsam2"):
+        state = run_ssl(root / "images", root / "labels", work, cfg, pseudo_labels_dir=root / "pseudo",
+                        progress=lambda ev: ev["stage"] == "train" and seen.append(("b", ev["epoch"])),
+                        show_progress=False)
+    assert seen == [("a", 1), ("b", 2), ("b", 3)]  # the epoch count goes on
+    assert any("resuming training from" in r.getMessage() and "at epoch 1/3" in r.getMessage()
+               for r in caplog.records)
+    assert [r["round"] for r in state["rounds"]] == [1] and state["final"]["round"] == 1
+    assert (layout.model(1) / "fold_all" / "checkpoint_final.pth").exists()
+    log_text = layout.nnunet_log(1).read_text()
+    assert "Epoch 2" in log_text  # nnU-Net's own chatter went to its log
+
+
+def test_round_trained_on_corrupted_pseudo_labels_is_not_deployed(chaos_dir, tmp_path, capsys):
+    """Pseudo labels corrupted on purpose (organs swapped and moved): round 1 must not replace round 0.
+
+    The gate case (chaos_02, the last labelled case) is scored against its ground truth, which never
+    trains nnU-Net; round 0's score is its leave-one-out atlas pseudo label. The CLI, final.json and
+    state.json say why, and `predict` on the run labels new images with the deployed round 0 (atlas).
+    """
+    from ssl_medsam2.cli import main
+
+    tiny = make_tiny_chaos(chaos_dir, tmp_path / "tiny")
+    root = tiny["root"]
+    bad = root / "corrupted"
+    bad.mkdir()
+    for case in tiny["unlabelled"]:
+        img = nib.load(str(root / "truth" / f"{case}.nii.gz"))
+        lab = np.asarray(img.dataobj)
+        swapped = np.roll(np.array([0, 4, 3, 2, 1], dtype=np.uint8)[lab], 8, axis=0)  # wrong organ, wrong place
+        nib.save(nib.Nifti1Image(swapped, img.affine), str(bad / f"{case}.nii.gz"))
+    sets = [a for o in TINY_SCHEDULE + ["nnunet.quality_gate=holdout", "nnunet.max_rounds=2",
+                                        "nnunet.min_change=0", "atlas.demons_iterations=[20,10]",
+                                        "atlas.demons_shrink=[2,1]"] for a in ("--set", o)]
+    work = tmp_path / "work"
+    rc = main(["run", "--images", str(root / "images"), "--labels", str(root / "labels"), "--work", str(work),
+               "--pseudo-labels", str(bad), *sets])
+    out = capsys.readouterr().out
+    assert rc == 0
+    layout = RunLayout(work)
+    final = layout.read_final()
+    state = json.loads(layout.state_path.read_text())
+    m1 = json.loads(layout.metrics(1).read_text())
+    assert state["gate"]["cases"] == ["chaos_02"] and m1["gate_cases"] == ["chaos_02"]
+    assert m1["deployed"] is False and m1["gate_dice"] < m1["replaces"]["gate_dice"]
+    assert final["round"] == 0 and final["model_dir"] is None and final["not_deployed"][0]["round"] == 1
+    assert "QUALITY GATE: round 1 NOT deployed" in final["warning"] and "stopping refinement" in final["warning"]
+    assert state["gate_refused"] == [1] and not layout.round(2).exists()  # refinement stopped
+    assert "QUALITY GATE: round 1 NOT deployed" in out and "deployed: round 0" in out
+    # the gate case's ground truth never reached nnU-Net; its round-0 label came from the other labelled case
+    r0 = json.loads((layout.round(0) / "summaries" / "chaos_02.json").read_text())
+    assert r0["supports"] == ["chaos_01"]
+    # predict with the run: the deployed round 0 is the few-shot engine, said on the console
+    new = tmp_path / "new"
+    new.mkdir()
+    shutil.copyfile(root / "images" / "chaos_03_0000.nii.gz", new / "chaos_03_0000.nii.gz")
+    rc = main(["predict", "--model", str(work), "--images", str(new), "--out", str(tmp_path / "pred"), *sets])
+    assert rc == 0 and (tmp_path / "pred" / "chaos_03.nii.gz").exists()
