@@ -38,6 +38,7 @@ def main() -> int:
     from ssl_medsam2.metrics import mean_dice, present_classes
     from ssl_medsam2.config import load_config
     from ssl_medsam2.engines import build_engine
+    from ssl_medsam2.protocol import ProtocolSettings
     from ssl_medsam2.pseudo_label import load_cases, pseudo_label_case
 
     data = Path(args.data)
@@ -50,7 +51,7 @@ def main() -> int:
     cfg = load_config(overrides=args.overrides)
     supports, queries = load_cases(tmp / "images", tmp / "labels")
     engine = build_engine(args.engine, cfg)
-    band = int(cfg["protocol"].get("boundary_band", 2))
+    band = ProtocolSettings.from_config(cfg).boundary_band
     rows = []
     t0 = time.time()
     for q in queries:

@@ -14,6 +14,28 @@ import numpy as np
 from scipy import ndimage
 
 
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """The ``protocol:`` section: which engine, and how the mean probability becomes outputs."""
+
+    engine: str
+    threshold: float
+    keep_largest_component: bool
+    boundary_band: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "engine", str(self.engine))
+        object.__setattr__(self, "threshold", float(self.threshold))
+        object.__setattr__(self, "keep_largest_component", bool(self.keep_largest_component))
+        object.__setattr__(self, "boundary_band", int(self.boundary_band))
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "ProtocolSettings":
+        from .config import section
+
+        return section(cfg, "protocol", cls)
+
+
 def insert_positions(n_query: int, n_inserts: int, rng: np.random.Generator) -> list[int]:
     """``n_inserts`` distinct random insert positions in 0..n_query (inclusive: after the last slice).
 

@@ -29,7 +29,7 @@ import numpy as np
 from .engines.base import Case, FewShotEngine, check_supports, classes_in
 from .io import (InputError, atomic_write, list_volumes, load_label_for, load_volume, save_like,
                  write_text_atomic)
-from .protocol import probabilities_to_label
+from .protocol import ProtocolSettings, probabilities_to_label
 from .uncertainty import binary_entropy, summarize
 
 log = logging.getLogger(__name__)
@@ -68,15 +68,14 @@ def resolve_classes(supports: Sequence[Case], classes: Sequence[int] | None) -> 
 
 def finalize(engine_result, query: Case, cfg: dict) -> dict:
     """Engine probabilities -> label, entropy and the JSON summary (arrays in canonical order)."""
-    pcfg = cfg.get("protocol", {})
+    pcfg = ProtocolSettings.from_config(cfg)
     probs = engine_result.probs
-    label = probabilities_to_label(probs, engine_result.classes, pcfg.get("threshold", 0.5),
-                                   pcfg.get("keep_largest_component", True))
+    label = probabilities_to_label(probs, engine_result.classes, pcfg.threshold, pcfg.keep_largest_component)
     entropy = binary_entropy(probs)
     names = cfg.get("input", {}).get("class_names") or {}
     per_class = {}
     for i, c in enumerate(engine_result.classes):
-        s = summarize(entropy[i], label == c, pcfg.get("boundary_band", 2))
+        s = summarize(entropy[i], label == c, pcfg.boundary_band)
         s["class_id"] = int(c)
         per_class[str(names.get(c, names.get(str(c), c)))] = s
     inside = [v["mean_entropy_inside"] for v in per_class.values() if v["mean_entropy_inside"] is not None]
@@ -203,7 +202,7 @@ def pseudo_label_folder(images_dir, labels_dir, out_dir, cfg: dict, engine: FewS
     if cluster_address(cfg):
         from .cluster import pseudo_label_folder_on_cluster
 
-        name = getattr(engine, "name", None) or cfg.get("protocol", {}).get("engine", "sam2")
+        name = getattr(engine, "name", None) or ProtocolSettings.from_config(cfg).engine
         return pseudo_label_folder_on_cluster(images_dir, labels_dir, out_dir, cfg, engine_name=name,
                                               show_progress=show_progress, names=names)
     supports, queries = load_cases(images_dir, labels_dir, names)
@@ -212,7 +211,7 @@ def pseudo_label_folder(images_dir, labels_dir, out_dir, cfg: dict, engine: FewS
     if not queries:
         log.warning("every image in %s has a label: nothing to pseudo-label", images_dir)
         return []
-    engine = engine or build_engine(cfg.get("protocol", {}).get("engine", "sam2"), cfg)
+    engine = engine or build_engine(ProtocolSettings.from_config(cfg).engine, cfg)
     total = sum(engine.work_units(supports, q, classes) for q in queries)
     summaries = []
     with tqdm(total=total, desc=f"pseudo-label ({engine.name})", unit="run", disable=not show_progress) as bar:

@@ -21,6 +21,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ssl_medsam2 import strategies
 from ssl_medsam2.io import InputError, Volume, load_label_for, load_volume, save_like
+from ssl_medsam2.protocol import ProtocolSettings
 
 from .workspace import Workspace
 
@@ -97,11 +98,6 @@ class FewShotInfer(InferTask):
                 ok, reason = checkpoint_status(self.ws.cfg)
                 if not ok:
                     return False, reason
-            if self.engine_name in ("atlas", "ensemble"):
-                import importlib.util
-
-                if importlib.util.find_spec("ssl_medsam2.engines.atlas_engine") is None:
-                    return False, "atlas engine is not installed (ssl_medsam2.engines.atlas_engine missing)"
         except Exception as exc:  # an import problem must show in /info, not crash the app
             return False, f"{type(exc).__name__}: {exc}"
         return True, "ok"
@@ -149,7 +145,7 @@ class FewShotInfer(InferTask):
         out_dir = self.ws.fewshot_dir if image_id else None
         outputs = pseudo_label_case(self.engine(), supports, Case(query), self.ws.cfg, out_dir=out_dir)
         s = outputs["summary"]
-        band = int(self.ws.cfg.get("protocol", {}).get("boundary_band", 2))
+        band = ProtocolSettings.from_config(self.ws.cfg).boundary_band
         u = strategies.uncertainty_score(outputs["entropy"], outputs["label"], s["classes"], band)
         if image_id:
             self.ws.set_scores(image_id, {"ssl_uncertainty": u, "ssl_fewshot_engine": self.engine_name,
@@ -181,10 +177,6 @@ class NnUNetInfer(InferTask):
         self._lock = threading.Lock()
 
     def availability(self) -> tuple[bool, str]:
-        import importlib.util
-
-        if importlib.util.find_spec("ssl_medsam2.nnunet.predict") is None:
-            return False, "nnU-Net inference is not installed (ssl_medsam2.nnunet.predict missing)"
         if not self.ws.registry.current_model_dir():
             return False, "no trained model yet: run POST /train/ssl_nnunet"
         return True, "ok"
@@ -220,7 +212,7 @@ class NnUNetInfer(InferTask):
         label, probs = model.predict_volume(query)
         label = np.asarray(label, dtype=np.uint8)
         classes = list(range(1, probs.shape[0]))
-        band = int(self.ws.cfg.get("protocol", {}).get("boundary_band", 2))
+        band = ProtocolSettings.from_config(self.ws.cfg).boundary_band
         u = strategies.uncertainty_score(binary_entropy(probs[1:]), label, classes, band)
         scores: dict = {"ssl_nnunet_uncertainty": u, "ssl_nnunet_version": version}
         if image_id:

@@ -16,6 +16,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from ssl_medsam2 import strategies
 from ssl_medsam2.io import load_label_for, load_volume, save_like
+from ssl_medsam2.protocol import ProtocolSettings
 
 from .workspace import Workspace
 
@@ -39,7 +40,7 @@ class UncertaintyScoring(ScoringMethod):
 
     def __call__(self, request, datastore):
         d = self.ws.fewshot_dir
-        band = int(self.ws.cfg.get("protocol", {}).get("boundary_band", 2))
+        band = ProtocolSettings.from_config(self.ws.cfg).boundary_band
         out = {}
         for i in self.ws.image_ids():
             lab, ent, summ = d / "labels" / f"{i}.nii.gz", d / "entropy" / f"{i}.nii.gz", d / "summaries" / f"{i}.json"
