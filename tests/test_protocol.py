@@ -61,6 +61,21 @@ def test_running_mean_equals_mean_of_runs():
     np.testing.assert_allclose(acc.mean, runs.mean(0), atol=1e-6)
 
 
+def test_running_mean_of_runs_added_slice_by_slice():
+    """A run added in parts (slices in any order, as batched tracking delivers them) counts once."""
+    rng = np.random.default_rng(1)
+    runs = rng.random((3, 4, 2, 2)).astype(np.float32)
+    acc = RunningMean((4, 2, 2))
+    for r in runs:
+        acc.add_slices([3, 1], r[[3, 1]])
+        acc.add_slices([0, 2], r[[0, 2]])
+        acc.count()
+    assert acc.n == 3
+    np.testing.assert_allclose(acc.mean, runs.mean(0), atol=1e-6)
+    with pytest.raises(ValueError):
+        acc.add(np.zeros((4, 2, 3)))
+
+
 def test_binary_entropy_values():
     p = np.array([0.0, 0.5, 1.0, 0.25])
     h = binary_entropy(p)

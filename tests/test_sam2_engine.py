@@ -1,8 +1,8 @@
 """TFFS-MedSAM2 engine on real CHAOS MRI (downsampled, z-cropped) with RANDOM-weight SAM2.1 Hiera-T.
 
-Random weights say nothing about accuracy; these tests check the mechanics: the cached engine equals
-the paper-order reference, prompts are respected, geometry is kept, seeds reproduce, bad input fails
-cleanly.
+Random weights say nothing about accuracy; these tests check the mechanics: the engine (batched and
+run by run) equals the paper-order reference, prompts are respected, the support cache evicts whole
+supports, geometry is kept, seeds reproduce, bad input fails cleanly. CUDA: tests/test_sam2_cuda.py.
 """
 
 from __future__ import annotations
@@ -14,36 +14,22 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from conftest import downsample_case
+from sam2_helpers import SMALL, load_case, make_tiny
 from ssl_medsam2.config import load_config
-from ssl_medsam2.engines.base import Case
+from ssl_medsam2.engines.sam2_batch import logits_to_prob
+from ssl_medsam2.engines.sam2_context import Features, SupportCache
 from ssl_medsam2.engines.sam2_engine import SAM2Engine
 from ssl_medsam2.engines.sam2_model import CheckpointNotFound, checkpoint_status
-from ssl_medsam2.io import InputError, load_label_for, load_volume
+from ssl_medsam2.io import InputError
 from ssl_medsam2.pseudo_label import pseudo_label_folder
-
-SMALL = ["sam2.checkpoint=none", "sam2.image_size=64", "sam2.n_inserts=2", "sam2.device=cpu",
-         "sam2.max_cond_frames_in_attn=-1"]
-# liver-containing z ranges of three CHAOS cases, cropped short to keep CPU time low
-CROPS = {"chaos_01": (14, 22), "chaos_02": (10, 17), "chaos_03": (12, 19)}
 
 
 @pytest.fixture(scope="module")
 def tiny(chaos_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    for case, zr in CROPS.items():
-        downsample_case(chaos_dir / "imagesTr" / f"{case}_0000.nii.gz", chaos_dir / "labelsTr" / f"{case}.nii.gz",
-                        root / "imagesTr" / f"{case}_0000.nii.gz", root / "all_labels" / f"{case}.nii.gz",
-                        factor=4, z_range=zr)
-    (root / "labelsTr").mkdir()
-    for case in ("chaos_01", "chaos_02"):  # supports; chaos_03 is the query
-        (root / "labelsTr" / f"{case}.nii.gz").write_bytes((root / "all_labels" / f"{case}.nii.gz").read_bytes())
-    return root
+    return make_tiny(chaos_dir, tmp_path_factory.mktemp("tiny"))
 
 
-def _case(root, name, labelled=True):
-    im = load_volume(root / "imagesTr" / f"{name}_0000.nii.gz")
-    return Case(im, load_label_for(im, root / "all_labels" / f"{name}.nii.gz") if labelled else None)
+_case = load_case
 
 
 @pytest.fixture(scope="module")
@@ -51,36 +37,64 @@ def engine():
     return SAM2Engine(load_config(overrides=SMALL))
 
 
-def test_cached_engine_equals_reference_order(tiny, engine):
+@pytest.mark.parametrize("query", ["chaos_03short", "chaos_03long"])
+def test_batched_and_run_by_run_engines_equal_reference_order(tiny, query):
+    """Both fast paths give the paper-order reference's probabilities (float32, CPU): 2 supports,
+    2 classes, both directions, a query shorter (4 slices) and one longer (10) than the supports."""
     sup = [_case(tiny, "chaos_01"), _case(tiny, "chaos_02")]
-    q = _case(tiny, "chaos_03", labelled=False)
-    cached = engine.predict(sup, q, [1, 2])
-    reference = SAM2Engine(load_config(overrides=SMALL)).predict_reference(sup, q, [1, 2])
-    assert cached.probs.shape == (2,) + q.image.shape
-    assert cached.meta["insert_positions"] == reference.meta["insert_positions"]
-    assert np.abs(cached.probs - reference.probs).max() <= 1e-4
-    assert cached.meta["random_weights"] is True and cached.n_runs == 4
-    assert 0.0 <= cached.probs.min() and cached.probs.max() <= 1.0
+    q = _case(tiny, query, labelled=False)
+    classes = [1, 2]
+    reference = SAM2Engine(load_config(overrides=SMALL)).predict_reference(sup, q, classes)
+    n_q = q.image.shape[2]
+    positions = [p for ps in reference.meta["insert_positions"].values() for p in ps]
+    assert any(0 < p < n_q for p in positions)  # some run tracks query frames in both directions
+    variants = {"batched": [], "batched, 3 per step": ["sam2.max_batch=3"], "run by run": ["sam2.batch_runs=false"]}
+    for what, extra in variants.items():
+        engine = SAM2Engine(load_config(overrides=SMALL + extra))
+        got = engine.predict(sup, q, classes)
+        assert got.probs.shape == (2,) + q.image.shape, what
+        assert got.meta["insert_positions"] == reference.meta["insert_positions"], what
+        assert np.abs(got.probs - reference.probs).max() <= 1e-4, what
+        assert got.meta["random_weights"] is True and got.n_runs == 4, what
+        assert 0.0 <= got.probs.min() and got.probs.max() <= 1.0, what
+        if extra != ["sam2.batch_runs=false"]:  # several runs really went through one step together
+            assert 0 < engine.stats["batched_steps"] < engine.stats["frames_tracked"], what
 
 
 def test_support_masks_are_respected_on_prompted_frames(tiny, engine):
     s = _case(tiny, "chaos_01")
-    q = _case(tiny, "chaos_03", labelled=False)
-    axis = 2
-    s_scaled, s_lab = engine._slices(s, axis)
-    q_scaled, _ = engine._slices(q, axis)
-    ctx = {"axis": axis, "q_scaled": q_scaled, "hw": q_scaled.shape[1:]}
-    mask = s_lab == 1
-    prompts = engine._prompts(ctx, {"case": s, "scaled": s_scaled, "label": s_lab}, 1, mask)
+    q = engine.query_context(_case(tiny, "chaos_03", labelled=False), axis=2, encode=False)
+    sctx = engine.support_context(s, q, cached=True)
+    mask = sctx.mask(1)
+    prompts = engine._prompts(q, sctx, 1, mask)
     prompted = set(np.flatnonzero(mask.reshape(len(mask), -1).any(1)).tolist())
     assert set(prompts) == prompted and prompted
     for j, out in prompts.items():
-        prob = engine._to_query_prob(out["pred_masks"], ctx["hw"]).numpy()
+        prob = logits_to_prob(out["pred_masks"], q.hw)[0].numpy()
         # SAM2 keeps mask outputs at 1/4 of the model size: compare away from the boundary
         inside = ndimage.binary_erosion(mask[j], iterations=3)
         outside = ~ndimage.binary_dilation(mask[j], iterations=3)
         assert (prob[inside] > 0.9).all() and (prob[outside] < 0.1).all()
         assert out["maskmem_features"] is not None  # its memory was encoded for tracking
+
+
+def test_support_cache_evicts_least_recent_support_with_its_outputs():
+    cache = SupportCache(limit_frames=10)
+    encoded = []
+
+    def enc(name, n):
+        return lambda: encoded.append(name) or Features([None] * n, [], [])
+
+    a = cache.entry("a", enc("a", 4))
+    a.prompts[(1, (8, 8))] = {0: "out"}
+    a.blocks[(1, (8, 8), 5, False)] = {1: "out"}
+    cache.entry("b", enc("b", 4))
+    assert cache.entry("a", enc("a", 4)) is a and encoded == ["a", "b"]  # hit: not re-encoded
+    cache.entry("c", enc("c", 4))  # 12 frames > 10: "b" (least recent) goes, "a" stays
+    assert "a" in cache and "b" not in cache and "c" in cache and cache.frames == 8
+    cache.entry("d", enc("d", 12))  # larger than the limit alone: kept, all others go
+    assert len(cache) == 1 and "d" in cache
+    assert cache.entry("a", enc("a", 4)).prompts == {}  # "a" came back fresh: no stale outputs
 
 
 def test_same_seed_same_result_other_seed_other_positions(tiny):

@@ -125,23 +125,46 @@ def combine_directions(forward: np.ndarray | None, backward: np.ndarray | None,
 
 
 class RunningMean:
-    """Mean of per-run probability maps without keeping the runs (memory does not grow with runs)."""
+    """Mean of per-run probability maps without keeping the runs (memory does not grow with runs).
 
-    def __init__(self, shape: tuple[int, ...]):
-        self.total = np.zeros(shape, dtype=np.float64)
+    The sum lives on ``device`` (float64), so an engine on a GPU adds there and copies to the host
+    once, when :attr:`mean` is read. A run is added whole (:meth:`add`) or slice by slice
+    (:meth:`add_slices`, then :meth:`count` once per run).
+    """
+
+    def __init__(self, shape: tuple[int, ...], device=None):
+        import torch
+
+        self.total = torch.zeros(shape, dtype=torch.float64, device=device)
         self.n = 0
 
-    def add(self, prob: np.ndarray) -> None:
-        if prob.shape != self.total.shape:
-            raise ValueError(f"run shape {prob.shape} != accumulator shape {self.total.shape}")
-        self.total += prob
+    def _on_device(self, prob):
+        import torch
+
+        return torch.as_tensor(prob).to(device=self.total.device, dtype=torch.float64)
+
+    def add(self, prob) -> None:
+        """One whole run (numpy array or tensor of the accumulator's shape)."""
+        if tuple(prob.shape) != tuple(self.total.shape):
+            raise ValueError(f"run shape {tuple(prob.shape)} != accumulator shape {tuple(self.total.shape)}")
+        self.total += self._on_device(prob)
         self.n += 1
+
+    def add_slices(self, index, probs) -> None:
+        """Part of a run: ``probs[k]`` is added at ``total[index[k]]`` (no run is counted)."""
+        import torch
+
+        index = torch.as_tensor(index, dtype=torch.long, device=self.total.device)
+        self.total.index_add_(0, index, self._on_device(probs))
+
+    def count(self, runs: int = 1) -> None:
+        self.n += int(runs)
 
     @property
     def mean(self) -> np.ndarray:
         if self.n == 0:
             raise ValueError("no run was added")
-        return (self.total / self.n).astype(np.float32)
+        return (self.total / self.n).float().cpu().numpy()
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

@@ -1,0 +1,40 @@
+"""Tiny real CHAOS volumes for the SAM2 engine tests (CPU and CUDA): 64x64 in-plane, a few slices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import downsample_case
+from ssl_medsam2.engines.base import Case
+from ssl_medsam2.io import load_label_for, load_volume
+
+#: name -> (CHAOS case, z range). chaos_01/02 are the supports (8 and 7 slices, all four organs);
+#: chaos_03 is the query of imagesTr/; extra/ holds it shorter (4 slices) and longer (10 slices)
+#: than the supports, as queries for the equivalence tests only.
+CROPS = {"chaos_01": ("chaos_01", (14, 22)), "chaos_02": ("chaos_02", (10, 17)),
+         "chaos_03": ("chaos_03", (12, 19))}
+EXTRA = {"chaos_03short": ("chaos_03", (13, 17)), "chaos_03long": ("chaos_03", (9, 19))}
+SUPPORTS = ("chaos_01", "chaos_02")
+
+#: random-weight SAM2.1 Hiera-T at 64 px, all prompted frames in attention (mechanics only)
+SMALL = ["sam2.checkpoint=none", "sam2.image_size=64", "sam2.n_inserts=2", "sam2.device=cpu",
+         "sam2.max_cond_frames_in_attn=-1"]
+
+
+def make_tiny(chaos_dir: Path, root: Path) -> Path:
+    """imagesTr/ (CROPS), extra/ (EXTRA), all_labels/ (all), labelsTr/ (the supports only) under ``root``."""
+    for crops, images in ((CROPS, root / "imagesTr"), (EXTRA, root / "extra")):
+        for name, (src, zr) in crops.items():
+            downsample_case(chaos_dir / "imagesTr" / f"{src}_0000.nii.gz", chaos_dir / "labelsTr" / f"{src}.nii.gz",
+                            images / f"{name}_0000.nii.gz", root / "all_labels" / f"{name}.nii.gz",
+                            factor=4, z_range=zr)
+    (root / "labelsTr").mkdir()
+    for name in SUPPORTS:
+        (root / "labelsTr" / f"{name}.nii.gz").write_bytes((root / "all_labels" / f"{name}.nii.gz").read_bytes())
+    return root
+
+
+def load_case(root: Path, name: str, labelled: bool = True) -> Case:
+    folder = root / ("extra" if name in EXTRA else "imagesTr")
+    im = load_volume(folder / f"{name}_0000.nii.gz")
+    return Case(im, load_label_for(im, root / "all_labels" / f"{name}.nii.gz") if labelled else None)
