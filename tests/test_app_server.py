@@ -32,6 +32,7 @@ CONF = {
     "app.retrain_after_labels": "2", "app.retrain_debounce_s": "3", "app.promote_tolerance": "1.0",
     "nnunet.epochs": "1", "nnunet.iterations_per_epoch": "2", "nnunet.val_iterations": "1", "nnunet.max_rounds": "1",
     "nnunet.configuration": "2d", "nnunet.device": "cpu", "nnunet.num_workers": "0", "nnunet.num_processes": "1",
+    "nnunet.quality_gate": "off",  # plumbing: a 2-iteration model would (rightly) fail the run's quality gate
 }
 NNUNET_TINY = {"epochs": 1, "iterations_per_epoch": 2, "val_iterations": 1, "max_rounds": 1,
                "configuration": "2d", "device": "cpu", "num_workers": 0, "num_processes": 1,

@@ -133,7 +133,8 @@ def test_round_trained_on_corrupted_pseudo_labels_is_not_deployed(chaos_dir, tmp
 
     The gate case (chaos_02, the last labelled case) is scored against its ground truth, which never
     trains nnU-Net; round 0's score is its leave-one-out atlas pseudo label. The CLI, final.json and
-    state.json say why, and `predict` on the run labels new images with the deployed round 0 (atlas).
+    state.json say why; `predict` on the run refuses with the reason (round 0 was given pseudo labels,
+    so there is no model to label new images with; a round 0 made by an engine would use that engine).
     """
     from ssl_medsam2.cli import main
 
@@ -167,9 +168,11 @@ def test_round_trained_on_corrupted_pseudo_labels_is_not_deployed(chaos_dir, tmp
     # the gate case's ground truth never reached nnU-Net; its round-0 label came from the other labelled case
     r0 = json.loads((layout.round(0) / "summaries" / "chaos_02.json").read_text())
     assert r0["supports"] == ["chaos_01"]
-    # predict with the run: the deployed round 0 is the few-shot engine, said on the console
+    # predict with the run: nothing better than the given round 0 exists, and it says so
     new = tmp_path / "new"
     new.mkdir()
     shutil.copyfile(root / "images" / "chaos_03_0000.nii.gz", new / "chaos_03_0000.nii.gz")
     rc = main(["predict", "--model", str(work), "--images", str(new), "--out", str(tmp_path / "pred"), *sets])
-    assert rc == 0 and (tmp_path / "pred" / "chaos_03.nii.gz").exists()
+    err = capsys.readouterr().err
+    assert rc == 2 and "round 0 is deployed" in err and "QUALITY GATE: round 1 NOT deployed" in err
+    assert not (tmp_path / "pred").exists()

@@ -50,7 +50,8 @@ def server(chaos_dir, tmp_path_factory):
                         factor=4, z_range=_mid_slices(img, 10))
     conf = {"sam2.checkpoint": "none", "sam2.image_size": 128, "sam2.n_inserts": 1, "sam2.n_supports": 1,
             "sam2.device": "cpu", "input.classes": "[1]", "app.retrain_after_labels": 0,
-            "nnunet.epochs": 1, "nnunet.iterations_per_epoch": 2, "nnunet.val_iterations": 1}
+            "nnunet.epochs": 1, "nnunet.iterations_per_epoch": 2, "nnunet.val_iterations": 1,
+            "nnunet.quality_gate": "off"}  # plumbing: a 2-iteration model would (rightly) fail the gate
     srv = _pacs_demo().start_monailabel(str(studies), root / "work", conf=conf)
     yield {"url": srv.url, "studies": studies, "root": root, "server": srv, "chaos": chaos_dir}
     srv.stop()

@@ -4,7 +4,13 @@ when it is at least as good on the labelled cases as the deployed one.
 Runs in MONAI Label's training child process. Inputs are linked into the version folder (images,
 final labels, and the datastore's pseudo labels as round 0 when every unlabelled image has one);
 progress goes to ``<state>/train_stats.json`` (what ``/info`` -> ``train_stats`` and the OHIF panel
-read: epoch, total_epochs, best_metric, total_time) and to stdout (``GET /train/`` details).
+read: epoch, total_epochs, best_metric, total_time, plus the CLI progress line's fields: round,
+max_rounds, it_per_s, eta_s, eta_run_s, train_loss, pseudo_dice) and to stdout (``GET /train/`` details).
+
+Two gates: inside a run, the library's quality gate (a round must not be worse than the round it
+replaces on a held-out labelled case; ``quality_gate`` in train_stats, with its warning); across
+versions, :func:`should_promote`. A run whose gate kept round 0 produced no better model: its version
+is recorded, not promoted, and ``/info`` says why (``not_promoted_because``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from ssl_medsam2.io import load_label_for, load_volume, write_text_atomic
 from ssl_medsam2.metrics import mean_dice
+from ssl_medsam2.nnunet.layout import RunLayout
+from ssl_medsam2.nnunet.reporting import RunProgress
 
 from .workspace import Workspace
 
@@ -60,7 +68,7 @@ class SSLNnUNetTrain(TrainTask):
 
     def config(self):
         n = self.ws.cfg.get("nnunet", {})
-        keys = ("configuration", "epochs", "iterations_per_epoch", "max_rounds", "device")
+        keys = ("configuration", "schedule", "epochs", "iterations_per_epoch", "max_rounds", "device", "quality_gate")
         return {k: n[k] for k in keys if k in n}
 
     def stats(self):
@@ -74,6 +82,7 @@ class SSLNnUNetTrain(TrainTask):
         cur = self.ws.registry.current()
         stats["current_version"] = cur["id"] if cur else None
         stats["current_dice"] = cur.get("dice") if cur else None
+        stats["current_quality_gate"] = cur.get("quality_gate") if cur else None
         return stats
 
     # -- helpers --
@@ -133,36 +142,52 @@ class SSLNnUNetTrain(TrainTask):
         version = self.ws.registry.next_id()
         work = self.ws.registry.root / version
         images, labels, pseudo, final = self._inputs(work, datastore)
-        stats = {"status": "RUNNING", "version": version, "epoch": 0, "total_epochs": int(ncfg.get("epochs", 0) or 0),
-                 "best_metric": None, "round": 0, "max_rounds": ncfg.get("max_rounds"), "stage": "start",
-                 "start_ts": t0, "total_time": "0s", "labelled": sorted(final)}
+        # same fields as the CLI's progress line: round k/K, epoch e/E, it/s, ETA, train loss, pseudo Dice
+        tracker = RunProgress()
+        stats = {"status": "RUNNING", "version": version, **tracker.fields, "max_rounds": ncfg.get("max_rounds"),
+                 "best_metric": None, "start_ts": t0, "total_time": "0s", "labelled": sorted(final)}
         self._write_stats(stats)
 
         def progress(event: dict):
             stats.update({k: v for k, v in event.items() if v is not None})
+            stats.update({k: v for k, v in tracker.update(event).items() if v is not None})
             stats["total_time"] = f"{time.time() - t0:.0f}s"
             self._write_stats(stats)
             print("ssl_nnunet progress " + json.dumps(event, default=str), flush=True)
 
         try:
-            state = run_ssl(images, labels, work / "rounds", cfg, pseudo_labels_dir=pseudo, progress=progress)
-            final_json = json.loads((work / "rounds" / "final.json").read_text())
-            model_dir = final_json["model_dir"]
+            rounds = RunLayout(work / "rounds")
+            state = run_ssl(images, labels, rounds.work, cfg, pseudo_labels_dir=pseudo, progress=progress,
+                            show_progress=False)
+            final_json = rounds.read_final()
+            model_dir = rounds.deployed_model_dir()
+            gate = {"deployed_round": final_json.get("round"), "gate_dice": final_json.get("gate_dice"),
+                    "cases": final_json.get("quality_gate", {}).get("cases"),
+                    "why": final_json.get("quality_gate", {}).get("why"), "warning": final_json.get("warning"),
+                    "message": final_json.get("message")}
+            stats["quality_gate"] = gate
+            if final_json.get("warning"):
+                print("!" * 100 + f"\nssl_nnunet {version}: {final_json['warning']}\n" + "!" * 100, flush=True)
             progress({"stage": "evaluate"})
-            new_dice = self._dice_on_labelled(model_dir, final)
             cur = self.ws.registry.current()
-            cur_dice = self._dice_on_labelled(cur["model_dir"], final) if cur else None
+            new_dice = self._dice_on_labelled(str(model_dir), final) if model_dir else None
+            cur_dice = self._dice_on_labelled(cur["model_dir"], final) if cur and model_dir else None
             tol = float(cfg["app"].get("promote_tolerance", 0.0))
-            promote = should_promote(new_dice, cur_dice if cur else None, tol)
-            entry = {"id": version, "model_dir": model_dir, "dice": new_dice, "round": final_json.get("round"),
-                     "labelled": sorted(final), "compared_with": cur["id"] if cur else None,
-                     "compared_dice": cur_dice, "train_s": round(time.time() - t0, 1)}
+            # no model: the run's quality gate kept round 0 (no nnU-Net round beat the few-shot labels)
+            promote = model_dir is not None and should_promote(new_dice, cur_dice if cur else None, tol)
+            entry = {"id": version, "model_dir": str(model_dir) if model_dir else None, "dice": new_dice,
+                     "round": final_json.get("round"), "labelled": sorted(final),
+                     "compared_with": cur["id"] if cur else None, "compared_dice": cur_dice,
+                     "quality_gate": gate, "schedule": final_json.get("schedule"),
+                     "train_s": round(time.time() - t0, 1)}
             self.ws.registry.add(entry, promote)
-            self._keep_fewshot_outputs(work / "rounds")
+            self._keep_fewshot_outputs(rounds)
             if promote:
-                self._publish_pseudo_labels(work / "rounds", final_json.get("round"), final, datastore)
+                self._publish_pseudo_labels(rounds, final, datastore)
             stats.update({"status": "DONE", "stage": "done", "promoted": promote, "dice_labelled": new_dice,
                           "previous_dice_labelled": cur_dice, "total_time": f"{time.time() - t0:.0f}s"})
+            if model_dir is None:
+                stats["not_promoted_because"] = final_json.get("warning") or final_json.get("note")
             self._write_stats(stats)
             print(f"ssl_nnunet {version}: Dice on labelled {new_dice} vs deployed {cur_dice} -> "
                   f"{'PROMOTED' if promote else 'kept previous'}", flush=True)
@@ -174,7 +199,7 @@ class SSLNnUNetTrain(TrainTask):
             self._write_stats(stats)
             raise
 
-    def _keep_fewshot_outputs(self, rounds: Path) -> None:
+    def _keep_fewshot_outputs(self, rounds: RunLayout) -> None:
         """Round 0's few-shot outputs (when this run made them) feed the uncertainty/disagreement scores.
 
         Only cases with no stored few-shot output yet are copied: an explicit few-shot infer is newer.
@@ -182,7 +207,7 @@ class SSLNnUNetTrain(TrainTask):
         from ssl_medsam2.io import case_name
         from ssl_medsam2.pseudo_label import OUTPUT_KINDS
 
-        r0 = rounds / "round_000"
+        r0 = rounds.round(0)
         ids = {case_name(i): i for i in self.ws.image_ids()}
         for summ in sorted((r0 / "summaries").glob("*.json")) if (r0 / "summaries").is_dir() else []:
             i = ids.get(summ.stem)
@@ -195,12 +220,11 @@ class SSLNnUNetTrain(TrainTask):
                     dst[k].parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(src[k], dst[k])
 
-    def _publish_pseudo_labels(self, rounds: Path, round_no, final: dict, datastore) -> None:
+    def _publish_pseudo_labels(self, rounds: RunLayout, final: dict, datastore) -> None:
         """Refined pseudo labels of the deployed round go to the datastore under the pseudo tag."""
-        if round_no is None:
-            return
-        folder = rounds / f"round_{int(round_no):03d}" / "labels"
-        if not folder.is_dir():
+        round_no = rounds.deployed_round()
+        folder = rounds.deployed_labels_dir()
+        if folder is None or not folder.is_dir():
             return
         from ssl_medsam2.io import case_name
 
