@@ -30,13 +30,15 @@ def _ray_option(p: argparse.ArgumentParser) -> None:
                         "(config: cluster.ray_address; default: in-process)")
 
 
-def _ray_extra(args, extra: dict) -> dict:
-    if getattr(args, "ray", None):
-        extra.setdefault("cluster", {})["ray_address"] = args.ray
-    return extra
-
-
-def _load_cfg(args, extra: dict | None = None) -> dict:
+def _load_cfg(args, shortcuts: dict[str, str] | None = None) -> dict:
+    """The config with the ``--set`` overrides, then the command's shortcut options that were given
+    (``shortcuts``: option attribute -> ``section.key``; ``--ray`` is ``cluster.ray_address``)."""
+    extra: dict = {}
+    for attr, dotted in {**(shortcuts or {}), "ray": "cluster.ray_address"}.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            section, key = dotted.split(".")
+            extra.setdefault(section, {})[key] = value
     cfg = config_mod.load_config(args.config, args.overrides)
     return config_mod.merge(cfg, extra) if extra else cfg
 
@@ -63,14 +65,7 @@ def _add_pseudo_label(sub) -> None:
 def _run_pseudo_label(args) -> int:
     from .pseudo_label import pseudo_label_folder
 
-    extra: dict = {}
-    if args.engine:
-        extra.setdefault("protocol", {})["engine"] = args.engine
-    if args.checkpoint:
-        extra.setdefault("sam2", {})["checkpoint"] = args.checkpoint
-    if args.device:
-        extra.setdefault("sam2", {})["device"] = args.device
-    cfg = _load_cfg(args, _ray_extra(args, extra))
+    cfg = _load_cfg(args, {"engine": "protocol.engine", "checkpoint": "sam2.checkpoint", "device": "sam2.device"})
     summaries = pseudo_label_folder(args.images, args.labels, args.out, cfg, names=args.cases)
     for s in summaries:
         print(json.dumps({"case": s["case"], "mean_entropy_inside": s["mean_entropy_inside"],
@@ -105,14 +100,8 @@ def _add_run(sub) -> None:
 def _run_run(args) -> int:
     from .nnunet.rounds import run_ssl
 
-    extra: dict = {}
-    if args.engine:
-        extra.setdefault("protocol", {})["engine"] = args.engine
-    for key, val in (("max_rounds", args.max_rounds), ("configuration", args.configuration),
-                     ("device", args.device)):
-        if val is not None:
-            extra.setdefault("nnunet", {})[key] = val
-    cfg = _load_cfg(args, _ray_extra(args, extra))
+    cfg = _load_cfg(args, {"engine": "protocol.engine", "max_rounds": "nnunet.max_rounds",
+                           "configuration": "nnunet.configuration", "device": "nnunet.device"})
     state = run_ssl(args.images, args.labels, args.work, cfg, pseudo_labels_dir=args.pseudo_labels)
     for r in state["rounds"]:
         print(json.dumps(r))
