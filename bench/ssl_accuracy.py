@@ -100,6 +100,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--max-rounds", type=int, default=2)
     ap.add_argument("--min-change", type=float, default=0.02)
+    ap.add_argument("--gate", default="off", choices=["off", "holdout"],
+                    help="nnunet.quality_gate of the SSL arm (off: every round deployed, as these figures were "
+                         "measured; holdout keeps the 2nd labelled case out of training to judge rounds)")
     ap.add_argument("--engine", default="atlas", help="few-shot engine for round 0 (atlas | sam2 | ensemble)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -123,10 +126,12 @@ def main(argv=None) -> dict:
         overrides = [f"nnunet.configuration={args.configuration}", f"nnunet.epochs={args.epochs}",
                      f"nnunet.iterations_per_epoch={args.iterations}", "nnunet.val_iterations=5",
                      f"nnunet.device={args.device}", f"nnunet.max_rounds={args.max_rounds}",
-                     f"nnunet.min_change={args.min_change}", "nnunet.num_workers=1", "nnunet.num_processes=2"]
+                     f"nnunet.min_change={args.min_change}", "nnunet.num_workers=1", "nnunet.num_processes=2",
+                     "nnunet.quality_gate=off"]  # the supervised arms have nothing to gate
         if args.threads:
             overrides.append(f"nnunet.cpu_threads={args.threads}")
-        cfg = load_config(overrides=overrides)
+        cfg = load_config(overrides=overrides + [f"nnunet.quality_gate={args.gate}"])
+        from ssl_medsam2.nnunet.layout import RunLayout
         from ssl_medsam2.nnunet.rounds import run_ssl
         from ssl_medsam2.devices import resolve_device
 
@@ -135,13 +140,18 @@ def main(argv=None) -> dict:
         log.info("split: labelled %s, unlabelled %s, held out %s", split["labelled"],
                  [c for c in split["pool"] if c not in split["labelled"]], split["held_out"])
 
+        def supervised(name: str, images: str, labels: str, work: str) -> tuple[dict, dict]:
+            """nnU-Net on real labels only (one round, no pseudo labels): its state and held-out Dice."""
+            t = time.perf_counter()
+            state = run_ssl(root / images, root / labels, root / work,
+                            load_config(overrides=overrides + ["nnunet.max_rounds=1"]), show_progress=False)
+            times[f"{name}_min"] = (time.perf_counter() - t) / 60
+            scores = held_out_dice(Path(state["final"]["model_dir"]), root, split["held_out"], device)
+            log.info("%s: held-out %s", name.replace("_", " "), scores)
+            return state, scores
+
         # 1. supervised only: the 2 labelled volumes, nothing else
-        t = time.perf_counter()
-        sup = run_ssl(root / "images_few", root / "labels_few", root / "work_supervised",
-                      load_config(overrides=overrides + ["nnunet.max_rounds=1"]), show_progress=False)
-        times["supervised_only_min"] = (time.perf_counter() - t) / 60
-        sup_dice = held_out_dice(Path(sup["final"]["model_dir"]), root, split["held_out"], device)
-        log.info("supervised only: held-out %s", sup_dice)
+        sup, sup_dice = supervised("supervised_only", "images_few", "labels_few", "work_supervised")
 
         # 2. SSL: few-shot round 0 + nnU-Net rounds on the same 2 labels plus the unlabelled pool
         t = time.perf_counter()
@@ -165,6 +175,8 @@ def main(argv=None) -> dict:
         ssl = run_ssl(root / "images", root / "labels_few", root / "work_ssl", cfg, pseudo_labels_dir=pseudo_dir,
                       engine=engine, show_progress=False)
         times["ssl_min"] = (time.perf_counter() - t) / 60
+        if ssl["final"]["model_dir"] is None:
+            raise SystemExit(f"the SSL arm's quality gate kept round 0 (no nnU-Net model): {ssl['final']['warning']}")
         ssl_dice = held_out_dice(Path(ssl["final"]["model_dir"]), root, split["held_out"], device)
         log.info("SSL (%d rounds, %s): held-out %s", len(ssl["rounds"]), ssl["stop_reason"], ssl_dice)
 
@@ -174,18 +186,13 @@ def main(argv=None) -> dict:
             img = load_volume(root / "images" / f"{c}_0000.nii.gz", name=c)
             truth = load_label_for(img, root / "truth" / f"{c}.nii.gz").array
             for k in range(0, len(ssl["rounds"]) + 1):
-                lab = load_label_for(img, root / "work_ssl" / f"round_{k:03d}" / "labels" / f"{c}.nii.gz").array
+                lab = load_label_for(img, RunLayout(root / "work_ssl").labels(k) / f"{c}.nii.gz").array
                 pl_quality.setdefault(k, []).append(dice(lab == 1, truth == 1))
         pl_quality = {f"round_{k}": float(np.mean(v)) for k, v in pl_quality.items()}
         log.info("pseudo-label liver Dice on the unlabelled pool by round: %s", pl_quality)
 
         # 3. fully supervised: every pool volume with its real label
-        t = time.perf_counter()
-        full = run_ssl(root / "images", root / "labels_all", root / "work_full",
-                       load_config(overrides=overrides + ["nnunet.max_rounds=1"]), show_progress=False)
-        times["fully_supervised_min"] = (time.perf_counter() - t) / 60
-        full_dice = held_out_dice(Path(full["final"]["model_dir"]), root, split["held_out"], device)
-        log.info("fully supervised: held-out %s", full_dice)
+        _, full_dice = supervised("fully_supervised", "images", "labels_all", "work_full")
 
         minutes = (time.perf_counter() - t0) / 60
         result = {
