@@ -17,6 +17,20 @@ for _k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
 os.environ.setdefault("nnUNet_compile", "false")
 
 
+def outputs_on_source_grid(out: Path, case: str, source: Path, atol: float = 1e-5) -> tuple:
+    """(label, probabilities, entropy) images a pseudo-label run wrote for ``case``, each checked to
+    lie on ``source``'s grid (affine, shape, orientation): geometry is never lost on the way."""
+    import nibabel as nib
+    import numpy as np
+
+    src = nib.load(str(source))
+    imgs = tuple(nib.load(str(out / kind / f"{case}.nii.gz")) for kind in ("labels", "probabilities", "entropy"))
+    for img in imgs:
+        np.testing.assert_allclose(img.affine, src.affine, atol=atol)
+        assert img.shape[:3] == src.shape and nib.aff2axcodes(img.affine) == nib.aff2axcodes(src.affine)
+    return imgs
+
+
 def load_script(name: str):
     """Import ``scripts/<name>.py`` as module ``name`` (tests reuse the scripts users run)."""
     import importlib.util

@@ -18,7 +18,7 @@ from ssl_medsam2.io import InputError, load_label_for, load_volume
 from ssl_medsam2.metrics import dice
 from ssl_medsam2.pseudo_label import pseudo_label_case, pseudo_label_folder
 
-from conftest import downsample_case
+from conftest import downsample_case, outputs_on_source_grid
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +82,7 @@ def test_atlas_folder_outputs_keep_query_geometry(small_chaos, tmp_path):
     out = tmp_path / "out"
     summaries = pseudo_label_folder(img_dir, lab_dir, out, cfg, engine=build_engine("atlas", cfg), show_progress=False)
     assert [s["case"] for s in summaries] == ["chaos_03"]
-    src = nib.load(str(small_chaos / "imagesTr" / "chaos_03_0000.nii.gz"))
-    lab = nib.load(str(out / "labels" / "chaos_03.nii.gz"))
-    prob = nib.load(str(out / "probabilities" / "chaos_03.nii.gz"))
-    ent = nib.load(str(out / "entropy" / "chaos_03.nii.gz"))
-    for im in (lab, prob, ent):
-        assert np.allclose(im.affine, src.affine, atol=1e-5)
-        assert im.shape[:3] == src.shape
+    lab, prob, ent = outputs_on_source_grid(out, "chaos_03", small_chaos / "imagesTr" / "chaos_03_0000.nii.gz")
     assert prob.shape[3] == 4
     p = np.asarray(prob.dataobj)
     assert p.min() >= 0 and p.max() <= 1 and p[..., 0].max() > 0.9

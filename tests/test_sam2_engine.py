@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from conftest import outputs_on_source_grid
 from sam2_helpers import SMALL, load_case, make_tiny
 from ssl_medsam2.config import load_config
 from ssl_medsam2.engines.sam2_batch import logits_to_prob
@@ -113,14 +114,7 @@ def test_pseudo_label_folder_multilabel_geometry_and_summary(tiny, tmp_path):
     out = tmp_path / "out"
     summaries = pseudo_label_folder(tiny / "imagesTr", tiny / "labelsTr", out, cfg, show_progress=False)
     assert [s["case"] for s in summaries] == ["chaos_03"]
-    src = nib.load(str(tiny / "imagesTr" / "chaos_03_0000.nii.gz"))
-    lab = nib.load(str(out / "labels" / "chaos_03.nii.gz"))
-    prob = nib.load(str(out / "probabilities" / "chaos_03.nii.gz"))
-    ent = nib.load(str(out / "entropy" / "chaos_03.nii.gz"))
-    for img in (lab, prob, ent):
-        np.testing.assert_allclose(img.affine, src.affine, atol=1e-6)
-        assert img.shape[:3] == src.shape
-        assert nib.aff2axcodes(img.affine) == nib.aff2axcodes(src.affine)
+    lab, prob, ent = outputs_on_source_grid(out, "chaos_03", tiny / "imagesTr" / "chaos_03_0000.nii.gz", atol=1e-6)
     assert prob.shape[3] == ent.shape[3] == 4  # liver, right kidney, left kidney, spleen
     assert set(np.unique(np.asarray(lab.dataobj)).tolist()) <= {0, 1, 2, 3, 4}
     p = np.asarray(prob.dataobj)
