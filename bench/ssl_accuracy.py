@@ -43,30 +43,16 @@ from pathlib import Path
 
 import numpy as np
 
+from held_out import organ_dice  # noqa: E402
 from shared_data import CHAOS, chaos_cases, downsample_case  # noqa: E402
 
 from ssl_medsam2.config import load_config  # noqa: E402
 from ssl_medsam2.io import load_label_for, load_volume  # noqa: E402
 from ssl_medsam2.metrics import dice  # noqa: E402
 
-ORGANS = {1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
-
-
 def held_out_dice(model_dir: Path, data: Path, held_out: list[str], device: str) -> dict:
     """Per-organ Dice of a model on the held-out cases (mean over cases)."""
-    from ssl_medsam2.nnunet.predict import NnUNetModel
-
-    model = NnUNetModel(model_dir, device=device)
-    per = {c: [] for c in ORGANS}
-    for case in held_out:
-        img = load_volume(data / "heldout_images" / f"{case}_0000.nii.gz", name=case)
-        truth = load_label_for(img, data / "truth" / f"{case}.nii.gz").array
-        pred, _ = model.predict_volume(img)
-        for c in ORGANS:
-            per[c].append(dice(pred == c, truth == c))
-    out = {ORGANS[c]: float(np.mean(v)) for c, v in per.items()}
-    out["mean_organs"] = float(np.mean([out[n] for n in ORGANS.values()]))
-    return out
+    return organ_dice(model_dir, data / "heldout_images", data / "truth", held_out, device)
 
 
 def prepare(root: Path, factor: int, n_labelled: int, n_heldout: int) -> dict:
