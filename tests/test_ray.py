@@ -28,7 +28,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import downsample_case
 from ssl_medsam2.cli import main
 from ssl_medsam2.config import load_config
@@ -149,7 +148,17 @@ def test_local_ray_equals_in_process_atlas_bad_input_once_and_resume(atlas_data,
 def test_local_ray_equals_in_process_random_weight_sam2(chaos_dir, tmp_path):
     root = _folder(chaos_dir, tmp_path, ("chaos_03", "chaos_05"), CROPS)
     cfg = load_config(overrides=SAM2)
-    pseudo_label_folder(root / "images", root / "labels", root / "in_process", cfg, show_progress=False)
+    import torch
+
+    # each worker runs torch on its cluster.cpus_per_worker (1) thread(s): the in-process reference does too.
+    # (At another thread count float sums round differently: probabilities move by ~1e-7 and a voxel
+    # sitting exactly at the threshold can flip, so labels would not be byte-identical.)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pseudo_label_folder(root / "images", root / "labels", root / "in_process", cfg, show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
     out = root / "ray_out"
     summaries = pseudo_label_folder(root / "images", root / "labels", out,
                                     load_config(overrides=SAM2 + LOCAL + ["cluster.ray_address=local"]),
@@ -165,7 +174,7 @@ def test_no_address_means_in_process_without_ray(atlas_data, monkeypatch):
 
     assert cluster.cluster_address(load_config()) is None
     monkeypatch.setattr(cluster, "_import_ray", lambda: (_ for _ in ()).throw(AssertionError("Ray used")))
-    root, ref = atlas_data
+    root, _ = atlas_data
     cfg = load_config(overrides=ATLAS + ["input.classes=[1]"])
     out = pseudo_label_folder(root / "images", root / "labels", root / "no_ray", cfg, show_progress=False,
                               names=["chaos_03"])
@@ -185,7 +194,8 @@ def _ray_start(args: list[str], log: Path) -> subprocess.Popen:
     exe = Path(sys.executable).with_name("ray")
     cmd = [str(exe) if exe.exists() else "ray", "start", "--block", "--node-ip-address", "127.0.0.1",
            "--num-cpus", "1", "--object-store-memory", str(150 * 2**20), "--disable-usage-stats", *args]
-    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log, "w") as fh:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _stop(proc: subprocess.Popen, sig=signal.SIGTERM, wait: float = 20) -> None:
@@ -227,8 +237,8 @@ def test_two_nodes_worker_node_killed_mid_run(atlas_data, tmp_path):
                *[a for kv in ATLAS + ["cluster.num_workers=2", "cluster.stall_timeout_s=120"]
                  for a in ("--set", kv)]]
         driver_log = tmp_path / "driver.log"
-        driver = subprocess.Popen(cmd, stdout=open(driver_log, "w"), stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        with open(driver_log, "w") as fh:
+            driver = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         t0 = time.time()
         while not (out / "summaries").is_dir() or not any((out / "summaries").iterdir()):
             assert driver.poll() is None, driver_log.read_text()[-3000:]
@@ -242,6 +252,7 @@ def test_two_nodes_worker_node_killed_mid_run(atlas_data, tmp_path):
         _assert_same(ref, out, QUERIES)
         done = [ln.split(" done on ")[0].split()[-1] for ln in text.splitlines() if " done on " in ln]
         assert sorted(done) == sorted(QUERIES), f"each case written exactly once: {done}"
+        print("\n".join(ln for ln in text.splitlines() if " done on " in ln or "died" in ln or "cases/min" in ln))
     finally:
         if driver is not None and driver.poll() is None:
             _stop(driver, signal.SIGKILL)
@@ -294,3 +305,36 @@ def test_multi_gpu_training_command(monkeypatch, tmp_path):
     with pytest.raises(Stop):
         train.train_model({**load_config()["nnunet"], "num_gpus": 2, "device": "cpu"}, tmp_path / "model")
     assert called == ["ddp"]
+
+
+def test_round_predictions_on_ray_equal_in_process(chaos_dir, tmp_path, caplog):
+    """`run --ray local`: a round's nnU-Net predictions spread over workers holding the predictor give the
+    in-process files byte for byte (the model trained once in-process; the Ray run resumes after training)."""
+    from nnunet_helpers import TINY_SCHEDULE, make_tiny_chaos
+    from ssl_medsam2.nnunet.rounds import run_ssl
+
+    tiny = make_tiny_chaos(chaos_dir, tmp_path / "tiny")
+    root = tiny["root"]
+    cfg = load_config(overrides=TINY_SCHEDULE + ["nnunet.max_rounds=1"])
+    work_a = tmp_path / "work_a"
+    run_ssl(root / "images", root / "labels", work_a, cfg, pseudo_labels_dir=root / "pseudo", show_progress=False)
+    r1 = work_a / "round_001"
+    work_b = tmp_path / "work_b"
+    shutil.copytree(work_a, work_b, symlinks=True)
+    for p in ("labels", "entropy", "labelled_predictions"):
+        shutil.rmtree(work_b / "round_001" / p)
+    for p in [work_b / "round_001" / "metrics.json", work_b / "final.json"]:
+        p.unlink(missing_ok=True)
+    with caplog.at_level("INFO", logger="ssl_medsam2"):
+        rc = main(["run", "--images", str(root / "images"), "--labels", str(root / "labels"), "--work", str(work_b),
+                   "--pseudo-labels", str(root / "pseudo"), "--ray", "local",
+                   *[a for kv in TINY_SCHEDULE + ["nnunet.max_rounds=1"] + LOCAL for a in ("--set", kv)]])
+    assert rc == 0
+    assert any("on 2 Ray worker(s)" in r.getMessage() and "round 1: predicting" in r.getMessage()
+               for r in caplog.records), "round 1 was not predicted on Ray"
+    compared = 0
+    for sub in ("labels", "entropy", "labelled_predictions/labels", "labelled_predictions/entropy"):
+        for a in sorted((r1 / sub).glob("*.nii.gz")):
+            assert a.read_bytes() == (work_b / "round_001" / sub / a.name).read_bytes(), f"{sub}/{a.name}"
+            compared += 1
+    assert compared == 2 * len(tiny["cases"]), compared

@@ -36,9 +36,10 @@ import socket
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ class PseudoLabelWorker:
             files = encode_outputs(case, outputs)
         except InputError as exc:
             return _failure(query.name, exc, True)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any engine error is this case's failure, reported once
             return _failure(query.name, exc, False)
         return {"ok": True, "case": query.name, "files": files, "summary": outputs["summary"],
                 "worker": _worker_id(), "seconds": round(time.perf_counter() - t0, 3)}
@@ -313,7 +314,12 @@ def pseudo_label_folder_on_cluster(images_dir, labels_dir, out_dir, cfg: dict, e
 
     from .engines import Case, check_supports
     from .io import InputError, list_volumes, load_label_for, load_volume
-    from .pseudo_label import is_finished, resolve_classes, write_encoded, write_run_json
+    from .pseudo_label import (
+        is_finished,
+        resolve_classes,
+        write_encoded,
+        write_run_json,
+    )
 
     ccfg = cluster_cfg(cfg)
     images = list_volumes(images_dir)
@@ -391,47 +397,49 @@ def model_files(model_dir: Path, checkpoint_name: str = "checkpoint_final.pth") 
 
 
 class NnUNetPredictWorker:
-    """A Ray actor holding one ``nnUNetPredictor`` per model folder (loaded once, kept for the round)."""
+    """A Ray actor holding the round's ``nnUNetPredictor`` (loaded once, kept for all its cases).
+
+    Each case goes through :func:`ssl_medsam2.nnunet.one_round.predict_cases`, the in-process code,
+    in a scratch folder; the finished files go back to the driver.
+    """
 
     def __init__(self, ncfg: dict, cpus: float):
         _limit_threads(cpus)
         self.ncfg = ncfg
-        self.models: dict[str, Any] = {}
+        self.cache: dict = {}  # predict_cases' model cache: {local model dir: NnUNetModel}
+        self.model_dirs: dict[str, Path] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="ssl_medsam2_nnunet_worker_")
 
     def ready(self) -> str:
         return _worker_id()
 
-    def _model(self, key: str, files: dict[str, bytes]):
-        if key not in self.models:
-            from .devices import resolve_device
-            from .nnunet.predict import NnUNetModel
-
-            d = Path(self._tmp.name) / f"model_{len(self.models)}"
+    def _model_dir(self, key: str, files: dict[str, bytes]) -> Path:
+        if key not in self.model_dirs:
+            self.cache.clear()  # a new round's model replaces the previous one
+            d = Path(self._tmp.name) / f"model_{len(self.model_dirs)}"
             for rel, data in files.items():
                 (d / rel).parent.mkdir(parents=True, exist_ok=True)
                 (d / rel).write_bytes(data)
-            self.models = {key: NnUNetModel(d, device=resolve_device(self.ncfg.get("device")),
-                                            use_mirroring=bool(self.ncfg.get("use_mirroring", False)))}
-        return self.models[key]
+            self.model_dirs[key] = d
+        return self.model_dirs[key]
 
     def run(self, key: str, files, k: int, name: str, filename: str, image: bytes) -> dict:
         from .io import InputError
-        from .nnunet.rounds import _predict_round
+        from .nnunet.one_round import predict_cases
 
         t0 = time.perf_counter()
         try:
-            model = self._model(key, files)
+            model_dir = self._model_dir(key, files)
             with tempfile.TemporaryDirectory(prefix="ssl_medsam2_case_") as tmp:
                 src = Path(tmp) / "in" / filename
                 src.parent.mkdir()
                 src.write_bytes(image)
                 out = Path(tmp) / "out"
-                _predict_round(lambda: model, out, k, {name: src}, [name], False, None)
+                predict_cases(model_dir, self.ncfg, {name: src}, [name], out, k, None, self.cache)
                 result = {kind: (out / kind / f"{name}.nii.gz").read_bytes() for kind in ("entropy", "labels")}
         except InputError as exc:
             return _failure(name, exc, True)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any prediction error is this case's failure, reported once
             return _failure(name, exc, False)
         return {"ok": True, "case": name, "files": result, "worker": _worker_id(),
                 "seconds": round(time.perf_counter() - t0, 3)}

@@ -1,0 +1,79 @@
+"""The MONAI Label app hands batch few-shot pseudo-labelling to Ray (``--conf cluster.ray_address local``).
+
+Real CHAOS at 64x64 in-plane, 2 final labels, 4 unlabelled images, the atlas engine at reduced settings;
+the result must equal the library's in-process pseudo labels byte for byte and land where the per-image
+task puts it (datastore label under the pseudo tag, few-shot outputs, uncertainty score).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import secrets
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+if importlib.util.find_spec("ray") is None:
+    pytest.skip("Ray is optional and not installed (pip install -r requirements.txt pins it)", allow_module_level=True)
+
+sys.path.insert(0, str(REPO / "apps" / "ssl_medsam2"))
+
+from ssl_medsam2.config import load_config
+from ssl_medsam2.pseudo_label import pseudo_label_folder
+from ssl_medsam2.studies import make_studies
+
+CASES = ("chaos_01", "chaos_02", "chaos_03", "chaos_05", "chaos_08", "chaos_10")
+ATLAS = {"atlas.threads": "1", "atlas.demons_iterations": "[20,10]", "atlas.demons_shrink": "[2,1]",
+         "atlas.affine_iterations": "50", "atlas.affine_shrink": "[2,1]", "atlas.affine_smooth_mm": "[2.0,1.0]"}
+RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_env():
+    old = {k: os.environ.get(k) for k in RAY_ENV}
+    os.environ.update(RAY_ENV)
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_batch_fewshot_goes_to_ray_and_lands_like_the_per_image_task(small_chaos, tmp_path):
+    from main import create_app
+
+    src = tmp_path / "src"
+    for c in CASES:
+        (src / "images").mkdir(parents=True, exist_ok=True)
+        (src / "labels").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(small_chaos / "imagesTr" / f"{c}_0000.nii.gz", src / "images" / f"{c}_0000.nii.gz")
+        shutil.copyfile(small_chaos / "labelsTr" / f"{c}.nii.gz", src / "labels" / f"{c}.nii.gz")
+    make_studies(src / "images", src / "labels", tmp_path / "studies", labelled=2)
+    conf = {**ATLAS, "cluster.ray_address": "local", "cluster.local_num_cpus": "2", "cluster.object_store_mb": "200"}
+    app = create_app(str(REPO / "apps" / "ssl_medsam2"), str(tmp_path / "studies"), conf)
+    result = app.batch_infer({"model": "atlas_fewshot", "images": "unlabeled"})
+    queries = sorted(CASES[2:])
+    assert sorted(result) == queries and all("label" in r for r in result.values()), result
+
+    # the same pseudo labels as the library in-process
+    lab = tmp_path / "sup"
+    lab.mkdir()
+    for c in CASES[:2]:
+        shutil.copyfile(src / "labels" / f"{c}.nii.gz", lab / f"{c}.nii.gz")
+    ref = tmp_path / "ref"
+    cfg = load_config(overrides=[f"{k}={v}" for k, v in ATLAS.items()] + ["protocol.engine=atlas"])
+    pseudo_label_folder(src / "images", lab, ref, cfg, show_progress=False)
+    ds = app.datastore()
+    ws = app.workspace
+    for c in queries:
+        stored = ds.get_label_uri(c, ws.pseudo_tag)
+        assert stored and os.path.exists(stored), f"{c}: no pseudo label in the datastore"
+        assert Path(stored).read_bytes() == (ref / "labels" / f"{c}.nii.gz").read_bytes()
+        assert (ws.fewshot_dir / "summaries" / f"{c}.json").exists()
+        assert ws.image_info(c).get("ssl_uncertainty") is not None
+    assert not (ws.state_dir / "batch").exists() or not any((ws.state_dir / "batch").iterdir())
