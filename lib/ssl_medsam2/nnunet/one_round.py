@@ -107,15 +107,18 @@ def make_round0(layout: RunLayout, images_dir, labels_dir, images: Mapping[str, 
 
 # --- predicting -----------------------------------------------------------------------------------
 
-def load_model(model_dir: Path, ncfg: dict):
+def load_model(model_dir: Path, ncfg: dict, log_path: Path | None = None):
+    """The model for prediction; nnU-Net's loading chatter goes to ``log_path`` (the round's nnunet.log)."""
     from .predict import NnUNetModel
 
-    return NnUNetModel(model_dir, device=resolve_device(ncfg.get("device")),
-                       use_mirroring=bool(ncfg.get("use_mirroring", False)), num_threads=ncfg.get("cpu_threads"))
+    with nn_train.nnunet_output(log_path):
+        return NnUNetModel(model_dir, device=resolve_device(ncfg.get("device")),
+                           use_mirroring=bool(ncfg.get("use_mirroring", False)), num_threads=ncfg.get("cpu_threads"))
 
 
 def predict_cases(model_dir: Path, ncfg: dict, images: Mapping[str, Path], names: Sequence[str], out_dir: Path,
-                  round_no: int, progress: ProgressFn | None = None, cache: dict | None = None) -> list[str]:
+                  round_no: int, progress: ProgressFn | None = None, cache: dict | None = None,
+                  log_path: Path | None = None) -> list[str]:
     """Predict these cases with this model: ``out_dir/labels/<case>`` + ``out_dir/entropy/<case>`` (max over
     classes, bits), each on its source grid. Cases already there are skipped; returns the ones predicted.
 
@@ -128,7 +131,7 @@ def predict_cases(model_dir: Path, ncfg: dict, images: Mapping[str, Path], names
         return []
     cache = {} if cache is None else cache
     if str(model_dir) not in cache:
-        cache[str(model_dir)] = load_model(model_dir, ncfg)
+        cache[str(model_dir)] = load_model(model_dir, ncfg, log_path)
     model = cache[str(model_dir)]
     for i, n in enumerate(todo):
         vol = load_volume(images[n], name=n)
@@ -241,8 +244,10 @@ def run_round(k: int, layout: RunLayout, cfg: dict, images: Mapping[str, Path], 
                                                   (layout.labelled_predictions(k), sorted(train_labels))],
                                  k, images, show_progress=False, progress=progress)
     else:
-        predict_cases(model_dir, ncfg, images, pseudo_names, layout.round(k), k, progress, cache)
-        predict_cases(model_dir, ncfg, images, sorted(train_labels), layout.labelled_predictions(k), k, None, cache)
+        nn_log = layout.nnunet_log(k)
+        predict_cases(model_dir, ncfg, images, pseudo_names, layout.round(k), k, progress, cache, nn_log)
+        predict_cases(model_dir, ncfg, images, sorted(train_labels), layout.labelled_predictions(k), k, None, cache,
+                      nn_log)
     times["predict_s"] = time.perf_counter() - t
 
     change = {}
