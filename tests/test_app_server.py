@@ -1,6 +1,8 @@
 """The MONAI Label app over HTTP: a real `monailabel start_server` on 127.0.0.1 and a free port, on a copy of
 real CHAOS MRI (5 cases, 2 with final labels; 64x64 in-plane and 10 slices around the organs to keep CPU
-time low), SAM2 with random weights at 64 px. The tests run in order and share the server.
+time low), SAM2 with random weights at 64 px, nnU-Net on a tiny 2d schedule (1 epoch x 2 iterations).
+The tests run in order and share the server: few-shot infer, leases, scoring, batch pseudo labels,
+training v001, continuous retraining (final labels saved -> debounce -> v002 served) and rollback.
 """
 
 from __future__ import annotations
@@ -277,3 +279,52 @@ def test_batch_pseudo_labels_train_new_version_then_nnunet_infer(server):
     # nothing earlier to roll back to yet
     r = requests.post(f"{url}/ssl_medsam2/models/rollback", timeout=30)
     assert r.status_code == 404 and "earlier" in r.json()["detail"]
+
+
+def _served_version(url: str, image: str) -> str:
+    r = requests.post(f"{url}/infer/nnunet", params={"image": image, "output": "json"}, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()["model_version"]
+
+
+def test_continuous_retraining_serves_a_new_version(server):
+    """Final labels saved -> debounce -> ssl_nnunet run (no request to /train) -> v002 served, no restart."""
+    url, gt, studies = server["url"], server["gt"], server["studies"]
+    before = requests.get(f"{url}/ssl_medsam2/models", timeout=30).json()
+    assert before["current"] == "v001"
+    image = next(c for c in chaos_cases()[LABELLED:CASES] if not (studies / "labels" / "final" / f"{c}.nii.gz").exists())
+    r = requests.put(f"{url}/datastore/label", params={"image": image, "tag": "final"},
+                     files={"label": (f"{image}.nii.gz", (gt / f"{image}.nii.gz").read_bytes())}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["retrain_pending"] == 2 and r.json()["retrain_scheduled_at"], r.json()
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        models = requests.get(f"{url}/ssl_medsam2/models", timeout=30).json()
+        task = requests.get(f"{url}/train/", timeout=30).json()
+        if len(models["versions"]) == 2 and task.get("status") in ("DONE", "ERROR"):
+            break
+        time.sleep(3)
+    else:
+        raise TimeoutError("no second model version within 900 s")
+    assert task["status"] == "DONE", "\n".join(task.get("details", [])[-30:])
+    retrain = requests.get(f"{url}/info/", timeout=30).json()["ssl_medsam2"]["retrain"]
+    assert retrain["runs"] and image in retrain["runs"][-1]["labels"] and retrain["pending"] == []
+    assert models["current"] == "v002" and models["versions"][-1]["labelled"] == sorted(
+        set(chaos_cases()[:LABELLED]) | {"chaos_03", image})
+    query = next(c for c in chaos_cases()[:CASES] if not (studies / "labels" / "final" / f"{c}.nii.gz").exists())
+    assert _served_version(url, query) == "v002"
+
+
+def test_rollback_between_two_versions(server):
+    url, studies = server["url"], server["studies"]
+    query = next(c for c in chaos_cases()[:CASES] if not (studies / "labels" / "final" / f"{c}.nii.gz").exists())
+    r = requests.post(f"{url}/ssl_medsam2/models/rollback", timeout=30)
+    assert r.status_code == 200 and r.json()["current"] == "v001", r.text
+    assert _served_version(url, query) == "v001"  # the next request uses the rolled-back version
+    r = requests.post(f"{url}/ssl_medsam2/models/rollback", params={"version": "v002"}, timeout=30)
+    assert r.status_code == 200 and r.json()["current"] == "v002", r.text
+    assert _served_version(url, query) == "v002"
+    history = [h["current"] for h in requests.get(f"{url}/ssl_medsam2/models", timeout=30).json()["history"]]
+    assert history[-3:] == ["v002", "v001", "v002"]
+    r = requests.post(f"{url}/ssl_medsam2/models/rollback", params={"version": "../v001"}, timeout=30)
+    assert r.status_code == 422, r.text

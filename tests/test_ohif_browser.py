@@ -256,3 +256,84 @@ def test_ohif_runs_the_model_on_an_orthanc_study_and_saves_a_dicom_seg(stack):
                       "saved_voxels": saved["counts"], "dice_vs_expert_liver": round(float(dice), 3)}))
     if model == "atlas_fewshot":  # a real segmentation: it must sit on the liver (not mirrored or shifted)
         assert dice > 0.4, f"saved SEG does not overlap the liver (Dice {dice:.2f}): geometry lost on the way"
+
+
+# ------------------------------------------------------------------------------- OHIF with auth on
+@pytest.fixture(scope="module")
+def auth_stack(stack):
+    """A second app server on the same Orthanc, with Keycloak-style auth on (the issuer of test_auth.py)."""
+    from test_auth import Issuer
+
+    issuer = Issuer()
+    server = None
+    try:
+        server = _pacs_demo().start_monailabel(
+            stack["orthanc"].dicomweb_url, stack["root"] / "work_auth",
+            conf={"input.classes": "[1]", "app.retrain_after_labels": 0, "sam2.checkpoint": "none",
+                  "sam2.image_size": 128, "sam2.device": "cpu"},
+            env={"MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "MR"}),
+                 "MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": issuer.realm})
+        yield {**stack, "url": server.url, "server": server, "issuer": issuer}
+    finally:
+        if server is not None:
+            server.stop()
+        issuer.close()
+
+
+SAVE_WITH_PAGE_FETCH_JS = """
+async ([image, n]) => {
+  // the request MonaiLabelClient.save_label builds (label.bin, raw uint8), sent by the page's own fetch
+  const label = new Uint8Array(n);
+  for (let i = n / 2; i < n / 2 + 500; i++) label[i] = 1;
+  const form = new FormData();
+  form.append('params', JSON.stringify({ client_id: 'someone-else', user: 'admin' }));
+  form.append('label', new Blob([label]), 'label.bin');
+  const url = new URL('datastore/label', window.location.origin + '/');
+  url.searchParams.append('image', image);
+  const r = await fetch(url.toString(), { method: 'PUT', body: form });
+  return { status: r.status, body: await r.text() };
+}
+"""
+
+
+def test_ohif_with_auth_logs_in_and_sends_the_token(auth_stack):
+    """Auth on: /ohif/ asks for a login first; after it, every request OHIF makes (DICOMweb through the
+    proxy, the MONAI Label panel, a save) carries the token, and the server records the token's user."""
+    if not Path(CHROMIUM).exists() or importlib.util.find_spec("playwright") is None:
+        pytest.skip(f"needs Chromium at {CHROMIUM} (apt: chromium) and playwright (pip: playwright)")
+    from playwright.sync_api import sync_playwright
+
+    url, series = auth_stack["url"], auth_stack["series"]
+    assert httpx.get(f"{url}/info/", timeout=30).status_code == 401  # the API itself still needs a token
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    study_uid = dicom.stable_uid(QUERY, "study")
+    shape = nib.load(str(auth_stack["root"] / "images" / f"{QUERY}_0000.nii.gz")).shape
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{url}/ohif/", wait_until="load", timeout=120_000)
+            page.locator("#ssl-medsam2-login-user").wait_for(timeout=60_000)  # sent to the login page
+            assert "ssl_medsam2_login.html" in page.url
+            page.fill("#ssl-medsam2-login-user", "annotator")
+            page.fill("#ssl-medsam2-login-password", "wrong")
+            page.click("#ssl-medsam2-login-submit")
+            page.get_by_text("Wrong user name or password").wait_for(timeout=30_000)
+            page.fill("#ssl-medsam2-login-password", "annotator-pw")
+            page.click("#ssl-medsam2-login-submit")
+            for case in CASES:  # the study list comes through the DICOMweb proxy, which needs the token
+                page.get_by_text(case, exact=True).first.wait_for(timeout=90_000)
+            page.screenshot(path=str(ARTIFACTS / "auth_1_study_list.png"))
+            page.goto(f"{url}/ohif/monai-label?StudyInstanceUIDs={study_uid}", wait_until="load", timeout=120_000)
+            page.get_by_text("Confirm and Hide").click(timeout=60_000)
+            server_input = page.locator("input[value*='127.0.0.1']").first
+            server_input.fill(url + "/")
+            server_input.press("Tab")
+            server_input.locator("xpath=following::button[1]").click()
+            page.get_by_text("SSL-MedSAM2", exact=True).first.wait_for(timeout=60_000)  # the panel's /info/
+            page.screenshot(path=str(ARTIFACTS / "auth_2_panel_connected.png"))
+            saved = page.evaluate(SAVE_WITH_PAGE_FETCH_JS, [series[QUERY], int(np.prod(shape))])
+        finally:
+            browser.close()
+    assert saved["status"] == 200, saved
+    assert json.loads(saved["body"])["user"] == "annotator", "the save records the token's user, not the body's"

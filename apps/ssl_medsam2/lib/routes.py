@@ -60,6 +60,7 @@ def build_router(app) -> APIRouter:
     from monailabel.endpoints import datastore as ds_ep
     from monailabel.endpoints import infer as infer_ep
     from monailabel.endpoints import scoring as scoring_ep
+    from monailabel.endpoints import session as session_ep
     from monailabel.endpoints import train as train_ep
 
     r = APIRouter()
@@ -94,6 +95,8 @@ def build_router(app) -> APIRouter:
               params: str = Form("{}"), file: UploadFile = File(None), label: UploadFile = File(None),
               output: Optional[ResultType] = None, user: User = Depends(RBAC(USER))):
         check_model(model)
+        if session_id:
+            check_name(session_id, "session id")
         if not file and not session_id:
             if not image:
                 raise reject(422, "give an image id of the datastore or upload a file")
@@ -262,6 +265,16 @@ def build_router(app) -> APIRouter:
         ws.datastore.remove_image(id)
         ws.leases.release(id)
         return {}
+
+    # ---------------------------------------------------------------- sessions (ids are joined to a folder)
+    @r.get("/session/{session_id}", summary="Session info (checked id)")
+    def get_session(session_id: str, update_ts: bool = False, image: bool = False,
+                    user: User = Depends(RBAC(USER))):
+        return session_ep.get_session(check_name(session_id, "session id"), update_ts, image)
+
+    @r.delete("/session/{session_id}", summary="Delete a session (checked id)")
+    def remove_session(session_id: str, user: User = Depends(RBAC(USER))):
+        return session_ep.remove_session(check_name(session_id, "session id"))
 
     # ---------------------------------------------------------------- extra routes
     @r.get("/ssl_medsam2/models", summary="nnU-Net model versions and the deployed one")
