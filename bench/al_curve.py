@@ -46,14 +46,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
+from held_out import organ_dice  # noqa: E402
 from shared_data import CHAOS, chaos_cases, downsample_case  # noqa: E402
 
 from ssl_medsam2 import strategies  # noqa: E402
 from ssl_medsam2.config import load_config  # noqa: E402
 from ssl_medsam2.io import load_label_for, load_volume  # noqa: E402
-from ssl_medsam2.metrics import dice  # noqa: E402
 
-ORGANS = {1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
 STRATEGIES = ("uncertainty", "disagreement", "random")
 log = logging.getLogger("bench.al_curve")
 
@@ -75,19 +74,8 @@ def prepare(root: Path, factor: int, n_test: int) -> tuple[list[str], list[str]]
 
 
 def test_dice(model_dir: Path, root: Path, test: list[str], device: str) -> dict:
-    from ssl_medsam2.nnunet.predict import NnUNetModel
-
-    model = NnUNetModel(model_dir, device=device)
-    per = {c: [] for c in ORGANS}
-    for case in test:
-        img = load_volume(root / "test_images" / f"{case}_0000.nii.gz", name=case)
-        truth = load_label_for(img, root / "truth" / f"{case}.nii.gz").array
-        pred, _ = model.predict_volume(img)
-        for c in ORGANS:
-            per[c].append(dice(pred == c, truth == c))
-    out = {ORGANS[c]: round(float(np.mean(v)), 4) for c, v in per.items()}
-    out["mean_organs"] = round(float(np.mean([out[n] for n in ORGANS.values()])), 4)
-    return out
+    scores = organ_dice(model_dir, root / "test_images", root / "truth", test, device)
+    return {k: round(v, 4) for k, v in scores.items()}
 
 
 def train_point(root: Path, labelled: list[str], pool: list[str], overrides: list[str], device: str,
