@@ -26,16 +26,16 @@ def choose_engine(cfg: dict) -> tuple[str, str]:
     name = str(cfg.get("protocol", {}).get("engine") or AUTO)
     if name != AUTO:
         return name, f"protocol.engine={name}"
-    from .sam2_model import checkpoint_status, model_spec, resolve_checkpoint
+    from .sam2_model import SAM2Settings, checkpoint_status, model_spec, resolve_checkpoint
 
     ok, where = checkpoint_status(cfg)
     if ok:
         return "sam2", f"protocol.engine=auto and the SAM2 weights are here ({where})"
-    scfg = cfg.get("sam2", {})
+    settings = SAM2Settings.from_config(cfg)
     try:
-        path = resolve_checkpoint(scfg, model_spec(scfg.get("model", "medsam2_t512")))[0]
+        path = resolve_checkpoint(settings, model_spec(settings.model))[0]
     except Exception:  # a bad model name: the SAM2 engine would fail; atlas still works
-        path = scfg.get("checkpoint")
+        path = settings.checkpoint
     return "atlas", (f"protocol.engine=auto and no SAM2 checkpoint at {path}: using the weight-free atlas "
                      f"engine (put the checkpoint there or pass --checkpoint PATH for SAM2)")
 

@@ -41,7 +41,7 @@ from .base import Case, EngineResult, check_supports
 from .sam2_batch import TrackSequence, logits_to_prob, track_batched
 from .sam2_context import (Features, QueryContext, SupportCache, SupportContext, SupportOnly,
                            VideoFeatures)
-from .sam2_model import CheckpointNotFound, build_predictor, checkpoint_status  # noqa: F401 (re-export)
+from .sam2_model import CheckpointNotFound, SAM2Settings, build_predictor, checkpoint_status  # noqa: F401 (re-export)
 from .sam2_reference import run_reference
 
 log = logging.getLogger(__name__)
@@ -86,20 +86,17 @@ class SAM2Engine:
 
     def __init__(self, cfg: dict):
         self.cfg = cfg
-        self.scfg = dict(cfg.get("sam2", {}))
+        self.settings = s = SAM2Settings.from_config(cfg)
         self.icfg = IntensityConfig.from_config(cfg)
         self.slice_axis = cfg.get("input", {}).get("slice_axis", "auto")
-        self.device = resolve_device(self.scfg.get("device"))
-        self.dtype = resolve_dtype(self.scfg.get("dtype"), self.device)
-        self.n_inserts = int(self.scfg.get("n_inserts", 5))
-        self.n_supports = int(self.scfg.get("n_supports", 10))
-        self.seed = int(self.scfg.get("seed", 0))
-        self.feature_batch = int(self.scfg.get("feature_batch", 8))
-        self.batch_runs = bool(self.scfg.get("batch_runs", True))
-        self.max_batch = resolve_max_batch(self.scfg.get("max_batch", "auto"), self.device)
+        self.device = resolve_device(s.device)
+        self.dtype = resolve_dtype(s.dtype, self.device)
+        self.n_inserts, self.n_supports, self.seed = s.n_inserts, s.n_supports, s.seed
+        self.feature_batch, self.batch_runs = s.feature_batch, s.batch_runs
+        self.max_batch = resolve_max_batch(s.max_batch, self.device)
         self._predictor = None
         self.model_info: dict = {}
-        self.supports = SupportCache(int(self.scfg.get("support_cache_frames", 1024)))
+        self.supports = SupportCache(s.support_cache_frames)
         self.stats = {"frames_encoded": 0, "frames_tracked": 0, "batched_steps": 0}
 
     @classmethod
@@ -112,8 +109,8 @@ class SAM2Engine:
     def predictor(self):
         """Built on first use, so constructing the engine (e.g. in a server) costs nothing."""
         if self._predictor is None:
-            self._predictor, self.model_info = build_predictor(self.scfg, self.device, self.seed)
-            self.model_info["compiled"] = bool(self.scfg.get("compile", False)) and \
+            self._predictor, self.model_info = build_predictor(self.settings, self.device, self.seed)
+            self.model_info["compiled"] = self.settings.compile and \
                 compile_tracking(self._predictor, self.device)
         return self._predictor
 

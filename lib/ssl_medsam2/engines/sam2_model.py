@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import CONFIG_DIR, load_yaml
+from ..config import CONFIG_DIR, load_yaml, section
 from ..io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,42 @@ RANDOM_WEIGHTS = "none"
 
 class CheckpointNotFound(FileNotFoundError):
     """The SAM2 / MedSAM2 weights are not on this machine (message says where to put them)."""
+
+
+@dataclass(frozen=True)
+class SAM2Settings:
+    """The ``sam2:`` section of the config, typed (what each key means: configs/ssl_medsam2.yaml)."""
+
+    model: str
+    checkpoint: str | None
+    url: str | None
+    download: bool
+    cache_dir: str
+    image_size: int | None
+    n_supports: int
+    n_inserts: int
+    seed: int
+    device: str | None
+    dtype: str | None
+    max_cond_frames_in_attn: int
+    feature_batch: int
+    support_cache_frames: int
+    batch_runs: bool
+    max_batch: str | int
+    compile: bool
+
+    def __post_init__(self):
+        for name in ("n_supports", "n_inserts", "seed", "max_cond_frames_in_attn", "feature_batch",
+                     "support_cache_frames"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("download", "batch_runs", "compile"):
+            object.__setattr__(self, name, bool(getattr(self, name)))
+        if self.image_size:
+            object.__setattr__(self, "image_size", int(self.image_size))
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "SAM2Settings":
+        return section(cfg, "sam2", cls)
 
 
 @dataclass(frozen=True)
@@ -48,13 +84,13 @@ def model_spec(model: str) -> ModelSpec:
     return ModelSpec(path.stem, d["base"], dict(d.get("overrides") or {}), d["checkpoint_file"], d.get("url"))
 
 
-def resolve_checkpoint(scfg: dict, spec: ModelSpec) -> tuple[Path | None, str]:
+def resolve_checkpoint(settings: SAM2Settings, spec: ModelSpec) -> tuple[Path | None, str]:
     """(path or None for random weights, human-readable origin). Does not download."""
-    ckpt = scfg.get("checkpoint", "auto")
+    ckpt = settings.checkpoint
     if ckpt is None or str(ckpt).lower() == RANDOM_WEIGHTS:
         return None, "RANDOM weights (checkpoint: none)"
     if str(ckpt).lower() == "auto":
-        return Path(os.path.expanduser(scfg.get("cache_dir", "~/.cache/ssl_medsam2"))) / spec.checkpoint_file, "auto"
+        return Path(os.path.expanduser(settings.cache_dir)) / spec.checkpoint_file, "auto"
     return Path(os.path.expanduser(str(ckpt))), "path"
 
 
@@ -69,26 +105,26 @@ def _missing_message(path: Path, spec: ModelSpec, url: str | None, why: str = ""
 
 def checkpoint_status(cfg: dict) -> tuple[bool, str]:
     """Whether real weights are available for the configured model, and why not (for /info)."""
-    scfg = cfg.get("sam2", cfg)
+    settings = SAM2Settings.from_config(cfg)
     try:
-        spec = model_spec(scfg.get("model", "medsam2_t512"))
+        spec = model_spec(settings.model)
     except Exception as exc:  # a bad model name is also "unavailable"
         return False, str(exc)
-    path, origin = resolve_checkpoint(scfg, spec)
+    path, origin = resolve_checkpoint(settings, spec)
     if path is None:
         return True, origin
     if path.is_file():
         return True, str(path)
-    return False, _missing_message(path, spec, scfg.get("url") or spec.url)
+    return False, _missing_message(path, spec, settings.url or spec.url)
 
 
-def ensure_checkpoint(scfg: dict, spec: ModelSpec) -> Path | None:
+def ensure_checkpoint(settings: SAM2Settings, spec: ModelSpec) -> Path | None:
     """The checkpoint path (downloading an ``auto`` one when allowed), None for random weights."""
-    path, origin = resolve_checkpoint(scfg, spec)
+    path, origin = resolve_checkpoint(settings, spec)
     if path is None or path.is_file():
         return path
-    url = scfg.get("url") or spec.url
-    if origin == "auto" and url and scfg.get("download", True):
+    url = settings.url or spec.url
+    if origin == "auto" and url and settings.download:
         log.info("downloading %s from %s", spec.checkpoint_file, url)
         try:
             return atomic_write(path, lambda tmp: torch.hub.download_url_to_file(url, tmp, progress=True))
@@ -117,7 +153,7 @@ def has_sam2_cuda_ext() -> bool:
         return False
 
 
-def build_predictor(scfg: dict, device: torch.device, seed: int = 0):
+def build_predictor(settings: SAM2Settings, device: torch.device, seed: int = 0):
     """Instantiate :class:`InMemoryVideoPredictor` with the configured architecture and weights.
 
     Returns (predictor, info) where info records the weights used (path or RANDOM).
@@ -125,14 +161,13 @@ def build_predictor(scfg: dict, device: torch.device, seed: int = 0):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    spec = model_spec(scfg.get("model", "medsam2_t512"))
-    ckpt = ensure_checkpoint(scfg, spec)
+    spec = model_spec(settings.model)
+    ckpt = ensure_checkpoint(settings, spec)
     cfg = _sam2_base_config(spec.base)
     overrides = dict(spec.overrides)
-    if scfg.get("image_size"):
-        overrides["model.image_size"] = int(scfg["image_size"])
-    mcf = scfg.get("max_cond_frames_in_attn", -1)
-    overrides["model.max_cond_frames_in_attn"] = int(mcf) if mcf is not None else -1
+    if settings.image_size:
+        overrides["model.image_size"] = settings.image_size
+    overrides["model.max_cond_frames_in_attn"] = settings.max_cond_frames_in_attn
     if 0 <= overrides["model.max_cond_frames_in_attn"] < 2:
         raise ValueError("sam2.max_cond_frames_in_attn must be >= 2 or -1 (all)")
     # The video predictor and the post-processing settings SAM2's own builder applies for video.
