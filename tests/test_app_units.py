@@ -140,3 +140,59 @@ def test_app_without_sam2_weights_lists_task_unavailable_with_reason(small_chaos
     assert "atlas_fewshot" in info["models"] and "ssl_nnunet" in info["trainers"]  # the rest works
     assert info["datastore"] == {"total": 8, "completed": 1, "label_tags": {"final": 1}}
     assert (tmp_path / "studies" / ".ssl_medsam2").is_dir()
+
+
+def test_guards_names_params_and_public_reasons():
+    from fastapi import HTTPException
+    from lib.guards import check_name, parse_params, public
+
+    for ok in ("chaos_03", "1.2.826.0.1.3680043.2", "case-7.v2"):
+        assert check_name(ok, "image id") == ok
+    for bad in ("../x", "..", "a/b", "/etc/x", ".hidden", "-x", "", "a\\b", "x..y", None, 3):
+        with pytest.raises(HTTPException) as err:
+            check_name(bad, "image id")
+        assert err.value.status_code == 422
+    assert parse_params('{"a": 1}') == {"a": 1} and parse_params("") == {}
+    for bad in ("null", "[]", "123", '"x"', "{"):
+        with pytest.raises(HTTPException):
+            parse_params(bad)
+    assert public("/tmp/x/ssl_medsam2_upload_1.nii.gz: unreadable") == "ssl_medsam2_upload_1.nii.gz: unreadable"
+    assert public("see http://127.0.0.1:8000/datastore/image") == "see http://127.0.0.1:8000/datastore/image"
+
+
+def test_lease_book_one_image_per_holder_and_anonymous_limit(tmp_path):
+    from ssl_medsam2.leases import LeaseBook, LeaseLimitError
+
+    book = LeaseBook(tmp_path / "leases.json", ttl_s=60)
+    assert book.acquire_first(["a", "b", "c"], "x", anonymous=True, anonymous_limit=2, now=0).image == "a"
+    assert book.acquire_first(["b", "c"], "x", anonymous=True, anonymous_limit=2, now=1).image == "b"
+    assert set(book.active(now=2)) == {"b"}  # asking again moved x's lease
+    assert book.acquire_first(["a", "c"], "y", anonymous=True, anonymous_limit=2, now=2).image == "a"
+    with pytest.raises(LeaseLimitError, match="limit 2"):
+        book.acquire_first(["c"], "z", anonymous=True, anonymous_limit=2, now=3)
+    assert book.acquire_first(["c"], "token-user", now=3).image == "c"  # identified users are not capped
+    assert book.acquire_first(["c"], "z", anonymous=True, anonymous_limit=2, now=100).image == "c"  # expired
+
+
+def test_datastore_file_atomic_with_last_good_copy_and_recovery(small_chaos, tmp_path):
+    import json
+
+    import monailabel_085 as fixes
+    from main import create_app
+
+    studies = tmp_path / "studies"
+    make_studies(small_chaos / "imagesTr", small_chaos / "labelsTr", studies, labelled=1)
+    app = create_app(str(REPO / "apps" / "ssl_medsam2"), str(studies), {})
+    app.datastore().update_image_info("chaos_02", {"marker": 42})
+    good = studies / ".datastore_v2.json.last_good"
+    assert json.loads(good.read_text()) == json.loads((studies / "datastore_v2.json").read_text())
+    (studies / "datastore_v2.json").write_text('{"name": "new-dataset", "objects": {"chaos_0')  # torn
+    app = create_app(str(REPO / "apps" / "ssl_medsam2"), str(studies), {})
+    assert "restored the last good copy" in app.info()["ssl_medsam2"]["datastore_recovery"]
+    assert app.datastore().get_image_info("chaos_02")["marker"] == 42
+    # no good copy either: start from the files on disk, and say so
+    (studies / "datastore_v2.json").write_text("")
+    good.unlink()
+    msg = fixes.recover_datastore_file(studies)
+    assert "no good copy" in msg and not (studies / "datastore_v2.json").exists()
+    assert len(list(studies.glob("datastore_v2.json.damaged-*"))) >= 1
