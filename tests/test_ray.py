@@ -46,7 +46,9 @@ CROPS = {"chaos_01": (14, 22), "chaos_02": (10, 17), "chaos_03": (12, 19), "chao
 LOCAL = ["cluster.local_num_cpus=2", "cluster.object_store_mb=200", "cluster.stall_timeout_s=120"]
 #: token auth with a throwaway token (nothing written to ~/.ray), no usage stats, fast node-death detection;
 #: set before Ray is first imported (it reads them once per process)
-RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0",
+#: one token per test process: Ray's driver reads it once, and GCS servers started later must match it
+TOKEN = os.environ.setdefault("SSL_MEDSAM2_TEST_RAY_TOKEN", secrets.token_hex(16))
+RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 
 
@@ -303,7 +305,8 @@ def test_multi_gpu_training_command(monkeypatch, tmp_path):
     monkeypatch.setattr(train, "_train_in_process", lambda *a: called.append("in_process"))
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     with pytest.raises(Stop):
-        train.train_model({**load_config()["nnunet"], "num_gpus": 2, "device": "cpu"}, tmp_path / "model")
+        train.train_model({**load_config()["nnunet"], "epochs": 2, "iterations_per_epoch": 3, "val_iterations": 1,
+                           "num_gpus": 2, "device": "cpu"}, tmp_path / "model")
     assert called == ["ddp"]
 
 

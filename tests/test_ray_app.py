@@ -29,7 +29,9 @@ from ssl_medsam2.studies import make_studies
 CASES = ("chaos_01", "chaos_02", "chaos_03", "chaos_05", "chaos_08", "chaos_10")
 ATLAS = {"atlas.threads": "1", "atlas.demons_iterations": "[20,10]", "atlas.demons_shrink": "[2,1]",
          "atlas.affine_iterations": "50", "atlas.affine_shrink": "[2,1]", "atlas.affine_smooth_mm": "[2.0,1.0]"}
-RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
+#: one token per test process (shared with test_ray.py): Ray's driver reads it once
+TOKEN = os.environ.setdefault("SSL_MEDSAM2_TEST_RAY_TOKEN", secrets.token_hex(16))
+RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 @pytest.fixture(scope="module", autouse=True)
