@@ -25,7 +25,7 @@ Writes ``<out>/al_curve.json`` (every point) and ``<out>/al_curve.png`` (test Di
 labelled volumes); the LAST line printed is a JSON summary.
 
     python bench/al_curve.py --quick                 # 32x32, 1 cycle, ~1 min trainings: a few minutes
-    python bench/al_curve.py                         # 64x64, 3 cycles, 3 min trainings: ~30 min idle
+    python bench/al_curve.py                         # 64x64, 2 cycles, 2 min trainings: ~25 min idle
     python bench/al_curve.py --factor 1 --minutes 30 --cycles 4 --device cuda   # full resolution, GPU
 """
 
@@ -138,7 +138,7 @@ def plot(result: dict, path: Path) -> None:
                     ax.annotate(p["picked"],
                                 (p["n_labelled"], p["test_dice"][key]), fontsize=7, xytext=(3, 3),
                                 textcoords="offset points")
-            ax.set(xlabel="labelled volumes", ylabel="Dice", title=title)
+            ax.set(xlabel="labelled volumes", ylabel="Dice", title=title, ylim=(0, 1))
             ax.set_xticks(sorted({p["n_labelled"] for pts in result["curves"].values() for p in pts}))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
@@ -154,8 +154,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="32x32 in-plane, 1 cycle, 1-minute trainings")
     ap.add_argument("--factor", type=int, default=None, help="in-plane downsampling (default 4; --quick 8)")
-    ap.add_argument("--cycles", type=int, default=None, help="volumes annotated after the start (default 3; --quick 1)")
-    ap.add_argument("--minutes", type=float, default=None, help="training minutes per run (default 3; --quick 1)")
+    ap.add_argument("--cycles", type=int, default=None, help="volumes annotated after the start (default 2; --quick 1)")
+    ap.add_argument("--minutes", type=float, default=None, help="training minutes per run (default 2; --quick 1)")
     ap.add_argument("--start", type=int, default=2, help="labelled volumes at the start")
     ap.add_argument("--test", type=int, default=2, help="test volumes (the last cases by name)")
     ap.add_argument("--seed", type=int, default=0)
@@ -165,8 +165,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", default=None, help="keep the runs here (default: a temp dir, removed)")
     args = ap.parse_args(argv)
     factor = args.factor or (8 if args.quick else 4)
-    cycles = args.cycles if args.cycles is not None else (1 if args.quick else 3)
-    minutes = args.minutes or (1.0 if args.quick else 3.0)
+    cycles = args.cycles if args.cycles is not None else (1 if args.quick else 2)
+    minutes = args.minutes or (1.0 if args.quick else 2.0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     from ssl_medsam2.devices import resolve_device
