@@ -359,25 +359,29 @@ def recover_datastore_file(studies: str | os.PathLike, name: str = "datastore_v2
     return msg
 
 
+def _update_datastore_file(self, lock=True):
+    """Replacement for ``LocalDatastore._update_datastore_file`` (0.8.5 truncates and rewrites in place)."""
+    from filelock import FileLock
+
+    def write():
+        self._ignore_event_config = True
+        text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+        write_datastore_file(self._datastore_config_path, text)
+        self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+    if lock:
+        with FileLock(self._lock_file):
+            write()
+    else:
+        write()
+
+
 def local_datastore(studies: str, **kwargs):
     """MONAI Label's LocalDatastore whose datastore file is written atomically, with a last good copy."""
     from monailabel.datastore.local import LocalDatastore
 
     class AtomicLocalDatastore(LocalDatastore):
-        def _update_datastore_file(self, lock=True):
-            from filelock import FileLock
-
-            def write():
-                self._ignore_event_config = True
-                text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
-                write_datastore_file(self._datastore_config_path, text)
-                self._config_ts = os.stat(self._datastore_config_path).st_mtime
-
-            if lock:
-                with FileLock(self._lock_file):
-                    write()
-            else:
-                write()
+        _update_datastore_file = _update_datastore_file
 
     return AtomicLocalDatastore(studies, **kwargs)
 
@@ -468,6 +472,7 @@ def _install_dicomweb() -> None:
         get_label_uri._ssl_medsam2_by_image = True
         DICOMWebDatastore.get_label_uri = get_label_uri
 
+    DICOMWebDatastore._update_datastore_file = _update_datastore_file  # its local cache index, same fix (4)
     for name in ("save_label", "add_image", "remove_image", "remove_label"):
         method = getattr(DICOMWebDatastore, name, None)
         if method is not None and not getattr(method, "_ssl_medsam2_fresh", False):
