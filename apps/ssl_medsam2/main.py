@@ -39,7 +39,7 @@ class SSLMedSAM2App(MONAILabelApp):
                          description="Semi-supervised 3D segmentation: few-shot SAM2 pseudo labels + nnU-Net rounds",
                          version="1.0")
         ws = self.workspace
-        self._auto_update_scoring = bool(ws.cfg["app"].get("auto_update_scoring", False))
+        monailabel_085.set_auto_update_scoring(self, bool(ws.cfg["app"].get("auto_update_scoring", False)))
         self.retrain = RetrainScheduler(ws.state_dir / "retrain.json", ws.cfg["app"].get("retrain_after_labels", 0),
                                         ws.cfg["app"].get("retrain_debounce_s", 120),
                                         lambda: self.async_training(TRAINER, enqueue=True))
@@ -121,7 +121,7 @@ class SSLMedSAM2App(MONAILabelApp):
     def batch_infer(self, request, datastore=None):
         model = request.get("model", "")
         params = self.batch_defaults(model, dict(request))
-        task = self._infers.get(model)
+        task = self.infer_tasks.get(model)
         if isinstance(task, FewShotInfer) and self.workspace.cfg.get("cluster", {}).get("ray_address"):
             from lib.cluster_batch import batch_fewshot_on_cluster  # cluster.ray_address: hand it to Ray
 

@@ -33,6 +33,8 @@ What and why:
 6. **Routes** (``install_in_front``): upstream's endpoints answer bad names with 500 and trust the
    request; the app's guarded routes are put in front of them on the same paths (FastAPI matches in
    order), so every client keeps the same API.
+7. **Rescoring** (``set_auto_update_scoring``): the app's ``app.auto_update_scoring`` sets the private
+   flag 0.8.5 reads once from ``MONAI_LABEL_AUTO_UPDATE_SCORING`` (every rescoring is a child process).
 
 Hooks: ``main.py`` calls :func:`install` at import (patches 1 and 5, in every process MONAI Label starts);
 ``SSLMedSAM2App.init_datastore`` uses :func:`local_datastore` (4); ``on_init_complete`` calls
@@ -508,6 +510,14 @@ def install_server_routes(fastapi_app, app_router) -> None:
     logger.info("ssl_medsam2: %d routes installed in front of MONAI Label %s's", n, PATCHED_VERSION)
 
 
+# ---------------------------------------------------------------- 7. rescoring switch
+def set_auto_update_scoring(app, on: bool) -> None:
+    """``app.auto_update_scoring`` instead of the process-wide ``MONAI_LABEL_AUTO_UPDATE_SCORING``:
+    0.8.5 reads the setting once into the private ``_auto_update_scoring`` and offers no hook."""
+    app._auto_update_scoring = on
+
+
+# ---------------------------------------------------------------- installation
 def install() -> None:
     """Process-wide fixes (token check, DICOMweb), once per process, after the version check."""
     global _installed
