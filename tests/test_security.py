@@ -14,6 +14,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -409,14 +411,41 @@ def test_anonymous_clients_cannot_lock_every_image(open_srv):
 
 
 def test_damaged_datastore_starts_from_the_last_good_copy(open_srv):
-    """Issue 9, case 5: a datastore file emptied by a crash; the server starts and says what it did."""
+    """Issue 9, case 5: kill -9 during saves leaves a valid datastore file; a file emptied anyway (as
+    upstream's in-place rewrite would leave it) is replaced by the last good copy at start, and said so."""
     url, studies, truth = open_srv["url"], open_srv["studies"], open_srv["truth"]
     r = httpx.put(f"{url}/datastore/label", params={"image": "chaos_03", "tag": "final"},
                   files={"label": ("l.nii.gz", (truth / "chaos_03.nii.gz").read_bytes())},
                   data={"params": json.dumps({"user": "alice"})}, timeout=60)
     assert r.status_code == 200, r.text
+    # kill -9 while saves are in flight: the file on disk is still a whole, valid datastore
     server = open_srv["holder"]["server"]
+    lab = (truth / "chaos_05.nii.gz").read_bytes()
+    saved, errors = [0], []
+
+    def save_forever():
+        for i in range(200):
+            try:
+                httpx.put(f"{url}/datastore/label", params={"image": "chaos_05", "tag": f"rev{i % 3}"},
+                          files={"label": ("l.nii.gz", lab)}, timeout=30)
+                saved[0] += 1
+            except httpx.HTTPError as exc:  # the server is gone
+                errors.append(type(exc).__name__)
+                return
+
+    t = threading.Thread(target=save_forever, daemon=True)
+    t.start()
+    deadline = time.time() + 120
+    while saved[0] < 5 and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(server.process.pid, signal.SIGKILL)
+    t.join(60)
+    server.process.wait(30)
     server.stop()
+    assert saved[0] >= 5 and errors, (saved, errors)
+    from monailabel.datastore.local import LocalDatastoreModel
+
+    LocalDatastoreModel.model_validate_json((studies / "datastore_v2.json").read_text())
     (studies / "datastore_v2.json").write_text("")  # what upstream's truncate-then-write leaves on a crash
     server = _start(studies, open_srv["root"] / "work", open_srv["root"], {"app.anonymous_leases": 2})
     open_srv["holder"]["server"] = server
