@@ -213,7 +213,16 @@ def test_non_object_params_unknown_ids_and_wrong_password_are_4xx(srv, tmp_path)
         r = httpx.put(f"{url}/datastore/image", params={"image": "new_case"}, files={"file": ("n.nii.gz", img)},
                       data={"params": params}, headers=h, timeout=60)
         _refused(r, 422, "params")
+        r = httpx.put(f"{url}/datastore/image/info", params={"image": "chaos_03"}, data={"info": params}, headers=h)
+        _refused(r, 422, "info")
     assert _snapshot(srv)["studies"] == before["studies"]
+    _refused(httpx.put(f"{url}/datastore/image/info", params={"image": "ghost"}, data={"info": "{}"}, headers=h),
+             404, "ghost")
+    r = httpx.put(f"{url}/datastore/image/info", params={"image": "chaos_03"},
+                  data={"info": json.dumps({"note": "ok", "user": "admin"})}, headers=h)
+    assert r.status_code == 200, r.text
+    info = httpx.get(f"{url}/datastore/image/info", params={"image": "chaos_03"}, headers=h).json()
+    assert info["note"] == "ok" and info["user"] == "annotator"  # the token's user, not the body's
     _refused(httpx.get(f"{url}/datastore/image/info", params={"image": "ghost"}, headers=h), 404, "ghost")
     _refused(httpx.get(f"{url}/datastore/label/info", params={"label": "ghost", "tag": "final"}, headers=h), 404,
              "ghost")
