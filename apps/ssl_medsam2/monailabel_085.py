@@ -1,8 +1,8 @@
 """Every workaround for MONAI Label 0.8.5 in one place (this app patches nothing else of MONAI Label).
 
-``PATCHED_VERSION`` is the MONAI Label release these fixes were written and tested against; importing
-this module on another release stops the server at start (the fixes reach into that release's
-internals and must be re-checked, not silently applied). Public hooks are used where 0.8.5 has them
+``PATCHED_VERSION`` is the MONAI Label release these fixes were written and tested against;
+:func:`install` (called when ``main.py`` is imported) on another release stops the server at start (the
+fixes reach into that release's internals and must be re-checked, not silently applied). Public hooks are used where 0.8.5 has them
 (``MONAILabelApp.init_datastore``, ``on_init_complete``, FastAPI routes); the rest is named below.
 
 What and why:

@@ -56,8 +56,8 @@ def parse_params(text: str | None, what: str = "params") -> dict:
 def identity(params: dict, user, auth_enabled: bool) -> tuple[str, bool]:
     """(who is asking, anonymous?). Auth on: the token's user name, body fields ignored. Auth off: the
     body's ``client_id`` / ``user`` (self-declared, so anonymous), else ``anonymous``."""
-    if auth_enabled and user is not None and getattr(user, "username", ""):
-        return str(user.username), False
+    if auth_enabled:  # a verified token: never the body, even when the token names nobody
+        return str(getattr(user, "username", "") or getattr(user, "email", "") or "unnamed-token-user"), False
     name = params.get("client_id") or params.get("user")
     return (str(name)[:100] if isinstance(name, (str, int)) and str(name) else "anonymous"), True
 
