@@ -43,7 +43,9 @@ def choose_engine(cfg: dict) -> tuple[str, str]:
 def with_engine_chosen(cfg: dict) -> dict:
     """``cfg`` with ``protocol.engine: auto`` replaced by the chosen engine; says which and why once."""
     name, why = choose_engine(cfg)
-    log.info("few-shot engine: %s (%s)", name, why)
+    # one line where a choice was made (auto); an explicit engine is what the user asked for
+    log.log(logging.INFO if str(cfg.get("protocol", {}).get("engine") or AUTO) == AUTO else logging.DEBUG,
+            "few-shot engine: %s (%s)", name, why)
     return {**cfg, "protocol": {**cfg.get("protocol", {}), "engine": name}}
 
 
