@@ -69,15 +69,38 @@ def _env(**values: str):
                 os.environ[k] = v
 
 
+class _OnlyRootLogger(logging.Filter):
+    def __init__(self, keep: bool):
+        super().__init__()
+        self.keep = keep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (record.name == "root") == self.keep
+
+
 @contextlib.contextmanager
 def nnunet_output(log_path: Path | None):
-    """nnU-Net prints a lot; send its stdout to a log file so our progress bars stay readable."""
+    """nnU-Net prints a lot (and logs through the root logger); send both to a log file so the one
+    progress line stays readable."""
     if log_path is None:
         yield
         return
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    drop = _OnlyRootLogger(keep=False)
     with open(log_path, "a") as fh, contextlib.redirect_stdout(fh):
-        yield
+        to_file = logging.StreamHandler(fh)
+        to_file.addFilter(_OnlyRootLogger(keep=True))
+        handlers = list(root.handlers)
+        for h in handlers:
+            h.addFilter(drop)
+        root.addHandler(to_file)
+        try:
+            yield
+        finally:
+            root.removeHandler(to_file)
+            for h in handlers:
+                h.removeFilter(drop)
 
 
 def plan_and_preprocess(ncfg: dict, reuse_from: str | os.PathLike | None = None,
@@ -182,7 +205,8 @@ def _train_in_process(ncfg, name, conf, fold, device, init_checkpoint, progress,
         np.random.seed(int(seed))
     if ncfg.get("cpu_threads"):
         torch.set_num_threads(int(ncfg["cpu_threads"]))
-    trainer_cls = trainers.find_trainer(name)
+    with nnunet_output(log_path):  # nnU-Net's class search prints
+        trainer_cls = trainers.find_trainer(name)
     pre = Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME
     plans = load_json(str(pre / f"{PLANS_NAME}.json"))
     plans["continue_training"] = False
