@@ -75,13 +75,15 @@ class ProgressLine:
         stage = f["stage"]
         total = f["total_epochs"] if stage == "train" else f.get("total") if stage == "predict" else None
         key = (f["round"], stage)
+        fmt = ("{desc}{percentage:3.0f}%|{bar:20}|{postfix} [{elapsed}]" if stage == "train" else
+               "{desc}{n_fmt}/{total_fmt} [{elapsed}]" if total else "{desc}[{elapsed}]")
         if self._bar is None:
-            self._bar = tqdm(total=total, dynamic_ncols=True, leave=True)
+            self._bar = tqdm(total=total, dynamic_ncols=True, leave=True, bar_format=fmt)
         if key != self._key:
             self._key = key
             self._bar.reset(total=total)
-            self._bar.unit = "ep" if stage == "train" else "case"
-            self._bar.bar_format = (None if total else "{desc} [{elapsed}{postfix}]")
+            self._bar.bar_format = fmt
+            self._bar.set_postfix_str("", refresh=False)
         self._bar.set_description(f"round {f['round']}/{f['max_rounds']} {STAGE_WORDS.get(stage, stage)}")
         n = f["epoch"] if stage == "train" else f.get("done") if stage == "predict" else None
         if n is not None and total:
