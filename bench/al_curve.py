@@ -16,16 +16,16 @@ never an image, a support, a candidate or a label of any run. The rest is the po
    random = a seeded shuffle.
 
 The first point (the start set) is shared by every strategy; a labelled set reached by two strategies
-is trained once (same inputs, same seed -> same model). The schedule is ``--minutes`` of training per
-run, sized ONCE from the speed measured by the first training (nnunet.schedule=minutes:N) and then
-fixed for every training, so the arms compare at equal iterations; planned vs actual training minutes
-are reported.
+is trained once (same inputs, same seed -> same model). Every training has the same schedule
+(``--epochs`` x 25 iterations, or ``--minutes N``: sized ONCE by nnunet.schedule=minutes:N from the
+speed the first training measured, then fixed), so the arms compare at equal iterations. Planned
+minutes (the schedule's estimate from the measured speed) and actual training minutes are reported.
 
 Writes ``<out>/al_curve.json`` (every point) and ``<out>/al_curve.png`` (test Dice vs number of
 labelled volumes); the LAST line printed is a JSON summary.
 
-    python bench/al_curve.py --quick                 # 32x32, 1 cycle, ~1 min trainings: a few minutes
-    python bench/al_curve.py                         # 64x64, 2 cycles, 2 min trainings: ~25 min idle
+    python bench/al_curve.py --quick                 # 32x32, 1 cycle, 4 x 25 iterations: a few minutes
+    python bench/al_curve.py                         # 64x64, 2 cycles, 8 x 25 iterations: ~25 min idle
     python bench/al_curve.py --factor 1 --minutes 30 --cycles 4 --device cuda   # full resolution, GPU
 """
 
@@ -152,10 +152,12 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="32x32 in-plane, 1 cycle, 1-minute trainings")
+    ap.add_argument("--quick", action="store_true", help="32x32 in-plane, 1 cycle, 4 epochs per training")
     ap.add_argument("--factor", type=int, default=None, help="in-plane downsampling (default 4; --quick 8)")
     ap.add_argument("--cycles", type=int, default=None, help="volumes annotated after the start (default 2; --quick 1)")
-    ap.add_argument("--minutes", type=float, default=None, help="training minutes per run (default 2; --quick 1)")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs of 25 iterations per training (default 8; --quick 4)")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="instead of --epochs: training minutes per run, sized once from the first training's speed")
     ap.add_argument("--start", type=int, default=2, help="labelled volumes at the start")
     ap.add_argument("--test", type=int, default=2, help="test volumes (the last cases by name)")
     ap.add_argument("--seed", type=int, default=0)
@@ -166,7 +168,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     factor = args.factor or (8 if args.quick else 4)
     cycles = args.cycles if args.cycles is not None else (1 if args.quick else 2)
-    minutes = args.minutes or (1.0 if args.quick else 2.0)
+    epochs = args.epochs or (4 if args.quick else 8)
+    minutes = args.minutes
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     from ssl_medsam2.devices import resolve_device
@@ -185,11 +188,14 @@ def main(argv=None) -> dict:
         base = ["protocol.engine=atlas", f"nnunet.device={args.device}", "nnunet.max_rounds=1",
                 "nnunet.quality_gate=off", "nnunet.num_workers=1", "nnunet.num_processes=2",
                 f"nnunet.seed={args.seed}", f"nnunet.cpu_threads={args.threads}", f"atlas.seed={args.seed}"]
-        log.info("pool %s (start labelled %s), test %s; %d cycle(s), %.1f training minutes per run, /%d in-plane",
-                 pool, start, test, cycles, minutes, factor)
-        # the first training sizes the schedule from its measured speed; every later one reuses it
+        log.info("pool %s (start labelled %s), test %s; %d cycle(s), %s per training, /%d in-plane",
+                 pool, start, test, cycles, f"{minutes:g} min" if minutes else f"{epochs} x 25 iterations", factor)
+        # the first training measures the speed (and sizes minutes:N); every later one reuses its schedule
         points: dict[str, dict] = {}
-        first = train_point(root, start, pool, base + [f"nnunet.schedule=minutes:{minutes:g}"], device, test)
+        first_sched = ([f"nnunet.schedule=minutes:{minutes:g}"] if minutes else
+                       ["nnunet.schedule=short", f"nnunet.epochs={epochs}", "nnunet.iterations_per_epoch=25",
+                        "nnunet.val_iterations=5"])
+        first = train_point(root, start, pool, base + first_sched, device, test)
         sched = first["schedule"]
         fixed = base + ["nnunet.schedule=short", f"nnunet.epochs={sched['epochs']}",
                         f"nnunet.iterations_per_epoch={sched['iterations_per_epoch']}",
@@ -226,7 +232,7 @@ def main(argv=None) -> dict:
                            "epochs": sched["epochs"], "iterations_per_epoch": sched["iterations_per_epoch"],
                            "val_iterations": sched["val_iterations"], "configuration": "2d",
                            "round0": "atlas", "rounds": 1, "quality_gate": "off"},
-            "minutes_planned_per_training": minutes,
+            "minutes_planned_per_training": sched.get("estimated_minutes_per_round"),
             "minutes_actual_training": [p["train_minutes"] for p in trainings],
             "measured_it_per_s": sched.get("it_per_s"),
             "trainings": len(trainings),
@@ -236,7 +242,8 @@ def main(argv=None) -> dict:
         plot(result, out / "al_curve.png")
         summary = {s: [(p["n_labelled"], p["picked"], p["test_dice"]["mean_organs"], p["test_dice"]["liver"])
                        for p in pts] for s, pts in curves.items()}
-        print(json.dumps({"summary_n_picked_mean_liver": summary, "minutes_planned_per_training": minutes,
+        print(json.dumps({"summary_n_picked_mean_liver": summary,
+                          "minutes_planned_per_training": result["minutes_planned_per_training"],
                           "minutes_actual_training": result["minutes_actual_training"],
                           "minutes_total": result["minutes_total"], "out": str(out)}))
         return result
