@@ -12,6 +12,7 @@ the user's umask decides the mode, as for any ordinary file).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +188,21 @@ def load_label_for(image: Volume, path: str | os.PathLike, *, atol: float = 1e-3
                                f"{np.array2string(label.source_affine, precision=4)}\nvs\n"
                                f"{np.array2string(image.source_affine, precision=4)}")
     return label
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """``dst`` shows the file ``src`` (a symlink to its real path; a copy where links are impossible).
+
+    Why: nnU-Net exports and the app's training / batch folders gather existing volumes under new
+    names without duplicating gigabytes.
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.symlink(os.path.realpath(src), dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+    return dst
 
 
 def current_umask() -> int:

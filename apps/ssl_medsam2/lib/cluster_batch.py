@@ -24,18 +24,10 @@ import numpy as np
 from ssl_medsam2 import strategies
 from ssl_medsam2.cluster import CasesFailed, cluster_address
 from ssl_medsam2.config import merge
-from ssl_medsam2.io import case_name
+from ssl_medsam2.io import case_name, link_or_copy
 from ssl_medsam2.pseudo_label import OUTPUT_KINDS, case_paths, pseudo_label_folder
 
 log = logging.getLogger(__name__)
-
-
-def _link(src: str, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.symlink(os.path.realpath(src), dst)
-    except OSError:
-        shutil.copy(src, dst)
 
 
 def batch_fewshot_on_cluster(ws, engine_name: str, request: dict, datastore) -> dict:
@@ -51,10 +43,10 @@ def batch_fewshot_on_cluster(ws, engine_name: str, request: dict, datastore) -> 
     for i in queries + sorted(final):
         img = datastore.get_image_uri(i)
         ext = ".nii.gz" if img.endswith(".nii.gz") else Path(img).suffix
-        _link(img, work / "images" / f"{i}{ext}")
+        link_or_copy(img, work / "images" / f"{i}{ext}")
         names[case_name(f"{i}{ext}")] = i
         if i in final:
-            _link(final[i][1], work / "labels" / f"{i}{ext}")
+            link_or_copy(final[i][1], work / "labels" / f"{i}{ext}")
     cfg = merge(ws.cfg, {"protocol": {"engine": engine_name}})
     out = work / "out"
     log.info("batch %s on Ray (%s): %d image(s), %d support(s)", engine_name, cluster_address(cfg), len(queries),

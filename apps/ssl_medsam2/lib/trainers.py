@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from monailabel.interfaces.tasks.train import TrainTask
 
-from ssl_medsam2.io import load_label_for, load_volume, write_text_atomic
+from ssl_medsam2.io import link_or_copy, load_label_for, load_volume, write_text_atomic
 from ssl_medsam2.metrics import mean_dice
 from ssl_medsam2.nnunet.layout import RunLayout
 from ssl_medsam2.nnunet.reporting import RunProgress
@@ -33,14 +33,6 @@ from ssl_medsam2.nnunet.reporting import RunProgress
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
-
-
-def _link(src: str, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.symlink(os.path.realpath(src), dst)
-    except OSError:
-        shutil.copy(src, dst)
 
 
 def _nifti_name(image_id: str, path: str) -> str:
@@ -96,16 +88,16 @@ class SSLNnUNetTrain(TrainTask):
             raise ValueError("no final label in the datastore: save at least one label before training")
         for i in self.ws.image_ids():
             img = datastore.get_image_uri(i)
-            _link(img, images / _nifti_name(i, img))
+            link_or_copy(img, images / _nifti_name(i, img))
         for i, (_, lab) in final.items():
-            _link(lab, labels / _nifti_name(i, lab))
+            link_or_copy(lab, labels / _nifti_name(i, lab))
         unlabelled = [i for i in self.ws.image_ids() if i not in final]
         have = {i: datastore.get_label_uri(i, self.ws.pseudo_tag) for i in unlabelled}
         have = {i: p for i, p in have.items() if p and os.path.exists(p)}
         use_pseudo = bool(unlabelled) and len(have) == len(unlabelled)
         if use_pseudo:
             for i, p in have.items():
-                _link(p, pseudo / _nifti_name(i, p))
+                link_or_copy(p, pseudo / _nifti_name(i, p))
         return images, labels, pseudo if use_pseudo else None, final
 
     def _dice_on_labelled(self, model_dir: str, final: dict) -> float | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +23,8 @@ import numpy as np
 
 from ..cluster import cluster_address, predict_round_on_cluster
 from ..devices import resolve_device
-from ..io import InputError, atomic_write, list_volumes, load_label_for, load_volume, save_like, write_text_atomic
+from ..io import (InputError, atomic_write, link_or_copy, list_volumes, load_label_for, load_volume, save_like,
+                  write_text_atomic)
 from ..metrics import mean_dice
 from ..uncertainty import binary_entropy
 from . import gate as gate_mod
@@ -70,10 +70,7 @@ def _gate_supports(layout: RunLayout, labels: Mapping[str, Path], gate: Sequence
     for n, p in labels.items():
         link = d / f"{n}.nii.gz"
         if n not in gate and not link.exists():
-            try:
-                os.symlink(Path(p).resolve(), link)
-            except OSError:
-                shutil.copyfile(p, link)
+            link_or_copy(p, link)
     return d
 
 
