@@ -313,8 +313,9 @@ def pseudo_label_folder_on_cluster(images_dir, labels_dir, out_dir, cfg: dict, e
     import json
 
     from .engines import Case, check_supports
-    from .io import InputError, list_volumes, load_label_for, load_volume
+    from .io import InputError, load_label_for, load_volume
     from .pseudo_label import (
+        case_files,
         is_finished,
         resolve_classes,
         write_encoded,
@@ -322,13 +323,7 @@ def pseudo_label_folder_on_cluster(images_dir, labels_dir, out_dir, cfg: dict, e
     )
 
     ccfg = cluster_cfg(cfg)
-    images = list_volumes(images_dir)
-    if not images:
-        raise InputError(images_dir, "no NIfTI image (.nii / .nii.gz) in this folder")
-    labels = list_volumes(labels_dir) if labels_dir else {}
-    unknown = sorted(set(labels) - set(images))
-    if unknown:
-        raise InputError(labels_dir, f"labels without an image: {', '.join(unknown)}")
+    images, labels = case_files(images_dir, labels_dir)
     supports = []
     for n in sorted(labels):
         image = load_volume(images[n], name=n)

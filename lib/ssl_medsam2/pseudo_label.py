@@ -37,12 +37,9 @@ log = logging.getLogger(__name__)
 OUTPUT_KINDS = ("labels", "probabilities", "entropy", "summaries")
 
 
-def load_cases(images_dir: str | os.PathLike, labels_dir: str | os.PathLike | None,
-               names: Sequence[str] | None = None) -> tuple[list[Case], list[Case]]:
-    """Split a folder into supports (a label file with the same case name exists) and queries.
-
-    Every file is read and checked (shape, affine, NaN, dimensionality) before anything runs.
-    """
+def case_files(images_dir: str | os.PathLike, labels_dir: str | os.PathLike | None) -> tuple[dict, dict]:
+    """(case -> image path, case -> label path) of an images folder and its labels folder, checked:
+    at least one image, and no label without its image."""
     images = list_volumes(images_dir)
     if not images:
         raise InputError(images_dir, "no NIfTI image (.nii / .nii.gz) in this folder")
@@ -50,6 +47,16 @@ def load_cases(images_dir: str | os.PathLike, labels_dir: str | os.PathLike | No
     unknown = sorted(set(labels) - set(images))
     if unknown:
         raise InputError(labels_dir, f"labels without an image: {', '.join(unknown)}")
+    return images, labels
+
+
+def load_cases(images_dir: str | os.PathLike, labels_dir: str | os.PathLike | None,
+               names: Sequence[str] | None = None) -> tuple[list[Case], list[Case]]:
+    """Split a folder into supports (a label file with the same case name exists) and queries.
+
+    Every file is read and checked (shape, affine, NaN, dimensionality) before anything runs.
+    """
+    images, labels = case_files(images_dir, labels_dir)
     supports, queries = [], []
     for name, path in images.items():
         if names is not None and name not in names and name not in labels:
