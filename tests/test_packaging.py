@@ -9,6 +9,7 @@ so the editable install of this checkout cannot shadow the wheel; the test check
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -81,6 +82,22 @@ def test_every_command_has_help(venv):
     assert {"pseudo-label", "run", "predict", "evaluate", "make-studies"} <= set(commands)
     for cmd in commands:
         assert "usage:" in _run([exe, cmd, "--help"], cwd=venv.parent).stdout
+
+
+def test_app_starts_on_the_wheel(venv, tmp_path):
+    """The MONAI Label app folder, copied beside a wheel install, builds against the wheel's library."""
+    app = tmp_path / "app"
+    shutil.copytree(REPO / "apps" / "ssl_medsam2", app, ignore=shutil.ignore_patterns("__pycache__", "bin", "logs",
+                                                                                        "model", "state"))
+    (tmp_path / "studies").mkdir()
+    code = ("import sys, json; sys.path.insert(0, sys.argv[1]); import ssl_medsam2; from main import create_app; "
+            "info = create_app(sys.argv[1], sys.argv[2], {'sam2.checkpoint': 'none'}).info(); "
+            "print(json.dumps({'lib': ssl_medsam2.__file__, 'models': sorted(info['models']), "
+            "'trainers': sorted(info['trainers'])}))")
+    out = _run([venv / "bin" / "python", "-c", code, app, tmp_path / "studies"], cwd=tmp_path).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["lib"].startswith(str(venv)), got["lib"]
+    assert "atlas_fewshot" in got["models"] and "ssl_nnunet" in got["trainers"], got
 
 
 def test_wheel_pseudo_labels_two_real_volumes(venv, chaos_dir, tmp_path):
