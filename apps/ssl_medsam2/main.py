@@ -39,9 +39,9 @@ class SSLMedSAM2App(MONAILabelApp):
                          description="Semi-supervised 3D segmentation: few-shot SAM2 pseudo labels + nnU-Net rounds",
                          version="1.0")
         ws = self.workspace
-        monailabel_085.set_auto_update_scoring(self, bool(ws.cfg["app"].get("auto_update_scoring", False)))
-        self.retrain = RetrainScheduler(ws.state_dir / "retrain.json", ws.cfg["app"].get("retrain_after_labels", 0),
-                                        ws.cfg["app"].get("retrain_debounce_s", 120),
+        monailabel_085.set_auto_update_scoring(self, ws.app.auto_update_scoring)
+        self.retrain = RetrainScheduler(ws.state_dir / "retrain.json", ws.app.retrain_after_labels,
+                                        ws.app.retrain_debounce_s,
                                         lambda: self.async_training(TRAINER, enqueue=True))
 
     # -- construction (light: no model is loaded here; child processes rebuild all of this) --

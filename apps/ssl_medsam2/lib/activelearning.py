@@ -44,7 +44,7 @@ class LeasedStrategy(Strategy):
         return {i: self.ws.image_info(i).get(key) for i in ids}
 
     def _embeddings(self, ids):
-        grid = tuple(self.ws.cfg["app"].get("embedding_grid", (8, 8, 4)))
+        grid = self.ws.app.embedding_grid
         cache = self.ws.state_dir / "embeddings"
         cache.mkdir(exist_ok=True)
         out = {}
@@ -81,7 +81,7 @@ class LeasedStrategy(Strategy):
         anonymous = request.get("ssl_anonymous", True) is not False
         ranked = self.rank(candidates, request)
         lease = self.ws.leases.acquire_first(ranked, holder, strategy=self.name, anonymous=anonymous,
-                                             anonymous_limit=int(self.ws.limit("anonymous_leases", 4)))
+                                             anonymous_limit=self.ws.app.anonymous_leases)
         if lease is None:
             log.info("%s: every unlabelled image is leased to someone else", self.name)
             return {}

@@ -82,7 +82,7 @@ class FewShotInfer(InferTask):
     def __init__(self, ws: Workspace, engine: str, description: str):
         super().__init__(type=InferType.SEGMENTATION, labels=label_names(ws.cfg), dimension=3,
                          description=description,
-                         config={"top_k": int(ws.cfg["app"].get("fewshot_top_k", 0)),
+                         config={"top_k": ws.app.fewshot_top_k,
                                  "result_extension": ".nii.gz", "result_dtype": "uint8"})
         self.ws = ws
         self.engine_name = engine
@@ -122,7 +122,7 @@ class FewShotInfer(InferTask):
                                    "label (tag 'final') before asking for a few-shot pseudo label")
         names = sorted(labelled)
         if top_k and top_k < len(names):
-            grid = tuple(self.ws.cfg["app"].get("embedding_grid", (8, 8, 4)))
+            grid = self.ws.app.embedding_grid
             q = strategies.image_embedding(query.array, grid)
             pool = {k: strategies.image_embedding(load_volume(labelled[k][0]).array, grid) for k in names}
             names = strategies.most_similar(q, pool, top_k)

@@ -65,8 +65,8 @@ def build_router(app) -> APIRouter:
 
     r = APIRouter()
     ws = app.workspace
-    max_bytes = int(ws.limit("max_upload_mb", 2048) * (1 << 20))
-    max_voxels = int(ws.limit("max_upload_voxels", 512 * 512 * 1024))
+    max_bytes = int(ws.app.max_upload_mb * (1 << 20))
+    max_voxels = ws.app.max_upload_voxels
 
     def who(params: dict, user: Optional[User]) -> tuple[str, bool]:
         return identity(params, user, settings.MONAI_LABEL_AUTH_ENABLE)

@@ -30,7 +30,7 @@ from ssl_medsam2.metrics import mean_dice
 from ssl_medsam2.nnunet.layout import RunLayout
 from ssl_medsam2.nnunet.reporting import RunProgress
 
-from .workspace import Workspace
+from .workspace import AppSettings, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class SSLNnUNetTrain(TrainTask):
     def _dice_on_labelled(self, model_dir: str, final: dict) -> float | None:
         from ssl_medsam2.nnunet.predict import NnUNetModel
 
-        n = int(self.ws.cfg["app"].get("promote_eval_cases", 5))
+        n = self.ws.app.promote_eval_cases
         model = NnUNetModel(model_dir, device=self._device())
         vals = []
         for i in sorted(final)[:n]:
@@ -164,7 +164,7 @@ class SSLNnUNetTrain(TrainTask):
             cur = self.ws.registry.current()
             new_dice = self._dice_on_labelled(str(model_dir), final) if model_dir else None
             cur_dice = self._dice_on_labelled(cur["model_dir"], final) if cur and model_dir else None
-            tol = float(cfg["app"].get("promote_tolerance", 0.0))
+            tol = AppSettings.from_config(cfg).promote_tolerance
             # no model: the run's quality gate kept round 0 (no nnU-Net round beat the few-shot labels)
             promote = model_dir is not None and should_promote(new_dice, cur_dice if cur else None, tol)
             entry = {"id": version, "model_dir": str(model_dir) if model_dir else None, "dice": new_dice,

@@ -12,12 +12,13 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from filelock import FileLock
 
-from ssl_medsam2.config import load_config, merge
+from ssl_medsam2.config import load_config, merge, section
 from ssl_medsam2.io import write_text_atomic
 from ssl_medsam2.leases import LeaseBook
 
@@ -109,6 +110,36 @@ class ModelRegistry:
             return data
 
 
+@dataclass(frozen=True)
+class AppSettings:
+    """The ``app:`` section of the config, typed (what each key means: configs/ssl_medsam2.yaml)."""
+
+    state_dir: str | None
+    lease_hours: float
+    pseudo_tag: str
+    fewshot_top_k: int
+    retrain_after_labels: int
+    retrain_debounce_s: float
+    promote_tolerance: float
+    promote_eval_cases: int
+    auto_update_scoring: bool
+    embedding_grid: tuple
+    anonymous_leases: int
+    max_upload_voxels: int
+    max_upload_mb: float
+
+    def __post_init__(self):
+        for name, kind in (("lease_hours", float), ("pseudo_tag", str), ("fewshot_top_k", int),
+                           ("retrain_after_labels", int), ("retrain_debounce_s", float), ("promote_tolerance", float),
+                           ("promote_eval_cases", int), ("auto_update_scoring", bool), ("embedding_grid", tuple),
+                           ("anonymous_leases", int), ("max_upload_voxels", int), ("max_upload_mb", float)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+
+    @classmethod
+    def from_config(cls, cfg: Mapping) -> "AppSettings":
+        return section(cfg, "app", cls)
+
+
 class Workspace:
     """Config, folders and shared file-backed state of one app instance (server or child process)."""
 
@@ -117,8 +148,8 @@ class Workspace:
         self.studies = studies
         self.conf = dict(conf or {})
         self.cfg = project_config(conf)
-        acfg = self.cfg["app"]
-        state = acfg.get("state_dir")
+        self.app = AppSettings.from_config(self.cfg)
+        state = self.app.state_dir
         if not state:
             if str(studies).startswith(("http://", "https://")):
                 state = self.app_dir / "state"  # remote datastore: keep state beside the app
@@ -128,19 +159,14 @@ class Workspace:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.datastore = datastore
         self.registry = ModelRegistry(self.state_dir / "models")
-        self.leases = LeaseBook(self.state_dir / "leases.json", ttl_s=float(acfg.get("lease_hours", 1.0)) * 3600)
-        self.pseudo_tag = str(acfg.get("pseudo_tag", "pseudo"))
+        self.leases = LeaseBook(self.state_dir / "leases.json", ttl_s=self.app.lease_hours * 3600)
+        self.pseudo_tag = self.app.pseudo_tag
 
     @property
     def label_ids(self) -> set[int]:
         """Class ids a saved label may hold: background, ``input.class_names`` and ``input.classes``."""
         inp = self.cfg.get("input", {})
         return {0} | {int(k) for k in (inp.get("class_names") or {})} | {int(c) for c in (inp.get("classes") or [])}
-
-    def limit(self, key: str, default: float) -> float:
-        """A numeric ``app.`` limit (anonymous_leases, max_upload_voxels, max_upload_mb)."""
-        value = self.cfg["app"].get(key)
-        return default if value is None else float(value)
 
     # -- folders --
     @property
