@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from ssl_medsam2.cluster import ray_session
+    from ssl_medsam2.cluster import cluster_cfg, ray_session
     from ssl_medsam2.config import load_config
     from ssl_medsam2.pseudo_label import pseudo_label_folder
 
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
                                   "cluster.object_store_mb=300"] + overrides)
     results = {}
     try:
-        with ray_session("local", base["cluster"]):
+        with ray_session("local", cluster_cfg(base)):
             print(f"Ray {ray.__version__}: {ray.cluster_resources()}; {n_cases} case(s), supports "
                   f"{args.supports}, factor {factor}, atlas preset {base['atlas']['preset']}", flush=True)
             for w in args.workers:

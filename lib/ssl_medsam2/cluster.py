@@ -56,14 +56,41 @@ class CasesFailed(ValueError):
         super().__init__(f"{len(failed)} case(s) failed (not retried), {written} written: {lines}")
 
 
-def cluster_cfg(cfg: dict) -> dict:
-    return dict(cfg.get("cluster") or {})
+@dataclass(frozen=True)
+class ClusterSettings:
+    """The ``cluster:`` section of the config, typed (what each key means: configs/ssl_medsam2.yaml)."""
+
+    ray_address: str | None
+    num_workers: int | None
+    cpus_per_worker: float
+    gpus_per_worker: float
+    max_restarts: int
+    max_case_attempts: int
+    stall_timeout_s: float
+    local_num_cpus: int | None
+    local_num_gpus: int | None
+    object_store_mb: int
+
+    def __post_init__(self):
+        addr = self.ray_address
+        object.__setattr__(self, "ray_address", str(addr) if addr not in (None, "", False) else None)
+        for name, kind in (("cpus_per_worker", float), ("gpus_per_worker", float), ("max_restarts", int),
+                           ("max_case_attempts", int), ("stall_timeout_s", float), ("object_store_mb", int)):
+            object.__setattr__(self, name, kind(getattr(self, name) or 0))
+        for name in ("num_workers", "local_num_cpus", "local_num_gpus"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
+
+
+def cluster_cfg(cfg: dict) -> ClusterSettings:
+    from .config import section
+
+    return section(cfg, "cluster", ClusterSettings)
 
 
 def cluster_address(cfg: dict) -> str | None:
     """The configured Ray address, or None to run in-process."""
-    addr = cluster_cfg(cfg).get("ray_address")
-    return str(addr) if addr not in (None, "", False) else None
+    return cluster_cfg(cfg).ray_address
 
 
 def _import_ray():
@@ -77,7 +104,7 @@ def _import_ray():
 
 
 @contextlib.contextmanager
-def ray_session(address: str, ccfg: dict):
+def ray_session(address: str, ccfg: ClusterSettings):
     """Connect to Ray at ``address`` (or start a local one) for the duration; reuse an existing connection.
 
     ``local`` starts a private single-node Ray bound to 127.0.0.1 with ``cluster.local_num_cpus`` CPUs,
@@ -90,9 +117,9 @@ def ray_session(address: str, ccfg: dict):
     for k, v in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
     if address == "local":
-        ncpu = ccfg.get("local_num_cpus") or os.cpu_count() or 1
-        ray.init(num_cpus=int(ncpu), num_gpus=ccfg.get("local_num_gpus"),
-                 object_store_memory=int(ccfg.get("object_store_mb", 512)) * 2**20,
+        ncpu = ccfg.local_num_cpus or os.cpu_count() or 1
+        ray.init(num_cpus=int(ncpu), num_gpus=ccfg.local_num_gpus,
+                 object_store_memory=ccfg.object_store_mb * 2**20,
                  include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
                  log_to_driver=True)
     else:
@@ -103,17 +130,17 @@ def ray_session(address: str, ccfg: dict):
         ray.shutdown()
 
 
-def _n_workers(ray, ccfg: dict) -> int:
+def _n_workers(ray, ccfg: ClusterSettings) -> int:
     """``cluster.num_workers``, or as many as the cluster's CPUs / GPUs allow right now."""
-    if ccfg.get("num_workers"):
-        return int(ccfg["num_workers"])
+    if ccfg.num_workers:
+        return ccfg.num_workers
     res = ray.cluster_resources()
-    n = int(res.get("CPU", 1) // max(float(ccfg.get("cpus_per_worker", 1)), 1e-9))
-    gpw = float(ccfg.get("gpus_per_worker") or 0)
+    n = int(res.get("CPU", 1) // max(ccfg.cpus_per_worker, 1e-9))
+    gpw = ccfg.gpus_per_worker
     if gpw > 0:
         n = min(n, int(res.get("GPU", 0) // gpw))
     if n < 1:
-        raise ValueError(f"the Ray cluster ({res}) cannot hold one worker of {ccfg.get('cpus_per_worker', 1)} "
+        raise ValueError(f"the Ray cluster ({res}) cannot hold one worker of {ccfg.cpus_per_worker} "
                          f"CPU(s) and {gpw} GPU(s); lower cluster.cpus_per_worker / gpus_per_worker")
     return n
 
@@ -155,7 +182,7 @@ class _Stats:
 
 
 def run_cases(ray, make_actor: Callable[[], Any], n_workers: int, cases: Sequence[str],
-              submit: Callable[[Any, str], Any], on_result: Callable[[dict], None], ccfg: dict,
+              submit: Callable[[Any, str], Any], on_result: Callable[[dict], None], ccfg: ClusterSettings,
               desc: str, show_progress: bool = True, initial: int = 0) -> dict[str, str]:
     """Run ``submit(actor, case)`` for every case on ``n_workers`` actors; returns {case: reason} of failures.
 
@@ -168,8 +195,8 @@ def run_cases(ray, make_actor: Callable[[], Any], n_workers: int, cases: Sequenc
     from ray.exceptions import GetTimeoutError, RayActorError, RayError
     from tqdm.auto import tqdm
 
-    max_attempts = max(1, int(ccfg.get("max_case_attempts", 3)))
-    stall_s = float(ccfg.get("stall_timeout_s", 600))
+    max_attempts = max(1, ccfg.max_case_attempts)
+    stall_s = ccfg.stall_timeout_s
     todo = collections.deque(cases)
     attempts: dict[str, int] = collections.Counter()
     failed: dict[str, str] = {}
@@ -202,8 +229,8 @@ def run_cases(ray, make_actor: Callable[[], Any], n_workers: int, cases: Sequenc
             if not done:
                 if not busy and time.perf_counter() - last_progress > stall_s:
                     raise RuntimeError(f"no Ray worker could be scheduled for {stall_s:.0f}s (each needs "
-                                       f"{ccfg.get('cpus_per_worker', 1)} CPU(s), "
-                                       f"{ccfg.get('gpus_per_worker', 0)} GPU(s); cluster has "
+                                       f"{ccfg.cpus_per_worker} CPU(s), "
+                                       f"{ccfg.gpus_per_worker} GPU(s); cluster has "
                                        f"{ray.available_resources()} free); {len(todo)} case(s) left")
                 continue
             ref = done[0]
@@ -263,9 +290,9 @@ def run_cases(ray, make_actor: Callable[[], Any], n_workers: int, cases: Sequenc
     return failed
 
 
-def _actor_options(ccfg: dict) -> dict:
-    return {"num_cpus": float(ccfg.get("cpus_per_worker", 1)), "num_gpus": float(ccfg.get("gpus_per_worker") or 0),
-            "max_restarts": int(ccfg.get("max_restarts", 3)), "max_task_retries": 0}
+def _actor_options(ccfg: ClusterSettings) -> dict:
+    return {"num_cpus": ccfg.cpus_per_worker, "num_gpus": ccfg.gpus_per_worker,
+            "max_restarts": ccfg.max_restarts, "max_task_retries": 0}
 
 
 # --- few-shot pseudo labels -----------------------------------------------------------------------------
@@ -481,7 +508,7 @@ def predict_round_on_cluster(cfg: dict, model_dir: str | os.PathLike, jobs: Iter
                 done[0] += 1
                 progress({"stage": "predict", "round": k, "case": n, "done": done[0], "total": len(counted)})
 
-        failed = run_cases(ray, lambda: Worker.remote(ncfg, float(ccfg.get("cpus_per_worker", 1))), n_workers,
+        failed = run_cases(ray, lambda: Worker.remote(ncfg, ccfg.cpus_per_worker), n_workers,
                            todo, submit, on_result, ccfg, f"round {k}: predict (Ray)", show_progress)
     if failed:
         raise CasesFailed(failed, len(todo) - len(failed))
