@@ -27,6 +27,7 @@ import nibabel as nib
 import numpy as np
 
 from ..io import InputError, Volume, load_label_for, load_volume, write_text_atomic
+from ..preprocess import IntensityConfig
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def export_dataset(raw_root: str | os.PathLike, images: Mapping[str, Path], labe
         label_names["ignore"] = ignore_value
     dataset_json = {
         "channel_names": {"0": detect_modality([Path(images[n]) for n in stats],
-                                               cfg.get("input", {}).get("modality", "auto"))},
+                                               IntensityConfig.from_config(cfg).modality)},
         "labels": label_names,
         "numTraining": len(stats),
         "file_ending": ".nii.gz",
