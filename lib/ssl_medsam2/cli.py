@@ -80,8 +80,11 @@ def _add_run(sub) -> None:
     p = sub.add_parser("run", help="whole pipeline: few-shot pseudo labels -> nnU-Net rounds -> final model",
                        description="Round 0: few-shot pseudo labels for every unlabelled image; then nnU-Net "
                                    "rounds (train on labels + pseudo labels, re-predict) until the pseudo labels "
-                                   "stop changing (nnunet.min_change) or nnunet.max_rounds. Re-running on the "
-                                   "same --work resumes and recomputes nothing finished.")
+                                   "stop changing (nnunet.min_change) or nnunet.max_rounds. A round is deployed "
+                                   "only if it is not worse than the deployed one on a held-out labelled case "
+                                   "(nnunet.quality_gate); a worse round stops the loop. Re-running on the "
+                                   "same --work resumes (a stopped training from its checkpoint) and recomputes "
+                                   "nothing finished.")
     p.add_argument("--images", required=True, help="folder of NIfTI images (labelled and unlabelled)")
     p.add_argument("--labels", required=True, help="folder of ground-truth label maps for some of the images")
     p.add_argument("--work", required=True, help="work folder (round_000/, round_001/, ..., final.json)")
@@ -90,6 +93,8 @@ def _add_run(sub) -> None:
     p.add_argument("--engine", choices=["auto", "sam2", "atlas", "ensemble"],
                    help="few-shot engine for round 0 (auto = sam2 when its checkpoint is here, else atlas)")
     p.add_argument("--max-rounds", type=int, help="config: nnunet.max_rounds")
+    p.add_argument("--schedule", help="nnU-Net training length: auto (CUDA: full, CPU: short) | short | full | "
+                                      "minutes:N (config: nnunet.schedule)")
     p.add_argument("--configuration", choices=["2d", "3d_fullres"], help="config: nnunet.configuration")
     p.add_argument("--device", help="nnU-Net device: cpu | cuda | auto (config: nnunet.device)")
     _ray_option(p)
@@ -101,7 +106,8 @@ def _run_run(args) -> int:
     from .nnunet.rounds import run_ssl
 
     cfg = _load_cfg(args, {"engine": "protocol.engine", "max_rounds": "nnunet.max_rounds",
-                           "configuration": "nnunet.configuration", "device": "nnunet.device"})
+                           "configuration": "nnunet.configuration", "device": "nnunet.device",
+                           "schedule": "nnunet.schedule"})
     state = run_ssl(args.images, args.labels, args.work, cfg, pseudo_labels_dir=args.pseudo_labels)
     for r in state["rounds"]:
         print(json.dumps(r))
