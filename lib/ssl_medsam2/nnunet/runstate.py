@@ -9,7 +9,6 @@ live here, so a resumed run trains with the same schedule and deploys the same r
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from ..io import InputError, write_text_atomic
 from .layout import RunLayout
