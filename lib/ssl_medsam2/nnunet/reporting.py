@@ -68,7 +68,7 @@ class ProgressLine:
 
     def __call__(self, event: dict) -> dict:
         f = self.state.update(event)
-        if not self.enabled:
+        if not self.enabled or f["stage"] == "pseudo_label":  # round 0 draws its own pseudo-label bar
             return f
         from tqdm.auto import tqdm
 
