@@ -1,25 +1,36 @@
-"""Speed of the cached TFFS engine against the paper-order reference, side by side in one run.
+"""Speed of the TFFS engines side by side in one run: paper-order reference, cached (run by run), batched.
 
-Both run the same protocol on the same inputs with the same seed (default: CHAOS chaos_01 and
-chaos_02 as supports, chaos_03 as the query, 2 inserts each, liver, random-weight SAM2.1 Hiera-T at
-256 px, all prompted frames in attention). The reference uses the stock predictor calls in the paper's
-order (init_state, add_new_mask on every prompted frame, propagate forward; reset; again backward);
-the cached engine reuses image features, prompt memories and the tracked support block.
+All run the same protocol on the same inputs with the same seed. The reference uses the stock
+predictor calls in the paper's order (init_state, add_new_mask on every prompted frame, propagate
+forward; reset; again backward); the cached engine reuses image features, prompt memories and the
+tracked support block and tracks each run's query frames alone (``sam2.batch_runs: false``); the
+batched engine does the same but advances all runs of a support together (``sam2.batch_runs: true``).
 
+Protocols:
+  default  CHAOS chaos_01 + chaos_02 as supports, chaos_03 as the query, 2 inserts each, liver.
+  paper    every labelled case but the query as a support (up to 10), 5 inserts, every class (1-4).
 Random weights: the timing does not depend on the weights, the probabilities are not segmentations.
-The LAST line printed is one JSON object: reference_s, cached_s, ratio, max_abs_dprob, peak_rss_mb.
 
-    python bench/tffs_speed.py            # ~5-10 min on 2 CPU cores
-    python bench/tffs_speed.py --quick    # < 1 min: 64x64 in-plane, 8 slices, 64 px model
+Per engine: seconds per query, SAM2 tracking steps per second (frames tracked; for the reference
+counted by its own propagation calls), peak RSS during its run (sampled), peak CUDA memory
+(``torch.cuda.max_memory_allocated``). The LAST line printed is one JSON object with reference_s,
+cached_s, batched_s, max_abs_dprob (cached vs reference), batched_max_abs_dprob (batched vs reference),
+batched_vs_cached_max_abs_dprob, ratios, and per-engine details.
+
+    python bench/tffs_speed.py                             # ~5 min on 2 idle CPU cores (256 px)
+    python bench/tffs_speed.py --quick                     # < 1 min: 64x64 in-plane, 8 slices, 64 px
+    python bench/tffs_speed.py --protocol paper --quick    # paper protocol, 64 px, 8 slices per case
+    python bench/tffs_speed.py --protocol paper --engines cached,batched --size 512 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -33,73 +44,183 @@ from ssl_medsam2.engines.sam2_engine import SAM2Engine  # noqa: E402
 from ssl_medsam2.io import load_label_for, load_volume  # noqa: E402
 
 QUICK_CROPS = {"chaos_01": (14, 22), "chaos_02": (10, 17), "chaos_03": (12, 20)}
+QUICK_SLICES = 8
+ENGINES = ("reference", "cached", "batched")
+
+
+class PeakRSS:
+    """Peak resident set size (MB) of this process while the block runs, sampled every 20 ms."""
+
+    def __init__(self):
+        self.peak = self.start = 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def now() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.now())
+
+    def __enter__(self):
+        self.start = self.peak = self.now()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+def quick_z_range(label_path: Path, n: int) -> tuple[int, int]:
+    """``n`` slices around the middle of the labelled (liver) z extent."""
+    import nibabel as nib
+
+    lab = np.asarray(nib.load(str(label_path)).dataobj)
+    z = np.flatnonzero(lab.reshape(-1, lab.shape[2]).any(0))
+    mid = int((z.min() + z.max()) // 2) if len(z) else lab.shape[2] // 2
+    lo = max(0, min(mid - n // 2, lab.shape[2] - n))
+    return lo, lo + n
+
+
+def count_reference_steps(engine: SAM2Engine) -> dict:
+    """Count the reference's SAM2 tracking steps (propagation calls that encode a memory)."""
+    pred = engine.predictor
+    counter = {"frames_tracked": 0}
+    orig = pred._run_single_frame_inference
+
+    def counted(*a, **k):
+        if k.get("run_mem_encoder"):
+            counter["frames_tracked"] += 1
+        return orig(*a, **k)
+
+    pred._run_single_frame_inference = counted
+    return counter
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(CHAOS), help="CHAOS folder (imagesTr/, labelsTr/)")
-    ap.add_argument("--supports", default="chaos_01,chaos_02")
+    ap.add_argument("--protocol", choices=("default", "paper"), default="default")
+    ap.add_argument("--supports", default=None, help="comma-separated (default: protocol's)")
     ap.add_argument("--query", default="chaos_03")
-    ap.add_argument("--inserts", type=int, default=2)
-    ap.add_argument("--classes", default="1", help="comma-separated class ids (1 = liver)")
+    ap.add_argument("--inserts", type=int, default=None, help="default: 2, paper: 5")
+    ap.add_argument("--classes", default=None, help="comma-separated class ids (default: 1 = liver; paper: 1,2,3,4)")
     ap.add_argument("--size", type=int, default=256, help="model input size")
     ap.add_argument("--max-cond", type=int, default=-1, help="sam2.max_cond_frames_in_attn")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--quick", action="store_true", help="downsampled, z-cropped inputs at 64 px (< 1 min)")
+    ap.add_argument("--dtype", default="auto", help="sam2.dtype (auto = bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--engines", default=",".join(ENGINES), help=f"subset of {','.join(ENGINES)}")
+    ap.add_argument("--max-batch", default="auto", help="sam2.max_batch of the batched engine")
+    ap.add_argument("--compile", action="store_true", help="sam2.compile (CUDA only) for the batched engine")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: comparable on a shared box)")
+    ap.add_argument("--quick", action="store_true", help=f"downsampled, {QUICK_SLICES}-slice inputs at 64 px")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    engines = [e for e in args.engines.split(",") if e]
+    if not engines or set(engines) - set(ENGINES):
+        ap.error(f"--engines must be a subset of {','.join(ENGINES)}")
 
     data = Path(args.data)
     if not (data / "imagesTr").is_dir():
         print(f"CHAOS data not found at {data}", file=sys.stderr)
         return 2
-    names = args.supports.split(",") + [args.query]
+    paper = args.protocol == "paper"
+    if args.supports:
+        support_names = args.supports.split(",")
+    elif paper:
+        labelled = sorted(p.name[:-len(".nii.gz")] for p in (data / "labelsTr").glob("*.nii.gz"))
+        support_names = [n for n in labelled if n != args.query][:10]
+    else:
+        support_names = ["chaos_01", "chaos_02"]
+    inserts = args.inserts or (5 if paper else 2)
+    classes = [int(c) for c in (args.classes or ("1,2,3,4" if paper else "1")).split(",")]
+    names = support_names + [args.query]
     if args.quick:
         tmp = Path(tempfile.mkdtemp(prefix="tffs_bench_"))
         for n in names:
-            downsample_case(data / "imagesTr" / f"{n}_0000.nii.gz", data / "labelsTr" / f"{n}.nii.gz",
-                            tmp / "imagesTr" / f"{n}_0000.nii.gz", tmp / "labelsTr" / f"{n}.nii.gz",
-                            factor=4, z_range=QUICK_CROPS.get(n))
+            lab = data / "labelsTr" / f"{n}.nii.gz"
+            zr = QUICK_CROPS.get(n) if not paper else None
+            downsample_case(data / "imagesTr" / f"{n}_0000.nii.gz", lab, tmp / "imagesTr" / f"{n}_0000.nii.gz",
+                            tmp / "labelsTr" / f"{n}.nii.gz", factor=4, z_range=zr or quick_z_range(lab, QUICK_SLICES))
         data, args.size = tmp, 64
 
     def case(n, labelled):
         im = load_volume(data / "imagesTr" / f"{n}_0000.nii.gz")
         return Case(im, load_label_for(im, data / "labelsTr" / f"{n}.nii.gz") if labelled else None)
 
-    supports = [case(n, True) for n in args.supports.split(",")]
+    supports = [case(n, True) for n in support_names]
     query = case(args.query, False)
-    classes = [int(c) for c in args.classes.split(",")]
-    cfg = load_config(overrides=["sam2.checkpoint=none", f"sam2.image_size={args.size}",
-                                 f"sam2.n_inserts={args.inserts}", f"sam2.device={args.device}",
-                                 f"sam2.max_cond_frames_in_attn={args.max_cond}"])
-    print(f"query {query.name} {query.image.shape}, supports {[s.name for s in supports]}, "
-          f"{args.inserts} inserts, classes {classes}, {args.size} px, RANDOM weights, "
-          f"torch threads {torch.get_num_threads()}", flush=True)
+    base = ["sam2.checkpoint=none", f"sam2.image_size={args.size}", f"sam2.n_inserts={inserts}",
+            f"sam2.device={args.device}", f"sam2.dtype={args.dtype}", f"sam2.max_cond_frames_in_attn={args.max_cond}",
+            f"sam2.n_supports={max(10, len(supports))}"]
+    overrides = {"reference": base, "cached": base + ["sam2.batch_runs=false"],
+                 "batched": base + ["sam2.batch_runs=true", f"sam2.max_batch={args.max_batch}",
+                                    f"sam2.compile={str(args.compile).lower()}"]}
+    n_runs = len(supports) * inserts * len(classes)
+    print(f"protocol {args.protocol}: query {query.name} {query.image.shape}, {len(supports)} supports "
+          f"{support_names}, {inserts} inserts, classes {classes} ({n_runs} runs), {args.size} px, "
+          f"device {args.device}, RANDOM weights, torch threads {torch.get_num_threads()}", flush=True)
 
-    ref_engine = SAM2Engine(cfg)
-    ref_engine.predictor  # model build is not part of either timing
-    t0 = time.perf_counter()
-    ref = ref_engine.predict_reference(supports, query, classes)
-    reference_s = time.perf_counter() - t0
-    print(f"reference (paper order, stock predictor): {reference_s:.1f} s", flush=True)
+    cuda = torch.device(args.device).type == "cuda"
+    results, details = {}, {}
+    for name in engines:
+        engine = SAM2Engine(load_config(overrides=overrides[name]))
+        engine.predictor  # model build is not part of any timing
+        counter = count_reference_steps(engine) if name == "reference" else engine.stats
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            method = engine.predict_reference if name == "reference" else engine.predict
+            results[name] = method(supports, query, classes)
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+        tracked = int(counter["frames_tracked"])
+        details[name] = {"s_per_query": round(seconds, 2), "frames_tracked": tracked,
+                         "tracked_frames_per_s": round(tracked / seconds, 1),
+                         "frames_encoded": int(engine.stats["frames_encoded"]),
+                         "peak_rss_mb": round(rss.peak, 1), "rss_growth_mb": round(rss.peak - rss.start, 1),
+                         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None}
+        if name == "batched":
+            details[name]["batched_steps"] = int(engine.stats["batched_steps"])
+            details[name]["max_batch"] = engine.max_batch
+        print(f"{name}: {seconds:.1f} s, {tracked} frames tracked ({tracked / seconds:.1f}/s), "
+              f"peak RSS {rss.peak:.0f} MB" + (f", peak GPU {details[name]['peak_gpu_mb']:.0f} MB" if cuda else ""),
+              flush=True)
+        del engine
 
-    engine = SAM2Engine(cfg)
-    engine.predictor
-    t0 = time.perf_counter()
-    cached = engine.predict(supports, query, classes)
-    cached_s = time.perf_counter() - t0
-    print(f"cached engine: {cached_s:.1f} s ({engine.stats['frames_encoded']} frames encoded, "
-          f"{engine.stats['frames_tracked']} frames tracked)", flush=True)
+    def dprob(a, b):
+        if a in results and b in results:
+            return float(np.abs(results[a].probs - results[b].probs).max())
+        return None
 
-    result = {
-        "reference_s": round(reference_s, 2),
-        "cached_s": round(cached_s, 2),
-        "ratio": round(reference_s / cached_s, 2),
-        "max_abs_dprob": float(np.abs(ref.probs - cached.probs).max()),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "image_size": args.size,
-        "quick": args.quick,
+    def secs(name):
+        return details[name]["s_per_query"] if name in details else None
+
+    def ratio(a, b):
+        return round(secs(a) / secs(b), 2) if a in details and b in details else None
+
+    out = {
+        "reference_s": secs("reference"), "cached_s": secs("cached"), "batched_s": secs("batched"),
+        "ratio": ratio("reference", "cached"), "batched_vs_cached": ratio("cached", "batched"),
+        "batched_vs_reference": ratio("reference", "batched"),
+        "max_abs_dprob": dprob("reference", "cached"), "batched_max_abs_dprob": dprob("reference", "batched"),
+        "batched_vs_cached_max_abs_dprob": dprob("cached", "batched"),
+        "peak_rss_mb": max(d["peak_rss_mb"] for d in details.values()),
+        "engines": details, "protocol": args.protocol, "runs": n_runs, "query_slices": int(query.image.shape[2]),
+        "image_size": args.size, "quick": args.quick, "device": args.device,
+        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "dtype": str(SAM2Engine(load_config(overrides=base)).dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
     }
-    print(json.dumps(result))
+    print(json.dumps(out))
     return 0
 
 

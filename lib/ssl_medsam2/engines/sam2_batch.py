@@ -9,8 +9,10 @@ which object pointers, with which temporal encodings. That is built for each ele
 ``_prepare_memory_conditioned_features`` (batch 1, exactly the stock call), with the memory-attention
 module swapped for a recorder for that call only; the recorded memories of all elements that have the
 same number of memory tokens and object-pointer tokens are then concatenated along the batch
-dimension and go through the real memory attention together. Elements with other counts form their
-own batch in the same step. A sequence that runs out of frames simply leaves the batch.
+dimension and go through the memory attention together — with the conditioning frames' per-layer keys
+and values computed once (:mod:`.sam2_cond_kv`; SAM2's own module when its layout differs). Elements
+with other counts form their own batch in the same step. A sequence that runs out of frames simply
+leaves the batch.
 
 For the TFFS protocol one sequence is one direction of one run (support, insert position, class).
 All runs of one (support, class) share their prompted frames and tracked support block, and after
@@ -30,6 +32,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from sam2.modeling.sam2_utils import select_closest_cond_frames
+
+from .sam2_cond_kv import CondKV, supports_cond_kv
 
 
 def logits_to_prob(pred_masks: torch.Tensor, hw) -> torch.Tensor:
@@ -93,6 +98,7 @@ class _Item:
     memory: torch.Tensor
     memory_pos: torch.Tensor
     n_ptr: int
+    cond: list  # the conditioning outputs SAM2 selected for this frame, in memory order
 
 
 def memory_window(model) -> int:
@@ -113,6 +119,7 @@ def track_batched(model, sequences: Sequence[TrackSequence], emit: Callable[[lis
         raise NotImplementedError("batched tracking needs non_overlap_masks_for_mem_enc off "
                                   "(it couples the objects of a batch); use sam2.batch_runs: false")
     window = memory_window(model)
+    cond_kv = CondKV(model.memory_attention) if supports_cond_kv(model.memory_attention) else None
     active = [s for s in sequences if not s.done]
     max_batch = max(1, int(max_batch))
     while active:
@@ -126,13 +133,15 @@ def track_batched(model, sequences: Sequence[TrackSequence], emit: Callable[[lis
                     current_vision_pos_embeds=pos[-1:], feat_sizes=sizes[-1:], output_dict=s.output_dict,
                     num_frames=s.num_frames, track_in_reverse=s.reverse)
                 memory, memory_pos, n_ptr = rec.recorded
-                items.append(_Item(s, f, feats, pos, sizes, memory, memory_pos, n_ptr))
+                cond, _ = select_closest_cond_frames(f, s.output_dict["cond_frame_outputs"],
+                                                     model.max_cond_frames_in_attn)
+                items.append(_Item(s, f, feats, pos, sizes, memory, memory_pos, n_ptr, list(cond.values())))
         groups = defaultdict(list)
         for it in items:
-            groups[(tuple(it.memory.shape), it.n_ptr, tuple(map(tuple, it.sizes)))].append(it)
+            groups[(tuple(it.memory.shape), it.n_ptr, len(it.cond), tuple(map(tuple, it.sizes)))].append(it)
         for group in groups.values():
             for i in range(0, len(group), max_batch):
-                _step(model, group[i:i + max_batch], emit)
+                _step(model, group[i:i + max_batch], emit, cond_kv)
                 if stats is not None:
                     stats["batched_steps"] = stats.get("batched_steps", 0) + 1
         for s in active:
@@ -144,7 +153,7 @@ def track_batched(model, sequences: Sequence[TrackSequence], emit: Callable[[lis
         active = [s for s in active if not s.done]
 
 
-def _step(model, items: list[_Item], emit) -> None:
+def _step(model, items: list[_Item], emit, cond_kv: CondKV | None) -> None:
     """One tracked frame for every element of ``items`` (same memory shape): the batched body of
     SAM2's ``track_step`` + ``_run_single_frame_inference`` for non-conditioning frames."""
     B = len(items)
@@ -152,11 +161,14 @@ def _step(model, items: list[_Item], emit) -> None:
     feats = [torch.cat([it.feats[lvl] for it in items], dim=1) for lvl in range(len(sizes))]  # (HW, B, C)
     C = model.hidden_dim
     H, W = sizes[-1]
-    pix = model.memory_attention(
-        curr=feats[-1:], curr_pos=[items[0].pos[-1].expand(-1, B, -1)],
-        memory=torch.cat([it.memory for it in items], dim=1),
-        memory_pos=torch.cat([it.memory_pos for it in items], dim=1),
-        num_obj_ptr_tokens=items[0].n_ptr)
+    curr_pos = items[0].pos[-1].expand(-1, B, -1)
+    if cond_kv is not None:  # the conditioning frames' keys/values computed once (sam2_cond_kv)
+        pix = cond_kv.attend(feats[-1], curr_pos, [it.memory for it in items], [it.memory_pos for it in items],
+                             [it.cond for it in items], H * W, items[0].n_ptr)
+    else:
+        pix = model.memory_attention(
+            curr=feats[-1:], curr_pos=[curr_pos], memory=torch.cat([it.memory for it in items], dim=1),
+            memory_pos=torch.cat([it.memory_pos for it in items], dim=1), num_obj_ptr_tokens=items[0].n_ptr)
     pix = pix.permute(1, 2, 0).view(B, C, H, W)
     high_res = None
     if len(feats) > 1:

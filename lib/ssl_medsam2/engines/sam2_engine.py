@@ -14,8 +14,8 @@ Three implementations of the same protocol, one oracle:
   (support, class), and the tracked support frames between/after/before the prompts once per direction
   — in SAM2 these depend only on relative frame distances inside the inserted block. Per run it then
   tracks only query frames, either
-  - batched (``sam2.batch_runs: true``, default): all runs of a support advance together, one SAM2
-    step per frame for the whole batch (:mod:`.sam2_batch`), or
+  - batched (``sam2.batch_runs: true``, default): all runs of a (support, class) advance together,
+    one SAM2 step per frame for the whole batch (:mod:`.sam2_batch`, :mod:`.sam2_cond_kv`), or
   - run by run (``sam2.batch_runs: false``): SAM2's own per-frame step, batch 1.
   Probabilities are summed per class on the model's device and copied to the host once per query.
 * :meth:`SAM2Engine.predict_reference` is the paper's order with the stock predictor calls
@@ -281,10 +281,11 @@ class SAM2Engine:
         return out
 
     def _run_support_batched(self, q, s, positions, masks, acc) -> None:
-        """Every run of this support (insert positions x classes x 2 directions) tracked together."""
-        sequences = []
-        with torch.inference_mode(), self._autocast():
-            for c, mask in masks.items():
+        """All runs of this support, one class at a time: its insert positions x 2 directions tracked
+        together (classes rarely batch with each other: their prompted-frame counts differ)."""
+        for c, mask in masks.items():
+            sequences = []
+            with torch.inference_mode(), self._autocast():
                 prompts = self._prompts(q, s, c, mask)
                 blocks = {rev: self._block(q, s, c, prompts, rev) for rev in (False, True)}
                 for p in positions:
@@ -302,16 +303,10 @@ class SAM2Engine:
                             output_dict={"cond_frame_outputs": cond, "non_cond_frame_outputs": non_cond},
                             num_frames=video.length))
 
-            def emit(elements, pred_masks):
-                prob = logits_to_prob(pred_masks, q.hw)
-                by_class: dict[int, list[int]] = {}
-                for b, (seq, _) in enumerate(elements):
-                    by_class.setdefault(seq.key, []).append(b)
-                for c, idx in by_class.items():
-                    acc[c].add_slices([elements[b][1] for b in idx], prob[idx])
+                def emit(elements, pred_masks, c=c):
+                    acc[c].add_slices([sl for _, sl in elements], logits_to_prob(pred_masks, q.hw))
 
-            track_batched(self.predictor, sequences, emit, self.max_batch, self.stats)
-        for c in masks:
+                track_batched(self.predictor, sequences, emit, self.max_batch, self.stats)
             acc[c].count(len(positions))
 
     # --- reference (paper order, stock predictor calls, no caches) ----------------------------------
