@@ -72,7 +72,7 @@ for name in ("bench_default", "bench_paper", "bench_paper_compiled"):
     lines = [l for l in f.read_text().splitlines() if l.startswith("{")] if f.exists() else []
     summary[name] = json.loads(lines[-1]) if lines else None
 summary["cuda_test_lines"] = [l for l in (out / "cuda_tests.log").read_text().splitlines()
-                              if "vs reference" in l or "passed" in l or "failed" in l]
+                              if "vs reference" in l or "passed" in l or "failed" in l or "skipped" in l]
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 print(json.dumps({k: summary[k] for k in ("cuda_tests_rc", "cuda_test_lines")}))
 for name in ("bench_default", "bench_paper"):
