@@ -151,11 +151,11 @@ class RunningMean:
         self.n += 1
 
     def add_slices(self, index, probs) -> None:
-        """Part of a run: ``probs[k]`` is added at ``total[index[k]]`` (no run is counted)."""
-        import torch
-
-        index = torch.as_tensor(index, dtype=torch.long, device=self.total.device)
-        self.total.index_add_(0, index, self._on_device(probs))
+        """Part of a run: ``probs[k]`` is added at ``total[index[k]]`` (no run is counted). Indexes
+        with host integers, so a GPU accumulator never waits for an index copy."""
+        probs = self._on_device(probs)
+        for k, i in enumerate(index):
+            self.total[int(i)] += probs[k]
 
     def count(self, runs: int = 1) -> None:
         self.n += int(runs)
