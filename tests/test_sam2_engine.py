@@ -38,20 +38,23 @@ def engine():
     return SAM2Engine(load_config(overrides=SMALL))
 
 
-@pytest.mark.parametrize("query", ["chaos_03short", "chaos_03long"])
-def test_batched_and_run_by_run_engines_equal_reference_order(tiny, query):
+@pytest.mark.parametrize("query,max_cond", [("chaos_03short", 2), ("chaos_03long", -1)])
+def test_batched_and_run_by_run_engines_equal_reference_order(tiny, query, max_cond):
     """Both fast paths give the paper-order reference's probabilities (float32, CPU): 2 supports,
-    2 classes, both directions, a query shorter (4 slices) and one longer (10) than the supports."""
+    2 classes, both directions, a query shorter (4 slices) and one longer (10) than the supports;
+    all prompted frames in attention (the paper) and at most 2 (SAM2 then picks the closest per frame
+    and attends to the others as recent memories)."""
     sup = [_case(tiny, "chaos_01"), _case(tiny, "chaos_02")]
     q = _case(tiny, query, labelled=False)
     classes = [1, 2]
-    reference = SAM2Engine(load_config(overrides=SMALL)).predict_reference(sup, q, classes)
+    cfg = SMALL + [f"sam2.max_cond_frames_in_attn={max_cond}"]
+    reference = SAM2Engine(load_config(overrides=cfg)).predict_reference(sup, q, classes)
     n_q = q.image.shape[2]
     positions = [p for ps in reference.meta["insert_positions"].values() for p in ps]
     assert any(0 < p < n_q for p in positions)  # some run tracks query frames in both directions
     variants = {"batched": [], "batched, 3 per step": ["sam2.max_batch=3"], "run by run": ["sam2.batch_runs=false"]}
     for what, extra in variants.items():
-        engine = SAM2Engine(load_config(overrides=SMALL + extra))
+        engine = SAM2Engine(load_config(overrides=cfg + extra))
         got = engine.predict(sup, q, classes)
         assert got.probs.shape == (2,) + q.image.shape, what
         assert got.meta["insert_positions"] == reference.meta["insert_positions"], what
