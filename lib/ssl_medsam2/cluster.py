@@ -301,7 +301,7 @@ class PseudoLabelWorker:
     """A Ray actor: one few-shot engine, built on first use and kept (its caches serve every query)."""
 
     def __init__(self, cfg: dict, engine_name: str, supports):
-        _limit_threads(cluster_cfg(cfg).get("cpus_per_worker", 1))
+        _limit_threads(cluster_cfg(cfg).cpus_per_worker)
         self.cfg, self.engine_name, self.supports = cfg, engine_name, supports
         self.engine = None
 
