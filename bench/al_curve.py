@@ -36,7 +36,6 @@ import json
 import logging
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,7 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 from held_out import organ_dice  # noqa: E402
-from shared_data import CHAOS, chaos_cases, downsample_case  # noqa: E402
+from shared_data import CHAOS, chaos_cases, downsample_case, work_folder  # noqa: E402
 
 from ssl_medsam2 import strategies  # noqa: E402
 from ssl_medsam2.config import load_config  # noqa: E402
@@ -176,11 +175,9 @@ def main(argv=None) -> dict:
 
     device = str(resolve_device(args.device))
     t0 = time.perf_counter()
-    tmp = None if args.work else tempfile.mkdtemp(prefix="al_curve_")
-    root = Path(args.work or tmp)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_folder(args.work, "al_curve_") as root:
         pool, test = prepare(root, factor, args.test)
         start = pool[: args.start]
         if len(pool) - args.start < cycles:
@@ -247,9 +244,6 @@ def main(argv=None) -> dict:
                           "minutes_actual_training": result["minutes_actual_training"],
                           "minutes_total": result["minutes_total"], "out": str(out)}))
         return result
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,11 @@ The data is ``../shared/data`` beside the repository, or ``$SSL_MEDSAM2_SHARED_D
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import nibabel as nib
 import numpy as np
@@ -41,3 +45,20 @@ def downsample_case(src_img: Path, src_lab: Path | None, dst_img: Path, dst_lab:
         lab = np.asarray(nib.load(str(src_lab)).dataobj)[sl].astype(np.uint8)
         dst_lab.parent.mkdir(parents=True, exist_ok=True)
         nib.save(nib.Nifti1Image(lab, aff), str(dst_lab))
+
+
+@contextmanager
+def work_folder(keep: str | os.PathLike | None, prefix: str, fresh: bool = False) -> Iterator[Path]:
+    """A bench's working folder: ``keep`` if given (emptied first with ``fresh``), else a temp dir removed after."""
+    if keep:
+        root = Path(keep)
+        if fresh and root.exists():
+            shutil.rmtree(root)
+        root.mkdir(parents=True, exist_ok=True)
+        yield root
+        return
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield Path(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -37,14 +37,13 @@ import argparse
 import json
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from held_out import organ_dice  # noqa: E402
-from shared_data import CHAOS, chaos_cases, downsample_case  # noqa: E402
+from shared_data import CHAOS, chaos_cases, downsample_case, work_folder  # noqa: E402
 
 from ssl_medsam2.config import load_config  # noqa: E402
 from ssl_medsam2.io import load_label_for, load_volume  # noqa: E402
@@ -98,16 +97,7 @@ def main(argv=None) -> dict:
                         datefmt="%H:%M:%S")
     log = logging.getLogger("bench.ssl_accuracy")
     t0 = time.perf_counter()
-    tmp = None
-    if args.work:
-        root = Path(args.work)
-        if root.exists():
-            shutil.rmtree(root)
-        root.mkdir(parents=True)
-    else:
-        tmp = tempfile.mkdtemp(prefix="ssl_accuracy_")
-        root = Path(tmp)
-    try:
+    with work_folder(args.work, "ssl_accuracy_", fresh=True) as root:
         split = prepare(root, args.factor, args.labelled, args.heldout)
         overrides = [f"nnunet.configuration={args.configuration}", f"nnunet.epochs={args.epochs}",
                      f"nnunet.iterations_per_epoch={args.iterations}", "nnunet.val_iterations=5",
@@ -206,9 +196,6 @@ def main(argv=None) -> dict:
               f"fully supervised {result['fully_supervised']:.4f}; ratio SSL/full {result['ssl_over_full']}")
         print(json.dumps(result))
         return result
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
