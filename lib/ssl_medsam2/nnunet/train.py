@@ -46,7 +46,7 @@ def nnunet_env(root: str | os.PathLike, ncfg: dict | None = None):
     new = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
            "nnUNet_results": str(root / "results"),
            "nnUNet_n_proc_DA": str(int(ncfg.get("num_workers", 2)))}
-    if resolve_device(ncfg.get("device")).type == "cpu" or not ncfg.get("compile", False):
+    if resolve_device(ncfg.get("device")).type == "cpu" or not ncfg.get("compile"):
         new["nnUNet_compile"] = "false"
     for k in ("raw", "preprocessed", "results"):
         (root / k).mkdir(parents=True, exist_ok=True)
