@@ -51,6 +51,7 @@ from shared_data import CHAOS, chaos_cases, downsample_case, work_folder  # noqa
 from ssl_medsam2 import strategies  # noqa: E402
 from ssl_medsam2.config import load_config  # noqa: E402
 from ssl_medsam2.io import load_label_for, load_volume  # noqa: E402
+from ssl_medsam2.protocol import ProtocolSettings  # noqa: E402
 
 STRATEGIES = ("uncertainty", "disagreement", "random")
 log = logging.getLogger("bench.al_curve")
@@ -97,7 +98,7 @@ def train_point(root: Path, labelled: list[str], pool: list[str], overrides: lis
     layout = RunLayout(work / "run")
     metrics = json.loads(layout.metrics(1).read_text())
     classes = state["classes"]
-    band = int(cfg["protocol"].get("boundary_band", 2))
+    band = ProtocolSettings.from_config(cfg).boundary_band
     scores = {"uncertainty": {}, "disagreement": {}}
     for c in [c for c in pool if c not in labelled]:
         img = load_volume(root / "images" / f"{c}_0000.nii.gz", name=c)

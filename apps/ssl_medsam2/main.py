@@ -15,6 +15,7 @@ import sys
 
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from ssl_medsam2.cluster import cluster_address
 
 import monailabel_085  # every MONAI Label 0.8.5 workaround (token check, DICOMweb, datastore file, routes)
 from lib.activelearning import LeasedStrategy
@@ -122,7 +123,7 @@ class SSLMedSAM2App(MONAILabelApp):
         model = request.get("model", "")
         params = self.batch_defaults(model, dict(request))
         task = self.infer_tasks.get(model)
-        if isinstance(task, FewShotInfer) and self.workspace.cfg.get("cluster", {}).get("ray_address"):
+        if isinstance(task, FewShotInfer) and cluster_address(self.workspace.cfg):
             from lib.cluster_batch import batch_fewshot_on_cluster  # cluster.ray_address: hand it to Ray
 
             return batch_fewshot_on_cluster(self.workspace, task.engine_name, params, datastore or self.datastore())

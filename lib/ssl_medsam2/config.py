@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, TypeVar
+from typing import Any, ClassVar, Iterable, Mapping, TypeVar
 
 import yaml
 
@@ -45,15 +45,21 @@ def config_path(name: str | os.PathLike) -> Path:
 T = TypeVar("T")
 
 
+def section_dict(cfg: Mapping, name: str) -> Mapping:
+    """The ``name:`` section as it is (for sections with a nested layout, like ``atlas:``'s presets)."""
+    sec = cfg.get(name)
+    if not isinstance(sec, Mapping):
+        raise KeyError(f"config has no '{name}:' section (configs/ssl_medsam2.yaml lists every setting)")
+    return sec
+
+
 def section(cfg: Mapping, name: str, cls: type[T]) -> T:
     """The ``name:`` section of a loaded config as a typed ``cls`` (a dataclass; the keys it names).
 
     Why: every default lives in ``configs/ssl_medsam2.yaml`` only. A typed view fails here, naming
     the key, when a config lacks a setting, instead of a second default silently written in code.
     """
-    sec = cfg.get(name)
-    if not isinstance(sec, Mapping):
-        raise KeyError(f"config has no '{name}:' section (configs/ssl_medsam2.yaml lists every setting)")
+    sec = section_dict(cfg, name)
     fields = [f.name for f in dataclasses.fields(cls) if f.init]
     missing = [f"{name}.{k}" for k in fields if k not in sec]
     if missing:
@@ -62,6 +68,21 @@ def section(cfg: Mapping, name: str, cls: type[T]) -> T:
         return cls(**{k: sec[k] for k in fields})
     except (TypeError, ValueError) as exc:
         raise ValueError(f"config section '{name}': {exc}") from exc
+
+
+class Section:
+    """Base of a typed section (a frozen dataclass): ``SECTION`` names it in the config, :meth:`from_config`
+    loads it through :func:`section`, :meth:`_set` converts fields in ``__post_init__``."""
+
+    SECTION: ClassVar[str]
+
+    @classmethod
+    def from_config(cls: type[T], cfg: Mapping) -> T:
+        return section(cfg, cls.SECTION, cls)
+
+    def _set(self, **values: Any) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
 
 
 def load_yaml(name: str | os.PathLike) -> dict:

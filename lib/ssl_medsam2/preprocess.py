@@ -14,30 +14,59 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import Section
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
-class IntensityConfig:
+class IntensityConfig(Section):
     """How intensities are clipped before scaling (the ``input:`` section; defaults in the YAML only)."""
 
+    SECTION = "input"
     modality: str  # "mri", "ct" or "auto" (CT when the volume has values below -500)
     mri_percentiles: tuple[float, float]
     ct_level: float
     ct_width: float
 
     def __post_init__(self):
-        object.__setattr__(self, "modality", str(self.modality))
-        object.__setattr__(self, "mri_percentiles", tuple(float(p) for p in self.mri_percentiles))
-        object.__setattr__(self, "ct_level", float(self.ct_level))
-        object.__setattr__(self, "ct_width", float(self.ct_width))
+        self._set(modality=str(self.modality), mri_percentiles=tuple(float(p) for p in self.mri_percentiles),
+                  ct_level=float(self.ct_level), ct_width=float(self.ct_width))
 
-    @classmethod
-    def from_config(cls, cfg: dict) -> "IntensityConfig":
-        from .config import section
 
-        return section(cfg, "input", cls)
+@dataclass(frozen=True)
+class InputSettings(Section):
+    """The ``input:`` section's other keys: which classes, their names, the slice axis (defaults in the YAML only).
+
+    ``classes``: a tuple of ids, or None (every class found in the supports). ``class_names``: id -> name,
+    ids as ints whichever way the config spelt them (YAML ``1:`` or an override's ``"1":``).
+    """
+
+    SECTION = "input"
+    slice_axis: int | str
+    classes: tuple[int, ...] | None
+    class_names: dict[int, str]
+
+    def __post_init__(self):
+        if str(self.slice_axis) != "auto" and str(self.slice_axis) not in ("0", "1", "2"):
+            raise ValueError(f"input.slice_axis must be 0, 1, 2 or auto, got {self.slice_axis!r}")
+        try:
+            classes = None if self.classes is None else tuple(int(c) for c in self.classes)
+            names = {int(k): str(v) for k, v in (self.class_names or {}).items()}
+        except (TypeError, ValueError, AttributeError):
+            raise ValueError(f"input.classes must be a list of class ids and input.class_names a map id -> name, "
+                             f"got {self.classes!r} and {self.class_names!r}") from None
+        self._set(classes=classes, class_names=names)
+
+    def class_name(self, c: int, unnamed: str | None = None) -> str:
+        """The configured name of class ``c``; ``unnamed`` (default: the id) when it has none."""
+        return self.class_names.get(int(c), str(c) if unnamed is None else unnamed)
+
+    @property
+    def label_ids(self) -> set[int]:
+        """Class ids a label map may hold: background, the named classes and ``classes``."""
+        return {0} | set(self.class_names) | set(self.classes or ())
 
 
 def resolve_modality(array: np.ndarray, modality: str = "auto") -> str:

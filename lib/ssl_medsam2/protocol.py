@@ -13,27 +13,22 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .config import Section
+
 
 @dataclass(frozen=True)
-class ProtocolSettings:
+class ProtocolSettings(Section):
     """The ``protocol:`` section: which engine, and how the mean probability becomes outputs."""
 
+    SECTION = "protocol"
     engine: str
     threshold: float
     keep_largest_component: bool
     boundary_band: int
 
     def __post_init__(self):
-        object.__setattr__(self, "engine", str(self.engine))
-        object.__setattr__(self, "threshold", float(self.threshold))
-        object.__setattr__(self, "keep_largest_component", bool(self.keep_largest_component))
-        object.__setattr__(self, "boundary_band", int(self.boundary_band))
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> "ProtocolSettings":
-        from .config import section
-
-        return section(cfg, "protocol", cls)
+        self._set(engine=str(self.engine), threshold=float(self.threshold),
+                  keep_largest_component=bool(self.keep_largest_component), boundary_band=int(self.boundary_band))
 
 
 def insert_positions(n_query: int, n_inserts: int, rng: np.random.Generator) -> list[int]:

@@ -29,6 +29,7 @@ import numpy as np
 from .engines.base import Case, FewShotEngine, check_supports, classes_in
 from .io import (InputError, atomic_write, list_volumes, load_label_for, load_volume, save_like,
                  write_text_atomic)
+from .preprocess import InputSettings
 from .protocol import ProtocolSettings, probabilities_to_label
 from .uncertainty import binary_entropy, summarize
 
@@ -79,19 +80,19 @@ def finalize(engine_result, query: Case, cfg: dict) -> dict:
     probs = engine_result.probs
     label = probabilities_to_label(probs, engine_result.classes, pcfg.threshold, pcfg.keep_largest_component)
     entropy = binary_entropy(probs)
-    names = cfg.get("input", {}).get("class_names") or {}
+    inputs = InputSettings.from_config(cfg)
     per_class = {}
     for i, c in enumerate(engine_result.classes):
         s = summarize(entropy[i], label == c, pcfg.boundary_band)
         s["class_id"] = int(c)
-        per_class[str(names.get(c, names.get(str(c), c)))] = s
+        per_class[inputs.class_name(c)] = s
     inside = [v["mean_entropy_inside"] for v in per_class.values() if v["mean_entropy_inside"] is not None]
     band = [v["mean_entropy_boundary"] for v in per_class.values() if v["mean_entropy_boundary"] is not None]
     summary = {
         "case": query.name,
         "image": query.image.path,
         "classes": [int(c) for c in engine_result.classes],
-        "class_names": {str(c): str(names.get(c, names.get(str(c), c))) for c in engine_result.classes},
+        "class_names": {str(c): inputs.class_name(c) for c in engine_result.classes},
         "mean_entropy_inside": float(np.mean(inside)) if inside else None,
         "mean_entropy_boundary": float(np.mean(band)) if band else None,
         "per_class": per_class,
@@ -179,7 +180,7 @@ def pseudo_label_case(engine: FewShotEngine, supports: Sequence[Case], query: Ca
                       out_dir: str | os.PathLike | None = None,
                       progress: Callable[[int], None] | None = None) -> dict:
     """Run ``engine`` on one query; write outputs when ``out_dir`` is given. Returns the outputs."""
-    classes = resolve_classes(supports, cfg.get("input", {}).get("classes"))
+    classes = resolve_classes(supports, InputSettings.from_config(cfg).classes)
     check_supports(supports, classes)
     t0 = time.perf_counter()
     result = engine.predict(supports, query, classes, progress=progress)
@@ -213,7 +214,7 @@ def pseudo_label_folder(images_dir, labels_dir, out_dir, cfg: dict, engine: FewS
         return pseudo_label_folder_on_cluster(images_dir, labels_dir, out_dir, cfg, engine_name=name,
                                               show_progress=show_progress, names=names)
     supports, queries = load_cases(images_dir, labels_dir, names)
-    classes = resolve_classes(supports, cfg.get("input", {}).get("classes"))
+    classes = resolve_classes(supports, InputSettings.from_config(cfg).classes)
     check_supports(supports, classes)
     if not queries:
         log.warning("every image in %s has a label: nothing to pseudo-label", images_dir)

@@ -25,6 +25,7 @@ from ssl_medsam2 import strategies
 from ssl_medsam2.cluster import CasesFailed, cluster_address
 from ssl_medsam2.config import merge
 from ssl_medsam2.io import case_name, link_or_copy
+from ssl_medsam2.protocol import ProtocolSettings
 from ssl_medsam2.pseudo_label import OUTPUT_KINDS, case_paths, pseudo_label_folder
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def batch_fewshot_on_cluster(ws, engine_name: str, request: dict, datastore) -> 
         pseudo_label_folder(work / "images", work / "labels", out, cfg, show_progress=False)
     except CasesFailed as exc:
         failed = exc.failed
-    band = int(ws.cfg.get("protocol", {}).get("boundary_band", 2))
+    band = ProtocolSettings.from_config(ws.cfg).boundary_band
     result: dict = {}
     for case, image_id in names.items():
         if image_id in final:

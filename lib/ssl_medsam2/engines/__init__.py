@@ -10,6 +10,9 @@ from .base import Case, EngineResult, FewShotEngine, check_supports, classes_in
 
 import logging
 
+from ..config import merge
+from ..protocol import ProtocolSettings
+
 log = logging.getLogger(__name__)
 
 ENGINE_NAMES = ("sam2", "atlas", "ensemble")
@@ -23,7 +26,7 @@ def choose_engine(cfg: dict) -> tuple[str, str]:
     weights), otherwise the weight-free atlas engine, so a first run works on any machine. Nothing is
     downloaded to decide.
     """
-    name = str(cfg.get("protocol", {}).get("engine") or AUTO)
+    name = ProtocolSettings.from_config(cfg).engine
     if name != AUTO:
         return name, f"protocol.engine={name}"
     from .sam2_model import SAM2Settings, checkpoint_status, model_spec, resolve_checkpoint
@@ -44,9 +47,9 @@ def with_engine_chosen(cfg: dict) -> dict:
     """``cfg`` with ``protocol.engine: auto`` replaced by the chosen engine; says which and why once."""
     name, why = choose_engine(cfg)
     # one line where a choice was made (auto); an explicit engine is what the user asked for
-    log.log(logging.INFO if str(cfg.get("protocol", {}).get("engine") or AUTO) == AUTO else logging.DEBUG,
+    log.log(logging.INFO if ProtocolSettings.from_config(cfg).engine == AUTO else logging.DEBUG,
             "few-shot engine: %s (%s)", name, why)
-    return {**cfg, "protocol": {**cfg.get("protocol", {}), "engine": name}}
+    return merge(cfg, {"protocol": {"engine": name}})
 
 
 def build_engine(name: str, cfg: dict) -> FewShotEngine:
