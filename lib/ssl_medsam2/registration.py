@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
 import numpy as np
 import SimpleITK as sitk
@@ -51,38 +51,41 @@ def from_sitk(img: sitk.Image) -> np.ndarray:
 
 @dataclass
 class RegistrationSettings:
-    """What :func:`register` does; built from the ``atlas:`` config section."""
+    """What the registration stages do: the ``atlas:`` section's preset with its non-null keys over it.
 
-    working_spacing: tuple[float, float, float] = (2.5, 2.5, 0.0)  # mm, 0 = keep that axis
-    seed: int = 0
-    threads: int = 1  # SimpleITK threads; 1 = bit-reproducible (see sitk_threads), 0 = all cores
+    No defaults here: the presets in configs/ssl_medsam2.yaml are the one place the values live
+    (what each key means is said there).
+    """
+
+    working_spacing: tuple[float, float, float]  # mm, 0 = keep that axis
+    seed: int
+    threads: int  # SimpleITK threads; 1 = bit-reproducible (see sitk_threads), 0 = all cores
     # affine stage
-    affine_iterations: int = 100
-    affine_shrink: tuple[int, ...] = (4, 2)
-    affine_smooth_mm: tuple[float, ...] = (4.0, 2.0)
-    affine_sampling: float = 0.2
-    mi_bins: int = 32
+    affine_iterations: int
+    affine_shrink: tuple[int, ...]
+    affine_smooth_mm: tuple[float, ...]
+    affine_sampling: float
+    mi_bins: int
     # deformable stage
-    deformable: str = "demons"  # demons | bspline | none
-    bspline_grid_mm: float = 60.0
-    bspline_iterations: int = 60
-    bspline_shrink: tuple[int, ...] = (2, 1)
-    bspline_smooth_mm: tuple[float, ...] = (3.0, 0.0)
-    bspline_sampling: float = 0.2
-    demons_iterations: tuple[int, ...] = (60, 40, 20)  # per level, coarse to fine
-    demons_shrink: tuple[int, ...] = (4, 2, 1)
-    demons_field_sigma: float = 1.5  # voxels; regularisation of the update / displacement field
-    histogram_levels: int = 128
-    focus_margin_mm: float | None = 20.0  # metric only near the support's organs (None = whole image)
-    extra: dict = field(default_factory=dict)
+    deformable: str  # demons | bspline | none
+    bspline_grid_mm: float
+    bspline_iterations: int
+    bspline_shrink: tuple[int, ...]
+    bspline_smooth_mm: tuple[float, ...]
+    bspline_sampling: float
+    demons_iterations: tuple[int, ...]  # per level, coarse to fine
+    demons_shrink: tuple[int, ...]
+    demons_field_sigma: float  # voxels; regularisation of the update / displacement field
+    histogram_levels: int
+    focus_margin_mm: float | None  # metric only near the support's organs (None = whole image)
 
     @classmethod
     def from_dict(cls, d: dict) -> "RegistrationSettings":
-        kw = {}
-        for k, v in d.items():
-            if k in cls.__dataclass_fields__:
-                kw[k] = tuple(v) if isinstance(v, list) else v
-        return cls(**kw)
+        """From the merged preset + overrides; a key neither sets fails here, named ``atlas.<key>``."""
+        missing = [f"atlas.{f.name}" for f in fields(cls) if f.name not in d]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} set neither by the atlas preset nor directly")
+        return cls(**{f.name: tuple(d[f.name]) if isinstance(d[f.name], list) else d[f.name] for f in fields(cls)})
 
 
 def prepare(volume: Volume, settings: RegistrationSettings,

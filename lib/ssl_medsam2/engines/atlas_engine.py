@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from .. import registration as reg
+from ..config import section_dict
 from ..io import Volume
 from ..preprocess import IntensityConfig, scale_to_uint8_range
 from .base import Case, EngineResult, ProgressFn, check_supports
@@ -65,9 +66,9 @@ class AtlasEngine:
     @classmethod
     def from_config(cls, cfg: dict) -> "AtlasEngine":
         """From the ``atlas:`` section: the named preset, with every non-null key overriding it."""
-        a = dict(cfg.get("atlas", {}))
+        a = dict(section_dict(cfg, "atlas"))
         preset = a.pop("preset", None)
-        presets = a.pop("presets", {}) or {}
+        presets = a.pop("presets", None) or {}
         settings: dict = {}
         if preset:
             if preset not in presets:
