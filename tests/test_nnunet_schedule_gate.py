@@ -21,10 +21,11 @@ from ssl_medsam2.nnunet import gate, schedule
 from ssl_medsam2.nnunet.layout import RunLayout
 from ssl_medsam2.nnunet.reporting import RunProgress
 from ssl_medsam2.nnunet.rounds import run_ssl
+from ssl_medsam2.nnunet.settings import NnUNetSettings
 
 
 def _ncfg(*overrides):
-    return load_config(overrides=list(overrides))["nnunet"]
+    return NnUNetSettings.from_config(load_config(overrides=list(overrides)))
 
 
 # --- schedules (pure) -------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ in-process and worker registrations use the same thread count (deterministic sum
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.util
 import json
 import os
@@ -270,6 +272,7 @@ def test_multi_gpu_training_command(monkeypatch, tmp_path):
     Never run on several GPUs here (none were lent); this checks the command only.
     """
     from ssl_medsam2.nnunet import train
+    from ssl_medsam2.nnunet.settings import NnUNetSettings
 
     seen = {}
 
@@ -279,8 +282,10 @@ def test_multi_gpu_training_command(monkeypatch, tmp_path):
 
     monkeypatch.setattr(train.subprocess, "run", fake_run)
     ckpt = tmp_path / "prev.pth"
-    train._train_ddp({"num_gpus": 4}, "nnUNetTrainerSSL_2ep_3it_1val", "3d_fullres", "all", ckpt,
-                     tmp_path / "nnunet.log")
+    settings = NnUNetSettings.from_config(load_config(overrides=[
+        "nnunet.num_gpus=4", "nnunet.configuration=3d_fullres", "nnunet.fold=all", "nnunet.epochs=2",
+        "nnunet.iterations_per_epoch=3", "nnunet.val_iterations=1"]))
+    train._train_ddp(settings, ckpt, tmp_path / "nnunet.log")
     cmd = seen["cmd"]
     assert cmd[0] == sys.executable and "run_training_entry" in cmd[2]
     args = cmd[3:]
@@ -305,8 +310,7 @@ def test_multi_gpu_training_command(monkeypatch, tmp_path):
     monkeypatch.setattr(train, "_train_in_process", lambda *a: called.append("in_process"))
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     with pytest.raises(Stop):
-        train.train_model({**load_config()["nnunet"], "epochs": 2, "iterations_per_epoch": 3, "val_iterations": 1,
-                           "num_gpus": 2, "device": "cpu"}, tmp_path / "model")
+        train.train_model(dataclasses.replace(settings, num_gpus=2, device="cpu"), tmp_path / "model")
     assert called == ["ddp"]
 
 

@@ -7,6 +7,7 @@ Common options: ``--config`` (a YAML in configs/ or a path) and ``--set key.sub=
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
@@ -22,6 +23,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set sam2.n_inserts=2 (repeatable)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _subcommand(sub, run, options) -> argparse.ArgumentParser:
+    """The parser of the subcommand that ``run`` carries out (``_run_make_studies``: ``make-studies``): help
+    and description from ``run``'s docstring (first line, rest), then ``options(parser)``, then the common ones."""
+    help_line, _, description = (inspect.getdoc(run) or "").partition("\n")
+    p = sub.add_parser(run.__name__.removeprefix("_run_").replace("_", "-"), help=help_line,
+                       description=" ".join(description.split()))
+    options(p)
+    _common(p)
+    p.set_defaults(func=run)
+    return p
 
 
 def _ray_option(p: argparse.ArgumentParser) -> None:
@@ -43,26 +56,75 @@ def _load_cfg(args, shortcuts: dict[str, str] | None = None) -> dict:
     return config_mod.merge(cfg, extra) if extra else cfg
 
 
-# --- pseudo-label ---------------------------------------------------------------------------------
+# --- what each command takes (besides the common options) -------------------------------------------
 
-def _add_pseudo_label(sub) -> None:
-    p = sub.add_parser("pseudo-label", help="few-shot pseudo labels for every unlabelled image (TFFS)",
-                       description="Images with a label file of the same case name in --labels are the "
-                                   "supports; every other image is pseudo-labelled.")
-    p.add_argument("--images", required=True, help="folder of NIfTI images (nnU-Net names like case_0000.nii.gz work)")
-    p.add_argument("--labels", required=True, help="folder of label maps for the supports")
-    p.add_argument("--out", required=True, help="output folder (labels/, probabilities/, entropy/, summaries/)")
+def _paths(p: argparse.ArgumentParser, **helps: str) -> None:
+    """The command's required path options, in this order (``--<name>``: help)."""
+    for name, help in helps.items():
+        p.add_argument(f"--{name}", required=True, help=help)
+
+
+def _options_pseudo_label(p: argparse.ArgumentParser) -> None:
+    _paths(p, images="folder of NIfTI images (nnU-Net names like case_0000.nii.gz work)",
+              labels="folder of label maps for the supports",
+              out="output folder (labels/, probabilities/, entropy/, summaries/)")
     p.add_argument("--engine", choices=["auto", "sam2", "atlas", "ensemble"],
                    help="few-shot engine (config: protocol.engine; auto = sam2 when its checkpoint is here, else atlas)")
     p.add_argument("--checkpoint", help="SAM2 checkpoint path, 'auto', or 'none' for RANDOM weights (tests only)")
     p.add_argument("--device", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--cases", nargs="*", help="only these query case names")
     _ray_option(p)
-    _common(p)
-    p.set_defaults(func=_run_pseudo_label)
 
+
+def _options_run(p: argparse.ArgumentParser) -> None:
+    _paths(p, images="folder of NIfTI images (labelled and unlabelled)",
+              labels="folder of ground-truth label maps for some of the images",
+              work="work folder (round_000/, round_001/, ..., final.json)")
+    p.add_argument("--pseudo-labels", help="use these as round 0 instead of running the few-shot engine "
+                                           "(a labels folder or a pseudo-label output folder)")
+    p.add_argument("--engine", choices=["auto", "sam2", "atlas", "ensemble"],
+                   help="few-shot engine for round 0 (auto = sam2 when its checkpoint is here, else atlas)")
+    p.add_argument("--max-rounds", type=int, help="config: nnunet.max_rounds")
+    p.add_argument("--schedule", help="nnU-Net training length: auto (CUDA: full, CPU: short) | short | full | "
+                                      "minutes:N (config: nnunet.schedule)")
+    p.add_argument("--configuration", choices=["2d", "3d_fullres"], help="config: nnunet.configuration")
+    p.add_argument("--device", help="nnU-Net device: cpu | cuda | auto (config: nnunet.device)")
+    _ray_option(p)
+
+
+def _options_predict(p: argparse.ArgumentParser) -> None:
+    _paths(p, model="work folder of `ssl-medsam2 run` (final.json) or a model folder",
+              images="folder of NIfTI images",
+              out="output folder for <case>.nii.gz label maps")
+    p.add_argument("--device", default=None, help="cpu | cuda | auto (config: nnunet.device)")
+    p.add_argument("--mirroring", action="store_true", help="test-time mirroring (slower, a little better)")
+
+
+def _options_make_studies(p: argparse.ArgumentParser) -> None:
+    _paths(p, images="folder of images (imagesTr/)",
+              out="new studies folder (for --studies of the server)")
+    p.add_argument("--labels", help="folder of labels (labelsTr/)")
+    p.add_argument("--labelled", type=int, default=2, help="how many cases keep their label (first by name)")
+    p.add_argument("--cases", nargs="*", help="exactly these cases keep their label (instead of --labelled)")
+
+
+def _options_evaluate(p: argparse.ArgumentParser) -> None:
+    _paths(p, pred="folder of predicted label maps (e.g. pseudo-label's out/labels)",
+              gt="folder of ground-truth label maps",
+              out="output folder")
+    p.add_argument("--images", help="image folder: background of the report's overlays (optional)")
+    p.add_argument("--classes", nargs="*", type=int, help="class ids to score (default: every id in the ground truth)")
+    p.add_argument("--no-report", action="store_true", help="skip the PNG report")
+
+
+# --- pseudo-label ---------------------------------------------------------------------------------
 
 def _run_pseudo_label(args) -> int:
+    """few-shot pseudo labels for every unlabelled image (TFFS)
+
+    Images with a label file of the same case name in --labels are the supports; every other image is
+    pseudo-labelled.
+    """
     from .pseudo_label import pseudo_label_folder
 
     cfg = _load_cfg(args, {"engine": "protocol.engine", "checkpoint": "sam2.checkpoint", "device": "sam2.device"})
@@ -76,33 +138,15 @@ def _run_pseudo_label(args) -> int:
 
 # --- run / predict (FSL-nnUNet) ---------------------------------------------------------------------
 
-def _add_run(sub) -> None:
-    p = sub.add_parser("run", help="whole pipeline: few-shot pseudo labels -> nnU-Net rounds -> final model",
-                       description="Round 0: few-shot pseudo labels for every unlabelled image; then nnU-Net "
-                                   "rounds (train on labels + pseudo labels, re-predict) until the pseudo labels "
-                                   "stop changing (nnunet.min_change) or nnunet.max_rounds. A round is deployed "
-                                   "only if it is not worse than the deployed one on a held-out labelled case "
-                                   "(nnunet.quality_gate); a worse round stops the loop. Re-running on the "
-                                   "same --work resumes (a stopped training from its checkpoint) and recomputes "
-                                   "nothing finished.")
-    p.add_argument("--images", required=True, help="folder of NIfTI images (labelled and unlabelled)")
-    p.add_argument("--labels", required=True, help="folder of ground-truth label maps for some of the images")
-    p.add_argument("--work", required=True, help="work folder (round_000/, round_001/, ..., final.json)")
-    p.add_argument("--pseudo-labels", help="use these as round 0 instead of running the few-shot engine "
-                                           "(a labels folder or a pseudo-label output folder)")
-    p.add_argument("--engine", choices=["auto", "sam2", "atlas", "ensemble"],
-                   help="few-shot engine for round 0 (auto = sam2 when its checkpoint is here, else atlas)")
-    p.add_argument("--max-rounds", type=int, help="config: nnunet.max_rounds")
-    p.add_argument("--schedule", help="nnU-Net training length: auto (CUDA: full, CPU: short) | short | full | "
-                                      "minutes:N (config: nnunet.schedule)")
-    p.add_argument("--configuration", choices=["2d", "3d_fullres"], help="config: nnunet.configuration")
-    p.add_argument("--device", help="nnU-Net device: cpu | cuda | auto (config: nnunet.device)")
-    _ray_option(p)
-    _common(p)
-    p.set_defaults(func=_run_run)
-
-
 def _run_run(args) -> int:
+    """whole pipeline: few-shot pseudo labels -> nnU-Net rounds -> final model
+
+    Round 0: few-shot pseudo labels for every unlabelled image; then nnU-Net rounds (train on labels + pseudo
+    labels, re-predict) until the pseudo labels stop changing (nnunet.min_change) or nnunet.max_rounds. A round
+    is deployed only if it is not worse than the deployed one on a held-out labelled case (nnunet.quality_gate);
+    a worse round stops the loop. Re-running on the same --work resumes (a stopped training from its checkpoint)
+    and recomputes nothing finished.
+    """
     from .nnunet.rounds import run_ssl
 
     cfg = _load_cfg(args, {"engine": "protocol.engine", "max_rounds": "nnunet.max_rounds",
@@ -119,47 +163,31 @@ def _run_run(args) -> int:
     return 0
 
 
-def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="segment new volumes with the final nnU-Net model of a run",
-                       description="Runs nnU-Net's predictor; labels keep each image's affine and header.")
-    p.add_argument("--model", required=True, help="work folder of `ssl-medsam2 run` (final.json) or a model folder")
-    p.add_argument("--images", required=True, help="folder of NIfTI images")
-    p.add_argument("--out", required=True, help="output folder for <case>.nii.gz label maps")
-    p.add_argument("--device", default=None, help="cpu | cuda | auto (config: nnunet.device)")
-    p.add_argument("--mirroring", action="store_true", help="test-time mirroring (slower, a little better)")
-    _common(p)
-    p.set_defaults(func=_run_predict)
-
-
 def _run_predict(args) -> int:
-    from .nnunet.predict import predict_folder
+    """segment new volumes with the final nnU-Net model of a run
+
+    Runs nnU-Net's predictor; labels keep each image's affine and header.
+    """
     from .devices import resolve_device
+    from .nnunet.predict import predict_folder
+    from .nnunet.settings import NnUNetSettings
 
     cfg = _load_cfg(args)
-    ncfg = cfg.get("nnunet", {})
-    paths = predict_folder(args.model, args.images, args.out,
-                           device=resolve_device(args.device or ncfg.get("device")),
-                           use_mirroring=args.mirroring or bool(ncfg.get("use_mirroring", False)), cfg=cfg)
+    settings = NnUNetSettings.from_config(cfg)
+    paths = predict_folder(args.model, args.images, args.out, device=resolve_device(args.device or settings.device),
+                           use_mirroring=args.mirroring or settings.use_mirroring, cfg=cfg)
     print(f"wrote {len(paths)} label map(s) to {args.out}")
     return 0
 
 
 # --- make-studies ---------------------------------------------------------------------------------
 
-def _add_make_studies(sub) -> None:
-    p = sub.add_parser("make-studies", help="copy an nnU-Net dataset into a MONAI Label studies folder",
-                       description="Images go to OUT/<case>.nii.gz; the labels of the first N cases (or of "
-                                   "--cases) go to OUT/labels/final/ as the app's human labels.")
-    p.add_argument("--images", required=True, help="folder of images (imagesTr/)")
-    p.add_argument("--labels", help="folder of labels (labelsTr/)")
-    p.add_argument("--out", required=True, help="new studies folder (for --studies of the server)")
-    p.add_argument("--labelled", type=int, default=2, help="how many cases keep their label (first by name)")
-    p.add_argument("--cases", nargs="*", help="exactly these cases keep their label (instead of --labelled)")
-    _common(p)
-    p.set_defaults(func=_run_make_studies)
-
-
 def _run_make_studies(args) -> int:
+    """copy an nnU-Net dataset into a MONAI Label studies folder
+
+    Images go to OUT/<case>.nii.gz; the labels of the first N cases (or of --cases) go to OUT/labels/final/ as
+    the app's human labels.
+    """
     from .studies import make_studies
 
     res = make_studies(args.images, args.labels, args.out, args.cases if args.cases else args.labelled)
@@ -169,26 +197,18 @@ def _run_make_studies(args) -> int:
 
 # --- evaluate -------------------------------------------------------------------------------------
 
-def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="Dice and HD95 (mm) of label maps against ground truth, CSV + JSON + PNG",
-                       description="Scores every label map in --pred that has a ground truth of the same case "
-                                   "name in --gt; writes metrics.csv, metrics.json and report.png to --out.")
-    p.add_argument("--pred", required=True, help="folder of predicted label maps (e.g. pseudo-label's out/labels)")
-    p.add_argument("--gt", required=True, help="folder of ground-truth label maps")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--images", help="image folder: background of the report's overlays (optional)")
-    p.add_argument("--classes", nargs="*", type=int, help="class ids to score (default: every id in the ground truth)")
-    p.add_argument("--no-report", action="store_true", help="skip the PNG report")
-    _common(p)
-    p.set_defaults(func=_run_evaluate)
-
-
 def _run_evaluate(args) -> int:
+    """Dice and HD95 (mm) of label maps against ground truth, CSV + JSON + PNG
+
+    Scores every label map in --pred that has a ground truth of the same case name in --gt; writes metrics.csv,
+    metrics.json and report.png to --out.
+    """
     from .evaluate import evaluate_folders
+    from .preprocess import InputSettings
 
     cfg = _load_cfg(args)
     result = evaluate_folders(args.pred, args.gt, args.out, classes=args.classes or None,
-                              class_names=cfg.get("input", {}).get("class_names"), images_dir=args.images,
+                              class_names=InputSettings.from_config(cfg).class_names, images_dir=args.images,
                               report=not args.no_report)
     for name, pc in result["per_class"].items():
         d, h = pc["dice"], pc["hd95_mm"]
@@ -202,7 +222,9 @@ def _run_evaluate(args) -> int:
 
 # --- main -----------------------------------------------------------------------------------------
 
-SUBCOMMANDS = [_add_pseudo_label, _add_run, _add_predict, _add_make_studies, _add_evaluate]
+#: (what a command does, what it takes); the command's name is the first one's without ``_run_``
+SUBCOMMANDS = [(_run_pseudo_label, _options_pseudo_label), (_run_run, _options_run), (_run_predict, _options_predict),
+               (_run_make_studies, _options_make_studies), (_run_evaluate, _options_evaluate)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="SSL-MedSAM2: training-free few-shot SAM2 pseudo labels, iterative nnU-Net refinement, "
                     "evaluation. Every subcommand takes --config and --set key.sub=value overrides.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in SUBCOMMANDS:
-        add(sub)
+    for run, options in SUBCOMMANDS:
+        _subcommand(sub, run, options)
     return parser
 
 

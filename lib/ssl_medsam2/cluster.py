@@ -39,7 +39,10 @@ import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .nnunet.settings import NnUNetSettings
 
 log = logging.getLogger(__name__)
 
@@ -341,6 +344,7 @@ def pseudo_label_folder_on_cluster(images_dir, labels_dir, out_dir, cfg: dict, e
 
     from .engines import Case, check_supports
     from .io import InputError, load_label_for, load_volume
+    from .preprocess import InputSettings
     from .pseudo_label import (
         case_files,
         is_finished,
@@ -355,7 +359,7 @@ def pseudo_label_folder_on_cluster(images_dir, labels_dir, out_dir, cfg: dict, e
     for n in sorted(labels):
         image = load_volume(images[n], name=n)
         supports.append(Case(image, load_label_for(image, labels[n])))
-    classes = resolve_classes(supports, cfg.get("input", {}).get("classes"))
+    classes = resolve_classes(supports, InputSettings.from_config(cfg).classes)
     check_supports(supports, classes)
     queries = [n for n in images if n not in labels and (names is None or n in names)]
     if not queries:
@@ -425,9 +429,9 @@ class NnUNetPredictWorker:
     in a scratch folder; the finished files go back to the driver.
     """
 
-    def __init__(self, ncfg: dict, cpus: float):
+    def __init__(self, settings: "NnUNetSettings", cpus: float):
         _limit_threads(cpus)
-        self.ncfg = ncfg
+        self.settings = settings
         self.cache: dict = {}  # predict_cases' model cache: {local model dir: NnUNetModel}
         self.model_dirs: dict[str, Path] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="ssl_medsam2_nnunet_worker_")
@@ -457,7 +461,7 @@ class NnUNetPredictWorker:
                 src.parent.mkdir()
                 src.write_bytes(image)
                 out = Path(tmp) / "out"
-                predict_cases(model_dir, self.ncfg, {name: src}, [name], out, k, None, self.cache)
+                predict_cases(model_dir, self.settings, {name: src}, [name], out, k, None, self.cache)
                 result = {kind: (out / kind / f"{name}.nii.gz").read_bytes() for kind in ("entropy", "labels")}
         except InputError as exc:
             return _failure(name, exc, True)
@@ -485,8 +489,10 @@ def predict_round_on_cluster(cfg: dict, model_dir: str | os.PathLike, jobs: Iter
     todo = [n for _, names in jobs for n in names]
     if not todo:
         return
+    from .nnunet.settings import NnUNetSettings
+
     ccfg = cluster_cfg(cfg)
-    ncfg = cfg.get("nnunet", {})
+    settings = NnUNetSettings.from_config(cfg)
     counted = [n for n in jobs[0][1]] if jobs else []
     done = [0]
     with ray_session(cluster_address(cfg), ccfg) as ray:
@@ -508,7 +514,7 @@ def predict_round_on_cluster(cfg: dict, model_dir: str | os.PathLike, jobs: Iter
                 done[0] += 1
                 progress({"stage": "predict", "round": k, "case": n, "done": done[0], "total": len(counted)})
 
-        failed = run_cases(ray, lambda: Worker.remote(ncfg, ccfg.cpus_per_worker), n_workers,
+        failed = run_cases(ray, lambda: Worker.remote(settings, ccfg.cpus_per_worker), n_workers,
                            todo, submit, on_result, ccfg, f"round {k}: predict (Ray)", show_progress)
     if failed:
         raise CasesFailed(failed, len(todo) - len(failed))

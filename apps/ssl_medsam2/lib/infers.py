@@ -21,6 +21,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ssl_medsam2 import strategies
 from ssl_medsam2.io import InputError, Volume, load_label_for, load_volume, save_like
+from ssl_medsam2.preprocess import InputSettings
 from ssl_medsam2.protocol import ProtocolSettings
 
 from .workspace import Workspace
@@ -31,8 +32,7 @@ RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nrrd.gz", ".mha", ".mhd")
 
 
 def label_names(cfg: dict) -> dict[str, int]:
-    names = cfg.get("input", {}).get("class_names") or {}
-    return {str(v): int(k) for k, v in names.items()}
+    return {name: c for c, name in InputSettings.from_config(cfg).class_names.items()}
 
 
 RESULT_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
@@ -68,12 +68,22 @@ def write_result(label: np.ndarray, image: Volume, request: dict) -> str:
     return out
 
 
-def _query_volume(request: dict) -> tuple[Volume, str | None]:
+def _start(task: InferTask, what: str, request: dict) -> tuple[float, Volume, str | None]:
+    """What every infer task does first: (start time, the request's image, its datastore id or None);
+    a RuntimeError with the reason while ``task`` is unavailable."""
+    t0 = time.time()
+    ok, reason = task.availability()
+    if not ok:
+        raise RuntimeError(f"{what} unavailable: {reason}")
     path = request.get("image")
     if not isinstance(path, str):
         raise InputError(None, "this task needs an image file or a datastore image id")
     image_id = request.get("image_id")
-    return load_volume(path, name=image_id or None), image_id
+    return t0, load_volume(path, name=image_id or None), image_id
+
+
+def _uncertainty(ws: Workspace, entropy: np.ndarray, label: np.ndarray, classes) -> float | None:
+    return strategies.uncertainty_score(entropy, label, classes, ProtocolSettings.from_config(ws.cfg).boundary_band)
 
 
 class FewShotInfer(InferTask):
@@ -136,17 +146,12 @@ class FewShotInfer(InferTask):
         from ssl_medsam2.engines import Case
         from ssl_medsam2.pseudo_label import pseudo_label_case
 
-        t0 = time.time()
-        ok, reason = self.availability()
-        if not ok:
-            raise RuntimeError(f"{self.engine_name} few-shot task unavailable: {reason}")
-        query, image_id = _query_volume(request)
+        t0, query, image_id = _start(self, f"{self.engine_name} few-shot task", request)
         supports = self.supports(query, image_id, int(request.get("top_k", self.config()["top_k"]) or 0))
         out_dir = self.ws.fewshot_dir if image_id else None
         outputs = pseudo_label_case(self.engine(), supports, Case(query), self.ws.cfg, out_dir=out_dir)
         s = outputs["summary"]
-        band = ProtocolSettings.from_config(self.ws.cfg).boundary_band
-        u = strategies.uncertainty_score(outputs["entropy"], outputs["label"], s["classes"], band)
+        u = _uncertainty(self.ws, outputs["entropy"], outputs["label"], s["classes"])
         if image_id:
             self.ws.set_scores(image_id, {"ssl_uncertainty": u, "ssl_fewshot_engine": self.engine_name,
                                           "ssl_fewshot_random_weights": bool(s.get("random_weights", False))})
@@ -193,9 +198,9 @@ class NnUNetInfer(InferTask):
                 raise RuntimeError("no trained model yet: run POST /train/ssl_nnunet")
             if self._model is None or self._model_dir != cur["model_dir"]:
                 log.info("loading nnU-Net model %s (%s)", cur["id"], cur["model_dir"])
-                from ssl_medsam2.devices import resolve_device
+                from ssl_medsam2.nnunet.settings import NnUNetSettings
 
-                device = resolve_device(self.ws.cfg.get("nnunet", {}).get("device"))  # auto: cuda when present
+                device = NnUNetSettings.from_config(self.ws.cfg).torch_device()  # auto: cuda when present
                 self._model = NnUNetModel(cur["model_dir"], device=device)
                 self._model_dir = cur["model_dir"]
             return self._model, cur["id"]
@@ -203,17 +208,11 @@ class NnUNetInfer(InferTask):
     def __call__(self, request):
         from ssl_medsam2.uncertainty import binary_entropy
 
-        t0 = time.time()
-        ok, reason = self.availability()
-        if not ok:
-            raise RuntimeError(f"nnunet task unavailable: {reason}")
-        query, image_id = _query_volume(request)
+        t0, query, image_id = _start(self, "nnunet task", request)
         model, version = self.model()
         label, probs = model.predict_volume(query)
         label = np.asarray(label, dtype=np.uint8)
-        classes = list(range(1, probs.shape[0]))
-        band = ProtocolSettings.from_config(self.ws.cfg).boundary_band
-        u = strategies.uncertainty_score(binary_entropy(probs[1:]), label, classes, band)
+        u = _uncertainty(self.ws, binary_entropy(probs[1:]), label, list(range(1, probs.shape[0])))
         scores: dict = {"ssl_nnunet_uncertainty": u, "ssl_nnunet_version": version}
         if image_id:
             pred = self.ws.predictions_dir(version) / f"{image_id}.nii.gz"

@@ -79,10 +79,9 @@ class DisagreementScoring(ScoringMethod):
             else:
                 if model is None:
                     from ssl_medsam2.nnunet.predict import NnUNetModel
+                    from ssl_medsam2.nnunet.settings import NnUNetSettings
 
-                    from ssl_medsam2.devices import resolve_device
-
-                    model = NnUNetModel(cur["model_dir"], device=resolve_device(self.ws.cfg["nnunet"].get("device")))
+                    model = NnUNetModel(cur["model_dir"], device=NnUNetSettings.from_config(self.ws.cfg).torch_device())
                 pred = np.asarray(model.predict_volume(image)[0], dtype=np.uint8)
                 save_like(pred, image, pred_path, dtype=np.uint8, description=f"ssl-medsam2 nnunet {cur['id']}")
             v = strategies.disagreement_score(load_label_for(image, few).array, pred)

@@ -29,6 +29,7 @@ from ssl_medsam2.io import link_or_copy, load_label_for, load_volume, write_text
 from ssl_medsam2.metrics import mean_dice
 from ssl_medsam2.nnunet.layout import RunLayout
 from ssl_medsam2.nnunet.reporting import RunProgress
+from ssl_medsam2.nnunet.settings import NnUNetSettings
 
 from .workspace import AppSettings, Workspace
 
@@ -59,9 +60,9 @@ class SSLNnUNetTrain(TrainTask):
         self.ws = ws
 
     def config(self):
-        n = self.ws.cfg.get("nnunet", {})
+        n = NnUNetSettings.from_config(self.ws.cfg)
         keys = ("configuration", "schedule", "epochs", "iterations_per_epoch", "max_rounds", "device", "quality_gate")
-        return {k: n[k] for k in keys if k in n}
+        return {k: getattr(n, k) for k in keys}
 
     def stats(self):
         p = self.ws.train_stats_path
@@ -115,10 +116,8 @@ class SSLNnUNetTrain(TrainTask):
                 vals.append(d)
         return float(np.mean(vals)) if vals else None
 
-    def _device(self) -> str:
-        from ssl_medsam2.devices import resolve_device
-
-        return resolve_device(self.ws.cfg.get("nnunet", {}).get("device"))
+    def _device(self):
+        return NnUNetSettings.from_config(self.ws.cfg).torch_device()
 
     def __call__(self, request, datastore):
         from ssl_medsam2.config import merge
@@ -127,8 +126,8 @@ class SSLNnUNetTrain(TrainTask):
         t0 = time.time()
         cfg = self.ws.cfg
         # request keys named like nnunet config keys override them for this run (e.g. {"epochs": 1})
-        ncfg = cfg.get("nnunet", {})
-        over = {k: request[k] for k in ncfg if k in request}
+        max_rounds = NnUNetSettings.from_config(cfg).max_rounds
+        over = {k: request[k] for k in NnUNetSettings.keys() if k in request}
         if over:
             cfg = merge(cfg, {"nnunet": over})
         version = self.ws.registry.next_id()
@@ -136,7 +135,7 @@ class SSLNnUNetTrain(TrainTask):
         images, labels, pseudo, final = self._inputs(work, datastore)
         # same fields as the CLI's progress line: round k/K, epoch e/E, it/s, ETA, train loss, pseudo Dice
         tracker = RunProgress()
-        stats = {"status": "RUNNING", "version": version, **tracker.fields, "max_rounds": ncfg.get("max_rounds"),
+        stats = {"status": "RUNNING", "version": version, **tracker.fields, "max_rounds": max_rounds,
                  "best_metric": None, "start_ts": t0, "total_time": "0s", "labelled": sorted(final)}
         self._write_stats(stats)
 

@@ -2,5 +2,6 @@
 
 Modules: :mod:`.export` (nnU-Net raw dataset, ignore label), :mod:`.trainers` (short schedules nnU-Net
 finds by name), :mod:`.train` (plan, preprocess, train), :mod:`.predict` (model on volumes/folders),
-:mod:`.rounds` (the resumable loop). nnunetv2 is imported only inside functions.
+:mod:`.rounds` (the resumable loop), :mod:`.settings` (the typed ``nnunet:`` section every step reads).
+nnunetv2 is imported only inside functions.
 """

@@ -27,7 +27,8 @@ import nibabel as nib
 import numpy as np
 
 from ..io import InputError, Volume, load_label_for, load_volume, write_text_atomic
-from ..preprocess import IntensityConfig
+from ..preprocess import InputSettings, IntensityConfig
+from .settings import NnUNetSettings
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,7 @@ def export_dataset(raw_root: str | os.PathLike, images: Mapping[str, Path], labe
     ``labels``: ground truth by case name; ``pseudo_labels``: pseudo labels for the other cases;
     ``entropy``: entropy maps of the pseudo labels (only read when the ignore label is on).
     """
-    ncfg = cfg.get("nnunet", {})
-    threshold = ncfg.get("ignore_entropy_threshold")
+    threshold = NnUNetSettings.from_config(cfg).ignore_entropy_threshold
     both = sorted(set(labels) & set(pseudo_labels))
     if both:
         raise InputError(None, f"cases with both a label and a pseudo label: {', '.join(both)}")
@@ -99,7 +99,7 @@ def export_dataset(raw_root: str | os.PathLike, images: Mapping[str, Path], labe
         shutil.rmtree(staging)
     (staging / "imagesTr").mkdir(parents=True)
     (staging / "labelsTr").mkdir(parents=True)
-    class_names = cfg.get("input", {}).get("class_names") or {}
+    inputs = InputSettings.from_config(cfg)
     stats = {}
     for name in sorted(set(labels) | set(pseudo_labels)):
         img_path = Path(images[name])
@@ -125,7 +125,7 @@ def export_dataset(raw_root: str | os.PathLike, images: Mapping[str, Path], labe
         stats[name] = {"source": "ground_truth" if is_gt else "pseudo_label", "ignored_voxels": n_ignored}
     label_names = {"background": 0}
     for i, c in enumerate(classes, start=1):
-        nm = str(class_names.get(c, class_names.get(str(c), f"class_{c}")))
+        nm = inputs.class_name(c, unnamed=f"class_{c}")
         label_names[nm if nm not in label_names else f"{nm}_{c}"] = i
     if use_ignore:
         label_names["ignore"] = ignore_value

@@ -31,19 +31,14 @@ import numpy as np
 
 from ..io import load_label_for, load_volume
 from ..metrics import mean_dice
+from .settings import NnUNetSettings
 
-MODES = ("holdout", "off")
 
-
-def pick_gate_cases(labelled: Sequence[str], ncfg: dict) -> tuple[list[str], str]:
+def pick_gate_cases(labelled: Sequence[str], settings: NnUNetSettings) -> tuple[list[str], str]:
     """(gate cases, why): the last ``gate_cases`` labelled cases by name, if at least one labelled case is left."""
-    mode = ncfg.get("quality_gate", "holdout")
-    mode = "off" if mode is False or mode is None else str(mode)  # YAML reads a bare `off` as False
-    if mode not in MODES:
-        raise ValueError(f"nnunet.quality_gate must be one of {', '.join(MODES)}, got {mode!r}")
-    if mode == "off":
+    if settings.gate_mode == "off":
         return [], "quality gate off (nnunet.quality_gate: off): every round is deployed"
-    n = int(ncfg.get("gate_cases", 1))
+    n = int(settings.gate_cases)
     labelled = sorted(labelled)
     if n < 1 or len(labelled) - n < 1:
         return [], (f"quality gate off: holding out {n} of {len(labelled)} labelled case(s) would leave no "

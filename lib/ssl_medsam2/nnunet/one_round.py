@@ -22,7 +22,6 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from ..cluster import cluster_address, predict_round_on_cluster
-from ..devices import resolve_device
 from ..io import (InputError, atomic_write, link_or_copy, list_volumes, load_label_for, load_volume, save_like,
                   write_text_atomic)
 from ..metrics import mean_dice
@@ -32,12 +31,13 @@ from . import train as nn_train
 from .export import export_dataset, verify
 from .layout import RunLayout
 from .reporting import plot_curves
+from .settings import NnUNetSettings
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[dict], None]
-#: called after preprocessing with a speed probe; returns the nnunet config with the schedule filled in
-ScheduleFn = Callable[[Callable[[], float]], dict]
+#: called after preprocessing with a speed probe; returns the nnunet settings with the schedule filled in
+ScheduleFn = Callable[[Callable[[], float]], NnUNetSettings]
 
 
 def emit(progress: ProgressFn | None, **event) -> None:
@@ -104,17 +104,17 @@ def make_round0(layout: RunLayout, images_dir, labels_dir, images: Mapping[str, 
 
 # --- predicting -----------------------------------------------------------------------------------
 
-def load_model(model_dir: Path, ncfg: dict, log_path: Path | None = None):
+def load_model(model_dir: Path, settings: NnUNetSettings, log_path: Path | None = None):
     """The model for prediction; nnU-Net's loading chatter goes to ``log_path`` (the round's nnunet.log)."""
     from .predict import NnUNetModel
 
     with nn_train.nnunet_output(log_path):
-        return NnUNetModel(model_dir, device=resolve_device(ncfg.get("device")),
-                           use_mirroring=bool(ncfg.get("use_mirroring", False)), num_threads=ncfg.get("cpu_threads"))
+        return NnUNetModel(model_dir, device=settings.torch_device(), use_mirroring=settings.use_mirroring,
+                           num_threads=settings.cpu_threads)
 
 
-def predict_cases(model_dir: Path, ncfg: dict, images: Mapping[str, Path], names: Sequence[str], out_dir: Path,
-                  round_no: int, progress: ProgressFn | None = None, cache: dict | None = None,
+def predict_cases(model_dir: Path, settings: NnUNetSettings, images: Mapping[str, Path], names: Sequence[str],
+                  out_dir: Path, round_no: int, progress: ProgressFn | None = None, cache: dict | None = None,
                   log_path: Path | None = None) -> list[str]:
     """Predict these cases with this model: ``out_dir/labels/<case>`` + ``out_dir/entropy/<case>`` (max over
     classes, bits), each on its source grid. Cases already there are skipped; returns the ones predicted.
@@ -128,7 +128,7 @@ def predict_cases(model_dir: Path, ncfg: dict, images: Mapping[str, Path], names
         return []
     cache = {} if cache is None else cache
     if str(model_dir) not in cache:
-        cache[str(model_dir)] = load_model(model_dir, ncfg, log_path)
+        cache[str(model_dir)] = load_model(model_dir, settings, log_path)
     model = cache[str(model_dir)]
     for i, n in enumerate(todo):
         vol = load_volume(images[n], name=n)
@@ -152,15 +152,15 @@ def train_round(k: int, layout: RunLayout, cfg: dict, images: Mapping[str, Path]
     A folder ``round_k/nnunet/`` with ``prepared.json`` means export + preprocessing finished; with a
     ``checkpoint_latest.pth`` inside, training continues from it (the epoch count goes on).
     """
-    ncfg = cfg.get("nnunet", {})
-    max_rounds = int(ncfg.get("max_rounds", 3))
+    settings = NnUNetSettings.from_config(cfg)
+    max_rounds = settings.max_rounds
     root, nn_log, model_dir = layout.nnunet_root(k), layout.nnunet_log(k), layout.model(k)
     marker = root / "prepared.json"
     times: dict[str, float] = {}
     prepared = marker.exists()
     if root.exists() and not prepared:
         shutil.rmtree(root)  # an attempt stopped before preprocessing finished: start the round over
-    with nn_train.nnunet_env(root, ncfg):
+    with nn_train.nnunet_env(root, settings):
         if not prepared:
             t = time.perf_counter()
             emit(progress, stage="export", round=k, max_rounds=max_rounds)
@@ -170,32 +170,32 @@ def train_round(k: int, layout: RunLayout, cfg: dict, images: Mapping[str, Path]
             ds = export_dataset(root / "raw", images, train_labels, pseudo, classes, cfg, entropy=entropy)
             if k == 1:
                 with nn_train.nnunet_output(nn_log):
-                    verify(ds, max(1, int(ncfg.get("num_processes", 2))))
+                    verify(ds, max(1, settings.num_processes))
             times["export_s"] = time.perf_counter() - t
             t = time.perf_counter()
             emit(progress, stage="plan", round=k, max_rounds=max_rounds)
             first = layout.model(1)
-            nn_train.plan_and_preprocess(ncfg, reuse_from=first if k > 1 and first.exists() else None,
+            nn_train.plan_and_preprocess(settings, reuse_from=first if k > 1 and first.exists() else None,
                                          log_path=nn_log)
             write_text_atomic(json.dumps({"round": k}), marker)
             times["plan_preprocess_s"] = time.perf_counter() - t
 
         def probe() -> float:
             emit(progress, stage="speed", round=k, max_rounds=max_rounds)
-            return nn_train.measure_speed(ncfg, int(ncfg.get("speed_probe_iterations", 5)), log_path=nn_log)
+            return nn_train.measure_speed(settings, log_path=nn_log)
 
-        ncfg_run = schedule_for(probe)
-        resume = nn_train.latest_checkpoint(ncfg_run)
+        scheduled = schedule_for(probe)
+        resume = nn_train.latest_checkpoint(scheduled)
         if resume is not None:
             log.info("round %d: resuming nnU-Net training from %s", k, resume)
         init = None
-        if ncfg.get("fine_tune") and k > 1:
-            init = layout.model(k - 1) / f"fold_{nn_train._fold(ncfg)}" / "checkpoint_final.pth"
+        if settings.fine_tune and k > 1:
+            init = layout.model(k - 1) / f"fold_{settings.fold_id}" / "checkpoint_final.pth"
         t = time.perf_counter()
-        nn_train.train_model(ncfg_run, model_dir, init_checkpoint=init, log_path=nn_log, resume=True,
+        nn_train.train_model(scheduled, model_dir, init_checkpoint=init, log_path=nn_log, resume=True,
                              progress=lambda ev: emit(progress, **ev, round=k, max_rounds=max_rounds))
         times["train_s"] = time.perf_counter() - t
-    if not ncfg.get("keep_intermediate", False):
+    if not settings.keep_intermediate:
         shutil.rmtree(root, ignore_errors=True)
     log.info("round %d: trained in %.0fs", k, times["train_s"])
     return times
@@ -220,9 +220,9 @@ def run_round(k: int, layout: RunLayout, cfg: dict, images: Mapping[str, Path], 
               deployed: dict, schedule_for: ScheduleFn, progress: ProgressFn | None = None) -> dict:
     """Train round ``k`` on ground truth (minus the gate cases) + round k-1 pseudo labels, predict, measure,
     decide deployment against ``deployed`` ({"round", "gate_dice"}); writes and returns its metrics."""
-    ncfg = cfg.get("nnunet", {})
-    max_rounds = int(ncfg.get("max_rounds", 3))
-    fold = nn_train._fold(ncfg)
+    settings = NnUNetSettings.from_config(cfg)
+    max_rounds = settings.max_rounds
+    fold = settings.fold_id
     model_dir = layout.model(k)
     ckpt = model_dir / f"fold_{fold}" / "checkpoint_final.pth"
     train_labels = {n: p for n, p in labels.items() if n not in gate}
@@ -242,8 +242,8 @@ def run_round(k: int, layout: RunLayout, cfg: dict, images: Mapping[str, Path], 
                                  k, images, show_progress=False, progress=progress)
     else:
         nn_log = layout.nnunet_log(k)
-        predict_cases(model_dir, ncfg, images, pseudo_names, layout.round(k), k, progress, cache, nn_log)
-        predict_cases(model_dir, ncfg, images, sorted(train_labels), layout.labelled_predictions(k), k, None, cache,
+        predict_cases(model_dir, settings, images, pseudo_names, layout.round(k), k, progress, cache, nn_log)
+        predict_cases(model_dir, settings, images, sorted(train_labels), layout.labelled_predictions(k), k, None, cache,
                       nn_log)
     times["predict_s"] = time.perf_counter() - t
 
@@ -261,11 +261,11 @@ def run_round(k: int, layout: RunLayout, cfg: dict, images: Mapping[str, Path], 
     ema, trainer_name = _checkpoint_info(ckpt)
     score = gate_mod.gate_score(layout.labels(k), gate, images, labels, classes)
     decision = gate_mod.decide(k, None if score is None else score["dice"], int(deployed["round"]),
-                               deployed.get("gate_dice"), float(ncfg.get("gate_tolerance", 0.0) or 0.0))
+                               deployed.get("gate_dice"), settings.gate_tolerance)
     metrics = {
         "round": k,
         "change": float(1.0 - np.mean(list(change.values()))) if change else 0.0,
-        "min_change": ncfg.get("min_change"),
+        "min_change": settings.min_change,
         "dice_to_previous": change,
         "labelled_dice": float(np.mean(list(fit.values()))) if fit else None,
         "labelled_dice_per_case": fit,
@@ -279,9 +279,9 @@ def run_round(k: int, layout: RunLayout, cfg: dict, images: Mapping[str, Path], 
         "nnunet_ema_pseudo_dice": ema,
         "model_dir": str(model_dir),
         "trainer": trainer_name,
-        "configuration": ncfg.get("configuration", "2d"),
+        "configuration": settings.configuration,
         "fold": fold,
-        "fine_tuned_from": str(layout.model(k - 1)) if ncfg.get("fine_tune") and k > 1 else None,
+        "fine_tuned_from": str(layout.model(k - 1)) if settings.fine_tune and k > 1 else None,
         "seconds": {k2: round(v, 1) for k2, v in times.items()},
     }
     plot_curves(history + [metrics], layout.curves(k), round0_gate=_round0_gate(history, deployed))

@@ -24,13 +24,14 @@ from typing import Callable
 
 import numpy as np
 
-from ..devices import resolve_device
 from ..io import InputError, list_volumes, load_label_for, load_volume
+from ..preprocess import InputSettings
 from . import gate as gate_mod
 from . import one_round, runstate
 from . import schedule as schedule_mod
 from .layout import RunLayout
 from .reporting import ProgressLine, loud
+from .settings import NnUNetSettings
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def should_stop(changes: list[float], min_change: float | None, max_rounds: int)
 
 
 def _classes(cfg: dict, labels: dict[str, Path]) -> list[int]:
-    want = cfg.get("input", {}).get("classes")
+    want = InputSettings.from_config(cfg).classes
     if want:
         return sorted(int(c) for c in want)
     import nibabel as nib
@@ -76,16 +77,16 @@ def _engine_name(cfg, engine, pseudo_labels_dir, unlabelled) -> str:
     return choose_engine(cfg)[0]
 
 
-def _schedule_hook(state: dict, layout: RunLayout, ncfg: dict, device_type: str, max_rounds: int):
+def _schedule_hook(state: dict, layout: RunLayout, settings: NnUNetSettings, device_type: str, max_rounds: int):
     """The schedule for every round: resolved once (after round 1's preprocessing, from a measured speed),
     said in one line, recorded in state.json; later rounds and resumed runs reuse it."""
-    def schedule_for(probe: Callable[[], float]) -> dict:
+    def schedule_for(probe: Callable[[], float]) -> NnUNetSettings:
         if state.get("schedule") is None:
-            sched = schedule_mod.resolve(ncfg, device_type, it_per_s=probe())
+            sched = schedule_mod.resolve(settings, device_type, it_per_s=probe())
             state["schedule"] = sched.as_dict()
             runstate.save(layout, state)
             log.info("%s", sched.describe(max_rounds))
-        return schedule_mod.apply(ncfg, schedule_mod.Schedule.from_dict(state["schedule"]))
+        return settings.with_schedule(schedule_mod.Schedule.from_dict(state["schedule"]))
 
     return schedule_for
 
@@ -101,8 +102,7 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
     ``progress`` gets every event (stage, round, epoch, ...); ``show_progress`` draws the console line.
     """
     layout = RunLayout(work_dir)
-    ncfg = cfg.get("nnunet", {})
-    schedule_mod.parse(ncfg.get("schedule"))  # a bad schedule fails before any work
+    settings = NnUNetSettings.from_config(cfg)  # a bad nnunet setting (schedule, ...) fails before any work
     images = list_volumes(images_dir)
     if not images:
         raise InputError(images_dir, "no NIfTI image (.nii / .nii.gz) in this folder")
@@ -116,17 +116,17 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
         load_label_for(load_volume(images[n], name=n), p)
     unlabelled = sorted(set(images) - set(labels))
     classes = _classes(cfg, labels)
-    gate, gate_why = gate_mod.pick_gate_cases(sorted(labels), ncfg)
+    gate, gate_why = gate_mod.pick_gate_cases(sorted(labels), settings)
     engine_name = _engine_name(cfg, engine, pseudo_labels_dir, unlabelled)
     if engine is None and pseudo_labels_dir is None and unlabelled + gate:
         from ..engines import with_engine_chosen
 
         cfg = with_engine_chosen(cfg)  # says once which engine round 0 uses, and why
-    state = runstate.open_state(layout, runstate.settings(ncfg, engine_name), sorted(labels), unlabelled, classes,
+    state = runstate.open_state(layout, runstate.settings(settings, engine_name), sorted(labels), unlabelled, classes,
                                 gate, gate_why, {"images": str(Path(images_dir).resolve()),
                                                  "labels": str(Path(labels_dir).resolve())})
-    state["max_rounds"] = int(ncfg.get("max_rounds", 3))
-    state["min_change"] = ncfg.get("min_change")
+    state["max_rounds"] = settings.max_rounds
+    state["min_change"] = settings.min_change
     runstate.save(layout, state)
     log.info("%s", state["gate"]["why"])
 
@@ -154,7 +154,7 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
             runstate.save(layout, state)
 
         history = layout.finished_rounds(state["max_rounds"])  # rounds finished by an earlier run
-        schedule_for = _schedule_hook(state, layout, ncfg, resolve_device(ncfg.get("device")).type,
+        schedule_for = _schedule_hook(state, layout, settings, settings.torch_device().type,
                                       state["max_rounds"])
         if state.get("schedule") is not None:
             log.info("%s (recorded in state.json)", schedule_mod.Schedule.from_dict(state["schedule"])

@@ -12,14 +12,16 @@ import json
 
 from ..io import InputError, write_text_atomic
 from .layout import RunLayout
+from .settings import NnUNetSettings
 
 #: settings that change what a finished round contains; a work dir refuses to continue with others
 FINGERPRINT_KEYS = ("configuration", "fold", "schedule", "epochs", "iterations_per_epoch", "val_iterations",
                     "fine_tune", "ignore_entropy_threshold", "gpu_memory_target", "quality_gate", "gate_cases")
 
 
-def settings(ncfg: dict, engine_name: str) -> dict:
-    return {**{k: ncfg.get(k) for k in FINGERPRINT_KEYS}, "round0": engine_name}
+def settings(nnunet: NnUNetSettings, engine_name: str) -> dict:
+    """The run's fingerprint: these settings as configured (state.json keeps them to refuse others)."""
+    return {**{k: getattr(nnunet, k) for k in FINGERPRINT_KEYS}, "round0": engine_name}
 
 
 def open_state(layout: RunLayout, settings_now: dict, labelled: list[str], unlabelled: list[str],

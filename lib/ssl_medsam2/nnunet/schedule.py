@@ -25,6 +25,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .settings import NnUNetSettings
 
 MODES = ("auto", "short", "full")
 _MINUTES = re.compile(r"^minutes:(\d+(?:\.\d+)?)$")
@@ -100,17 +104,15 @@ def epochs_for_minutes(minutes: float, it_per_s: float, iterations_per_epoch: in
     return max(1, int(math.floor(minutes * 60.0 / per_epoch_s)))
 
 
-def resolve(ncfg: dict, device_type: str, it_per_s: float | None = None) -> Schedule:
-    """The schedule for ``ncfg`` on a ``device_type`` ("cuda" / "cpu") machine.
+def resolve(settings: "NnUNetSettings", device_type: str, it_per_s: float | None = None) -> Schedule:
+    """The schedule for these settings on a ``device_type`` ("cuda" / "cpu") machine.
 
     ``it_per_s``: the measured training speed (needed for ``minutes:N``; otherwise only for the estimate).
+    The settings check that both presets exist (:class:`.settings.NnUNetSettings`).
     """
-    spec = str(ncfg.get("schedule") or "auto")
+    spec = str(settings.schedule or "auto")
     mode, minutes = parse(spec)
-    presets = ncfg.get("schedules") or {}
-    for name in ("short", "full"):
-        if name not in presets:
-            raise ValueError(f"nnunet.schedules.{name} is missing from the config")
+    presets = settings.schedules
     device_pick = "full" if device_type == "cuda" else "short"
     if mode == "auto":
         name, base = device_pick, presets[device_pick]
@@ -126,7 +128,7 @@ def resolve(ncfg: dict, device_type: str, it_per_s: float | None = None) -> Sche
         name, base = mode, presets[mode]
         reason = f"schedule {mode}"
     values = {k: int(base[k]) for k in OVERRIDE_KEYS}
-    over = {k: int(ncfg[k]) for k in OVERRIDE_KEYS if ncfg.get(k) is not None}
+    over = {k: int(getattr(settings, k)) for k in OVERRIDE_KEYS if getattr(settings, k) is not None}
     if over:
         values.update(over)
         reason += "; overridden: " + ", ".join(f"{k}={v}" for k, v in over.items())
@@ -134,9 +136,3 @@ def resolve(ncfg: dict, device_type: str, it_per_s: float | None = None) -> Sche
         if v < 1:
             raise ValueError(f"nnunet.{k} must be >= 1, got {v}")
     return Schedule(spec=spec, name=name, reason=reason, it_per_s=it_per_s, **values)
-
-
-def apply(ncfg: dict, schedule: Schedule) -> dict:
-    """``ncfg`` with the schedule's epochs / iterations filled in (what training and the trainer name use)."""
-    return {**ncfg, "epochs": schedule.epochs, "iterations_per_epoch": schedule.iterations_per_epoch,
-            "val_iterations": schedule.val_iterations}

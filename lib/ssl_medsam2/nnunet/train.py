@@ -19,6 +19,7 @@ Mid-round resume: nnU-Net writes ``checkpoint_latest.pth`` every ``nnunet.checkp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -29,9 +30,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..devices import resolve_device
 from . import trainers
 from .export import DATASET_ID, DATASET_NAME
+from .settings import NnUNetSettings
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,13 @@ PLANS_NAME = "nnUNetPlans"
 
 
 @contextlib.contextmanager
-def nnunet_env(root: str | os.PathLike, ncfg: dict | None = None):
+def nnunet_env(root: str | os.PathLike, settings: NnUNetSettings):
     """Point nnU-Net's three folders at ``root/{raw,preprocessed,results}`` for the duration."""
-    ncfg = ncfg or {}
     root = Path(root)
     new = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
            "nnUNet_results": str(root / "results"),
-           "nnUNet_n_proc_DA": str(int(ncfg.get("num_workers", 2)))}
-    if resolve_device(ncfg.get("device")).type == "cpu" or not ncfg.get("compile"):
+           "nnUNet_n_proc_DA": str(settings.num_workers)}
+    if settings.torch_device().type == "cpu" or not settings.compile:
         new["nnUNet_compile"] = "false"
     for k in ("raw", "preprocessed", "results"):
         (root / k).mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,7 @@ def nnunet_output(log_path: Path | None):
                 h.removeFilter(drop)
 
 
-def plan_and_preprocess(ncfg: dict, reuse_from: str | os.PathLike | None = None,
+def plan_and_preprocess(settings: NnUNetSettings, reuse_from: str | os.PathLike | None = None,
                         log_path: Path | None = None) -> Path:
     """Fingerprint + plan (or reuse a trained model's plans) and preprocess the exported dataset.
 
@@ -114,11 +114,11 @@ def plan_and_preprocess(ncfg: dict, reuse_from: str | os.PathLike | None = None,
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
                                                                       preprocess)
 
-    nproc = max(1, int(ncfg.get("num_processes", 2)))
-    conf = ncfg.get("configuration", "2d")
+    nproc = max(1, settings.num_processes)
+    conf = settings.configuration
     pre = Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME
     # the planner calls torch.set_num_threads(nnUNet_n_proc_DA), which must then be >= 1
-    with nnunet_output(log_path), _env(nnUNet_n_proc_DA=str(max(1, int(ncfg.get("num_workers", 2))))):
+    with nnunet_output(log_path), _env(nnUNet_n_proc_DA=str(max(1, settings.num_workers))):
         if reuse_from is not None:
             reuse_from = Path(reuse_from)
             pre.mkdir(parents=True, exist_ok=True)
@@ -128,7 +128,7 @@ def plan_and_preprocess(ncfg: dict, reuse_from: str | os.PathLike | None = None,
         else:
             extract_fingerprints([DATASET_ID], num_processes=nproc, check_dataset_integrity=True,
                                  verbose=False, show_progress_bar=False)
-            gpu_mem = ncfg.get("gpu_memory_target")
+            gpu_mem = settings.gpu_memory_target
             plan_experiments([DATASET_ID], gpu_memory_target_in_gb=float(gpu_mem) if gpu_mem else None)
         plans = json.loads((pre / f"{PLANS_NAME}.json").read_text())
         if conf not in plans["configurations"]:
@@ -139,27 +139,21 @@ def plan_and_preprocess(ncfg: dict, reuse_from: str | os.PathLike | None = None,
     return pre
 
 
-def _fold(ncfg: dict):
-    f = ncfg.get("fold", "all")
-    return "all" if str(f) == "all" else int(f)
-
-
-def _trained_dir(ncfg: dict, name: str | None = None) -> Path:
+def _trained_dir(settings: NnUNetSettings) -> Path:
     """nnU-Net's output folder of this trainer/plans/configuration (inside :func:`nnunet_env`)."""
-    name = name or trainers.trainer_name_from_config(ncfg)
     return (Path(os.environ["nnUNet_results"]) / DATASET_NAME
-            / f"{name}__{PLANS_NAME}__{ncfg.get('configuration', '2d')}")
+            / f"{settings.trainer_name}__{PLANS_NAME}__{settings.configuration}")
 
 
-def latest_checkpoint(ncfg: dict) -> Path | None:
+def latest_checkpoint(settings: NnUNetSettings) -> Path | None:
     """The ``checkpoint_latest.pth`` an interrupted training of this schedule left behind, if any."""
-    p = _trained_dir(ncfg) / f"fold_{_fold(ncfg)}" / "checkpoint_latest.pth"
+    p = _trained_dir(settings) / f"fold_{settings.fold_id}" / "checkpoint_latest.pth"
     return p if p.exists() else None
 
 
-def train_model(ncfg: dict, model_dir: str | os.PathLike, init_checkpoint: str | os.PathLike | None = None,
-                progress: Callable[[dict], None] | None = None, log_path: Path | None = None,
-                resume: bool = False) -> Path:
+def train_model(settings: NnUNetSettings, model_dir: str | os.PathLike,
+                init_checkpoint: str | os.PathLike | None = None, progress: Callable[[dict], None] | None = None,
+                log_path: Path | None = None, resume: bool = False) -> Path:
     """Train on the preprocessed dataset; the finished model folder lands at ``model_dir``.
 
     ``init_checkpoint``: start from these weights (fine-tuning from the previous round) instead of
@@ -169,21 +163,21 @@ def train_model(ncfg: dict, model_dir: str | os.PathLike, init_checkpoint: str |
     Call inside :func:`nnunet_env`.
     """
     model_dir = Path(model_dir)
-    name = trainers.trainer_name_from_config(ncfg)
-    conf = ncfg.get("configuration", "2d")
-    fold = _fold(ncfg)
-    device = resolve_device(ncfg.get("device"))
+    name = settings.trainer_name
+    conf = settings.configuration
+    fold = settings.fold_id
+    device = settings.torch_device()
     if model_dir.exists():
         shutil.rmtree(model_dir)
-    trained = _trained_dir(ncfg, name)
-    resume_from = latest_checkpoint(ncfg) if resume else None
+    trained = _trained_dir(settings)
+    resume_from = latest_checkpoint(settings) if resume else None
     if trained.exists() and resume_from is None:
         shutil.rmtree(trained)
     t0 = time.perf_counter()
-    if int(ncfg.get("num_gpus", 1)) > 1:
-        _train_ddp(ncfg, name, conf, fold, init_checkpoint, log_path, resume_from is not None)
+    if settings.num_gpus > 1:
+        _train_ddp(settings, init_checkpoint, log_path, resume_from is not None)
     else:
-        _train_in_process(ncfg, name, conf, fold, device, init_checkpoint, progress, log_path, resume_from)
+        _train_in_process(settings, device, init_checkpoint, progress, log_path, resume_from)
     ckpt = trained / f"fold_{fold}" / "checkpoint_final.pth"
     if not ckpt.exists():
         raise RuntimeError(f"nnU-Net finished without writing {ckpt}; see {log_path or 'its log'}")
@@ -194,28 +188,41 @@ def train_model(ncfg: dict, model_dir: str | os.PathLike, init_checkpoint: str |
     return model_dir
 
 
-def _train_in_process(ncfg, name, conf, fold, device, init_checkpoint, progress, log_path, resume_from=None):
+def _seed_and_threads(settings: NnUNetSettings) -> None:
+    """What the speed probe and the training both set first: torch threads and the seed."""
     import numpy as np
     import torch
+
+    if settings.cpu_threads:
+        torch.set_num_threads(settings.cpu_threads)
+    if settings.seed is not None:
+        torch.manual_seed(settings.seed)
+        np.random.seed(settings.seed)
+
+
+def _new_trainer(settings: NnUNetSettings, device, log_path: Path | None):
+    """A trainer of ``settings.trainer_name`` on the preprocessed dataset (plans, dataset.json), not initialised."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
-    seed = ncfg.get("seed")
-    if seed is not None:
-        torch.manual_seed(int(seed))
-        np.random.seed(int(seed))
-    if ncfg.get("cpu_threads"):
-        torch.set_num_threads(int(ncfg["cpu_threads"]))
     with nnunet_output(log_path):  # nnU-Net's class search prints
-        trainer_cls = trainers.find_trainer(name)
+        trainer_cls = trainers.find_trainer(settings.trainer_name)
     pre = Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME
     plans = load_json(str(pre / f"{PLANS_NAME}.json"))
     plans["continue_training"] = False
     dataset_json = load_json(str(pre / "dataset.json"))
     with nnunet_output(log_path):
-        trainer = trainer_cls(plans=plans, configuration=conf, fold=fold, dataset_json=dataset_json,
-                              device=device)
+        return trainer_cls(plans=plans, configuration=settings.configuration, fold=settings.fold_id,
+                           dataset_json=dataset_json, device=device)
+
+
+def _train_in_process(settings: NnUNetSettings, device, init_checkpoint, progress, log_path, resume_from=None):
+    import torch
+
+    _seed_and_threads(settings)
+    trainer = _new_trainer(settings, device, log_path)
+    with nnunet_output(log_path):
         trainer.initialize()
-        trainer.save_every = max(1, int(ncfg.get("checkpoint_every") or 1))
+        trainer.save_every = max(1, settings.checkpoint_every)
         if resume_from is not None:
             trainer.load_checkpoint(str(resume_from))  # what nnUNetv2_train --c does
             log.info("resuming training from %s at epoch %d/%d", resume_from, trainer.current_epoch,
@@ -240,31 +247,20 @@ def _train_in_process(ncfg, name, conf, fold, device, init_checkpoint, progress,
         trainer.run_training()
 
 
-def measure_speed(ncfg: dict, iterations: int = 5, warmup: int = 2, log_path: Path | None = None) -> float:
-    """Training iterations per second on the preprocessed dataset, over ``iterations`` after ``warmup``.
+def measure_speed(settings: NnUNetSettings, log_path: Path | None = None, warmup: int = 2) -> float:
+    """Training iterations per second on the preprocessed dataset, over ``settings.speed_probe_iterations``
+    after ``warmup``.
 
     The same trainer, network, batch and augmentation workers as the real training; nothing is kept
     (its output folder is removed). Call inside :func:`nnunet_env`, after preprocessing.
     """
-    import numpy as np
     import torch
-    from batchgenerators.utilities.file_and_folder_operations import load_json
 
-    if ncfg.get("cpu_threads"):
-        torch.set_num_threads(int(ncfg["cpu_threads"]))
-    probe = {**ncfg, "epochs": 1, "iterations_per_epoch": max(1, iterations + warmup), "val_iterations": 1}
-    name = trainers.trainer_name_from_config(probe)
-    pre = Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME
-    plans = load_json(str(pre / f"{PLANS_NAME}.json"))
-    plans["continue_training"] = False
-    dataset_json = load_json(str(pre / "dataset.json"))
-    if ncfg.get("seed") is not None:
-        torch.manual_seed(int(ncfg["seed"]))
-        np.random.seed(int(ncfg["seed"]))
+    iterations = settings.speed_probe_iterations
+    probe = dataclasses.replace(settings, epochs=1, iterations_per_epoch=max(1, iterations + warmup), val_iterations=1)
+    _seed_and_threads(probe)
+    trainer = _new_trainer(probe, probe.torch_device(), log_path)
     with nnunet_output(log_path):
-        trainer = trainers.find_trainer(name)(plans=plans, configuration=ncfg.get("configuration", "2d"),
-                                              fold=_fold(ncfg), dataset_json=dataset_json,
-                                              device=resolve_device(ncfg.get("device")))
         try:
             trainer.on_train_start()
             trainer.on_train_epoch_start()
@@ -282,14 +278,15 @@ def measure_speed(ncfg: dict, iterations: int = 5, warmup: int = 2, log_path: Pa
             for dl in (getattr(trainer, "dataloader_train", None), getattr(trainer, "dataloader_val", None)):
                 if dl is not None and hasattr(dl, "_finish"):
                     dl._finish()
-            shutil.rmtree(_trained_dir(probe, name), ignore_errors=True)
+            shutil.rmtree(_trained_dir(probe), ignore_errors=True)
     log.info("measured %.3f training iterations/s (%d iterations after %d warm-up)", speed, iterations, warmup)
     return speed
 
 
-def _train_ddp(ncfg, name, conf, fold, init_checkpoint, log_path, resume=False):
+def _train_ddp(settings: NnUNetSettings, init_checkpoint, log_path, resume=False):
     cmd = [sys.executable, "-c", "from nnunetv2.run.run_training import run_training_entry as m; m()",
-           str(DATASET_ID), conf, str(fold), "-tr", name, "-num_gpus", str(int(ncfg["num_gpus"]))]
+           str(DATASET_ID), settings.configuration, str(settings.fold_id), "-tr", settings.trainer_name,
+           "-num_gpus", str(settings.num_gpus)]
     if resume:
         cmd += ["--c"]
     elif init_checkpoint is not None:

@@ -31,10 +31,6 @@ def trainer_name(epochs: int, iterations_per_epoch: int, val_iterations: int) ->
     return f"nnUNetTrainerSSL_{int(epochs)}ep_{int(iterations_per_epoch)}it_{int(val_iterations)}val"
 
 
-def trainer_name_from_config(ncfg: dict) -> str:
-    return trainer_name(ncfg["epochs"], ncfg["iterations_per_epoch"], ncfg["val_iterations"])
-
-
 def register() -> None:
     """Put ``nnunet_ext/`` on ``nnUNet_extTrainer`` (idempotent; keeps what the user set)."""
     current = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
