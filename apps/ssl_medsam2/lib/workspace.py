@@ -18,9 +18,10 @@ from typing import Any, Mapping
 
 from filelock import FileLock
 
-from ssl_medsam2.config import load_config, merge, section
+from ssl_medsam2.config import Section, load_config, merge
 from ssl_medsam2.io import write_text_atomic
 from ssl_medsam2.leases import LeaseBook
+from ssl_medsam2.nnunet.layout import Under
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +112,10 @@ class ModelRegistry:
 
 
 @dataclass(frozen=True)
-class AppSettings:
+class AppSettings(Section):
     """The ``app:`` section of the config, typed (what each key means: configs/ssl_medsam2.yaml)."""
 
+    SECTION = "app"
     state_dir: str | None
     lease_hours: float
     pseudo_tag: str
@@ -133,11 +135,7 @@ class AppSettings:
                            ("retrain_after_labels", int), ("retrain_debounce_s", float), ("promote_tolerance", float),
                            ("promote_eval_cases", int), ("auto_update_scoring", bool), ("embedding_grid", tuple),
                            ("anonymous_leases", int), ("max_upload_voxels", int), ("max_upload_mb", float)):
-            object.__setattr__(self, name, kind(getattr(self, name)))
-
-    @classmethod
-    def from_config(cls, cfg: Mapping) -> "AppSettings":
-        return section(cfg, "app", cls)
+            self._set(**{name: kind(getattr(self, name))})
 
 
 class Workspace:
@@ -165,26 +163,19 @@ class Workspace:
     @property
     def label_ids(self) -> set[int]:
         """Class ids a saved label may hold: background, ``input.class_names`` and ``input.classes``."""
-        inp = self.cfg.get("input", {})
-        return {0} | {int(k) for k in (inp.get("class_names") or {})} | {int(c) for c in (inp.get("classes") or [])}
+        from ssl_medsam2.preprocess import InputSettings
+
+        return InputSettings.from_config(self.cfg).label_ids
 
     # -- folders --
-    @property
-    def scratch_root(self) -> Path:
-        """Per-request temporary files (uploads being checked); each request removes its own folder."""
-        return self.state_dir / "scratch"
-
-    @property
-    def fewshot_dir(self) -> Path:
-        """Few-shot outputs (labels/, probabilities/, entropy/, summaries/) of the latest few-shot infer."""
-        return self.state_dir / "fewshot"
+    #: per-request temporary files (uploads being checked); each request removes its own folder
+    scratch_root = Under("state_dir", "scratch")
+    #: few-shot outputs (labels/, probabilities/, entropy/, summaries/) of the latest few-shot infer
+    fewshot_dir = Under("state_dir", "fewshot")
+    train_stats_path = Under("state_dir", "train_stats.json")
 
     def predictions_dir(self, version: str) -> Path:
         return self.state_dir / "predictions" / version
-
-    @property
-    def train_stats_path(self) -> Path:
-        return self.state_dir / "train_stats.json"
 
     # -- datastore views --
     def final_labelled(self) -> dict[str, tuple[str, str]]:

@@ -22,6 +22,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+class Under:
+    """A path attribute, ``<the owner's root attribute>/<parts>``: a layout is a table of names, not a
+    property each (the app's ``Workspace`` uses it too)."""
+
+    def __init__(self, root: str, *parts: str):
+        self.root, self.parts = root, parts
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else Path(getattr(obj, self.root), *self.parts)
+
+
+class InRound:
+    """A per-round path: ``layout.<name>(k)`` is ``round_{k:03d}/<part>``."""
+
+    def __init__(self, part: str):
+        self.part = part
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else (lambda k: obj.round(k) / self.part)
+
+
 @dataclass(frozen=True)
 class RunLayout:
     work: Path
@@ -30,17 +51,9 @@ class RunLayout:
         object.__setattr__(self, "work", Path(work).resolve())
 
     # -- run level --
-    @property
-    def state_path(self) -> Path:
-        return self.work / "state.json"
-
-    @property
-    def final_path(self) -> Path:
-        return self.work / "final.json"
-
-    @property
-    def gate_supports(self) -> Path:
-        return self.work / "inputs" / "gate_supports"
+    state_path = Under("work", "state.json")
+    final_path = Under("work", "final.json")
+    gate_supports = Under("work", "inputs", "gate_supports")
 
     @staticmethod
     def is_run(path: str | os.PathLike) -> bool:
@@ -51,29 +64,14 @@ class RunLayout:
     def round(self, k: int) -> Path:
         return self.work / f"round_{int(k):03d}"
 
-    def labels(self, k: int) -> Path:
-        return self.round(k) / "labels"
-
-    def entropy(self, k: int) -> Path:
-        return self.round(k) / "entropy"
-
-    def model(self, k: int) -> Path:
-        return self.round(k) / "model"
-
-    def labelled_predictions(self, k: int) -> Path:
-        return self.round(k) / "labelled_predictions"
-
-    def metrics(self, k: int) -> Path:
-        return self.round(k) / "metrics.json"
-
-    def curves(self, k: int) -> Path:
-        return self.round(k) / "curves.png"
-
-    def nnunet_root(self, k: int) -> Path:
-        return self.round(k) / "nnunet"
-
-    def nnunet_log(self, k: int) -> Path:
-        return self.round(k) / "nnunet.log"
+    labels = InRound("labels")
+    entropy = InRound("entropy")
+    model = InRound("model")
+    labelled_predictions = InRound("labelled_predictions")
+    metrics = InRound("metrics.json")
+    curves = InRound("curves.png")
+    nnunet_root = InRound("nnunet")
+    nnunet_log = InRound("nnunet.log")
 
     def finished_rounds(self, max_rounds: int | None = None) -> list[dict]:
         """metrics.json of rounds 1, 2, ... that finished (consecutive), oldest first."""
