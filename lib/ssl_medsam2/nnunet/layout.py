@@ -58,7 +58,7 @@ class RunLayout:
     @staticmethod
     def is_run(path: str | os.PathLike) -> bool:
         """Is ``path`` a work dir of ``ssl-medsam2 run`` (it has a state.json)?"""
-        return (Path(path) / "state.json").exists()
+        return RunLayout(path).state_path.exists()
 
     # -- round level --
     def round(self, k: int) -> Path:

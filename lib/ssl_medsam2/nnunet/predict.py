@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """A model folder (has plans.json) or a work dir of ``ssl-medsam2 run`` (its final.json names one)."""
     path = Path(path)
-    if RunLayout.is_run(path) or (path / "final.json").exists():
-        layout = RunLayout(path)
+    layout = RunLayout(path)
+    if layout.state_path.exists() or layout.final_path.exists():
         final = layout.read_final()
         if final is None:
             raise InputError(path, "this run has not finished a round yet (final.json is written after each "
