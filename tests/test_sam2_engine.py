@@ -18,6 +18,7 @@ from conftest import outputs_on_source_grid
 from sam2_helpers import SMALL, load_case, make_tiny
 from ssl_medsam2.config import load_config
 from ssl_medsam2.engines.sam2_batch import logits_to_prob
+from ssl_medsam2.engines.sam2_cond_kv import CondKV
 from ssl_medsam2.engines.sam2_context import Features, SupportCache
 from ssl_medsam2.engines.sam2_engine import SAM2Engine
 from ssl_medsam2.engines.sam2_model import CheckpointNotFound, checkpoint_status
@@ -39,11 +40,12 @@ def engine():
 
 
 @pytest.mark.parametrize("query,max_cond", [("chaos_03short", 2), ("chaos_03long", -1)])
-def test_batched_and_run_by_run_engines_equal_reference_order(tiny, query, max_cond):
+def test_batched_and_run_by_run_engines_equal_reference_order(tiny, query, max_cond, monkeypatch):
     """Both fast paths give the paper-order reference's probabilities (float32, CPU): 2 supports,
     2 classes, both directions, a query shorter (4 slices) and one longer (10) than the supports;
     all prompted frames in attention (the paper) and at most 2 (SAM2 then picks the closest per frame
-    and attends to the others as recent memories)."""
+    and attends to the others as recent memories). The batched engine runs its CPU attention (split
+    softmax over 64-channel memories) and the fused one CUDA uses; each in one and in several chunks."""
     sup = [_case(tiny, "chaos_01"), _case(tiny, "chaos_02")]
     q = _case(tiny, query, labelled=False)
     classes = [1, 2]
@@ -52,8 +54,11 @@ def test_batched_and_run_by_run_engines_equal_reference_order(tiny, query, max_c
     n_q = q.image.shape[2]
     positions = [p for ps in reference.meta["insert_positions"].values() for p in ps]
     assert any(0 < p < n_q for p in positions)  # some run tracks query frames in both directions
-    variants = {"batched": [], "batched, 3 per step": ["sam2.max_batch=3"], "run by run": ["sam2.batch_runs=false"]}
+    variants = {"batched": [], "batched, 3 per step": ["sam2.max_batch=3"], "run by run": ["sam2.batch_runs=false"],
+                "batched, fused attention": [], "batched, split attention in chunks": []}
     for what, extra in variants.items():
+        monkeypatch.setattr(CondKV, "split_on_cpu", what != "batched, fused attention")
+        monkeypatch.setattr(CondKV, "split_chunk_elements", 1 if "chunks" in what else 2 ** 24)
         engine = SAM2Engine(load_config(overrides=cfg + extra))
         got = engine.predict(sup, q, classes)
         assert got.probs.shape == (2,) + q.image.shape, what

@@ -119,7 +119,7 @@ def track_batched(model, sequences: Sequence[TrackSequence], emit: Callable[[lis
         raise NotImplementedError("batched tracking needs non_overlap_masks_for_mem_enc off "
                                   "(it couples the objects of a batch); use sam2.batch_runs: false")
     window = memory_window(model)
-    cond_kv = CondKV(model.memory_attention) if supports_cond_kv(model.memory_attention) else None
+    cond_kv = CondKV(model.memory_attention, model.device) if supports_cond_kv(model.memory_attention) else None
     active = [s for s in sequences if not s.done]
     max_batch = max(1, int(max_batch))
     while active:

@@ -15,6 +15,19 @@ layer code (self-attention, MLP, norms) and SAM2's own ``apply_rotary_enc``.
 The memory itself is the one SAM2's ``_prepare_memory_conditioned_features`` built (see
 :mod:`.sam2_batch`); its first ``n_cond * H * W`` tokens are the selected conditioning frames' memories,
 in the order ``select_closest_cond_frames`` returns them.
+
+Two ways to compute the cross-attention, the same softmax up to float rounding:
+
+- **fused** (CUDA, and any reduced-precision compute): the conditioning keys/values are concatenated
+  with each element's own and go through ``F.scaled_dot_product_attention`` (flash / memory-efficient
+  kernels, fp32 softmax accumulators, no score matrix in memory).
+- **split** (CPU, float32): one CPU core runs the attention at its matmul peak, so the only savings
+  left are in arithmetic. (1) The conditioning keys are the same for the whole batch: all elements'
+  queries meet them in one matmul, without copying them once per element. (2) ``v = v_proj(memory)``
+  is affine and softmax rows sum to 1, so ``softmax(s) @ v_proj(m) == v_proj(softmax(s) @ m)``: the
+  weighted sum runs over the 64-channel memory instead of the 256-channel values (4x fewer
+  multiply-adds in that half). The two softmax parts (conditioning, rest) share one row maximum and
+  one normaliser, so the result is the softmax over all memory tokens, not an approximation.
 """
 
 from __future__ import annotations
@@ -51,10 +64,16 @@ class CondKV:
     #: selections (ordered sets of conditioning frames) whose keys/values are kept; with all prompted
     #: frames in attention there is one per (support, class) and direction, with a bound a few more
     max_selections = 32
+    #: the split attention on CPU in float32 (see the module docstring); False = fused everywhere
+    split_on_cpu = True
+    #: score-matrix elements computed at once by the split attention (floats; 2**24 = 64 MB)
+    split_chunk_elements = 2 ** 24
 
-    def __init__(self, memory_attention):
+    def __init__(self, memory_attention, device: torch.device):
         self.ma = memory_attention
-        self._sel: OrderedDict = OrderedDict()  # ids of the selected outputs -> (outputs, [(k, v) per layer])
+        self.split = self.split_on_cpu and torch.device(device).type == "cpu"
+        # ids of the selected outputs -> (outputs, per layer: (k, v) fused / (k, memory) split)
+        self._sel: OrderedDict = OrderedDict()
 
     def _selection_kv(self, outs, mem, pos, hw: int):
         """(k, v) per layer over the tokens of the selected conditioning frames ``outs`` (in order);
@@ -70,7 +89,7 @@ class CondKV:
             attn = layer.cross_attn_image
             k_in = mem_b + pos_b if layer.pos_enc_at_cross_attn_keys else mem_b
             k = attn._separate_heads(attn.k_proj(k_in), attn.num_heads)
-            v = attn._separate_heads(attn.v_proj(mem_b), attn.num_heads)
+            v = mem_b if self.split else attn._separate_heads(attn.v_proj(mem_b), attn.num_heads)
             freqs = _rope_freqs(attn, hw, k.device)
             # RoPE repeats the same spatial frequencies for every memory frame; the query argument
             # only sets the table's size (hw tokens) and is discarded
@@ -113,19 +132,64 @@ class CondKV:
             k_in = rest + rest_pos if layer.pos_enc_at_cross_attn_keys else rest
             q = attn._separate_heads(attn.q_proj(q_in), attn.num_heads)
             k = attn._separate_heads(attn.k_proj(k_in), attn.num_heads)
-            v = attn._separate_heads(attn.v_proj(rest), attn.num_heads)
             freqs = _rope_freqs(attn, q.shape[-2], q.device)
             q, k[:, :, :n_rest_rope] = apply_rotary_enc(q, k[:, :, :n_rest_rope], freqs_cis=freqs,
                                                         repeat_freqs_k=attn.rope_k_repeat)
-            if n_cond:
-                if shared:
-                    k_c, v_c = (x.expand(B, -1, -1, -1) for x in cond_kv[0][li])
-                else:
-                    k_c, v_c = (torch.cat([e[li][i] for e in cond_kv]) for i in (0, 1))
-                k, v = torch.cat([k_c, k], dim=2), torch.cat([v_c, v], dim=2)
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout_p if attn.training else 0.0)
+            if self.split and n_cond and q.dtype == torch.float32 and not attn.training:
+                out = _split_attention(attn, q, [e[li] for e in (cond_kv[:1] if shared else cond_kv)], k, rest)
+            else:
+                v = attn._separate_heads(attn.v_proj(rest), attn.num_heads)
+                if n_cond:
+                    if shared:
+                        k_c, v_c = (x.expand(B, -1, -1, -1) for x in cond_kv[0][li])
+                    else:
+                        k_c, v_c = (torch.cat([e[li][i] for e in cond_kv]) for i in (0, 1))
+                    k, v = torch.cat([k_c, k], dim=2), torch.cat([v_c, v], dim=2)
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout_p if attn.training else 0.0)
             out = attn.out_proj(attn._recombine_heads(out))
             output = output + layer.dropout2(out)
             tgt2 = layer.norm3(output)
             output = output + layer.dropout3(layer.linear2(layer.dropout(layer.activation(layer.linear1(tgt2)))))
         return ma.norm(output).transpose(0, 1)
+
+
+def _split_attention(attn, q, cond, k_rest, mem_rest):
+    """``softmax(q k^T / sqrt(d)) @ v_proj(memory)`` over [conditioning tokens, rest] (split form).
+
+    ``q``: (B, h, Nq, d); ``cond``: one (k (1, h, Nc, d), memory (1, Nc, C)) shared by the batch, or
+    one per element; ``k_rest``: (B, h, Nr, d); ``mem_rest``: (B, Nr, C). Returns (B, h, Nq, d_v)
+    like the fused attention (before ``_recombine_heads``/``out_proj``).
+    """
+    B, h, n_q, d = q.shape
+    n_c, n_r = cond[0][0].shape[2], k_rest.shape[2]
+    scale = d ** -0.5
+    w = attn.v_proj.weight.view(h, -1, attn.v_proj.in_features).transpose(-1, -2).unsqueeze(1)  # (h,1,C,dv)
+    bias = attn.v_proj.bias.view(h, 1, 1, -1)
+    shared = len(cond) == 1
+    # elements per chunk: the score matrices stay within split_chunk_elements (one element when each
+    # has its own conditioning keys)
+    step = max(1, CondKV.split_chunk_elements // (h * n_q * (n_c + n_r))) if shared else 1
+    outs = []
+    q = q * scale  # scaled once here, not the (much larger) score matrices
+    for b0 in range(0, B, step):
+        qb = q[b0:b0 + step]
+        g = qb.shape[0]
+        qh = qb.transpose(0, 1)                                                         # (h, g, Nq, d)
+        if shared:  # every element's queries against the same keys, one matmul
+            k_c, m_c = cond[0]
+            s_c = torch.matmul(qh.reshape(h, g * n_q, d), k_c[0].transpose(-1, -2)).view(h, g, n_q, n_c)
+            m_c = m_c[0]                                                                  # (Nc, C)
+        else:
+            k_c, m_c = cond[b0]
+            s_c = torch.matmul(qh, k_c.transpose(0, 1).transpose(-1, -2))                 # (h, 1, Nq, Nc)
+        s_r = torch.matmul(qh, k_rest[b0:b0 + g].transpose(0, 1).transpose(-1, -2))        # (h, g, Nq, Nr)
+        top = torch.maximum(s_c.amax(-1, keepdim=True), s_r.amax(-1, keepdim=True))
+        p_c, p_r = s_c.sub_(top).exp_(), s_r.sub_(top).exp_()
+        norm = p_c.sum(-1, keepdim=True) + p_r.sum(-1, keepdim=True)
+        if m_c.dim() == 2:
+            u = torch.matmul(p_c.view(h, g * n_q, n_c), m_c).view(h, g, n_q, -1)
+        else:
+            u = torch.matmul(p_c, m_c)
+        u = (u + torch.matmul(p_r, mem_rest[b0:b0 + g])) / norm                          # (h, g, Nq, C)
+        outs.append((torch.matmul(u, w) + bias).transpose(0, 1))                         # (g, h, Nq, dv)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)

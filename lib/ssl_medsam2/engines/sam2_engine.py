@@ -15,7 +15,8 @@ Three implementations of the same protocol, one oracle:
   — in SAM2 these depend only on relative frame distances inside the inserted block. Per run it then
   tracks only query frames, either
   - batched (``sam2.batch_runs: true``, default): all runs of a (support, class) advance together,
-    one SAM2 step per frame for the whole batch (:mod:`.sam2_batch`, :mod:`.sam2_cond_kv`), or
+    one SAM2 step per frame for the whole batch (:mod:`.sam2_batch`, :mod:`.sam2_cond_kv`; the
+    tracked support frames go through the same step), or
   - run by run (``sam2.batch_runs: false``): SAM2's own per-frame step, batch 1.
   Probabilities are summed per class on the model's device and copied to the host once per query.
 * :meth:`SAM2Engine.predict_reference` is the paper's order with the stock predictor calls
@@ -244,12 +245,18 @@ class SAM2Engine:
         key = (c, q.hw, q.n_slices, reverse)
         if key not in s.entry.blocks:
             n_s = s.n_slices
-            state = self._new_state(SupportOnly(s.entry.features, q.n_slices + n_s), q.hw)
+            source = SupportOnly(s.entry.features, q.n_slices + n_s)
             output_dict = {"cond_frame_outputs": dict(prompts), "non_cond_frame_outputs": {}}
             frames = range(max(prompts), -1, -1) if reverse else range(min(prompts), n_s)
             with torch.inference_mode(), self._autocast():
-                for _ in self._track(state, output_dict, frames, reverse):
-                    pass
+                if self.batch_runs:  # the batched step (conditioning keys once); keeps what later frames read
+                    frames = [f for f in frames if f not in prompts]
+                    block = TrackSequence(key=None, reverse=reverse, frames=frames, slices=frames, source=source,
+                                          output_dict=output_dict, num_frames=source.num_frames)
+                    track_batched(self.predictor, [block], lambda *_: None, 1, self.stats)
+                else:
+                    for _ in self._track(self._new_state(source, q.hw), output_dict, frames, reverse):
+                        pass
             s.entry.blocks[key] = output_dict["non_cond_frame_outputs"]
         return s.entry.blocks[key]
 
