@@ -22,7 +22,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="CUDA is not available on this machine (run bench/gpu_check.sh on a GPU)")
 
 CUDA_FP32_TOL = 1e-3
-CUDA_BF16_TOL = 5e-2
+# bf16 drift measured so far: 7.4e-4 (cached vs reference, H200, 512 px; issue 10) and 5.4e-4 (batched
+# vs reference under CPU bf16 autocast, 64 px; tests/test_sam2_engine.py); ~13x headroom
+CUDA_BF16_TOL = 1e-2
 ON_CUDA = [o.replace("sam2.device=cpu", "sam2.device=cuda") for o in SMALL]
 
 

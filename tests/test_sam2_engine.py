@@ -70,6 +70,23 @@ def test_batched_and_run_by_run_engines_equal_reference_order(tiny, query, max_c
             assert 0 < engine.stats["batched_steps"] < engine.stats["frames_tracked"], what
 
 
+def test_bfloat16_autocast_engines_stay_close_to_reference(tiny):
+    """sam2.dtype=bfloat16 (CUDA's default) runs through the same code on CPU autocast: the batched
+    engine (its fused attention: the split form is float32 only) and the run-by-run engine stay within
+    the bf16 tolerance the CUDA tests use of the paper-order reference; the drift is printed."""
+    from test_sam2_cuda import CUDA_BF16_TOL
+
+    sup = [_case(tiny, "chaos_01"), _case(tiny, "chaos_02")]
+    q = _case(tiny, "chaos_03short", labelled=False)
+    cfg = SMALL + ["sam2.dtype=bfloat16"]
+    reference = SAM2Engine(load_config(overrides=cfg)).predict_reference(sup, q, [1])
+    for what, extra in {"batched": [], "run by run": ["sam2.batch_runs=false"]}.items():
+        got = SAM2Engine(load_config(overrides=cfg + extra)).predict(sup, q, [1])
+        diff = float(np.abs(got.probs - reference.probs).max())
+        print(f"CPU bf16 autocast, {what} vs reference: max abs dprob {diff:.3g}")
+        assert got.meta["dtype"] == "bfloat16" and diff <= CUDA_BF16_TOL, what
+
+
 def test_support_masks_are_respected_on_prompted_frames(tiny, engine):
     s = _case(tiny, "chaos_01")
     q = engine.query_context(_case(tiny, "chaos_03", labelled=False), axis=2, encode=False)

@@ -72,13 +72,14 @@ class CondKV:
     def __init__(self, memory_attention, device: torch.device):
         self.ma = memory_attention
         self.split = self.split_on_cpu and torch.device(device).type == "cpu"
-        # ids of the selected outputs -> (outputs, per layer: (k, v) fused / (k, memory) split)
+        # (split, ids of the selected outputs) -> (outputs, per layer: (k, v) fused / (k, memory) split)
         self._sel: OrderedDict = OrderedDict()
 
-    def _selection_kv(self, outs, mem, pos, hw: int):
+    def _selection_kv(self, outs, mem, pos, hw: int, split: bool):
         """(k, v) per layer over the tokens of the selected conditioning frames ``outs`` (in order);
-        ``mem``/``pos``: those tokens, (len(outs) * hw, 1, C_mem), as SAM2 assembled them."""
-        key = tuple(id(o) for o in outs)
+        ``mem``/``pos``: those tokens, (len(outs) * hw, 1, C_mem), as SAM2 assembled them. With
+        ``split``, v is the memory itself (``v_proj`` comes after the weighted sum)."""
+        key = (split,) + tuple(id(o) for o in outs)
         hit = self._sel.get(key)
         if hit is not None and all(a is b for a, b in zip(hit[0], outs)):
             self._sel.move_to_end(key)
@@ -89,7 +90,7 @@ class CondKV:
             attn = layer.cross_attn_image
             k_in = mem_b + pos_b if layer.pos_enc_at_cross_attn_keys else mem_b
             k = attn._separate_heads(attn.k_proj(k_in), attn.num_heads)
-            v = mem_b if self.split else attn._separate_heads(attn.v_proj(mem_b), attn.num_heads)
+            v = mem_b if split else attn._separate_heads(attn.v_proj(mem_b), attn.num_heads)
             freqs = _rope_freqs(attn, hw, k.device)
             # RoPE repeats the same spatial frequencies for every memory frame; the query argument
             # only sets the table's size (hw tokens) and is discarded
@@ -109,7 +110,9 @@ class CondKV:
         """
         ma = self.ma
         n_cond = len(cond_outputs[0]) * hw
-        cond_kv = [self._selection_kv(outs, mem[:n_cond], pos[:n_cond], hw) if n_cond else None
+        # the split form in float32 only: under autocast the fused kernels keep the softmax in fp32
+        split = self.split and bool(n_cond) and not ma.training and not torch.is_autocast_enabled(curr.device.type)
+        cond_kv = [self._selection_kv(outs, mem[:n_cond], pos[:n_cond], hw, split) if n_cond else None
                    for outs, mem, pos in zip(cond_outputs, memories, memory_pos)]
         shared = all(e is cond_kv[0] for e in cond_kv)  # one selection for the whole batch (usual)
         B = len(memories)
@@ -135,7 +138,7 @@ class CondKV:
             freqs = _rope_freqs(attn, q.shape[-2], q.device)
             q, k[:, :, :n_rest_rope] = apply_rotary_enc(q, k[:, :, :n_rest_rope], freqs_cis=freqs,
                                                         repeat_freqs_k=attn.rope_k_repeat)
-            if self.split and n_cond and q.dtype == torch.float32 and not attn.training:
+            if split:
                 out = _split_attention(attn, q, [e[li] for e in (cond_kv[:1] if shared else cond_kv)], k, rest)
             else:
                 v = attn._separate_heads(attn.v_proj(rest), attn.num_heads)

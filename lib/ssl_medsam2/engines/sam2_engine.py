@@ -35,7 +35,7 @@ import torch
 
 from ..devices import resolve_device
 from ..io import InputError
-from ..preprocess import (IntensityConfig, frames_for_model, resize_mask_nearest, resolve_slice_axis,
+from ..preprocess import (InputSettings, IntensityConfig, frames_for_model, resize_mask_nearest, resolve_slice_axis,
                           scale_to_uint8_range, to_slices, from_slices)
 from ..protocol import PseudoVideo, RunningMean, insert_positions
 from .base import Case, EngineResult, check_supports
@@ -89,7 +89,7 @@ class SAM2Engine:
         self.cfg = cfg
         self.settings = s = SAM2Settings.from_config(cfg)
         self.icfg = IntensityConfig.from_config(cfg)
-        self.slice_axis = cfg.get("input", {}).get("slice_axis", "auto")
+        self.slice_axis = InputSettings.from_config(cfg).slice_axis
         self.device = resolve_device(s.device)
         self.dtype = resolve_dtype(s.dtype, self.device)
         self.n_inserts, self.n_supports, self.seed = s.n_inserts, s.n_supports, s.seed
