@@ -72,13 +72,13 @@ def test_registry_promotion_and_rollback(tmp_path):
     assert (v1, v2, v3) == ("v001", "v002", "v003")
     for v in (v1, v2, v3):
         (tmp_path / v / "model").mkdir()
-    reg.add({"id": v1, "model_dir": str(tmp_path / v1 / "model"), "dice": 0.80}, promote=should_promote(0.80, None))
+    reg.add({"id": v1, "model_dir": str(tmp_path / v1 / "model"), "dice": 0.80}, promote=should_promote(0.80, None, 0.0))
     assert reg.current()["id"] == v1
-    assert should_promote(0.78, 0.80) is False  # Dice dropped: keep v1
-    reg.add({"id": v2, "model_dir": str(tmp_path / v2 / "model"), "dice": 0.78}, promote=should_promote(0.78, 0.80))
+    assert should_promote(0.78, 0.80, 0.0) is False  # Dice dropped: keep v1
+    reg.add({"id": v2, "model_dir": str(tmp_path / v2 / "model"), "dice": 0.78}, promote=should_promote(0.78, 0.80, 0.0))
     assert reg.current()["id"] == v1
-    assert should_promote(0.80, 0.80) is True and should_promote(0.79, 0.80, tolerance=0.02) is True
-    reg.add({"id": v3, "model_dir": str(tmp_path / v3 / "model"), "dice": 0.85}, promote=should_promote(0.85, 0.80))
+    assert should_promote(0.80, 0.80, 0.0) is True and should_promote(0.79, 0.80, 0.02) is True
+    reg.add({"id": v3, "model_dir": str(tmp_path / v3 / "model"), "dice": 0.85}, promote=should_promote(0.85, 0.80, 0.0))
     assert reg.current_model_dir() == str(tmp_path / v3 / "model")
     assert reg.set_current()["current"] == v1  # rollback: the previously deployed version
     assert reg.set_current(v2, why="manual")["current"] == v2

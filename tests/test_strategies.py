@@ -12,6 +12,8 @@ from ssl_medsam2 import strategies as st
 from ssl_medsam2.leases import LeaseBook
 from ssl_medsam2.metrics import mean_dice
 
+GRID = (8, 8, 4)  # the thumbnail grid of the embedding (app.embedding_grid in the config)
+
 
 def _load(root, case):
     img = np.asarray(nib.load(str(root / "imagesTr" / f"{case}_0000.nii.gz")).dataobj, dtype=np.float32)
@@ -44,17 +46,17 @@ def test_dice_uncertainty_and_disagreement_on_real_labels(small_chaos):
     ent[0][lab == 1] = 0.8
     u = st.uncertainty_score(ent, lab, classes, band=0)
     assert u == pytest.approx(0.4)  # mean of 0.8 (liver) and 0 (right kidney)
-    assert st.uncertainty_score(ent, np.zeros_like(lab), classes) is None
+    assert st.uncertainty_score(ent, np.zeros_like(lab), classes, band=2) is None
 
 
 def test_embeddings_and_k_center_on_real_volumes(small_chaos):
     cases = ["chaos_01", "chaos_02", "chaos_03", "chaos_05", "chaos_08"]
-    emb = {c: st.image_embedding(_load(small_chaos, c)[0]) for c in cases}
+    emb = {c: st.image_embedding(_load(small_chaos, c)[0], GRID) for c in cases}
     assert all(e.shape == (8 * 8 * 4 + 16,) and np.isfinite(e).all() for e in emb.values())
     # a volume is its own nearest neighbour; a flipped copy is farther than itself
     img = _load(small_chaos, "chaos_02")[0]
     assert st.most_similar(emb["chaos_02"], emb, 1) == ["chaos_02"]
-    flipped = st.image_embedding(img[::-1, ::-1])
+    flipped = st.image_embedding(img[::-1, ::-1], GRID)
     assert np.linalg.norm(flipped - emb["chaos_02"]) > 0
     labelled = {"chaos_01": emb["chaos_01"]}
     cands = {c: emb[c] for c in cases[1:]}

@@ -174,8 +174,8 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return lab == int(sizes.argmax())
 
 
-def probabilities_to_label(probs: np.ndarray, classes, threshold: float = 0.5,
-                           keep_largest_component: bool = True) -> np.ndarray:
+def probabilities_to_label(probs: np.ndarray, classes, threshold: float,
+                           keep_largest_component: bool) -> np.ndarray:
     """Per-class probabilities (C, X, Y, Z) -> label map.
 
     A voxel is foreground when its most probable class reaches ``threshold``; several classes are

@@ -109,7 +109,7 @@ def most_similar(query: np.ndarray, pool: Mapping[str, np.ndarray], k: int) -> l
 
 # --- cheap image embeddings -----------------------------------------------------------------------
 
-def image_embedding(array: np.ndarray, grid: Sequence[int] = (8, 8, 4), bins: int = 16,
+def image_embedding(array: np.ndarray, grid: Sequence[int], bins: int = 16,
                     percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
     """A small fixed-length vector describing a volume: a coarse intensity thumbnail plus a histogram.
 
@@ -140,7 +140,7 @@ def disagreement_score(fewshot_label: np.ndarray, nnunet_label: np.ndarray,
 
 
 def uncertainty_score(entropy: np.ndarray, label: np.ndarray, classes: Sequence[int],
-                      band: int = 2) -> float | None:
+                      band: int) -> float | None:
     """Mean voxel entropy inside and around each class mask (mask dilated by ``band``), averaged over classes.
 
     ``entropy`` is (C, X, Y, Z) with channel i for ``classes[i]`` (the pseudo-label output layout). The

@@ -21,7 +21,7 @@ def binary_entropy(prob: np.ndarray) -> np.ndarray:
     return h.astype(np.float32)
 
 
-def boundary_band(mask: np.ndarray, width: int = 2) -> np.ndarray:
+def boundary_band(mask: np.ndarray, width: int) -> np.ndarray:
     """Voxels within ``width`` voxels of the mask boundary, on either side (in-plane and through-plane)."""
     mask = np.asarray(mask, dtype=bool)
     if not mask.any() or width <= 0:
@@ -32,7 +32,7 @@ def boundary_band(mask: np.ndarray, width: int = 2) -> np.ndarray:
     return dil & ~ero
 
 
-def summarize(entropy: np.ndarray, mask: np.ndarray, band_width: int = 2) -> dict:
+def summarize(entropy: np.ndarray, mask: np.ndarray, band_width: int) -> dict:
     """Mean entropy inside the mask, in the boundary band, and over the whole volume."""
     mask = np.asarray(mask, dtype=bool)
     band = boundary_band(mask, band_width)

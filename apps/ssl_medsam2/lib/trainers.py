@@ -40,7 +40,7 @@ def _nifti_name(image_id: str, path: str) -> str:
     return image_id + (".nii.gz" if path.endswith(".nii.gz") else Path(path).suffix)
 
 
-def should_promote(new_dice: float | None, deployed_dice: float | None, tolerance: float = 0.0) -> bool:
+def should_promote(new_dice: float | None, deployed_dice: float | None, tolerance: float) -> bool:
     """Deploy the new version unless it is worse on the labelled cases than the deployed one.
 
     Both Dice values are measured on the same labelled cases at promotion time (the labelled set

@@ -153,7 +153,7 @@ def has_sam2_cuda_ext() -> bool:
         return False
 
 
-def build_predictor(settings: SAM2Settings, device: torch.device, seed: int = 0):
+def build_predictor(settings: SAM2Settings, device: torch.device, seed: int):
     """Instantiate :class:`InMemoryVideoPredictor` with the configured architecture and weights.
 
     Returns (predictor, info) where info records the weights used (path or RANDOM).

@@ -61,7 +61,7 @@ class InMemoryVideoPredictor(SAM2VideoPredictor):
         return None, None, vision_feats, vision_pos, feat_sizes
 
     @torch.inference_mode()
-    def encode_frames(self, frames: torch.Tensor, batch: int = 8):
+    def encode_frames(self, frames: torch.Tensor, batch: int):
         """Backbone features of every frame, batched: list of per-frame flattened feature levels,
         plus the (frame-independent) positional encodings and feature sizes."""
         per_frame = []
