@@ -11,8 +11,9 @@
 #                  mkdir -p .devdata && cp -r ../shared/data/chaos_t2spir .devdata/
 #   (echo /.devbundle/ >> .git/info/exclude; echo /.devdata/ >> .git/info/exclude)
 # Then, on the device:  bash bench/gpu_check.sh
-# Writes: gpu.txt, cuda_tests.log, bench_default.log, bench_paper.log, summary.json (the benches'
-# last-line JSON objects), at most 8 files.
+# Writes: gpu.txt, cuda_tests.log, bench_default.log, bench_paper.log, bench_profile.log, summary.json
+# (the benches' last-line JSON objects), at most 8 files. The steps' timeouts add up to 590 s, under the
+# device tool's 600 s per command (GPU_CHECK_COMPILE=1 needs a second call).
 #
 # What it runs:
 #  1. tests/test_sam2_cuda.py: reference on CUDA, batched and run-by-run engines vs reference in
@@ -22,6 +23,8 @@
 #  3. bench/tffs_speed.py --protocol paper --device cuda --size 512 --engines cached,batched: query
 #     chaos_13 (36 slices), 6 supports x 5 inserts x 4 classes = 120 runs (the issue's goal: <= 10 s);
 #     the reference would take ~8 min here and is left out (step 2 measures it against batched).
+#  4. bench/tffs_speed.py --engines batched --profile, default protocol at 512 px: host and device
+#     seconds per phase of the batched engine (where the time goes on the GPU, for the next change).
 #  GPU_CHECK_COMPILE=1 adds step 3 again with sam2.compile (torch.compile; minutes of compilation).
 #  Dry run of the plumbing on a CPU box (no figures): GPU_CHECK_DEVICE=cpu GPU_CHECK_QUICK=1 bash bench/gpu_check.sh
 set -uo pipefail
@@ -58,6 +61,10 @@ echo "== 3. paper protocol (6 supports x 5 inserts x 4 classes), cached / batche
 SUP=chaos_01,chaos_02,chaos_03,chaos_05,chaos_08,chaos_10
 timeout 200 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" --protocol paper \
   --query chaos_13 --supports $SUP --engines cached,batched 2>&1 | tee "$OUT/bench_paper.log"
+echo "== 4. where the batched engine's time goes (profiler), default protocol, 512 px"
+timeout 90 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" --engines batched --profile \
+  2>&1 | tee "$OUT/bench_profile.log"
+
 if [ "${GPU_CHECK_COMPILE:-0}" = 1 ]; then
   timeout 300 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" --protocol paper \
     --query chaos_13 --supports $SUP --engines batched --compile 2>&1 | tee "$OUT/bench_paper_compiled.log"
@@ -67,7 +74,7 @@ python3 - "$OUT" "$tests_rc" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 summary = {"cuda_tests_rc": int(sys.argv[2]), "gpu": (out / "gpu.txt").read_text().strip().splitlines()}
-for name in ("bench_default", "bench_paper", "bench_paper_compiled"):
+for name in ("bench_default", "bench_paper", "bench_paper_compiled", "bench_profile"):
     f = out / f"{name}.log"
     lines = [l for l in f.read_text().splitlines() if l.startswith("{")] if f.exists() else []
     summary[name] = json.loads(lines[-1]) if lines else None
@@ -75,6 +82,7 @@ summary["cuda_test_lines"] = [l for l in (out / "cuda_tests.log").read_text().sp
                               if "vs reference" in l or "passed" in l or "failed" in l or "skipped" in l]
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 print(json.dumps({k: summary[k] for k in ("cuda_tests_rc", "cuda_test_lines")}))
+print("batched phases", (summary["bench_profile"] or {}).get("batched_phases"))
 for name in ("bench_default", "bench_paper"):
     s = summary[name] or {}
     print(name, {k: s.get(k) for k in ("reference_s", "cached_s", "batched_s", "batched_vs_cached",

@@ -104,6 +104,50 @@ def count_reference_steps(engine: SAM2Engine) -> dict:
     return counter
 
 
+def profile_phases(engine: SAM2Engine, supports, query, classes, cuda: bool) -> dict:
+    """Host and device seconds spent in each phase of one batched run (torch.profiler record_function
+    around the engine's and SAM2's own methods; the profiler slows the run, so these are shares, not times)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from ssl_medsam2.engines.sam2_cond_kv import CondKV
+
+    model = engine.predictor
+    targets = {"encode": (engine, "_encode"), "prompts": (engine, "_prompts"),
+               "memory_prepare": (model, "_prepare_memory_conditioned_features"),
+               "memory_attention": (CondKV, "attend"), "sam_heads": (model, "_forward_sam_heads"),
+               "memory_encoder": (model, "_encode_new_memory")}
+    saved = []
+    for label, (owner, name) in targets.items():
+        fn = getattr(owner, name)
+        saved.append((owner, name, owner.__dict__.get(name)))
+
+        def wrapped(*a, _fn=fn, _label=label, **k):
+            with record_function(f"phase:{_label}"):
+                return _fn(*a, **k)
+        setattr(owner, name, wrapped)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    try:
+        t0 = time.perf_counter()
+        with profile(activities=activities) as prof:
+            engine.predict(supports, query, classes)
+            if cuda:
+                torch.cuda.synchronize()
+        total = time.perf_counter() - t0
+    finally:
+        for owner, name, original in saved:
+            if original is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+    phases = {"profiled_run_s": round(total, 2)}
+    for e in prof.key_averages():
+        if e.key.startswith("phase:"):
+            device_us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0) or 0
+            phases[e.key[6:]] = {"host_s": round(e.cpu_time_total / 1e6, 3), "calls": e.count,
+                                 "device_s": round(device_us / 1e6, 3) if cuda else None}
+    return phases
+
+
 def warm_support_cache(engine: SAM2Engine, supports, query) -> None:
     """Encode the supports into the engine's support cache (what a campaign's earlier queries leave)."""
     q = engine.query_context(query, resolve_slice_axis(engine.slice_axis, query.image.spacing), encode=False)
@@ -128,6 +172,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch", default="auto", help="sam2.max_batch of the batched engine")
     ap.add_argument("--compile", action="store_true", help="sam2.compile (CUDA only) for the batched engine")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: comparable on a shared box)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed runs, one more batched run under torch.profiler: host and device "
+                         "seconds per phase (encode, prompts, memory prepare / attention, heads, memory encoder) "
+                         "in the JSON as batched_phases (a diagnosis for the GPU, where batch 1 was latency-bound)")
     ap.add_argument("--warm-supports", action="store_true",
                     help="supports' image features in the support cache before timing (cached/batched), as for "
                          "every query after the first in a campaign; the query is still encoded")
@@ -211,6 +259,16 @@ def main(argv=None) -> int:
               flush=True)
         del engine
 
+    phases = None
+    if args.profile:
+        engine = SAM2Engine(load_config(overrides=overrides["batched"]))
+        engine.predictor
+        if args.warm_supports:
+            warm_support_cache(engine, supports, query)
+        phases = profile_phases(engine, supports, query, classes, cuda)
+        print("batched phases:", json.dumps(phases), flush=True)
+        del engine
+
     def dprob(a, b):
         if a in results and b in results:
             return float(np.abs(results[a].probs - results[b].probs).max())
@@ -228,7 +286,7 @@ def main(argv=None) -> int:
         "batched_vs_reference": ratio("reference", "batched"),
         "max_abs_dprob": dprob("reference", "cached"), "batched_max_abs_dprob": dprob("reference", "batched"),
         "batched_vs_cached_max_abs_dprob": dprob("cached", "batched"),
-        "peak_rss_mb": max(d["peak_rss_mb"] for d in details.values()),
+        "peak_rss_mb": max(d["peak_rss_mb"] for d in details.values()), "batched_phases": phases,
         "engines": details, "protocol": args.protocol, "runs": n_runs, "query_slices": int(query.image.shape[2]),
         "image_size": args.size, "quick": args.quick, "warm_supports": args.warm_supports, "device": args.device,
         "gpu": torch.cuda.get_device_name() if cuda else None,
