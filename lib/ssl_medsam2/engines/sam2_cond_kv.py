@@ -178,21 +178,15 @@ def _split_attention(attn, q, cond, k_rest, mem_rest):
         qb = q[b0:b0 + step]
         g = qb.shape[0]
         qh = qb.transpose(0, 1)                                                         # (h, g, Nq, d)
-        if shared:  # every element's queries against the same keys, one matmul
-            k_c, m_c = cond[0]
-            s_c = torch.matmul(qh.reshape(h, g * n_q, d), k_c[0].transpose(-1, -2)).view(h, g, n_q, n_c)
-            m_c = m_c[0]                                                                  # (Nc, C)
-        else:
-            k_c, m_c = cond[b0]
-            s_c = torch.matmul(qh, k_c.transpose(0, 1).transpose(-1, -2))                 # (h, 1, Nq, Nc)
+        k_c, m_c = cond[0] if shared else cond[b0]  # (1, h, Nc, d), (1, Nc, C)
+        # shared: every element's queries against the same keys, one matmul (rows = g * Nq)
+        s_c = torch.matmul(qh.reshape(h, 1, g * n_q, d), k_c.transpose(0, 1).transpose(-1, -2))
         s_r = torch.matmul(qh, k_rest[b0:b0 + g].transpose(0, 1).transpose(-1, -2))        # (h, g, Nq, Nr)
-        top = torch.maximum(s_c.amax(-1, keepdim=True), s_r.amax(-1, keepdim=True))
-        p_c, p_r = s_c.sub_(top).exp_(), s_r.sub_(top).exp_()
-        norm = p_c.sum(-1, keepdim=True) + p_r.sum(-1, keepdim=True)
-        if m_c.dim() == 2:
-            u = torch.matmul(p_c.view(h, g * n_q, n_c), m_c).view(h, g, n_q, -1)
-        else:
-            u = torch.matmul(p_c, m_c)
-        u = (u + torch.matmul(p_r, mem_rest[b0:b0 + g])) / norm                          # (h, g, Nq, C)
+        p_r = s_r.view(h, 1, g * n_q, n_r)
+        top = torch.maximum(s_c.amax(-1, keepdim=True), p_r.amax(-1, keepdim=True))
+        p_c, p_r = s_c.sub_(top).exp_(), p_r.sub_(top).exp_()                           # (h, 1, g*Nq, N)
+        norm = (p_c.sum(-1, keepdim=True) + p_r.sum(-1, keepdim=True)).view(h, g, n_q, 1)
+        u = torch.matmul(p_c, m_c).view(h, g, n_q, -1)
+        u = (u + torch.matmul(p_r.view(h, g, n_q, n_r), mem_rest[b0:b0 + g])) / norm      # (h, g, Nq, C)
         outs.append((torch.matmul(u, w) + bias).transpose(0, 1))                         # (g, h, Nq, dv)
     return outs[0] if len(outs) == 1 else torch.cat(outs)
