@@ -195,7 +195,7 @@ def run_cases(ray, make_actor: Callable[[], Any], n_workers: int, cases: Sequenc
     ``cluster.max_case_attempts`` attempts per case); the actor itself is restarted by Ray (or
     replaced when out of restarts) and rejoins once its ``ready()`` answers.
     """
-    from ray.exceptions import GetTimeoutError, RayActorError, RayError
+    from ray.exceptions import RayActorError, RayError
     from tqdm.auto import tqdm
 
     max_attempts = max(1, ccfg.max_case_attempts)
@@ -253,7 +253,7 @@ def run_cases(ray, make_actor: Callable[[], Any], n_workers: int, cases: Sequenc
             actor, case, t0 = busy.pop(ref)
             try:
                 result = ray.get(ref)
-            except (RayActorError, GetTimeoutError) as exc:
+            except RayActorError as exc:
                 n = attempts[case]
                 log.warning("worker died while on %s (attempt %d/%d): %s", case, n, max_attempts,
                             type(exc).__name__)
