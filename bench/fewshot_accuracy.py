@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     from ssl_medsam2.evaluate import evaluate_folders
     from ssl_medsam2.metrics import dice
     from ssl_medsam2.io import list_volumes, load_label_for, load_volume
+    from ssl_medsam2.preprocess import IntensityConfig
     from ssl_medsam2.pseudo_label import pseudo_label_case
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -99,7 +100,8 @@ def main(argv=None) -> int:
             print(f"[{engine.name}] {q}: " + ", ".join(f"{k} {v:.3f}" for k, v in d.items())
                   + f"; {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
         ev = evaluate_folders(out / "pseudo" / "labels", data / "labelsTr", out / "evaluation",
-                              class_names=ORGANS, images_dir=data / "imagesTr")
+                              class_names=ORGANS, images_dir=data / "imagesTr",
+                              intensity=IntensityConfig.from_config(cfg))
         liver = [p["dice"]["liver"] for p in per_query]
         organs = {o: float(np.mean([p["dice"][o] for p in per_query])) for o in per_query[0]["dice"]}
         r = {"engine": engine.name, "liver_dice_mean": round(float(np.mean(liver)), 4),

@@ -9,10 +9,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from ssl_medsam2 import report
 from ssl_medsam2.cli import main
+from ssl_medsam2.config import load_config
 from ssl_medsam2.evaluate import evaluate_folders
 from ssl_medsam2.metrics import dice, hd95
 from ssl_medsam2.io import InputError
+from ssl_medsam2.preprocess import IntensityConfig
 from ssl_medsam2.report import pick_cases
 
 
@@ -83,7 +86,8 @@ def pred_gt(small_chaos, tmp_path):
 def test_evaluate_folders_writes_csv_json_png(pred_gt, tmp_path):
     pred_dir, gt_dir, images = pred_gt
     out = tmp_path / "eval"
-    r = evaluate_folders(pred_dir, gt_dir, out, class_names={1: "liver", 4: "spleen"}, images_dir=images)
+    r = evaluate_folders(pred_dir, gt_dir, out, class_names={1: "liver", 4: "spleen"}, images_dir=images,
+                         intensity=IntensityConfig.from_config(load_config()))
     assert r["classes"] == [1, 2, 3, 4] and r["n_cases"] == 3
     assert r["per_case"]["chaos_01"]["mean_dice"] == 1.0
     assert r["per_case"]["chaos_02"]["classes"]["spleen"] == {"dice": 0.0, "hd95_mm": None}
@@ -125,3 +129,15 @@ def test_evaluate_cli_and_errors(pred_gt, tmp_path, capsys):
     empty.mkdir()
     with pytest.raises(InputError, match="no prediction"):
         evaluate_folders(empty, gt_dir, None)
+
+
+def test_evaluate_cli_report_windows_with_the_run_config(pred_gt, tmp_path, monkeypatch):
+    """--set input.* reaches the report's image background (it used to read the default YAML)."""
+    pred_dir, gt_dir, images = pred_gt
+    seen = []
+    real = report.scale_to_uint8_range
+    monkeypatch.setattr(report, "scale_to_uint8_range", lambda a, icfg: seen.append(icfg) or real(a, icfg))
+    assert main(["evaluate", "--pred", str(pred_dir), "--gt", str(gt_dir), "--out", str(tmp_path / "e"),
+                 "--images", str(images), "--classes", "1", "--set", "input.mri_percentiles=[2,98]"]) == 0
+    assert seen and all(icfg.mri_percentiles == (2.0, 98.0) for icfg in seen)
+    assert (tmp_path / "e" / "report.png").exists()

@@ -204,12 +204,12 @@ def _run_evaluate(args) -> int:
     metrics.json and report.png to --out.
     """
     from .evaluate import evaluate_folders
-    from .preprocess import InputSettings
+    from .preprocess import InputSettings, IntensityConfig
 
     cfg = _load_cfg(args)
     result = evaluate_folders(args.pred, args.gt, args.out, classes=args.classes or None,
                               class_names=InputSettings.from_config(cfg).class_names, images_dir=args.images,
-                              report=not args.no_report)
+                              report=not args.no_report, intensity=IntensityConfig.from_config(cfg))
     for name, pc in result["per_class"].items():
         d, h = pc["dice"], pc["hd95_mm"]
         hd = "n/a" if h["mean"] is None else f"{h['mean']:.1f} mm"

@@ -15,12 +15,15 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from .io import InputError, Volume, list_volumes, load_volume, write_text_atomic
 from .metrics import dice, hd95
+
+if TYPE_CHECKING:
+    from .preprocess import IntensityConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +63,14 @@ def _stats(values: list[float]) -> dict:
 
 def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                      classes: Sequence[int] | None = None, class_names: dict | None = None,
-                     images_dir: str | os.PathLike | None = None, report: bool = True) -> dict:
+                     images_dir: str | os.PathLike | None = None, report: bool = True,
+                     intensity: IntensityConfig | None = None) -> dict:
     """Score every prediction in ``pred_dir`` that has a ground truth of the same case name in ``gt_dir``.
 
     Writes ``metrics.csv``, ``metrics.json`` and (``report=True``) ``report.png`` to ``out_dir``.
     ``classes`` defaults to every foreground id found in the ground truths. ``images_dir`` (optional)
-    gives the report's overlays an image background.
+    gives the report's overlays an image background, windowed by ``intensity`` (the run's config;
+    needed with ``images_dir``).
     """
     preds = list_volumes(pred_dir)
     gts = list_volumes(gt_dir)
@@ -119,5 +124,6 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, out
             from .report import write_report
 
             images = list_volumes(images_dir) if images_dir else {}
-            result["report"] = str(write_report(result, pairs, out / "report.png", images=images))
+            result["report"] = str(write_report(result, pairs, out / "report.png", images=images,
+                                                intensity=intensity))
     return result

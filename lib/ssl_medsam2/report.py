@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from .io import Volume, atomic_write, load_volume
-from .config import load_config
 from .preprocess import IntensityConfig, resolve_slice_axis, scale_to_uint8_range
 
 CLASS_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
@@ -40,7 +39,11 @@ def _slice_view(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
 
 
 def write_report(result: dict, pairs: dict[str, tuple[Volume, Volume]], path: str | os.PathLike,
-                 images: dict[str, Path] | None = None) -> Path:
+                 images: dict[str, Path] | None = None, intensity: IntensityConfig | None = None) -> Path:
+    """``images`` (case -> image path) gives the overlays a background, windowed by ``intensity`` (the
+    caller's config, so ``--config`` / ``--set input.*`` reach the report); both or neither."""
+    if images and intensity is None:
+        raise ValueError("write_report: an image background needs the intensity windowing (input: section)")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,7 +52,6 @@ def write_report(result: dict, pairs: dict[str, tuple[Volume, Volume]], path: st
     classes = result["classes"]
     names = [result["class_names"][str(c)] for c in classes]
     picks = pick_cases(result["per_case"])
-    intensity = IntensityConfig.from_config(load_config())  # the project's display windowing
     fig = plt.figure(figsize=(5 * max(3, len(picks)), 10), dpi=100)
     gs = fig.add_gridspec(2, max(3, len(picks)), height_ratios=[1.25, 1])
     for col, (title, case) in enumerate(picks):
