@@ -177,3 +177,26 @@ def test_round_trained_on_corrupted_pseudo_labels_is_not_deployed(chaos_dir, tmp
     err = capsys.readouterr().err
     assert rc == 2 and "round 0 is deployed" in err and "QUALITY GATE: round 1 NOT deployed" in err
     assert not (tmp_path / "pred").exists()
+
+
+def test_predict_with_a_run_that_kept_round0_needs_no_cfg(chaos_dir, tmp_path):
+    """A work dir whose deployed round is 0 (engine: atlas) labels new images with that engine and the run's
+    labelled cases; without ``cfg`` the engine reads the project config (it was given an empty dict)."""
+    from ssl_medsam2.nnunet.predict import predict_folder
+
+    tiny = make_tiny_chaos(chaos_dir, tmp_path / "tiny")
+    root, work = tiny["root"], tmp_path / "work"
+    work.mkdir()
+    layout = RunLayout(work)
+    layout.state_path.write_text(json.dumps({
+        "settings": {"round0": "atlas"}, "labelled": tiny["labelled"],
+        "inputs": {"images": str(root / "images"), "labels": str(root / "labels")}}))
+    layout.final_path.write_text(json.dumps({"round": 0, "model_dir": None, "warning": "QUALITY GATE: kept round 0"}))
+    new = tmp_path / "new"
+    new.mkdir()
+    case = tiny["unlabelled"][0]
+    shutil.copyfile(root / "images" / f"{case}_0000.nii.gz", new / f"{case}_0000.nii.gz")
+    out = predict_folder(work, new, tmp_path / "pred", show_progress=False)
+    assert [p.name for p in out] == [f"{case}.nii.gz"]
+    lab = np.asarray(nib.load(str(out[0])).dataobj)
+    assert lab.shape == nib.load(str(new / f"{case}_0000.nii.gz")).shape and lab.any()

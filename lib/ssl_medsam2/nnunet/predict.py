@@ -95,7 +95,8 @@ def predict_folder(model_dir: str | os.PathLike, images_dir: str | os.PathLike, 
 
     ``model_dir``: a model folder or a run's work dir. A run whose quality gate kept round 0 (no
     nnU-Net round beat the few-shot pseudo labels) labels new images with that few-shot engine and the
-    run's labelled cases as supports (``cfg`` configures the engine), and says so.
+    run's labelled cases as supports (``cfg`` configures the engine; default: the project config), and
+    says so.
     """
     from tqdm.auto import tqdm
 
@@ -110,7 +111,10 @@ def predict_folder(model_dir: str | os.PathLike, images_dir: str | os.PathLike, 
         raise InputError(images_dir, "no NIfTI image (.nii / .nii.gz) to predict")
     vols = {n: load_volume(p, name=n) for n, p in images.items()}  # check every input before any work
     if fewshot:
-        return _predict_with_round0(run, vols, Path(out_dir), cfg or {}, show_progress, progress)
+        from ..config import load_config
+
+        cfg = cfg if cfg is not None else load_config()  # the engine needs its sections (atlas:, sam2:, ...)
+        return _predict_with_round0(run, vols, Path(out_dir), cfg, show_progress, progress)
     model = NnUNetModel(model_dir, device=device, use_mirroring=use_mirroring)
     out = []
     for name, vol in tqdm(vols.items(), desc="nnU-Net predict", unit="case", disable=not show_progress):
@@ -130,8 +134,7 @@ def _predict_with_round0(run: RunLayout, vols: dict, out_dir: Path, cfg: dict, s
 
     from ..engines import build_engine
     from ..engines.base import Case
-    from ..io import load_label_for
-    from ..pseudo_label import pseudo_label_case
+    from ..pseudo_label import load_cases, pseudo_label_case
 
     state = json.loads(run.state_path.read_text())
     engine_name = str(state["settings"].get("round0", ""))
@@ -142,11 +145,7 @@ def _predict_with_round0(run: RunLayout, vols: dict, out_dir: Path, cfg: dict, s
                                    f"predict with; train longer (nnunet.schedule) in a new --work")
     log.warning("deployed: round 0 (%s) -> labelling with the few-shot engine '%s' and the run's labelled cases",
                 final.get("warning") or final.get("note"), engine_name)
-    imgs, labs = list_volumes(state["inputs"]["images"]), list_volumes(state["inputs"]["labels"])
-    supports = []
-    for n in state["labelled"]:
-        img = load_volume(imgs[n], name=n)
-        supports.append(Case(img, load_label_for(img, labs[n])))
+    supports, _ = load_cases(state["inputs"]["images"], state["inputs"]["labels"], names=())  # labelled only
     engine = build_engine(engine_name, cfg)
     out = []
     for name, vol in tqdm(vols.items(), desc=f"round 0 ({engine_name}) predict", unit="case",
