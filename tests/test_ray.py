@@ -185,6 +185,33 @@ def test_no_address_means_in_process_without_ray(atlas_data, monkeypatch):
     assert [s["case"] for s in out] == ["chaos_03"]
 
 
+def test_worker_that_never_starts_is_replaced_a_bounded_number_of_times():
+    """A worker whose constructor always fails (as when ssl_medsam2 is not importable on the nodes) is
+    replaced at most 4 * n_workers times, then run_cases stops with that error instead of looping."""
+    from ssl_medsam2 import cluster
+
+    class Broken:
+        def __init__(self):
+            raise ImportError("No module named 'ssl_medsam2' (simulated)")
+
+        def ready(self):
+            return "never"
+
+    ccfg = cluster.cluster_cfg(load_config(overrides=LOCAL + ["cluster.max_restarts=0"]))
+    made = []
+    with cluster.ray_session("local", ccfg) as ray:
+        Worker = ray.remote(Broken).options(**cluster._actor_options(ccfg))
+
+        def make():
+            made.append(Worker.remote())
+            return made[-1]
+
+        with pytest.raises(RuntimeError, match="(?s)no Ray worker left: 10 worker start.*3 case.*simulated"):
+            cluster.run_cases(ray, make, 2, ["a", "b", "c"], lambda actor, case: actor.run.remote(case),
+                              lambda res: None, ccfg, "never starts", show_progress=False)
+    assert len(made) == 2 + 2 * 4
+
+
 # --- two nodes on one machine ---------------------------------------------------------------------------
 
 def _free_port() -> int:

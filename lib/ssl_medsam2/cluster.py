@@ -193,7 +193,9 @@ def run_cases(ray, make_actor: Callable[[], Any], n_workers: int, cases: Sequenc
     writes it); ``ok: False`` is a reported failure (not retried). A dead worker (``RayActorError``)
     puts its case back at the front of the queue for the next live worker (at most
     ``cluster.max_case_attempts`` attempts per case); the actor itself is restarted by Ray (or
-    replaced when out of restarts) and rejoins once its ``ready()`` answers.
+    replaced when out of restarts) and rejoins once its ``ready()`` answers. At most ``4 * n_workers``
+    actors are replaced in all (a worker that can never start, e.g. ``ssl_medsam2`` not importable on
+    the nodes, must not be replaced forever); once every worker is gone, a ``RuntimeError`` names why.
     """
     from ray.exceptions import RayActorError, RayError
     from tqdm.auto import tqdm
@@ -207,7 +209,9 @@ def run_cases(ray, make_actor: Callable[[], Any], n_workers: int, cases: Sequenc
     starting: dict = {}  # ready() ref -> actor
     busy: dict = {}  # task ref -> (actor, case, t0)
     stats: dict[str, _Stats] = collections.defaultdict(_Stats)
+    max_replacements = n_workers * 4
     replacements = 0
+    start_error = ""  # the last reason a worker could not start
 
     def start(actor=None):
         actor = actor or make_actor()
@@ -224,10 +228,10 @@ def run_cases(ray, make_actor: Callable[[], Any], n_workers: int, cases: Sequenc
                 attempts[case] += 1
                 busy[submit(actor, case)] = (actor, case, time.perf_counter())
             refs = list(busy) + list(starting)
-            if not refs:  # every worker gone and none starting: start fresh ones
-                for _ in range(min(n_workers, len(todo))):
-                    start()
-                continue
+            if not refs:  # every worker failed to start and the replacements are spent
+                raise RuntimeError(f"no Ray worker left: {replacements} worker start(s) failed (at most "
+                                   f"{max_replacements} are replaced); {len(todo)} case(s) left; the last error: "
+                                   f"{start_error}")
             done, _ = ray.wait(refs, num_returns=1, timeout=5.0)
             if not done:
                 if not busy and time.perf_counter() - last_progress > stall_s:
@@ -243,11 +247,12 @@ def run_cases(ray, make_actor: Callable[[], Any], n_workers: int, cases: Sequenc
                     ray.get(ref)
                     idle.append(actor)
                     last_progress = time.perf_counter()
-                except RayActorError as exc:  # out of restarts: replace it
+                except RayActorError as exc:  # out of restarts: replace it, up to max_replacements in all
                     replacements += 1
+                    start_error = str(exc).strip()
                     log.warning("a worker could not start (%s)%s", type(exc).__name__,
-                                "; starting a replacement" if replacements <= n_workers * 4 else "")
-                    if replacements <= n_workers * 4:
+                                "; starting a replacement" if replacements <= max_replacements else "")
+                    if replacements <= max_replacements:
                         start()
                 continue
             actor, case, t0 = busy.pop(ref)
