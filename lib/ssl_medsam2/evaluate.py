@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from .io import InputError, Volume, list_volumes, load_volume, write_text_atomic
-from .metrics import dice, hd95
+from .metrics import dice_hd95
 
 if TYPE_CHECKING:
     from .preprocess import IntensityConfig
@@ -46,7 +46,7 @@ def evaluate_pair(pred: Volume, gt: Volume, classes: Sequence[int], class_names:
     rows = []
     for c in classes:
         p, g = pred.array == c, gt.array == c
-        d, hd = dice(p, g), hd95(p, g, gt.spacing)
+        d, hd = dice_hd95(p, g, gt.spacing)
         rows.append({"case": gt.name, "class_id": int(c), "class_name": _class_name(class_names, c),
                      "dice": round(d, 6), "hd95_mm": None if hd is None else round(hd, 4),
                      "gt_voxels": int(g.sum()), "pred_voxels": int(p.sum())})

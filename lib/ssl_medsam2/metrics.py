@@ -40,29 +40,51 @@ def _quiet():
         yield
 
 
-def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Dice of two boolean masks on the same grid (empty-mask rule in the module docstring)."""
+def _empty_scores(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float | None] | None:
+    """(Dice, HD95) by the empty-mask rule when a mask is empty; None when both have foreground."""
+    has_p, has_g = bool(pred.any()), bool(gt.any())
+    if has_p and has_g:
+        return None
+    return (1.0, 0.0) if has_p == has_g else (0.0, None)
+
+
+def _monai_dice(p, g) -> float:
     from monai.metrics import compute_dice
 
-    pred, gt = _pair(pred, gt)
-    has_p, has_g = bool(pred.any()), bool(gt.any())
-    if not (has_p and has_g):
-        return 1.0 if has_p == has_g else 0.0
     with _quiet():
-        return float(compute_dice(*_tensors(pred, gt), include_background=True)[0, 0])
+        return float(compute_dice(p, g, include_background=True)[0, 0])
+
+
+def _monai_hd95(p, g, spacing: Sequence[float]) -> float:
+    from monai.metrics import compute_hausdorff_distance
+
+    with _quiet():
+        return float(compute_hausdorff_distance(p, g, include_background=True, percentile=95,
+                                                spacing=[float(s) for s in spacing])[0, 0])
+
+
+def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice of two boolean masks on the same grid (empty-mask rule in the module docstring)."""
+    pred, gt = _pair(pred, gt)
+    empty = _empty_scores(pred, gt)
+    return empty[0] if empty else _monai_dice(*_tensors(pred, gt))
 
 
 def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float | None:
     """95th-percentile Hausdorff distance in mm of two boolean masks (empty-mask rule in the module docstring)."""
-    from monai.metrics import compute_hausdorff_distance
-
     pred, gt = _pair(pred, gt)
-    has_p, has_g = bool(pred.any()), bool(gt.any())
-    if not (has_p and has_g):
-        return 0.0 if has_p == has_g else None
-    with _quiet():
-        return float(compute_hausdorff_distance(*_tensors(pred, gt), include_background=True, percentile=95,
-                                                spacing=[float(s) for s in spacing])[0, 0])
+    empty = _empty_scores(pred, gt)
+    return empty[1] if empty else _monai_hd95(*_tensors(pred, gt), spacing)
+
+
+def dice_hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> tuple[float, float | None]:
+    """(:func:`dice`, :func:`hd95`) of one mask pair, checking and converting the masks once (evaluation)."""
+    pred, gt = _pair(pred, gt)
+    empty = _empty_scores(pred, gt)
+    if empty:
+        return empty
+    p, g = _tensors(pred, gt)
+    return _monai_dice(p, g), _monai_hd95(p, g, spacing)
 
 
 def mean_dice(a: np.ndarray, b: np.ndarray, classes: Sequence[int] | None = None) -> float | None:
