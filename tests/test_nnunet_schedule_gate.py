@@ -200,3 +200,23 @@ def test_predict_with_a_run_that_kept_round0_needs_no_cfg(chaos_dir, tmp_path):
     assert [p.name for p in out] == [f"{case}.nii.gz"]
     lab = np.asarray(nib.load(str(out[0])).dataobj)
     assert lab.shape == nib.load(str(new / f"{case}_0000.nii.gz")).shape and lab.any()
+
+
+def test_every_image_labelled_round0_still_names_the_gate_cases_engine(chaos_dir, tmp_path):
+    """No unlabelled image but a gate case: round 0 runs the engine for the gate case, so state.json names
+    that engine (not "none") and ``predict`` on a run that kept round 0 labels with it instead of refusing."""
+    from ssl_medsam2.nnunet.predict import predict_folder
+
+    tiny = make_tiny_chaos(chaos_dir, tmp_path / "tiny", n_cases=2, n_labelled=2)
+    root, work = tiny["root"], tmp_path / "work"
+    cfg = load_config(overrides=TINY_SCHEDULE + ["nnunet.quality_gate=holdout", "nnunet.max_rounds=0",
+                                                 "protocol.engine=atlas", "atlas.demons_iterations=[20,10]",
+                                                 "atlas.demons_shrink=[2,1]"])
+    state = run_ssl(root / "images", root / "labels", work, cfg, show_progress=False)
+    assert state["gate"]["cases"] == [tiny["labelled"][-1]] and state["settings"]["round0"] == "atlas"
+    assert state["final"]["round"] == 0
+    new = tmp_path / "new"
+    new.mkdir()
+    shutil.copyfile(root / "images" / f"{tiny['cases'][0]}_0000.nii.gz", new / "query_0000.nii.gz")
+    out = predict_folder(work, new, tmp_path / "pred", cfg=cfg, show_progress=False)
+    assert [p.name for p in out] == ["query.nii.gz"]

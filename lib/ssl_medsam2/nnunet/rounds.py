@@ -65,16 +65,16 @@ def _classes(cfg: dict, labels: dict[str, Path]) -> list[int]:
     return sorted(found)
 
 
-def _engine_name(cfg, engine, pseudo_labels_dir, unlabelled) -> str:
-    if not unlabelled:
+def _engine_name(cfg, engine, pseudo_labels_dir, pseudo_labelled) -> str:
+    """What makes round 0's pseudo labels of ``pseudo_labelled`` (the unlabelled and gate cases); state.json
+    records it and ``predict`` uses it when round 0 is deployed. ``cfg``: with the engine chosen."""
+    if not pseudo_labelled:
         return "none (every image has a label)"
     if pseudo_labels_dir is not None:
         return "given:" + str(Path(pseudo_labels_dir).resolve())
     if engine is not None:
         return engine.name
-    from ..engines import choose_engine
-
-    return choose_engine(cfg)[0]
+    return str(cfg["protocol"]["engine"])
 
 
 def _schedule_hook(state: dict, layout: RunLayout, settings: NnUNetSettings, device_type: str, max_rounds: int):
@@ -117,11 +117,11 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
     unlabelled = sorted(set(images) - set(labels))
     classes = _classes(cfg, labels)
     gate, gate_why = gate_mod.pick_gate_cases(sorted(labels), settings)
-    engine_name = _engine_name(cfg, engine, pseudo_labels_dir, unlabelled)
     if engine is None and pseudo_labels_dir is None and unlabelled + gate:
         from ..engines import with_engine_chosen
 
         cfg = with_engine_chosen(cfg)  # says once which engine round 0 uses, and why
+    engine_name = _engine_name(cfg, engine, pseudo_labels_dir, unlabelled + gate)
     state = runstate.open_state(layout, runstate.settings(settings, engine_name), sorted(labels), unlabelled, classes,
                                 gate, gate_why, {"images": str(Path(images_dir).resolve()),
                                                  "labels": str(Path(labels_dir).resolve())})
