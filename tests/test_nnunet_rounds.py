@@ -177,3 +177,38 @@ def test_predict_cli_writes_labels_with_the_source_affine(pipeline, tmp_path):
     b = np.asarray(r.dataobj)
     assert np.array_equal(a, b)
     assert sorted(os.listdir(tmp_path / "out")) == ["vol_las.nii.gz", "vol_ras.nii.gz"]
+
+
+def test_resumed_run_gates_the_next_round_against_the_round_really_deployed(chaos_dir, tmp_path, monkeypatch):
+    """Stopped after round 1 wrote metrics.json but before state.json recorded its deployment: the resumed
+    run's round 2 is compared with round 1, not with the stale round 0 (rounds faked: no nnU-Net)."""
+    from ssl_medsam2.nnunet import rounds, runstate
+    from ssl_medsam2.nnunet.layout import RunLayout
+
+    tiny = make_tiny_chaos(chaos_dir, tmp_path / "tiny")
+    root, work = tiny["root"], tmp_path / "work"
+    layout = RunLayout(work)
+    cfg = load_config(overrides=TINY_SCHEDULE + ["nnunet.max_rounds=2", "nnunet.min_change=0.0"])
+    replaced = []
+
+    def fake_round(k, layout, cfg, images, labels, unlabelled, gate, classes, history, deployed, *a):
+        replaced.append(int(deployed["round"]))
+        metrics = {"round": k, "change": 0.5, "labelled_dice": None, "gate_dice": None, "deployed": True,
+                   "gate_message": f"round {k} deployed (no quality gate)", "model_dir": str(layout.model(k))}
+        layout.metrics(k).parent.mkdir(parents=True, exist_ok=True)
+        layout.metrics(k).write_text(json.dumps(metrics))
+        return metrics
+
+    def stopped(*a, **kw):
+        raise SimulatedCrash("stopped after round 1's metrics.json, before state.json")
+
+    monkeypatch.setattr(one_round, "run_round", fake_round)
+    with monkeypatch.context() as mp:
+        mp.setattr(runstate, "write_final", stopped)
+        with pytest.raises(SimulatedCrash):
+            rounds.run_ssl(root / "images", root / "labels", work, cfg, pseudo_labels_dir=root / "pseudo",
+                           show_progress=False)
+    assert json.loads(layout.state_path.read_text())["deployed"]["round"] == 0 and layout.metrics(1).exists()
+    state = rounds.run_ssl(root / "images", root / "labels", work, cfg, pseudo_labels_dir=root / "pseudo",
+                           show_progress=False)
+    assert replaced == [0, 1] and state["deployed"]["round"] == 2

@@ -154,6 +154,10 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
             runstate.save(layout, state)
 
         history = layout.finished_rounds(state["max_rounds"])  # rounds finished by an earlier run
+        # their gate decisions: state.json may predate the last metrics.json (a run stopped between the two),
+        # and the next round is gated against the round really deployed
+        for h in history:
+            _deploy(state, h)
         schedule_for = _schedule_hook(state, layout, settings, settings.torch_device().type,
                                       state["max_rounds"])
         if state.get("schedule") is not None:
@@ -181,8 +185,6 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
             stop, reason = _verdict(history, state)
     finally:
         line.close()
-    for h in history:  # re-derive deployment from the finished rounds (a resumed run sees them all)
-        _deploy(state, h)
     state["rounds"] = [runstate.round_summary(h) for h in history]
     state["stop_reason"] = reason
     state["converged"] = reason.startswith("converged")
