@@ -155,9 +155,7 @@ def _run_run(args) -> int:
     state = run_ssl(args.images, args.labels, args.work, cfg, pseudo_labels_dir=args.pseudo_labels)
     for r in state["rounds"]:
         print(json.dumps(r))
-    final = state.get("final", {})
-    if final.get("warning"):
-        print("!" * 100 + f"\n{final['warning']}\n" + "!" * 100)
+    final = state.get("final", {})  # a quality-gate refusal: run_ssl logged it framed; stop_reason repeats it
     print(f"{state.get('stop_reason', '')}; deployed: round {final.get('round')} "
           f"({final.get('model_dir') or 'few-shot pseudo labels, no nnU-Net model'})")
     return 0
