@@ -185,9 +185,6 @@ def train_round(k: int, layout: RunLayout, cfg: dict, images: Mapping[str, Path]
             return nn_train.measure_speed(settings, log_path=nn_log)
 
         scheduled = schedule_for(probe)
-        resume = nn_train.latest_checkpoint(scheduled)
-        if resume is not None:
-            log.info("round %d: resuming nnU-Net training from %s", k, resume)
         init = None
         if settings.fine_tune and k > 1:
             init = layout.model(k - 1) / f"fold_{settings.fold_id}" / "checkpoint_final.pth"
