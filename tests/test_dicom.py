@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -76,6 +77,19 @@ def test_bad_input_is_named_and_leaves_nothing(tmp_path):
         dicom.nifti_to_dicom_series(tmp_path / "v4d.nii.gz", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_series_into_a_missing_parent_is_built_beside_it(tmp_path, monkeypatch):
+    """The temp folder lies beside out_dir even when its parent does not exist yet (os.replace across
+    filesystems fails with EXDEV otherwise)."""
+    nib.save(nib.Nifti1Image(np.arange(4 * 5 * 3, dtype=np.int16).reshape(4, 5, 3), np.eye(4)),
+             str(tmp_path / "x.nii.gz"))
+    made = []
+    real = dicom.tempfile.mkdtemp
+    monkeypatch.setattr(dicom.tempfile, "mkdtemp", lambda **kw: made.append(real(**kw)) or made[-1])
+    out = tmp_path / "new" / "deeper" / "dcm"
+    files = dicom.nifti_to_dicom_series(tmp_path / "x.nii.gz", out)
+    assert [Path(m).parent for m in made] == [out.parent] and len(files) == 3 and all(f.exists() for f in files)
 
 
 @pytest.fixture(scope="module")

@@ -124,7 +124,8 @@ def nifti_to_dicom_series(image: str | os.PathLike, out_dir: str | os.PathLike, 
     today = _dt.date.today().strftime("%Y%m%d")
 
     out_dir = Path(out_dir)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{case}.", dir=out_dir.parent if out_dir.parent.exists() else None))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)  # the temp folder must be beside out_dir (same filesystem)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{case}.", dir=out_dir.parent))
     paths = []
     try:
         for k in range(data.shape[2]):
@@ -173,7 +174,6 @@ def nifti_to_dicom_series(image: str | os.PathLike, out_dir: str | os.PathLike, 
             paths.append(p)
         if out_dir.exists():
             shutil.rmtree(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(tmp_dir, 0o777 & ~current_umask())  # mkdtemp's 0700 -> an ordinary folder
         os.replace(tmp_dir, out_dir)
     except BaseException:
