@@ -92,6 +92,32 @@ def test_series_into_a_missing_parent_is_built_beside_it(tmp_path, monkeypatch):
     assert [Path(m).parent for m in made] == [out.parent] and len(files) == 3 and all(f.exists() for f in files)
 
 
+def test_series_to_nifti_writes_atomically(tmp_path, monkeypatch):
+    nib.save(nib.Nifti1Image(np.arange(4 * 5 * 3, dtype=np.int16).reshape(4, 5, 3), np.eye(4)),
+             str(tmp_path / "x.nii.gz"))
+    dicom.nifti_to_dicom_series(tmp_path / "x.nii.gz", tmp_path / "dcm")
+    written = []
+    real = dicom.atomic_write
+    monkeypatch.setattr(dicom, "atomic_write", lambda path, w: written.append(path) or real(path, w))
+    back = dicom.dicom_series_to_nifti(tmp_path / "dcm", tmp_path / "back" / "x.nii.gz")
+    assert written == [back]
+    src = nib.load(str(tmp_path / "x.nii.gz"))
+    assert np.array_equal(np.asarray(nib.load(str(back)).dataobj), np.asarray(src.dataobj))
+    assert not [p for p in back.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_dicom_seg_failure_leaves_no_file(tmp_path):
+    if dicom_seg.dcmqi_tool() is None:
+        pytest.skip("dcmqi not installed (pip install dcmqi)")
+    lab = np.zeros((4, 4, 3), np.uint8)
+    lab[1, 1, 1] = 1
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), str(tmp_path / "lab.nii.gz"))
+    (tmp_path / "empty_series").mkdir()
+    with pytest.raises(InputError, match="itkimage2segimage failed"):
+        dicom_seg.label_to_dicom_seg(tmp_path / "lab.nii.gz", tmp_path / "empty_series", tmp_path / "out" / "seg.dcm")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     if pacs.orthanc_binary() is None:

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .io import InputError, current_umask, list_volumes
+from .io import InputError, atomic_write, current_umask, list_volumes
 
 logger = logging.getLogger(__name__)
 
@@ -191,10 +191,8 @@ def dicom_series_to_nifti(series_dir: str | os.PathLike, out_path: str | os.Path
     if not names:
         raise InputError(series_dir, "no DICOM series found")
     reader.SetFileNames(names)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(reader.Execute(), str(out_path))
-    return out_path
+    img = reader.Execute()
+    return atomic_write(out_path, lambda tmp: sitk.WriteImage(img, str(tmp)))  # tmp keeps the suffix: the format
 
 
 def convert_folder(images_dir: str | os.PathLike, out_dir: str | os.PathLike, *,

@@ -17,7 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .io import InputError
+from .io import InputError, atomic_write
 
 
 def dcmqi_bin_dir() -> Path | None:
@@ -28,7 +28,6 @@ def dcmqi_bin_dir() -> Path | None:
         return None
     path = Path(dcmqi.__file__).resolve().parent / "bin"
     return path if (path / "itkimage2segimage").exists() else None
-
 
 
 def dcmqi_tool(name: str = "itkimage2segimage") -> str | None:
@@ -66,16 +65,15 @@ def label_to_dicom_seg(label: str | os.PathLike, series_dir: str | os.PathLike, 
             "segmentAttributes": [segments], "ContentLabel": "SEGMENTATION",
             "ContentDescription": "SSL-MedSAM2 label", "ClinicalTrialCoordinatingCenterName": "SSL-MedSAM2",
             "BodyPartExamined": ""}
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        meta_path = Path(tmp) / "meta.json"
-        meta_path.write_text(json.dumps(meta))
-        tmp_out = Path(tmp) / "seg.dcm"
+
+    def convert(tmp_out: str) -> None:
         res = subprocess.run([exe, "--inputImageList", str(label), "--inputDICOMDirectory", str(series_dir),
                               "--outputDICOM", str(tmp_out), "--inputMetadata", str(meta_path)],
                              capture_output=True, text=True)
-        if res.returncode != 0 or not tmp_out.exists():
+        if res.returncode != 0 or os.path.getsize(tmp_out) == 0:
             raise InputError(label, f"itkimage2segimage failed ({res.returncode}): {res.stderr[-2000:] or res.stdout[-2000:]}")
-        shutil.move(str(tmp_out), out_path)
-    return out_path
+
+    with tempfile.TemporaryDirectory() as tmp:  # only the metadata; the DICOM-SEG is written beside out_path
+        meta_path = Path(tmp) / "meta.json"
+        meta_path.write_text(json.dumps(meta))
+        return atomic_write(out_path, convert)
