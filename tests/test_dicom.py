@@ -106,6 +106,19 @@ def test_series_to_nifti_writes_atomically(tmp_path, monkeypatch):
     assert not [p for p in back.parent.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.parametrize("bad, problem", [(np.float32("nan"), "NaN"), (1.5, "non-integer"), (-1, "negative")])
+def test_dicom_seg_refuses_bad_label_values_naming_the_file(tmp_path, bad, problem):
+    if dicom_seg.dcmqi_tool() is None:
+        pytest.skip("dcmqi not installed (pip install dcmqi)")
+    lab = np.zeros((4, 4, 3), np.float32)
+    lab[1, 1, 1] = 1
+    lab[2, 2, 2] = bad
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), str(tmp_path / "lab.nii.gz"))
+    with pytest.raises(InputError, match=f"lab.nii.gz.*{problem}"):
+        dicom_seg.label_to_dicom_seg(tmp_path / "lab.nii.gz", tmp_path, tmp_path / "seg.dcm")
+    assert not (tmp_path / "seg.dcm").exists()
+
+
 def test_dicom_seg_failure_leaves_no_file(tmp_path):
     if dicom_seg.dcmqi_tool() is None:
         pytest.skip("dcmqi not installed (pip install dcmqi)")

@@ -14,10 +14,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
-from .io import InputError, atomic_write
+from .io import InputError, atomic_write, label_values, read_nifti_3d
 
 
 def dcmqi_bin_dir() -> Path | None:
@@ -47,7 +46,7 @@ def label_to_dicom_seg(label: str | os.PathLike, series_dir: str | os.PathLike, 
     if exe is None:
         raise FileNotFoundError("dcmqi's itkimage2segimage not found (pip install dcmqi)")
     label = Path(label)
-    ids = sorted(int(v) for v in np.unique(np.asarray(nib.load(str(label)).dataobj)) if v > 0)
+    ids = [int(v) for v in np.unique(label_values(read_nifti_3d(label)[1], label)) if v > 0]
     if not ids:
         raise InputError(label, "label map is empty; DICOM-SEG needs at least one segment")
     names = {int(k): str(v) for k, v in (class_names or {}).items()}
