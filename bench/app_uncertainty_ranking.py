@@ -35,9 +35,9 @@ def main() -> int:
     args = ap.parse_args()
 
     from ssl_medsam2 import strategies as st
-    from ssl_medsam2.metrics import mean_dice, present_classes
     from ssl_medsam2.config import load_config
     from ssl_medsam2.engines import build_engine
+    from ssl_medsam2.io import load_label_for
     from ssl_medsam2.protocol import ProtocolSettings
     from ssl_medsam2.pseudo_label import load_cases, pseudo_label_case
 
@@ -57,11 +57,8 @@ def main() -> int:
     for q in queries:
         out = pseudo_label_case(engine, supports, q, cfg)
         u = st.uncertainty_score(out["entropy"], out["label"], out["summary"]["classes"], band)
-        from ssl_medsam2.io import load_label_for
-
         gt = load_label_for(q.image, tmp / "gt" / f"{q.name}.nii.gz").array
-        classes = present_classes(gt, out["label"], out["summary"]["classes"])
-        err = 1.0 - (mean_dice(gt, out["label"], classes) or 0.0)
+        err = st.disagreement_score(gt, out["label"], out["summary"]["classes"])  # 1 - mean Dice vs the truth
         rows.append({"case": q.name, "uncertainty": round(u, 4), "error": round(err, 4)})
         print(json.dumps(rows[-1]), flush=True)
     u = np.array([r["uncertainty"] for r in rows])
