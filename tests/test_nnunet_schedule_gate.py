@@ -220,3 +220,19 @@ def test_every_image_labelled_round0_still_names_the_gate_cases_engine(chaos_dir
     shutil.copyfile(root / "images" / f"{tiny['cases'][0]}_0000.nii.gz", new / "query_0000.nii.gz")
     out = predict_folder(work, new, tmp_path / "pred", cfg=cfg, show_progress=False)
     assert [p.name for p in out] == ["query.nii.gz"]
+
+
+def test_checkpoint_every_reaches_the_trainer_through_the_environment(tmp_path, monkeypatch):
+    """nnunet.checkpoint_every is read by our trainer class from the environment nnunet_env sets, so the
+    in-process training and nnUNetv2_train's DDP processes use the same interval; 0 is refused."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from ssl_medsam2.nnunet import train, trainers
+
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 1"):
+        _ncfg("nnunet.checkpoint_every=0")
+    monkeypatch.setattr(nnUNetTrainer, "__init__", lambda self, *a, **kw: None)  # no plans needed here
+    for every in (1, 3):
+        with train.nnunet_env(tmp_path, _ncfg(f"nnunet.checkpoint_every={every}", "nnunet.device=cpu")):
+            cls = trainers.find_trainer("nnUNetTrainerSSL_1ep_2it_1val")
+            assert cls({}, "2d", 0, {}).save_every == every

@@ -90,7 +90,7 @@ class NnUNetSettings(Section):
         for name in ("gpu_memory_target", "min_change", "ignore_entropy_threshold"):
             _number(name, getattr(self, name), optional=True)
         _number("gate_cases", self.gate_cases, int)
-        for name, at_least in (("speed_probe_iterations", 1), ("checkpoint_every", 0), ("num_gpus", 1),
+        for name, at_least in (("speed_probe_iterations", 1), ("checkpoint_every", 1), ("num_gpus", 1),
                                ("num_workers", 0), ("num_processes", 0), ("max_rounds", 0)):
             self._set(**{name: _number(name, getattr(self, name), int, at_least=at_least)})
         self._set(cpu_threads=_number("cpu_threads", self.cpu_threads, int, at_least=0, optional=True),

@@ -11,7 +11,8 @@ The trained folder (``dataset.json``, ``plans.json``, ``fold_<f>/checkpoint_fina
 into place only once complete, so its presence means training finished.
 
 Mid-round resume: nnU-Net writes ``checkpoint_latest.pth`` every ``nnunet.checkpoint_every`` epochs
-(its own default is 50, longer than a short schedule); :func:`latest_checkpoint` finds it and
+(its own default is 50, longer than a short schedule; :func:`nnunet_env` passes it to our trainer
+class through the environment, so the DDP subprocess gets it too); :func:`latest_checkpoint` finds it and
 :func:`train_model` ``resume=True`` continues from it the way ``nnUNetv2_train --c`` does
 (``load_checkpoint``: weights, optimizer, epoch count, logs), so the epoch count goes on.
 """
@@ -41,11 +42,13 @@ PLANS_NAME = "nnUNetPlans"
 
 @contextlib.contextmanager
 def nnunet_env(root: str | os.PathLike, settings: NnUNetSettings):
-    """Point nnU-Net's three folders at ``root/{raw,preprocessed,results}`` for the duration."""
+    """Point nnU-Net's three folders at ``root/{raw,preprocessed,results}`` for the duration (with the
+    augmentation workers, compile and checkpoint interval of ``settings``)."""
     root = Path(root)
     new = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
            "nnUNet_results": str(root / "results"),
-           "nnUNet_n_proc_DA": str(settings.num_workers)}
+           "nnUNet_n_proc_DA": str(settings.num_workers),
+           trainers.CHECKPOINT_EVERY_ENV: str(settings.checkpoint_every)}
     if settings.torch_device().type == "cpu" or not settings.compile:
         new["nnUNet_compile"] = "false"
     for k in ("raw", "preprocessed", "results"):
@@ -222,7 +225,6 @@ def _train_in_process(settings: NnUNetSettings, device, init_checkpoint, progres
     trainer = _new_trainer(settings, device, log_path)
     with nnunet_output(log_path):
         trainer.initialize()
-        trainer.save_every = max(1, settings.checkpoint_every)
         if resume_from is not None:
             trainer.load_checkpoint(str(resume_from))  # what nnUNetv2_train --c does
             log.info("resuming training from %s at epoch %d/%d", resume_from, trainer.current_epoch,

@@ -20,6 +20,9 @@ import os
 from pathlib import Path
 
 EXT_TRAINER_DIR = Path(__file__).resolve().parent / "nnunet_ext"
+#: the environment variable our trainer class reads its checkpoint interval from (nnunet_ext/ imports
+#: nothing of this package, so it spells the same name)
+CHECKPOINT_EVERY_ENV = "SSL_MEDSAM2_CHECKPOINT_EVERY"
 
 
 def trainer_name(epochs: int, iterations_per_epoch: int, val_iterations: int) -> str:

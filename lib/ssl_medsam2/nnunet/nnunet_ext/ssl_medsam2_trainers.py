@@ -11,12 +11,16 @@ with any schedule loads in a stock ``nnUNetPredictor`` / ``nnUNetv2_predict`` as
 is on ``nnUNet_extTrainer``.
 """
 
+import os
 import re
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 _NAME = re.compile(r"^nnUNetTrainerSSL_(\d+)ep_(\d+)it_(\d+)val$")
+#: epochs between checkpoint_latest.pth writes; ssl_medsam2 sets it from nnunet.checkpoint_every (an
+#: environment variable, so nnUNetv2_train's DDP processes see it too)
+CHECKPOINT_EVERY_ENV = "SSL_MEDSAM2_CHECKPOINT_EVERY"
 
 
 class nnUNetTrainerSSL(nnUNetTrainer):
@@ -32,9 +36,9 @@ class nnUNetTrainerSSL(nnUNetTrainer):
         self.num_epochs = self.EPOCHS
         self.num_iterations_per_epoch = self.ITERATIONS
         self.num_val_iterations_per_epoch = self.VAL_ITERATIONS
-        # checkpoint_latest.pth after every epoch (nnU-Net: every 50), so a stopped round resumes
+        # checkpoint_latest.pth every epoch unless set (nnU-Net: every 50), so a stopped round resumes
         # where it was (nnUNetv2_train --c) instead of from epoch 0
-        self.save_every = 1
+        self.save_every = int(os.environ.get(CHECKPOINT_EVERY_ENV, "1"))
         # called as epoch_callback(trainer) after every epoch (progress bars, MONAI Label train_stats)
         self.epoch_callback = None
 
