@@ -430,43 +430,36 @@ def model_files(model_dir: Path, checkpoint_name: str = "checkpoint_final.pth") 
 class NnUNetPredictWorker:
     """A Ray actor holding the round's ``nnUNetPredictor`` (loaded once, kept for all its cases).
 
-    Each case goes through :func:`ssl_medsam2.nnunet.one_round.predict_cases`, the in-process code,
-    in a scratch folder; the finished files go back to the driver.
+    The model folder's files come once, with the constructor (a restarted actor gets them again),
+    not with every case. Each case goes through :func:`ssl_medsam2.nnunet.one_round.predict_cases`,
+    the in-process code, in a scratch folder; the finished files go back to the driver.
     """
 
-    def __init__(self, settings: "NnUNetSettings", cpus: float):
+    def __init__(self, settings: NnUNetSettings, cpus: float, files: dict[str, bytes]):
         _limit_threads(cpus)
         self.settings = settings
-        self.cache: dict = {}  # predict_cases' model cache: {local model dir: NnUNetModel}
-        self.model_dirs: dict[str, Path] = {}
+        self.cache: dict = {}  # predict_cases' model cache: the model stays loaded between cases
         self._tmp = tempfile.TemporaryDirectory(prefix="ssl_medsam2_nnunet_worker_")
+        self.model_dir = Path(self._tmp.name) / "model"
+        for rel, data in files.items():
+            (self.model_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            (self.model_dir / rel).write_bytes(data)
 
     def ready(self) -> str:
         return _worker_id()
 
-    def _model_dir(self, key: str, files: dict[str, bytes]) -> Path:
-        if key not in self.model_dirs:
-            self.cache.clear()  # a new round's model replaces the previous one
-            d = Path(self._tmp.name) / f"model_{len(self.model_dirs)}"
-            for rel, data in files.items():
-                (d / rel).parent.mkdir(parents=True, exist_ok=True)
-                (d / rel).write_bytes(data)
-            self.model_dirs[key] = d
-        return self.model_dirs[key]
-
-    def run(self, key: str, files, k: int, name: str, filename: str, image: bytes) -> dict:
+    def run(self, k: int, name: str, filename: str, image: bytes) -> dict:
         from .io import InputError
         from .nnunet.one_round import predict_cases
 
         t0 = time.perf_counter()
         try:
-            model_dir = self._model_dir(key, files)
             with tempfile.TemporaryDirectory(prefix="ssl_medsam2_case_") as tmp:
                 src = Path(tmp) / "in" / filename
                 src.parent.mkdir()
                 src.write_bytes(image)
                 out = Path(tmp) / "out"
-                predict_cases(model_dir, self.settings, {name: src}, [name], out, k, None, self.cache)
+                predict_cases(self.model_dir, self.settings, {name: src}, [name], out, k, None, self.cache)
                 result = {kind: (out / kind / f"{name}.nii.gz").read_bytes() for kind in ("entropy", "labels")}
         except InputError as exc:
             return _failure(name, exc, True)
@@ -482,7 +475,7 @@ def predict_round_on_cluster(cfg: dict, model_dir: str | os.PathLike, jobs: Iter
     """One round's nnU-Net predictions on Ray workers: for each (out_dir, names), labels/ and entropy/.
 
     Same files as in-process (the workers run the in-process code on each case); cases already
-    predicted are skipped; the model folder travels once through the object store.
+    predicted are skipped; the model folder goes once to each worker (with its constructor).
     """
     from .io import atomic_write
 
@@ -504,12 +497,11 @@ def predict_round_on_cluster(cfg: dict, model_dir: str | os.PathLike, jobs: Iter
         n_workers = min(_n_workers(ray, ccfg), len(todo))
         log.info("round %d: predicting %d case(s) on %d Ray worker(s)", k, len(todo), n_workers)
         files_ref = ray.put(model_files(Path(model_dir)))
-        key = f"{Path(model_dir).resolve()}"
         Worker = ray.remote(NnUNetPredictWorker).options(**_actor_options(ccfg))
 
         def submit(actor, n):
             p = Path(images[n])
-            return actor.run.remote(key, files_ref, k, n, p.name, p.read_bytes())
+            return actor.run.remote(k, n, p.name, p.read_bytes())
 
         def on_result(res):
             n = res["case"]
@@ -519,7 +511,7 @@ def predict_round_on_cluster(cfg: dict, model_dir: str | os.PathLike, jobs: Iter
                 done[0] += 1
                 progress({"stage": "predict", "round": k, "case": n, "done": done[0], "total": len(counted)})
 
-        failed = run_cases(ray, lambda: Worker.remote(settings, ccfg.cpus_per_worker), n_workers,
+        failed = run_cases(ray, lambda: Worker.remote(settings, ccfg.cpus_per_worker, files_ref), n_workers,
                            todo, submit, on_result, ccfg, f"round {k}: predict (Ray)", show_progress)
     if failed:
         raise CasesFailed(failed, len(todo) - len(failed))
