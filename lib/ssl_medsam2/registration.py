@@ -258,15 +258,13 @@ def affine_stage(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSe
 def deformable_stage(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform,
                      settings: RegistrationSettings, moving_mask: sitk.Image | None = None) -> sitk.Transform:
     """The deformable stage on top of ``affine``; returns the full query -> support transform."""
-    if settings.deformable == "bspline":
-        with sitk_threads(settings):
-            return _bspline_stage(fixed, moving, affine, settings, moving_mask)
-    if settings.deformable == "demons":
-        with sitk_threads(settings):
-            return _demons_stage(fixed, moving, affine, settings, moving_mask)
     if settings.deformable in ("none", None, False):
         return affine
-    raise ValueError(f"unknown deformable stage '{settings.deformable}' (bspline, demons or none)")
+    stage = {"bspline": _bspline_stage, "demons": _demons_stage}.get(settings.deformable)
+    if stage is None:
+        raise ValueError(f"unknown deformable stage '{settings.deformable}' (bspline, demons or none)")
+    with sitk_threads(settings):
+        return stage(fixed, moving, affine, settings, moving_mask)
 
 
 def warp_label_probabilities(label: Volume, classes, query: Volume, transform: sitk.Transform) -> np.ndarray:
