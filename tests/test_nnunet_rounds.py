@@ -19,7 +19,8 @@ from nnunet_helpers import TINY_SCHEDULE, make_tiny_chaos
 from ssl_medsam2.config import load_config
 from ssl_medsam2.nnunet import one_round
 from ssl_medsam2.nnunet import train as nn_train
-from ssl_medsam2.nnunet.rounds import round_dir, run_ssl, should_stop
+from ssl_medsam2.nnunet.layout import RunLayout
+from ssl_medsam2.nnunet.rounds import run_ssl, should_stop
 
 
 class SimulatedCrash(RuntimeError):
@@ -57,9 +58,9 @@ def pipeline(chaos_dir, tmp_path_factory):
         with pytest.raises(SimulatedCrash):
             run_ssl(root / "images", root / "labels", work, cfg, pseudo_labels_dir=root / "pseudo",
                     progress=events.append, show_progress=False)
-        after_a = {"train": list(calls["train"]), "round1": _mtimes(round_dir(work, 1)),
-                   "round2_model": _mtimes(round_dir(work, 2) / "model"),
-                   "round2_metrics": (round_dir(work, 2) / "metrics.json").exists(),
+        after_a = {"train": list(calls["train"]), "round1": _mtimes(RunLayout(work).round(1)),
+                   "round2_model": _mtimes(RunLayout(work).round(2) / "model"),
+                   "round2_metrics": (RunLayout(work).round(2) / "metrics.json").exists(),
                    "state": json.loads((work / "state.json").read_text())}
         calls["train"].clear()
         calls["predict"].clear()
@@ -83,8 +84,8 @@ def test_resume_recomputes_nothing_finished(pipeline):
     b, work = pipeline["b"], pipeline["work"]
     assert b["train"] == []  # neither round 1 nor the already trained round 2 is retrained
     assert {k for k, _ in b["predict"]} == {2}  # only round 2's predictions are (re)done
-    assert _mtimes(round_dir(work, 1)) == pipeline["a"]["round1"]  # round 1 untouched, byte for byte
-    assert _mtimes(round_dir(work, 2) / "model") == pipeline["a"]["round2_model"]
+    assert _mtimes(RunLayout(work).round(1)) == pipeline["a"]["round1"]  # round 1 untouched, byte for byte
+    assert _mtimes(RunLayout(work).round(2) / "model") == pipeline["a"]["round2_model"]
 
 
 def test_two_rounds_are_two_versions_on_disk(pipeline):
@@ -93,7 +94,7 @@ def test_two_rounds_are_two_versions_on_disk(pipeline):
     assert state["stop_reason"] == "reached max_rounds=2" and not state["converged"]
     ckpts = []
     for k in (1, 2):
-        rd = round_dir(work, k)
+        rd = RunLayout(work).round(k)
         m = json.loads((rd / "metrics.json").read_text())
         assert m["round"] == k and 0.0 <= m["change"] <= 1.0 and 0.0 <= m["labelled_dice"] <= 1.0
         assert set(m["dice_to_previous"]) == set(tiny["unlabelled"])
@@ -107,7 +108,7 @@ def test_two_rounds_are_two_versions_on_disk(pipeline):
         assert not (rd / "nnunet").exists()  # intermediates cleaned
     assert ckpts[0] != ckpts[1]
     final = json.loads((work / "final.json").read_text())
-    assert final["round"] == 2 and final["model_dir"] == str((round_dir(work, 2) / "model").resolve())
+    assert final["round"] == 2 and final["model_dir"] == str((RunLayout(work).round(2) / "model").resolve())
     # the schedule: auto on this CPU -> short (the tiny test values override its lengths), recorded
     sched = json.loads((work / "state.json").read_text())["schedule"]
     assert final["schedule"] == sched and sched["spec"] == "auto" and sched["name"] == "short"
@@ -138,7 +139,7 @@ def test_convergence_rule_stops_the_loop(pipeline, capsys):
     assert rc == 0
     state = json.loads((work / "state.json").read_text())
     assert state["converged"] and state["stop_reason"].startswith("converged")
-    assert [r["round"] for r in state["rounds"]] == [1, 2] and not round_dir(work, 3).exists()
+    assert [r["round"] for r in state["rounds"]] == [1, 2] and not RunLayout(work).round(3).exists()
     assert "converged" in capsys.readouterr().out
 
 
@@ -183,7 +184,6 @@ def test_resumed_run_gates_the_next_round_against_the_round_really_deployed(chao
     """Stopped after round 1 wrote metrics.json but before state.json recorded its deployment: the resumed
     run's round 2 is compared with round 1, not with the stale round 0 (rounds faked: no nnU-Net)."""
     from ssl_medsam2.nnunet import rounds, runstate
-    from ssl_medsam2.nnunet.layout import RunLayout
 
     tiny = make_tiny_chaos(chaos_dir, tmp_path / "tiny")
     root, work = tiny["root"], tmp_path / "work"

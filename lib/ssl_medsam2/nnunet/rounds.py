@@ -38,10 +38,6 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[dict], None]
 
 
-def round_dir(work_dir: Path, k: int) -> Path:
-    return RunLayout(work_dir).round(k)
-
-
 def should_stop(changes: list[float], min_change: float | None, max_rounds: int) -> tuple[bool, str]:
     """The convergence rule on the history of round changes (round 1 first)."""
     if changes and min_change is not None and changes[-1] < float(min_change):
@@ -77,15 +73,15 @@ def _engine_name(cfg, engine, pseudo_labels_dir, pseudo_labelled) -> str:
     return str(cfg["protocol"]["engine"])
 
 
-def _schedule_hook(state: dict, layout: RunLayout, settings: NnUNetSettings, device_type: str, max_rounds: int):
+def _schedule_hook(state: dict, layout: RunLayout, settings: NnUNetSettings):
     """The schedule for every round: resolved once (after round 1's preprocessing, from a measured speed),
     said in one line, recorded in state.json; later rounds and resumed runs reuse it."""
     def schedule_for(probe: Callable[[], float]) -> NnUNetSettings:
         if state.get("schedule") is None:
-            sched = schedule_mod.resolve(settings, device_type, it_per_s=probe())
+            sched = schedule_mod.resolve(settings, settings.torch_device().type, it_per_s=probe())
             state["schedule"] = sched.as_dict()
             runstate.save(layout, state)
-            log.info("%s", sched.describe(max_rounds))
+            log.info("%s", sched.describe(settings.max_rounds))
         return settings.with_schedule(schedule_mod.Schedule.from_dict(state["schedule"]))
 
     return schedule_for
@@ -158,8 +154,7 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
         # and the next round is gated against the round really deployed
         for h in history:
             _deploy(state, h)
-        schedule_for = _schedule_hook(state, layout, settings, settings.torch_device().type,
-                                      state["max_rounds"])
+        schedule_for = _schedule_hook(state, layout, settings)
         if state.get("schedule") is not None:
             log.info("%s (recorded in state.json)", schedule_mod.Schedule.from_dict(state["schedule"])
                      .describe(state["max_rounds"]))
