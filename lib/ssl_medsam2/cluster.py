@@ -347,12 +347,13 @@ def pseudo_label_folder_on_cluster(images_dir, labels_dir, out_dir, cfg: dict, e
     """
     import json
 
-    from .engines import Case, check_supports
-    from .io import InputError, load_label_for, load_volume
+    from .engines import check_supports
+    from .io import InputError, load_volume
     from .preprocess import InputSettings
     from .pseudo_label import (
         case_files,
         is_finished,
+        load_cases,
         resolve_classes,
         write_encoded,
         write_run_json,
@@ -360,10 +361,7 @@ def pseudo_label_folder_on_cluster(images_dir, labels_dir, out_dir, cfg: dict, e
 
     ccfg = cluster_cfg(cfg)
     images, labels = case_files(images_dir, labels_dir)
-    supports = []
-    for n in sorted(labels):
-        image = load_volume(images[n], name=n)
-        supports.append(Case(image, load_label_for(image, labels[n])))
+    supports, _ = load_cases(images_dir, labels_dir, names=())  # supports only: queries are read as sent
     classes = resolve_classes(supports, InputSettings.from_config(cfg).classes)
     check_supports(supports, classes)
     queries = [n for n in images if n not in labels and (names is None or n in names)]
