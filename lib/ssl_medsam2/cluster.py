@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .config import Section
+
 if TYPE_CHECKING:
     from .nnunet.settings import NnUNetSettings
 
@@ -60,9 +62,10 @@ class CasesFailed(ValueError):
 
 
 @dataclass(frozen=True)
-class ClusterSettings:
+class ClusterSettings(Section):
     """The ``cluster:`` section of the config, typed (what each key means: configs/ssl_medsam2.yaml)."""
 
+    SECTION = "cluster"
     ray_address: str | None
     num_workers: int | None
     cpus_per_worker: float
@@ -76,19 +79,16 @@ class ClusterSettings:
 
     def __post_init__(self):
         addr = self.ray_address
-        object.__setattr__(self, "ray_address", str(addr) if addr not in (None, "", False) else None)
-        for name, kind in (("cpus_per_worker", float), ("gpus_per_worker", float), ("max_restarts", int),
-                           ("max_case_attempts", int), ("stall_timeout_s", float), ("object_store_mb", int)):
-            object.__setattr__(self, name, kind(getattr(self, name) or 0))
-        for name in ("num_workers", "local_num_cpus", "local_num_gpus"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, int(getattr(self, name)))
+        self._set(ray_address=str(addr) if addr not in (None, "", False) else None,
+                  cpus_per_worker=float(self.cpus_per_worker or 0), gpus_per_worker=float(self.gpus_per_worker or 0),
+                  max_restarts=int(self.max_restarts or 0), max_case_attempts=int(self.max_case_attempts or 0),
+                  stall_timeout_s=float(self.stall_timeout_s or 0), object_store_mb=int(self.object_store_mb or 0),
+                  **{n: int(getattr(self, n)) for n in ("num_workers", "local_num_cpus", "local_num_gpus")
+                     if getattr(self, n) is not None})
 
 
 def cluster_cfg(cfg: dict) -> ClusterSettings:
-    from .config import section
-
-    return section(cfg, "cluster", ClusterSettings)
+    return ClusterSettings.from_config(cfg)
 
 
 def cluster_address(cfg: dict) -> str | None:
