@@ -476,11 +476,9 @@ def predict_round_on_cluster(cfg: dict, model_dir: str | os.PathLike, jobs: Iter
     predicted are skipped; the model folder goes once to each worker (with its constructor).
     """
     from .io import atomic_write
+    from .nnunet.one_round import is_predicted
 
-    def finished(out_dir, n):
-        return all((Path(out_dir) / kind / f"{n}.nii.gz").exists() for kind in ("labels", "entropy"))
-
-    jobs = [(Path(d), [n for n in names if not finished(d, n)]) for d, names in jobs]
+    jobs = [(Path(d), [n for n in names if not is_predicted(d, n)]) for d, names in jobs]
     where = {n: d for d, names in jobs for n in names}
     todo = [n for _, names in jobs for n in names]
     if not todo:

@@ -113,6 +113,11 @@ def load_model(model_dir: Path, settings: NnUNetSettings, log_path: Path | None 
                            num_threads=settings.cpu_threads)
 
 
+def is_predicted(out_dir: Path, name: str) -> bool:
+    """Both of a case's prediction files are there (labels are written last, so this means finished)."""
+    return all((Path(out_dir) / kind / f"{name}.nii.gz").exists() for kind in ("labels", "entropy"))
+
+
 def predict_cases(model_dir: Path, settings: NnUNetSettings, images: Mapping[str, Path], names: Sequence[str],
                   out_dir: Path, round_no: int, progress: ProgressFn | None = None, cache: dict | None = None,
                   log_path: Path | None = None) -> list[str]:
@@ -122,8 +127,7 @@ def predict_cases(model_dir: Path, settings: NnUNetSettings, images: Mapping[str
     ``cache``: a dict that keeps the loaded model between calls of one round (it is loaded only when
     something is left to predict).
     """
-    todo = [n for n in names if not ((out_dir / "labels" / f"{n}.nii.gz").exists()
-                                     and (out_dir / "entropy" / f"{n}.nii.gz").exists())]
+    todo = [n for n in names if not is_predicted(out_dir, n)]
     if not todo:
         return []
     cache = {} if cache is None else cache
