@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
-from shared_data import CHAOS, chaos_cases, downsample_case
-
+from shared_data import CHAOS, chaos_cases, downsample_case, work_folder
 
 
 def main() -> int:
@@ -43,24 +41,24 @@ def main() -> int:
 
     data = Path(args.data)
     cases = chaos_cases(data)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_unc_"))
-    for i, c in enumerate(cases):
-        downsample_case(data / "imagesTr" / f"{c}_0000.nii.gz", data / "labelsTr" / f"{c}.nii.gz",
-                        tmp / "images" / f"{c}_0000.nii.gz",
-                        (tmp / "labels" if i < args.labelled else tmp / "gt") / f"{c}.nii.gz", factor=args.factor)
-    cfg = load_config(overrides=args.overrides)
-    supports, queries = load_cases(tmp / "images", tmp / "labels")
-    engine = build_engine(args.engine, cfg)
-    band = ProtocolSettings.from_config(cfg).boundary_band
-    rows = []
-    t0 = time.time()
-    for q in queries:
-        out = pseudo_label_case(engine, supports, q, cfg)
-        u = st.uncertainty_score(out["entropy"], out["label"], out["summary"]["classes"], band)
-        gt = load_label_for(q.image, tmp / "gt" / f"{q.name}.nii.gz").array
-        err = st.disagreement_score(gt, out["label"], out["summary"]["classes"])  # 1 - mean Dice vs the truth
-        rows.append({"case": q.name, "uncertainty": round(u, 4), "error": round(err, 4)})
-        print(json.dumps(rows[-1]), flush=True)
+    with work_folder(None, "bench_unc_") as tmp:
+        for i, c in enumerate(cases):
+            downsample_case(data / "imagesTr" / f"{c}_0000.nii.gz", data / "labelsTr" / f"{c}.nii.gz",
+                            tmp / "images" / f"{c}_0000.nii.gz",
+                            (tmp / "labels" if i < args.labelled else tmp / "gt") / f"{c}.nii.gz", factor=args.factor)
+        cfg = load_config(overrides=args.overrides)
+        supports, queries = load_cases(tmp / "images", tmp / "labels")
+        engine = build_engine(args.engine, cfg)
+        band = ProtocolSettings.from_config(cfg).boundary_band
+        rows = []
+        t0 = time.time()
+        for q in queries:
+            out = pseudo_label_case(engine, supports, q, cfg)
+            u = st.uncertainty_score(out["entropy"], out["label"], out["summary"]["classes"], band)
+            gt = load_label_for(q.image, tmp / "gt" / f"{q.name}.nii.gz").array
+            err = st.disagreement_score(gt, out["label"], out["summary"]["classes"])  # 1 - mean Dice vs the truth
+            rows.append({"case": q.name, "uncertainty": round(u, 4), "error": round(err, 4)})
+            print(json.dumps(rows[-1]), flush=True)
     u = np.array([r["uncertainty"] for r in rows])
     e = np.array([r["error"] for r in rows])
     rho = float(stats.spearmanr(u, e).statistic) if len(rows) > 2 else None

@@ -25,13 +25,12 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from shared_data import CHAOS as DEFAULT_DATA
+from shared_data import CHAOS as DEFAULT_DATA, work_folder
 ORGANS = {1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
 
 
@@ -51,7 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", nargs="*", help="default: every other case")
     ap.add_argument("--engines", nargs="+", default=["atlas"], choices=["atlas", "sam2", "ensemble"])
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--out", help="keep pseudo labels and evaluation reports here (default: a temp dir)")
+    ap.add_argument("--out", help="keep pseudo labels and evaluation reports here (default: a temp dir, removed)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -60,7 +59,6 @@ def main(argv=None) -> int:
     labels = list_volumes(data / "labelsTr")
     queries = args.queries or [c for c in images if c not in args.supports and c in labels]
     cfg = load_config(overrides=args.overrides)
-    out_root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fewshot_accuracy_"))
 
     supports = []
     for name in args.supports:
@@ -85,36 +83,38 @@ def main(argv=None) -> int:
     print(f"supports: {', '.join(args.supports)}; queries: {', '.join(queries)}; cpu cores: {os.cpu_count()}; "
           f"load average: {os.getloadavg()[0]:.1f}", flush=True)
     results = {}
-    for engine in engines:
-        out = out_root / engine.name
-        per_query = []
-        for q in queries:
-            query_img = load_volume(images[q], name=q)
-            truth = load_label_for(query_img, labels[q])
-            t0, c0 = time.perf_counter(), time.process_time()
-            res = pseudo_label_case(engine, supports, Case(query_img), cfg, out_dir=out / "pseudo")
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            d = {ORGANS.get(c, str(c)): dice(res["label"] == c, truth.array == c)
-                 for c in res["summary"]["classes"]}
-            per_query.append({"query": q, "dice": d, "seconds": wall, "cpu_seconds": cpu})
-            print(f"[{engine.name}] {q}: " + ", ".join(f"{k} {v:.3f}" for k, v in d.items())
-                  + f"; {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
-        ev = evaluate_folders(out / "pseudo" / "labels", data / "labelsTr", out / "evaluation",
-                              class_names=ORGANS, images_dir=data / "imagesTr",
-                              intensity=IntensityConfig.from_config(cfg))
-        liver = [p["dice"]["liver"] for p in per_query]
-        organs = {o: float(np.mean([p["dice"][o] for p in per_query])) for o in per_query[0]["dice"]}
-        r = {"engine": engine.name, "liver_dice_mean": round(float(np.mean(liver)), 4),
-             "liver_dice_min": round(float(np.min(liver)), 4),
-             "sec_per_query": round(float(np.mean([p["seconds"] for p in per_query])), 1),
-             "cpu_sec_per_query": round(float(np.mean([p["cpu_seconds"] for p in per_query])), 1),
-             "organ_dice_mean": {k: round(v, 4) for k, v in organs.items()},
-             "liver_hd95_mm_mean": ev["per_class"]["liver"]["hd95_mm"]["mean"],
-             "queries": queries, "supports": args.supports, "report": ev.get("report")}
-        results[engine.name] = r
-        print(f"[{engine.name}] liver Dice mean {r['liver_dice_mean']:.3f}, min {r['liver_dice_min']:.3f}; "
-              f"{r['sec_per_query']:.1f} s per query ({r['cpu_sec_per_query']:.1f} s CPU); report {r['report']}",
-              flush=True)
+    with work_folder(args.out, "fewshot_accuracy_") as out_root:
+        for engine in engines:
+            out = out_root / engine.name
+            per_query = []
+            for q in queries:
+                query_img = load_volume(images[q], name=q)
+                truth = load_label_for(query_img, labels[q])
+                t0, c0 = time.perf_counter(), time.process_time()
+                res = pseudo_label_case(engine, supports, Case(query_img), cfg, out_dir=out / "pseudo")
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                d = {ORGANS.get(c, str(c)): dice(res["label"] == c, truth.array == c)
+                     for c in res["summary"]["classes"]}
+                per_query.append({"query": q, "dice": d, "seconds": wall, "cpu_seconds": cpu})
+                print(f"[{engine.name}] {q}: " + ", ".join(f"{k} {v:.3f}" for k, v in d.items())
+                      + f"; {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
+            ev = evaluate_folders(out / "pseudo" / "labels", data / "labelsTr", out / "evaluation",
+                                  class_names=ORGANS, images_dir=data / "imagesTr",
+                                  intensity=IntensityConfig.from_config(cfg))
+            liver = [p["dice"]["liver"] for p in per_query]
+            organs = {o: float(np.mean([p["dice"][o] for p in per_query])) for o in per_query[0]["dice"]}
+            r = {"engine": engine.name, "liver_dice_mean": round(float(np.mean(liver)), 4),
+                 "liver_dice_min": round(float(np.min(liver)), 4),
+                 "sec_per_query": round(float(np.mean([p["seconds"] for p in per_query])), 1),
+                 "cpu_sec_per_query": round(float(np.mean([p["cpu_seconds"] for p in per_query])), 1),
+                 "organ_dice_mean": {k: round(v, 4) for k, v in organs.items()},
+                 "liver_hd95_mm_mean": ev["per_class"]["liver"]["hd95_mm"]["mean"],
+                 "queries": queries, "supports": args.supports,
+                 "report": ev.get("report") if args.out else None}  # a temp folder is gone after the run
+            results[engine.name] = r
+            print(f"[{engine.name}] liver Dice mean {r['liver_dice_mean']:.3f}, min {r['liver_dice_min']:.3f}; "
+                  f"{r['sec_per_query']:.1f} s per query ({r['cpu_sec_per_query']:.1f} s CPU); report {r['report']}",
+                  flush=True)
     first = dict(results[engines[0].name])
     first["engines"] = {k: {kk: v[kk] for kk in ("liver_dice_mean", "liver_dice_min", "sec_per_query")}
                         for k, v in results.items()}

@@ -23,13 +23,11 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from shared_data import CHAOS, chaos_cases, downsample_case  # noqa: E402
+from shared_data import CHAOS, chaos_cases, downsample_case, work_folder  # noqa: E402
 
 QUICK_ATLAS = ["atlas.demons_iterations=[20,10]", "atlas.demons_shrink=[2,1]", "atlas.affine_iterations=50",
                "atlas.affine_shrink=[2,1]", "atlas.affine_smooth_mm=[2.0,1.0]"]
@@ -37,6 +35,8 @@ QUICK_ATLAS = ["atlas.demons_iterations=[20,10]", "atlas.demons_shrink=[2,1]", "
 
 def make_folder(root: Path, supports: list[str], queries: list[str], repeat: int, factor: int) -> Path:
     """images/ (supports + repeat x queries, symlinks or downsampled copies) and labels/ (supports)."""
+    from ssl_medsam2.io import link_or_copy
+
     for c in supports + queries:
         img, lab = CHAOS / "imagesTr" / f"{c}_0000.nii.gz", CHAOS / "labelsTr" / f"{c}.nii.gz"
         names = [c] if c in supports else [c if r == 0 else f"{c}r{r}" for r in range(repeat)]
@@ -46,11 +46,9 @@ def make_folder(root: Path, supports: list[str], queries: list[str], repeat: int
             if factor > 1:
                 downsample_case(img, lab, dst_img, dst_lab, factor=factor)
             else:
-                dst_img.parent.mkdir(parents=True, exist_ok=True)
-                dst_img.symlink_to(img)
+                link_or_copy(img, dst_img)
                 if dst_lab is not None:
-                    dst_lab.parent.mkdir(parents=True, exist_ok=True)
-                    dst_lab.symlink_to(lab)
+                    link_or_copy(lab, dst_lab)
     return root
 
 
@@ -64,7 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--factor", type=int, default=1, help="in-plane downsampling of the copies (1 = full res)")
     ap.add_argument("--quick", action="store_true", help="--factor 4, 4 queries, reduced atlas iterations")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
-    ap.add_argument("--keep", help="keep the outputs in this folder")
+    ap.add_argument("--keep", help="keep the inputs and outputs in this folder (emptied first)")
     args = ap.parse_args(argv)
     if not (CHAOS / "imagesTr").is_dir():
         print(f"CHAOS data not found at {CHAOS} (set SSL_MEDSAM2_SHARED_DATA)", file=sys.stderr)
@@ -86,15 +84,14 @@ def main(argv=None) -> int:
     factor, overrides = args.factor, list(args.overrides)
     if args.quick:
         factor, queries, overrides = max(factor, 4), queries[:4], QUICK_ATLAS + overrides
-    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="scale_ray_"))
-    make_folder(root / "data", args.supports, queries, args.repeat, factor)
     n_cases = len(queries) * args.repeat
     cpus = args.cpus or max(args.workers)
     base = load_config(overrides=["protocol.engine=atlas", "cluster.ray_address=local",
                                   f"cluster.local_num_cpus={cpus}", "cluster.cpus_per_worker=1",
                                   "cluster.object_store_mb=300"] + overrides)
     results = {}
-    try:
+    with work_folder(args.keep, "scale_ray_", fresh=True) as root:
+        make_folder(root / "data", args.supports, queries, args.repeat, factor)
         with ray_session("local", cluster_cfg(base)):
             print(f"Ray {ray.__version__}: {ray.cluster_resources()}; {n_cases} case(s), supports "
                   f"{args.supports}, factor {factor}, atlas preset {base['atlas']['preset']}", flush=True)
@@ -111,9 +108,6 @@ def main(argv=None) -> int:
         outs = [root / f"out_{w}w" for w in args.workers]
         identical = all((outs[0] / "labels" / p.name).read_bytes() == p.read_bytes()
                         for o in outs[1:] for p in (o / "labels").iterdir())
-    finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
     w0, w1 = args.workers[0], args.workers[-1]
     speedup = results[w1]["cases_per_min"] / results[w0]["cases_per_min"]
     print("\n| workers | wall s | cases/min |\n|---|---|---|")
