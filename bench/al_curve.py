@@ -35,23 +35,19 @@ import argparse
 import json
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
+from held_out import organ_dice
+from shared_data import CHAOS, chaos_cases, downsample_case, work_folder
 
-from held_out import organ_dice  # noqa: E402
-from shared_data import CHAOS, chaos_cases, downsample_case, work_folder  # noqa: E402
-
-from ssl_medsam2 import strategies  # noqa: E402
-from ssl_medsam2.config import load_config  # noqa: E402
-from ssl_medsam2.io import load_label_for, load_volume  # noqa: E402
-from ssl_medsam2.protocol import ProtocolSettings  # noqa: E402
+from ssl_medsam2 import strategies
+from ssl_medsam2.config import load_config
+from ssl_medsam2.io import load_label_for, load_volume
+from ssl_medsam2.protocol import ProtocolSettings
 
 STRATEGIES = ("uncertainty", "disagreement", "random")
 log = logging.getLogger("bench.al_curve")

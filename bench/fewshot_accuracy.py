@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from held_out import ORGANS
 from shared_data import CHAOS as DEFAULT_DATA, work_folder
-ORGANS = {1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
 
 
 def main(argv=None) -> int:
