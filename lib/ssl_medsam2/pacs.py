@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_ORTHANC_CONFIG = CONFIG_DIR / "orthanc" / "orthanc.json"
 
 
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
