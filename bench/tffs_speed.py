@@ -41,7 +41,7 @@ import torch
 from shared_data import CHAOS, downsample_case  # noqa: E402
 from ssl_medsam2.config import load_config  # noqa: E402
 from ssl_medsam2.engines.base import Case  # noqa: E402
-from ssl_medsam2.engines.sam2_engine import SAM2Engine  # noqa: E402
+from ssl_medsam2.engines.sam2_engine import SAM2Engine, resolve_dtype  # noqa: E402
 from ssl_medsam2.io import load_label_for, load_volume  # noqa: E402
 from ssl_medsam2.preprocess import resolve_slice_axis  # noqa: E402
 
@@ -106,7 +106,9 @@ def count_reference_steps(engine: SAM2Engine) -> dict:
 
 def profile_phases(engine: SAM2Engine, supports, query, classes, cuda: bool) -> dict:
     """Host and device seconds spent in each phase of one batched run (torch.profiler record_function
-    around the engine's and SAM2's own methods; the profiler slows the run, so these are shares, not times)."""
+    around the engine's and SAM2's own methods; the profiler slows the run, so these are shares, not times).
+    ``prompts`` includes the heads and memory encoder of the prompted frames, which ``sam_heads`` and
+    ``memory_encoder`` count too: the phases overlap there and do not add up to the run."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from ssl_medsam2.engines.sam2_cond_kv import CondKV
@@ -290,7 +292,7 @@ def main(argv=None) -> int:
         "engines": details, "protocol": args.protocol, "runs": n_runs, "query_slices": int(query.image.shape[2]),
         "image_size": args.size, "quick": args.quick, "warm_supports": args.warm_supports, "device": args.device,
         "gpu": torch.cuda.get_device_name() if cuda else None,
-        "dtype": str(SAM2Engine(load_config(overrides=base)).dtype).replace("torch.", ""),
+        "dtype": str(resolve_dtype(args.dtype, torch.device(args.device))).replace("torch.", ""),
         "threads": torch.get_num_threads(),
     }
     print(json.dumps(out))

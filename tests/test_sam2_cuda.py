@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from sam2_helpers import SMALL, load_case, make_tiny
+from sam2_helpers import CUDA_BF16_TOL, CUDA_FP32_TOL, SMALL, load_case, make_tiny
 from ssl_medsam2.config import load_config
 from ssl_medsam2.engines.sam2_engine import SAM2Engine
 from ssl_medsam2.protocol import RunningMean
@@ -21,10 +21,6 @@ from ssl_medsam2.protocol import RunningMean
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="CUDA is not available on this machine (run bench/gpu_check.sh on a GPU)")
 
-CUDA_FP32_TOL = 1e-3
-# bf16 drift measured so far: 7.4e-4 (cached vs reference, H200, 512 px; issue 10) and 5.4e-4 (batched
-# vs reference under CPU bf16 autocast, 64 px; tests/test_sam2_engine.py); ~13x headroom
-CUDA_BF16_TOL = 1e-2
 ON_CUDA = [o.replace("sam2.device=cpu", "sam2.device=cuda") for o in SMALL]
 
 

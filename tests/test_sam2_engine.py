@@ -15,7 +15,7 @@ import pytest
 from scipy import ndimage
 
 from conftest import outputs_on_source_grid
-from sam2_helpers import SMALL, load_case, make_tiny
+from sam2_helpers import CUDA_BF16_TOL, SMALL, load_case, make_tiny
 from ssl_medsam2.config import load_config
 from ssl_medsam2.engines.sam2_batch import logits_to_prob
 from ssl_medsam2.engines.sam2_cond_kv import CondKV
@@ -31,9 +31,6 @@ def tiny(chaos_dir, tmp_path_factory):
     return make_tiny(chaos_dir, tmp_path_factory.mktemp("tiny"))
 
 
-_case = load_case
-
-
 @pytest.fixture(scope="module")
 def engine():
     return SAM2Engine(load_config(overrides=SMALL))
@@ -46,8 +43,8 @@ def test_batched_and_run_by_run_engines_equal_reference_order(tiny, query, max_c
     all prompted frames in attention (the paper) and at most 2 (SAM2 then picks the closest per frame
     and attends to the others as recent memories). The batched engine runs its CPU attention (split
     softmax over 64-channel memories) and the fused one CUDA uses; each in one and in several chunks."""
-    sup = [_case(tiny, "chaos_01"), _case(tiny, "chaos_02")]
-    q = _case(tiny, query, labelled=False)
+    sup = [load_case(tiny, "chaos_01"), load_case(tiny, "chaos_02")]
+    q = load_case(tiny, query, labelled=False)
     classes = [1, 2]
     cfg = SMALL + [f"sam2.max_cond_frames_in_attn={max_cond}"]
     reference = SAM2Engine(load_config(overrides=cfg)).predict_reference(sup, q, classes)
@@ -74,10 +71,8 @@ def test_bfloat16_autocast_engines_stay_close_to_reference(tiny):
     """sam2.dtype=bfloat16 (CUDA's default) runs through the same code on CPU autocast: the batched
     engine (its fused attention: the split form is float32 only) and the run-by-run engine stay within
     the bf16 tolerance the CUDA tests use of the paper-order reference; the drift is printed."""
-    from test_sam2_cuda import CUDA_BF16_TOL
-
-    sup = [_case(tiny, "chaos_01"), _case(tiny, "chaos_02")]
-    q = _case(tiny, "chaos_03short", labelled=False)
+    sup = [load_case(tiny, "chaos_01"), load_case(tiny, "chaos_02")]
+    q = load_case(tiny, "chaos_03short", labelled=False)
     cfg = SMALL + ["sam2.dtype=bfloat16"]
     reference = SAM2Engine(load_config(overrides=cfg)).predict_reference(sup, q, [1])
     for what, extra in {"batched": [], "run by run": ["sam2.batch_runs=false"]}.items():
@@ -88,8 +83,8 @@ def test_bfloat16_autocast_engines_stay_close_to_reference(tiny):
 
 
 def test_support_masks_are_respected_on_prompted_frames(tiny, engine):
-    s = _case(tiny, "chaos_01")
-    q = engine.query_context(_case(tiny, "chaos_03", labelled=False), axis=2, encode=False)
+    s = load_case(tiny, "chaos_01")
+    q = engine.query_context(load_case(tiny, "chaos_03", labelled=False), axis=2, encode=False)
     sctx = engine.support_context(s, q, cached=True)
     mask = sctx.mask(1)
     prompts = engine._prompts(q, sctx, 1, mask)
@@ -124,8 +119,8 @@ def test_support_cache_evicts_least_recent_support_with_its_outputs():
 
 
 def test_same_seed_same_result_other_seed_other_positions(tiny):
-    sup = [_case(tiny, "chaos_01")]
-    q = _case(tiny, "chaos_03", labelled=False)
+    sup = [load_case(tiny, "chaos_01")]
+    q = load_case(tiny, "chaos_03", labelled=False)
     a = SAM2Engine(load_config(overrides=SMALL + ["sam2.seed=3"])).predict(sup, q, [1])
     b = SAM2Engine(load_config(overrides=SMALL + ["sam2.seed=3"])).predict(sup, q, [1])
     c = SAM2Engine(load_config(overrides=SMALL + ["sam2.seed=4"])).predict(sup, q, [1])

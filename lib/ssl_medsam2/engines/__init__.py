@@ -43,19 +43,24 @@ def choose_engine(cfg: dict) -> tuple[str, str]:
                      f"engine (put the checkpoint there or pass --checkpoint PATH for SAM2)")
 
 
+def _chosen_engine(cfg: dict) -> str:
+    """:func:`choose_engine`'s name, said once: one line where a choice was made (auto); an explicit
+    engine is what the user asked for."""
+    name, why = choose_engine(cfg)
+    log.log(logging.DEBUG if name == ProtocolSettings.from_config(cfg).engine else logging.INFO,
+            "few-shot engine: %s (%s)", name, why)
+    return name
+
+
 def with_engine_chosen(cfg: dict) -> dict:
     """``cfg`` with ``protocol.engine: auto`` replaced by the chosen engine; says which and why once."""
-    name, why = choose_engine(cfg)
-    # one line where a choice was made (auto); an explicit engine is what the user asked for
-    log.log(logging.INFO if ProtocolSettings.from_config(cfg).engine == AUTO else logging.DEBUG,
-            "few-shot engine: %s (%s)", name, why)
-    return merge(cfg, {"protocol": {"engine": name}})
+    return merge(cfg, {"protocol": {"engine": _chosen_engine(cfg)}})
 
 
 def build_engine(name: str, cfg: dict) -> FewShotEngine:
     """Build the engine ``name`` (or ``auto``: :func:`choose_engine`) from the project config."""
     if name == AUTO:
-        name = with_engine_chosen(cfg)["protocol"]["engine"]
+        name = _chosen_engine(cfg)
     if name == "sam2":
         from .sam2_engine import SAM2Engine
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,11 +51,10 @@ class TrackSequence:
     """One direction of one run: the video frames to track, in order, and its own output dict.
 
     ``output_dict`` starts with the conditioning outputs and any already tracked (shared) outputs, by
-    video frame; ``source(frame)`` serves the frame's image features; ``key`` and ``slices`` say where
-    each frame's probability goes (e.g. class id and query slice).
+    video frame; ``source(frame)`` serves the frame's image features; ``slices`` say where each
+    frame's probability goes (the query slice).
     """
 
-    key: Any
     reverse: bool
     frames: list
     slices: list
@@ -108,18 +107,24 @@ def memory_window(model) -> int:
     return max(int(model.num_maskmem) * stride, ptrs) + 1
 
 
+def new_cond_kv(model) -> CondKV | None:
+    """A conditioning-frame key/value cache for ``model`` (None when its memory attention has another
+    layout); share one across the tracks that use the same prompted frames."""
+    return CondKV(model.memory_attention, model.device) if supports_cond_kv(model.memory_attention) else None
+
+
 def track_batched(model, sequences: Sequence[TrackSequence], emit: Callable[[list, torch.Tensor], None],
-                  max_batch: int, stats: dict | None = None) -> None:
+                  max_batch: int, stats: dict | None, cond_kv: CondKV | None) -> None:
     """Advance all ``sequences`` one frame per step, batching elements with equal memory counts.
 
     ``emit(sequences_and_slices, pred_masks)`` receives, per batch, the list of (sequence, query
-    slice) and SAM2's low-res mask logits (B,1,s,s) on the model's device.
+    slice) and SAM2's low-res mask logits (B,1,s,s) on the model's device. ``cond_kv``: from
+    :func:`new_cond_kv` (None: SAM2's own memory attention).
     """
     if getattr(model, "non_overlap_masks_for_mem_enc", False):
         raise NotImplementedError("batched tracking needs non_overlap_masks_for_mem_enc off "
                                   "(it couples the objects of a batch); use sam2.batch_runs: false")
     window = memory_window(model)
-    cond_kv = CondKV(model.memory_attention, model.device) if supports_cond_kv(model.memory_attention) else None
     active = [s for s in sequences if not s.done]
     max_batch = max(1, int(max_batch))
     while active:

@@ -61,8 +61,9 @@ def _rope_freqs(attn, n_q: int, device):
 class CondKV:
     """Per-layer keys/values of conditioning frames, by frame output (kept for one batched track)."""
 
-    #: selections (ordered sets of conditioning frames) whose keys/values are kept; with all prompted
-    #: frames in attention there is one per (support, class) and direction, with a bound a few more
+    #: selections (ordered sets of conditioning frames) whose keys/values are kept; one cache serves one
+    #: (support, class): with all prompted frames in attention that is one selection, with a bound
+    #: (max_cond_frames_in_attn) one per distinct closest set
     max_selections = 32
     #: the split attention on CPU in float32 (see the module docstring); False = fused everywhere
     split_on_cpu = True

@@ -39,7 +39,7 @@ from ..preprocess import (InputSettings, IntensityConfig, frames_for_model, resi
                           scale_to_uint8_range, to_slices, from_slices)
 from ..protocol import PseudoVideo, RunningMean, insert_positions
 from .base import Case, EngineResult, check_supports
-from .sam2_batch import TrackSequence, logits_to_prob, track_batched
+from .sam2_batch import TrackSequence, logits_to_prob, new_cond_kv, track_batched
 from .sam2_context import (Features, QueryContext, SupportCache, SupportContext, SupportOnly,
                            VideoFeatures)
 from .sam2_model import CheckpointNotFound, SAM2Settings, build_predictor, checkpoint_status  # noqa: F401 (re-export)
@@ -110,7 +110,7 @@ class SAM2Engine:
     def predictor(self):
         """Built on first use, so constructing the engine (e.g. in a server) costs nothing."""
         if self._predictor is None:
-            self._predictor, self.model_info = build_predictor(self.settings, self.device, self.seed)
+            self._predictor, self.model_info = build_predictor(self.settings, self.device)
             self.model_info["compiled"] = self.settings.compile and \
                 compile_tracking(self._predictor, self.device)
         return self._predictor
@@ -239,9 +239,11 @@ class SAM2Engine:
             self.stats["frames_tracked"] += 1
             yield f, pred
 
-    def _block(self, q: QueryContext, s: SupportContext, c: int, prompts: dict, reverse: bool) -> dict:
+    def _block(self, q: QueryContext, s: SupportContext, c: int, prompts: dict, reverse: bool,
+               cond_kv=None) -> dict:
         """Non-prompted support frames tracked inside the block (after the first prompt going forward,
-        before the last going backward), by support slice; independent of the insert position."""
+        before the last going backward), by support slice; independent of the insert position.
+        ``cond_kv``: the batched path's cache of these prompts' keys/values (:func:`.sam2_batch.new_cond_kv`)."""
         key = (c, q.hw, q.n_slices, reverse)
         if key not in s.entry.blocks:
             n_s = s.n_slices
@@ -251,9 +253,9 @@ class SAM2Engine:
             with torch.inference_mode(), self._autocast():
                 if self.batch_runs:  # the batched step (conditioning keys once); keeps what later frames read
                     frames = [f for f in frames if f not in prompts]
-                    block = TrackSequence(key=None, reverse=reverse, frames=frames, slices=frames, source=source,
+                    block = TrackSequence(reverse=reverse, frames=frames, slices=frames, source=source,
                                           output_dict=output_dict, num_frames=source.num_frames)
-                    track_batched(self.predictor, [block], lambda *_: None, 1, self.stats)
+                    track_batched(self.predictor, [block], lambda *_: None, 1, self.stats, cond_kv)
                 else:
                     for _ in self._track(self._new_state(source, q.hw), output_dict, frames, reverse):
                         pass
@@ -294,7 +296,8 @@ class SAM2Engine:
             sequences = []
             with torch.inference_mode(), self._autocast():
                 prompts = self._prompts(q, s, c, mask)
-                blocks = {rev: self._block(q, s, c, prompts, rev) for rev in (False, True)}
+                cond_kv = new_cond_kv(self.predictor)  # the prompts' keys/values, once for blocks and runs
+                blocks = {rev: self._block(q, s, c, prompts, rev, cond_kv) for rev in (False, True)}
                 for p in positions:
                     video = PseudoVideo(q.n_slices, s.n_slices, p)
                     source = VideoFeatures(video, q.features, s.entry.features)
@@ -305,7 +308,7 @@ class SAM2Engine:
                             continue
                         non_cond = {video.support_frame(k): o for k, o in blocks[reverse].items()}
                         sequences.append(TrackSequence(
-                            key=c, reverse=reverse, frames=frames,
+                            reverse=reverse, frames=frames,
                             slices=[video.source(f)[1] for f in frames], source=source,
                             output_dict={"cond_frame_outputs": cond, "non_cond_frame_outputs": non_cond},
                             num_frames=video.length))
@@ -313,7 +316,7 @@ class SAM2Engine:
                 def emit(elements, pred_masks, c=c):
                     acc[c].add_slices([sl for _, sl in elements], logits_to_prob(pred_masks, q.hw))
 
-                track_batched(self.predictor, sequences, emit, self.max_batch, self.stats)
+                track_batched(self.predictor, sequences, emit, self.max_batch, self.stats, cond_kv)
             acc[c].count(len(positions))
 
     # --- reference (paper order, stock predictor calls, no caches) ----------------------------------
@@ -325,6 +328,6 @@ class SAM2Engine:
         def run_support(q, s, positions, masks, acc):
             for p in positions:
                 for c, mask in masks.items():
-                    acc[c].add(run_reference(self.predictor, self.image_size, self._autocast, q, s, p, mask))
+                    acc[c].add(run_reference(self.predictor, self._autocast, q, s, p, mask))
 
         return self._protocol(supports, query, classes, run_support, progress, cached=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import CONFIG_DIR, load_yaml, section
+from ..config import CONFIG_DIR, Section, load_yaml
 from ..io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -29,9 +29,10 @@ class CheckpointNotFound(FileNotFoundError):
 
 
 @dataclass(frozen=True)
-class SAM2Settings:
+class SAM2Settings(Section):
     """The ``sam2:`` section of the config, typed (what each key means: configs/ssl_medsam2.yaml)."""
 
+    SECTION = "sam2"
     model: str
     checkpoint: str | None
     url: str | None
@@ -51,17 +52,11 @@ class SAM2Settings:
     compile: bool
 
     def __post_init__(self):
-        for name in ("n_supports", "n_inserts", "seed", "max_cond_frames_in_attn", "feature_batch",
-                     "support_cache_frames"):
-            object.__setattr__(self, name, int(getattr(self, name)))
-        for name in ("download", "batch_runs", "compile"):
-            object.__setattr__(self, name, bool(getattr(self, name)))
+        self._set(**{name: int(getattr(self, name)) for name in (
+            "n_supports", "n_inserts", "seed", "max_cond_frames_in_attn", "feature_batch", "support_cache_frames")})
+        self._set(**{name: bool(getattr(self, name)) for name in ("download", "batch_runs", "compile")})
         if self.image_size:
-            object.__setattr__(self, "image_size", int(self.image_size))
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> "SAM2Settings":
-        return section(cfg, "sam2", cls)
+            self._set(image_size=int(self.image_size))
 
 
 @dataclass(frozen=True)
@@ -153,7 +148,7 @@ def has_sam2_cuda_ext() -> bool:
         return False
 
 
-def build_predictor(settings: SAM2Settings, device: torch.device, seed: int):
+def build_predictor(settings: SAM2Settings, device: torch.device):
     """Instantiate :class:`InMemoryVideoPredictor` with the configured architecture and weights.
 
     Returns (predictor, info) where info records the weights used (path or RANDOM).
@@ -186,7 +181,7 @@ def build_predictor(settings: SAM2Settings, device: torch.device, seed: int):
     if ckpt is None:
         log.warning("SAM2 with RANDOM weights (checkpoint: none): outputs are meaningless as segmentations; "
                     "use only to test mechanics")
-        torch.manual_seed(seed)
+        torch.manual_seed(settings.seed)
     model = instantiate(cfg.model, _recursive_=True)
     if ckpt is not None:
         sd = torch.load(str(ckpt), map_location="cpu", weights_only=True)

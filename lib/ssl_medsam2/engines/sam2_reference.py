@@ -33,12 +33,12 @@ def quiet_sam2_progress():
         svp.tqdm = orig
 
 
-def run_reference(predictor, image_size: int, autocast, q: QueryContext, s: SupportContext,
+def run_reference(predictor, autocast, q: QueryContext, s: SupportContext,
                   position: int, mask: np.ndarray) -> np.ndarray:
     """Query-slice probabilities (n_query, H, W) of one run, float32 on the host."""
     h, w = q.hw
     video = PseudoVideo(q.n_slices, s.n_slices, position)
-    frames = frames_for_model(video.assemble(q.scaled, s.scaled), image_size)
+    frames = frames_for_model(video.assemble(q.scaled, s.scaled), int(predictor.image_size))
     prompted = SupportContext.prompted_slices(mask)
     state = predictor.init_state_from_frames(frames, h, w)
     results = {}
