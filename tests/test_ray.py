@@ -13,11 +13,9 @@ in-process and worker registrations use the same thread count (deterministic sum
 from __future__ import annotations
 
 import dataclasses
-
 import importlib.util
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -31,6 +29,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import downsample_case
+from ray_helpers import ATLAS, ray_env  # noqa: F401 - ray_env: autouse, applies to this module
 from ssl_medsam2.cli import main
 from ssl_medsam2.config import load_config
 from ssl_medsam2.pseudo_label import pseudo_label_folder
@@ -40,34 +39,9 @@ if importlib.util.find_spec("ray") is None:
 
 SUPPORTS = ("chaos_01", "chaos_02")
 QUERIES = ("chaos_03", "chaos_05", "chaos_08", "chaos_10")
-#: atlas at this test's 64x64 in-plane size: a few seconds per query on one core
-ATLAS = ["protocol.engine=atlas", "atlas.threads=1", "atlas.demons_iterations=[20,10]", "atlas.demons_shrink=[2,1]",
-         "atlas.affine_iterations=50", "atlas.affine_shrink=[2,1]", "atlas.affine_smooth_mm=[2.0,1.0]"]
 SAM2 = ["protocol.engine=sam2", "sam2.checkpoint=none", "sam2.image_size=64", "sam2.n_inserts=1", "sam2.device=cpu"]
 CROPS = {"chaos_01": (14, 22), "chaos_02": (10, 17), "chaos_03": (12, 19), "chaos_05": (10, 17)}
 LOCAL = ["cluster.local_num_cpus=2", "cluster.object_store_mb=200", "cluster.stall_timeout_s=120"]
-#: token auth with a throwaway token (nothing written to ~/.ray), no usage stats, fast node-death detection;
-#: set before Ray is first imported (it reads them once per process)
-#: one token per test process: Ray's driver reads it once, and GCS servers started later must match it
-TOKEN = os.environ.setdefault("SSL_MEDSAM2_TEST_RAY_TOKEN", secrets.token_hex(16))
-RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_env():
-    old = {k: os.environ.get(k) for k in RAY_ENV}
-    os.environ.update(RAY_ENV)
-    yield
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _folder(chaos_dir, root: Path, queries, crops: dict | None = None) -> Path:

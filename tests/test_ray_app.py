@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import secrets
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import REPO
+from ray_helpers import ATLAS, FAST_ATLAS, ray_env  # noqa: F401 - ray_env: autouse, applies to this module
 
 if importlib.util.find_spec("ray") is None:
     pytest.skip("Ray is optional and not installed (pip install -r requirements.txt pins it)", allow_module_level=True)
@@ -27,23 +27,6 @@ from ssl_medsam2.pseudo_label import pseudo_label_folder
 from ssl_medsam2.studies import make_studies
 
 CASES = ("chaos_01", "chaos_02", "chaos_03", "chaos_05", "chaos_08", "chaos_10")
-ATLAS = {"atlas.threads": "1", "atlas.demons_iterations": "[20,10]", "atlas.demons_shrink": "[2,1]",
-         "atlas.affine_iterations": "50", "atlas.affine_shrink": "[2,1]", "atlas.affine_smooth_mm": "[2.0,1.0]"}
-#: one token per test process (shared with test_ray.py): Ray's driver reads it once
-TOKEN = os.environ.setdefault("SSL_MEDSAM2_TEST_RAY_TOKEN", secrets.token_hex(16))
-RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_env():
-    old = {k: os.environ.get(k) for k in RAY_ENV}
-    os.environ.update(RAY_ENV)
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def test_batch_fewshot_goes_to_ray_and_lands_like_the_per_image_task(small_chaos, tmp_path):
@@ -56,7 +39,7 @@ def test_batch_fewshot_goes_to_ray_and_lands_like_the_per_image_task(small_chaos
         shutil.copyfile(small_chaos / "imagesTr" / f"{c}_0000.nii.gz", src / "images" / f"{c}_0000.nii.gz")
         shutil.copyfile(small_chaos / "labelsTr" / f"{c}.nii.gz", src / "labels" / f"{c}.nii.gz")
     make_studies(src / "images", src / "labels", tmp_path / "studies", labelled=2)
-    conf = {**ATLAS, "cluster.ray_address": "local", "cluster.local_num_cpus": "2", "cluster.object_store_mb": "200"}
+    conf = {**FAST_ATLAS, "cluster.ray_address": "local", "cluster.local_num_cpus": "2", "cluster.object_store_mb": "200"}
     app = create_app(str(REPO / "apps" / "ssl_medsam2"), str(tmp_path / "studies"), conf)
     result = app.batch_infer({"model": "atlas_fewshot", "images": "unlabeled"})
     queries = sorted(CASES[2:])
@@ -68,7 +51,7 @@ def test_batch_fewshot_goes_to_ray_and_lands_like_the_per_image_task(small_chaos
     for c in CASES[:2]:
         shutil.copyfile(src / "labels" / f"{c}.nii.gz", lab / f"{c}.nii.gz")
     ref = tmp_path / "ref"
-    cfg = load_config(overrides=[f"{k}={v}" for k, v in ATLAS.items()] + ["protocol.engine=atlas"])
+    cfg = load_config(overrides=ATLAS)
     pseudo_label_folder(src / "images", lab, ref, cfg, show_progress=False)
     ds = app.datastore()
     ws = app.workspace
