@@ -196,3 +196,39 @@ def test_datastore_file_atomic_with_last_good_copy_and_recovery(small_chaos, tmp
     msg = fixes.recover_datastore_file(studies)
     assert "no good copy" in msg and not (studies / "datastore_v2.json").exists()
     assert len(list(studies.glob("datastore_v2.json.damaged-*"))) >= 1
+
+
+def test_uploads_naming_another_file_are_refused(case, tmp_path):
+    """A detached NRRD header or a MetaImage with an ElementDataFile path would make SimpleITK read a
+    server file (its bytes then shown in the label-set message): refused from the header, naming no path."""
+    import SimpleITK as sitk
+    from lib.uploads import check_image, declared_shape
+
+    image, label = case
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(b"ABCD" * 1000)
+    nrrd = tmp_path / "label.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(label)), str(nrrd))
+    size = sitk.ReadImage(str(label)).GetSize()
+    for field in ("data file", "datafile", "DATA FILE"):
+        evil = tmp_path / "evil.nrrd"
+        evil.write_bytes(f"NRRD0004\ntype: unsigned char\ndimension: 3\nsizes: {size[0]} {size[1]} {size[2]}\n"
+                         f"encoding: raw\n{field}: {secret}\n".encode())
+        with pytest.raises(InputError, match="separate data file") as err:
+            prepare_label(str(image), str(evil), "evil.nrrd")
+        assert str(secret) not in str(err.value) and "65" not in str(err.value)
+    mhd = tmp_path / "evil.mhd"
+    mhd.write_bytes(f"ObjectType = Image\nNDims = 3\nDimSize = 10 10 10\nElementType = MET_UCHAR\n"
+                    f"ElementDataFile = {secret}\n".encode())
+    for name in ("evil.mhd", "evil.mha", "evil.nrrd"):
+        with pytest.raises(InputError, match="separate data file"):
+            declared_shape(str(mhd), name)
+        with pytest.raises(InputError, match="separate data file"):
+            check_image(str(mhd), name)
+    with pytest.raises(InputError, match="unsupported image format"):
+        declared_shape(str(secret), "x.spr")
+    # self-contained files still pass: NRRD (also under another name) and MetaImage with LOCAL data
+    mha = tmp_path / "label.mha"
+    sitk.WriteImage(sitk.ReadImage(str(label)), str(mha))
+    assert declared_shape(str(nrrd), "label.nrrd") == declared_shape(str(mha), "label.mha") == size
+    assert _saved(prepare_label(str(image), str(mha), "label.mha"))[2] == np.uint8

@@ -10,6 +10,7 @@ decompressed, so a small gzip bomb cannot make the server inflate gigabytes.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,9 @@ import numpy as np
 from ssl_medsam2.io import InputError, label_values, load_label_for, load_volume, save_like
 
 NIFTI = (".nii.gz", ".nii")
+HEADER_BYTES = 1 << 20  # the most header text read to decide a non-NIfTI file's format
+_NRRD_DATA_FILE = re.compile(rb"^\s*data\s?file\s*:", re.IGNORECASE | re.MULTILINE)
+_META_DATA_FILE = re.compile(rb"^\s*ElementDataFile\s*=[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
 
 
 def suffix_of(filename: str | None, default: str = ".nii.gz") -> str:
@@ -35,15 +39,45 @@ def _tmp(suffix: str, work_dir: str | os.PathLike | None = None) -> str:
     return p
 
 
+def itk_io(path: str, shown_name: str) -> str:
+    """The SimpleITK ImageIO for a non-NIfTI upload, chosen by its content, for a self-contained file only.
+
+    Why: a detached NRRD header (``data file:``) or MetaImage (``ElementDataFile = /path``) makes
+    SimpleITK read another file of the server, whose bytes would come back in error messages (class
+    ids, sizes). Only NRRD and MetaImage with their data inside, or DICOM, are accepted, and the IO is
+    pinned so that no other reader (e.g. one that follows a file name in its header) gets the file.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(HEADER_BYTES)
+    if head.startswith(b"NRRD"):
+        end = re.search(rb"\r?\n\r?\n", head)
+        if end is None or _NRRD_DATA_FILE.search(head[: end.start()]):
+            raise InputError(shown_name, "NRRD with a separate data file ('data file' field or a detached "
+                                         "header); send a self-contained .nrrd with the voxels inside")
+        return "NrrdImageIO"
+    if head[128:132] == b"DICM":
+        return "GDCMImageIO"
+    meta = _META_DATA_FILE.search(head)
+    if meta is not None:
+        if meta.group(1).strip().upper() != b"LOCAL":
+            raise InputError(shown_name, "MetaImage with a separate data file (ElementDataFile is not LOCAL); "
+                                         "send a self-contained .mha with the voxels inside")
+        return "MetaImageIO"
+    raise InputError(shown_name, "unsupported image format: send NIfTI (.nii.gz, .nii), a self-contained "
+                                 "NRRD (.nrrd), MetaImage (.mha) or DICOM")
+
+
 def declared_shape(path: str, shown_name: str) -> tuple[int, ...]:
     """The voxel grid a file's header declares, read without decompressing any voxel data."""
+    io = None if path.endswith(NIFTI) else itk_io(path, shown_name)
     try:
-        if path.endswith(NIFTI):
+        if io is None:
             return tuple(int(n) for n in nib.load(path).header.get_data_shape())
         import SimpleITK as sitk
 
         reader = sitk.ImageFileReader()
         reader.SetFileName(path)
+        reader.SetImageIO(io)
         reader.ReadImageInformation()
         return tuple(int(n) for n in reader.GetSize()) + ((reader.GetNumberOfComponents(),)
                                                            if reader.GetNumberOfComponents() > 1 else ())
@@ -102,7 +136,9 @@ def check_image(path: str, shown_name: str) -> None:
     import SimpleITK as sitk
 
     try:
-        img = sitk.ReadImage(path)
+        img = sitk.ReadImage(path, imageIO=itk_io(path, shown_name))
+    except InputError:
+        raise
     except Exception as exc:
         raise InputError(shown_name, f"unreadable image file ({str(exc).strip().splitlines()[-1]})") from exc
     if img.GetDimension() != 3:
@@ -156,7 +192,9 @@ def _label_from_itk(image, image_path: str, upload: str, shown_name: str, work_d
     import SimpleITK as sitk
 
     try:
-        lab = sitk.ReadImage(upload)
+        lab = sitk.ReadImage(upload, imageIO=itk_io(upload, shown_name))
+    except InputError:
+        raise
     except Exception as exc:
         raise InputError(shown_name, f"unreadable label file ({str(exc).strip().splitlines()[-1]})") from exc
     ref = sitk.ReadImage(image_path)
