@@ -232,3 +232,30 @@ def test_uploads_naming_another_file_are_refused(case, tmp_path):
     sitk.WriteImage(sitk.ReadImage(str(label)), str(mha))
     assert declared_shape(str(nrrd), "label.nrrd") == declared_shape(str(mha), "label.mha") == size
     assert _saved(prepare_label(str(image), str(mha), "label.mha"))[2] == np.uint8
+
+
+def test_datastore_sees_writes_from_another_process(small_chaos, tmp_path):
+    """The datastore file is replaced by a rename: the server's watcher must reload on that "moved"
+    event (child processes, e.g. scoring, write scores this way), every time, and keep them."""
+    import json
+
+    import monailabel_085 as fixes
+
+    studies = tmp_path / "studies"
+    make_studies(small_chaos / "imagesTr", small_chaos / "labelsTr", studies, labelled=1)
+    exts = ["*.nii.gz", "*.nii"]
+    server = fixes.local_datastore(str(studies), extensions=exts, auto_reload=True)
+    try:
+        for n in range(2):  # twice: the server's own write in between must not stop the next reload
+            server.update_image_info("chaos_02", {f"own_{n}": n})
+            child = fixes.local_datastore(str(studies), extensions=exts, auto_reload=False)
+            child.update_image_info("chaos_03", {f"score_{n}": n})
+            deadline = time.time() + 10
+            while server.get_image_info("chaos_03").get(f"score_{n}") != n and time.time() < deadline:
+                time.sleep(0.05)
+            assert server.get_image_info("chaos_03").get(f"score_{n}") == n
+        server.update_image_info("chaos_02", {"own_2": 2})
+        saved = json.loads((studies / "datastore_v2.json").read_text())["objects"]
+        assert saved["chaos_03"]["image"]["info"]["score_1"] == 1 and saved["chaos_02"]["image"]["info"]["own_0"] == 0
+    finally:
+        server._observer.stop()

@@ -26,6 +26,9 @@ What and why:
    server that finds it damaged refuses to start. Ours writes a temp file in the same folder, fsyncs
    it, renames it over the old one, and keeps ``.datastore_v2.json.last_good``; at start a damaged
    file is replaced by the last good copy (the damaged one kept beside it) and the server says so.
+   0.8.5 reloads the file only on a watchdog "modified" event; a rename is a "moved" event, so the
+   file watcher's ``on_moved`` reloads it too (else writes by child processes, e.g. scores, are never
+   seen and the server's next write drops them).
 5. **DICOMweb** (``DICOMWebDatastore``): dcmqi from the PyPI wheel (upstream downloads it at start);
    the image list / labelled set caches (2 h by default) are cleared after every save and upload;
    ``get_label_uri(image_id, "final")`` finds the DICOM-SEG referencing the image; SEGs are converted
@@ -365,8 +368,9 @@ def _update_datastore_file(self, lock=True):
     """Replacement for ``LocalDatastore._update_datastore_file`` (0.8.5 truncates and rewrites in place)."""
     from filelock import FileLock
 
-    def write():
-        self._ignore_event_config = True
+    def write():  # no _ignore_event_config: a rename sends no "modified" event to skip (that flag would
+        # then stay set and drop the next change from another process); the file watcher skips our own
+        # write because its mtime is the _config_ts recorded here
         text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
         write_datastore_file(self._datastore_config_path, text)
         self._config_ts = os.stat(self._datastore_config_path).st_mtime
@@ -385,7 +389,15 @@ def local_datastore(studies: str, **kwargs):
     class AtomicLocalDatastore(LocalDatastore):
         _update_datastore_file = _update_datastore_file
 
-    return AtomicLocalDatastore(studies, **kwargs)
+        def _on_moved_event(self, event):
+            """A rename onto the datastore file (our atomic write, in this or a child process) is its
+            modification: 0.8.5 reloads only on "modified", which a rename never sends."""
+            self._on_modify_event(type("Moved", (), {"src_path": event.dest_path})())
+
+    ds = AtomicLocalDatastore(studies, **kwargs)
+    if getattr(ds, "_handler", None) is not None:  # auto_reload: the file watcher is running
+        ds._handler.on_moved = ds._on_moved_event
+    return ds
 
 
 # ---------------------------------------------------------------- 5. DICOMweb
