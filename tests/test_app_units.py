@@ -259,3 +259,17 @@ def test_datastore_sees_writes_from_another_process(small_chaos, tmp_path):
         assert saved["chaos_03"]["image"]["info"]["score_1"] == 1 and saved["chaos_02"]["image"]["info"]["own_0"] == 0
     finally:
         server._observer.stop()
+
+
+def test_unnamed_anonymous_callers_are_separate_lease_holders(tmp_path):
+    """Auth off and no client_id (OHIF): two annotators must not share one holder (they would renew
+    each other's lease and get the same image); named clients keep their name."""
+    from lib.guards import identity
+    from ssl_medsam2.leases import LeaseBook
+
+    first, second = identity({}, None, False), identity({}, None, False)
+    assert first[1] and second[1] and first[0] != second[0] and first[0].startswith("anonymous-")
+    assert identity({"client_id": "anon-0"}, None, False) == ("anon-0", True)
+    book = LeaseBook(tmp_path / "leases.json", ttl_s=60)
+    got = [book.acquire_first(["a", "b"], who, anonymous=True, anonymous_limit=2).image for who, _ in (first, second)]
+    assert got == ["a", "b"]

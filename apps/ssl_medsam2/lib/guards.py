@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -55,11 +56,15 @@ def parse_params(text: str | None, what: str = "params") -> dict:
 
 def identity(params: dict, user, auth_enabled: bool) -> tuple[str, bool]:
     """(who is asking, anonymous?). Auth on: the token's user name, body fields ignored. Auth off: the
-    body's ``client_id`` / ``user`` (self-declared, so anonymous), else ``anonymous``."""
+    body's ``client_id`` / ``user`` (self-declared, so anonymous), else ``anonymous-<random>``: a
+    holder of its own for this request, since OHIF sends no client_id and one shared name would make
+    every annotator renew the same lease and get the same image (still capped by app.anonymous_leases)."""
     if auth_enabled:  # a verified token: never the body, even when the token names nobody
         return str(getattr(user, "username", "") or getattr(user, "email", "") or "unnamed-token-user"), False
     name = params.get("client_id") or params.get("user")
-    return (str(name)[:100] if isinstance(name, (str, int)) and str(name) else "anonymous"), True
+    if isinstance(name, (str, int)) and str(name):
+        return str(name)[:100], True
+    return f"anonymous-{uuid.uuid4().hex[:8]}", True
 
 
 @contextlib.contextmanager
