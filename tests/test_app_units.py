@@ -273,3 +273,20 @@ def test_unnamed_anonymous_callers_are_separate_lease_holders(tmp_path):
     book = LeaseBook(tmp_path / "leases.json", ttl_s=60)
     got = [book.acquire_first(["a", "b"], who, anonymous=True, anonymous_limit=2).image for who, _ in (first, second)]
     assert got == ["a", "b"]
+
+
+def test_damaged_gzip_upload_is_an_input_error(case, tmp_path):
+    """Flipped bytes inside the gzip stream, or trailing garbage, raised zlib.error (a 500)."""
+    from lib.uploads import check_declared_size
+
+    image, label = case
+    data = label.read_bytes()
+    flipped = bytearray(data)
+    for i in range(len(data) // 2, len(data) // 2 + 64):
+        flipped[i] ^= 0xFF
+    for name, blob in (("flipped.nii.gz", bytes(flipped)), ("trailing.nii.gz", data + b"\x1f\x8b" + b"junk" * 64)):
+        path = tmp_path / name
+        path.write_bytes(blob)
+        with pytest.raises(InputError, match="damaged gzip data"):
+            check_declared_size(str(path), name, 10 ** 9)
+    assert check_declared_size(str(label), "label.nii.gz", 10 ** 9) == nib.load(str(label)).shape

@@ -101,7 +101,17 @@ def check_declared_size(path: str, shown_name: str, max_voxels: int) -> tuple[in
 
 
 def _check_gzip_length(path: str, limit: int, shown_name: str) -> None:
-    """Decompress in 1 MB steps and stop as soon as the data exceeds ``limit`` bytes (gzip bombs)."""
+    """Decompress in 1 MB steps and stop as soon as the data exceeds ``limit`` bytes (gzip bombs);
+    damaged gzip data is a 4xx reason too, never a 500."""
+    import zlib
+
+    try:
+        _gzip_length(path, limit, shown_name)
+    except zlib.error as exc:
+        raise InputError(shown_name, f"damaged gzip data ({exc})") from exc
+
+
+def _gzip_length(path: str, limit: int, shown_name: str) -> None:
     import zlib
 
     total, step = 0, 1 << 20
