@@ -312,6 +312,55 @@ def test_uploads_leave_no_temp_files_and_bombs_stay_small(srv, tmp_path):
     assert after["tmp"] == [] or set(after["tmp"]) == set(before["tmp"])
 
 
+def test_uploads_naming_a_server_file_or_damaged_are_refused(srv, tmp_path):
+    """A detached NRRD header / MetaImage naming a server file would be read by SimpleITK (its bytes
+    then shown as class ids); damaged gzip data raised zlib.error (500). All 422, nothing changed."""
+    url, studies = srv["url"], srv["studies"]
+    h = _h(srv, "annotator")
+    shape = nib.load(str(studies / "chaos_03.nii.gz")).shape
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(b"ABCD" * (int(np.prod(shape)) // 4 + 1))
+    nrrd = (f"NRRD0004\ntype: unsigned char\ndimension: 3\nsizes: {shape[0]} {shape[1]} {shape[2]}\n"
+            f"encoding: raw\ndata file: {secret}\n").encode()
+    mhd = (f"ObjectType = Image\nNDims = 3\nDimSize = {shape[0]} {shape[1]} {shape[2]}\nElementType = MET_UCHAR\n"
+           f"ElementDataFile = {secret}\n").encode()
+    good = (studies / "chaos_03.nii.gz").read_bytes()
+    flipped = bytearray(good)
+    for i in range(len(good) // 2, len(good) // 2 + 64):
+        flipped[i] ^= 0xFF
+    before = _snapshot(srv)
+    for name, blob, why in (("evil.nrrd", nrrd, "separate data file"), ("evil.mhd", mhd, "separate data file"),
+                            ("evil.mha", mhd, "separate data file"), ("l.nii.gz", bytes(flipped), "damaged gzip")):
+        detail = _refused(httpx.put(f"{url}/datastore/label", params={"image": "chaos_03"},
+                                    files={"label": (name, blob)}, headers=h, timeout=60), 422, why)
+        assert "65" not in detail and "secret" not in detail, detail
+    for name, blob, why in (("evil.nrrd", nrrd, "separate data file"), ("x.nii.gz", bytes(flipped), "damaged gzip"),
+                            ("y.nii.gz", good + b"\x1f\x8b" + b"junk" * 64, "damaged gzip")):
+        _refused(httpx.put(f"{url}/datastore/image", params={"image": "evil"}, files={"file": (name, blob)},
+                           headers=h, timeout=60), 422, why)
+    assert _snapshot(srv) == before
+
+
+def test_image_replaced_only_by_the_same_file_type(srv, tmp_path):
+    """A .nii over a stored .nii.gz left both files (the old one back after a delete); a .nrrd raised
+    InputError outside any handler (500). Both 422, nothing changed."""
+    import SimpleITK as sitk
+
+    url, studies = srv["url"], srv["studies"]
+    h = _h(srv, "annotator")
+    ref = nib.load(str(studies / "chaos_03.nii.gz"))
+    plain = tmp_path / "c.nii"
+    _nifti(plain, shape=ref.shape, affine=ref.affine)
+    nrrd = tmp_path / "c.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(plain)), str(nrrd))
+    before = _snapshot(srv)
+    for f in (plain, nrrd):
+        for route in ("/datastore/image", "/datastore/"):
+            _refused(httpx.put(f"{url}{route}", params={"image": "chaos_03", "overwrite": "true"},
+                               files={"file": (f.name, f.read_bytes())}, headers=h, timeout=60), 422, "stored as .nii.gz")
+    assert _snapshot(srv) == before
+
+
 def test_identity_comes_from_the_token_and_leases_end_only_as_allowed(srv, tmp_path):
     """Issue 9, case 4: who saved, who holds a lease, and who may end it, come from the token."""
     url, studies = srv["url"], srv["studies"]

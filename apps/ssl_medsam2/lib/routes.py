@@ -242,7 +242,14 @@ def build_router(app) -> APIRouter:
                 if not overwrite:
                     raise reject(409, f"image '{image_id}' already exists; send overwrite=true to replace it "
                                       f"(its labels are kept only if they fit the new image's grid)")
-                return _replace(image_id, upload, p)
+                stored = suffix_of(current)
+                if stored != ext:  # the datastore would keep the old file beside the new one
+                    raise reject(422, f"image '{image_id}' is stored as {stored}: send its replacement as "
+                                      f"{stored} too (got {ext})")
+                try:
+                    return _replace(image_id, upload, p)
+                except InputError as exc:
+                    raise reject(422, _reason(exc)) from exc
             return {"image": ws.datastore.add_image(image_id, upload, p)}
 
     @r.get("/datastore/image/info", summary="Image info (404 for an unknown image)")
