@@ -361,6 +361,30 @@ def test_image_replaced_only_by_the_same_file_type(srv, tmp_path):
     assert _snapshot(srv) == before
 
 
+def test_infer_uploads_have_the_upload_limits(srv, tmp_path):
+    """/infer/{model} with an uploaded image or label: the same size and gzip-bomb limits as every upload."""
+    url = srv["url"]
+    h = _h(srv, "annotator")
+    ref = nib.load(str(srv["studies"] / "chaos_03.nii.gz"))
+    body = gzip.decompress(_nifti(tmp_path / "small.nii.gz", shape=ref.shape, affine=ref.affine))
+    bomb = tmp_path / "bomb.nii.gz"  # a valid small NIfTI followed by 256 MiB of zeros
+    with gzip.open(bomb, "wb", compresslevel=9) as fh:
+        fh.write(body)
+        for _ in range(16):
+            fh.write(bytes(1 << 24))
+    blob = np.random.default_rng(1).bytes(5 << 20)
+    before = _snapshot(srv)
+    for field in ("file", "label"):
+        files = {field: ("bomb.nii.gz", bomb.read_bytes())}
+        if field == "label":
+            files["file"] = ("small.nii.gz", (tmp_path / "small.nii.gz").read_bytes())
+        _refused(httpx.post(f"{url}/infer/atlas_fewshot", files=files, headers=h, timeout=120), 422, "more than")
+        _refused(httpx.post(f"{url}/infer/atlas_fewshot", files={field: ("blob.nii.gz", blob)}, params={"image": "chaos_03"},
+                            headers=h, timeout=120), 413, "max_upload_mb")
+    after = _snapshot(srv)
+    assert after == before and (after["tmp"] == [] or set(after["tmp"]) == set(before["tmp"]))
+
+
 def test_identity_comes_from_the_token_and_leases_end_only_as_allowed(srv, tmp_path):
     """Issue 9, case 4: who saved, who holds a lease, and who may end it, come from the token."""
     url, studies = srv["url"], srv["studies"]

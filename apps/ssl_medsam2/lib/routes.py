@@ -108,6 +108,13 @@ def build_router(app) -> APIRouter:
                               f"query parameter (or an uploaded file)")
         try:
             result_format({**app.infer_tasks[model].config(), **p})
+            with scratch(ws.scratch_root) as tmp:  # the upload limits, before upstream copies the files
+                for up, what in ((file, "image"), (label, "label")):
+                    if up:
+                        ext = suffix_of(up.filename)
+                        path = str(receive(up, tmp, what + ext, max_bytes))
+                        if ext != ".bin":  # OHIF's raw label: its size is the image's (upstream checks)
+                            check_declared_size(path, up.filename or what, max_voxels)
             return infer_ep.run_inference(background_tasks, model, image, session_id, params, file, label, output)
         except InputError as exc:
             _cleanup_now(background_tasks)
