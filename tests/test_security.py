@@ -361,6 +361,21 @@ def test_image_replaced_only_by_the_same_file_type(srv, tmp_path):
     assert _snapshot(srv) == before
 
 
+def test_label_info_updates_on_both_routes(srv):
+    """The deprecated /datastore/updatelabelinfo reads the form field ``params`` (as upstream and MONAI
+    Label Reviewer do); /datastore/label/info reads ``info``. Both record the token's user."""
+    url = srv["url"]
+    h = _h(srv, "annotator")
+    for route, field, value in (("/datastore/updatelabelinfo", "params", "approved"),
+                                ("/datastore/label/info", "info", "flagged")):
+        r = httpx.put(f"{url}{route}", params={"label": "chaos_01", "tag": "final"},
+                      data={field: json.dumps({"review": value, "user": "admin"})}, headers=h, timeout=60)
+        assert r.status_code == 200, r.text
+        info = httpx.get(f"{url}/datastore/label/info", params={"label": "chaos_01", "tag": "final"},
+                         headers=h, timeout=30).json()
+        assert info["review"] == value and info["user"] == "annotator", info
+
+
 def test_infer_uploads_have_the_upload_limits(srv, tmp_path):
     """/infer/{model} with an uploaded image or label: the same size and gzip-bomb limits as every upload."""
     url = srv["url"]

@@ -192,9 +192,16 @@ def build_router(app) -> APIRouter:
         return ws.datastore.get_label_info(label, tag)
 
     @r.put("/datastore/label/info", summary="Update label info (checked)")
+    def update_label_info(label: str, tag: str, info: str = Form("{}"), user: User = Depends(RBAC(ANNOTATOR))):
+        return _update_label_info(label, tag, info, user)
+
     @r.put("/datastore/updatelabelinfo", summary="Update label info (deprecated alias, checked)",
            include_in_schema=False)
-    def update_label_info(label: str, tag: str, info: str = Form("{}"), user: User = Depends(RBAC(ANNOTATOR))):
+    def update_label_info_alias(label: str, tag: str, params: str = Form("{}"), user: User = Depends(RBAC(ANNOTATOR))):
+        """Upstream's alias reads the form field ``params`` (MONAI Label Reviewer sends it), not ``info``."""
+        return _update_label_info(label, tag, params, user)
+
+    def _update_label_info(label: str, tag: str, info: str, user: Optional[User]):
         check_image_id(label, "label")
         check_tag(tag)
         if not ws.datastore.get_label_uri(label, tag):
