@@ -42,10 +42,6 @@ def _404(kind: str, name: str, known) -> Exception:
     return reject(404, f"unknown {kind} '{name}'; available: {', '.join(sorted(known)) or 'none'}")
 
 
-def _reason(exc: InputError) -> str:
-    return exc.problem if exc.path is None else f"{exc.path}: {exc.problem}"
-
-
 def _cleanup_now(background: BackgroundTasks) -> None:
     """Run the temp-file removals a failed request queued (FastAPI runs them only after a success)."""
     for task in list(background.tasks):
@@ -118,7 +114,7 @@ def build_router(app) -> APIRouter:
             return infer_ep.run_inference(background_tasks, model, image, session_id, params, file, label, output)
         except InputError as exc:
             _cleanup_now(background_tasks)
-            raise reject(422, _reason(exc)) from exc
+            raise reject(422, str(exc)) from exc
         except BaseException:
             _cleanup_now(background_tasks)
             raise
@@ -175,7 +171,7 @@ def build_router(app) -> APIRouter:
                 checked = prepare_label(ws.datastore.get_image_uri(image), str(upload), label.filename or "label",
                                         allowed=ws.label_ids, work_dir=tmp)
             except InputError as exc:
-                raise reject(422, _reason(exc)) from exc
+                raise reject(422, str(exc)) from exc
             p.update({"user": saver, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                       "source_file": label.filename})
             label_id = ws.datastore.save_label(image, checked, tag, p)
@@ -248,7 +244,7 @@ def build_router(app) -> APIRouter:
                 check_declared_size(upload, file.filename or "image", max_voxels)
                 check_image(upload, file.filename or "image")
             except InputError as exc:
-                raise reject(422, _reason(exc)) from exc
+                raise reject(422, str(exc)) from exc
             if ws.has_image(image_id):
                 current = ws.datastore.get_image_uri(image_id)
                 if current and filecmp.cmp(current, upload, shallow=False):
@@ -263,7 +259,7 @@ def build_router(app) -> APIRouter:
                 try:
                     return _replace(image_id, upload, p)
                 except InputError as exc:
-                    raise reject(422, _reason(exc)) from exc
+                    raise reject(422, str(exc)) from exc
             return {"image": ws.datastore.add_image(image_id, upload, p)}
 
     @r.get("/datastore/image/info", summary="Image info (404 for an unknown image)")
