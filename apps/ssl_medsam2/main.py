@@ -149,9 +149,9 @@ class SSLMedSAM2App(MONAILabelApp):
         super().on_init_complete()
         server = sys.modules.get("monailabel.app")  # only in the server process, never in child processes
         if server is not None:
-            from lib.routes import build_router
+            from lib.routes import install_routes
 
-            monailabel_085.install_server_routes(server.app, build_router(self))
+            install_routes(server.app, self)
 
 
 def create_app(app_dir: str, studies: str, conf: dict | None = None) -> SSLMedSAM2App:
