@@ -31,7 +31,7 @@ from ssl_medsam2.nnunet.layout import RunLayout
 from ssl_medsam2.nnunet.reporting import RunProgress
 from ssl_medsam2.nnunet.settings import NnUNetSettings
 
-from .workspace import AppSettings, Workspace
+from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +126,10 @@ class SSLNnUNetTrain(TrainTask):
         t0 = time.time()
         cfg = self.ws.cfg
         # request keys named like nnunet config keys override them for this run (e.g. {"epochs": 1})
-        max_rounds = NnUNetSettings.from_config(cfg).max_rounds
         over = {k: request[k] for k in NnUNetSettings.keys() if k in request}
         if over:
             cfg = merge(cfg, {"nnunet": over})
+        max_rounds = NnUNetSettings.from_config(cfg).max_rounds  # after the overrides: what this run does
         version = self.ws.registry.next_id()
         work = self.ws.registry.root / version
         images, labels, pseudo, final = self._inputs(work, datastore)
@@ -163,7 +163,7 @@ class SSLNnUNetTrain(TrainTask):
             cur = self.ws.registry.current()
             new_dice = self._dice_on_labelled(str(model_dir), final) if model_dir else None
             cur_dice = self._dice_on_labelled(cur["model_dir"], final) if cur and model_dir else None
-            tol = AppSettings.from_config(cfg).promote_tolerance
+            tol = self.ws.app.promote_tolerance
             # no model: the run's quality gate kept round 0 (no nnU-Net round beat the few-shot labels)
             promote = model_dir is not None and should_promote(new_dice, cur_dice if cur else None, tol)
             entry = {"id": version, "model_dir": str(model_dir) if model_dir else None, "dice": new_dice,
