@@ -290,3 +290,23 @@ def test_damaged_gzip_upload_is_an_input_error(case, tmp_path):
         with pytest.raises(InputError, match="damaged gzip data"):
             check_declared_size(str(path), name, 10 ** 9)
     assert check_declared_size(str(label), "label.nii.gz", 10 ** 9) == nib.load(str(label)).shape
+
+
+def test_cluster_batch_removes_its_work_folder_when_the_run_fails(case, tmp_path, monkeypatch):
+    """The Ray batch's work folder (image links/copies, outputs) was removed only on success."""
+    from types import SimpleNamespace
+
+    import lib.cluster_batch as cb
+
+    image, label = case
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("cluster gone")
+
+    monkeypatch.setattr(cb, "pseudo_label_folder", fail)
+    ws = SimpleNamespace(state_dir=tmp_path / "state", cfg=project_config({}), pseudo_tag="pseudo",
+                         final_labelled=lambda: {"chaos_01": (str(image), str(label))})
+    datastore = SimpleNamespace(get_image_uri=lambda i: str(image))
+    with pytest.raises(RuntimeError, match="cluster gone"):
+        cb.batch_fewshot_on_cluster(ws, "atlas", {"images": ["chaos_02"]}, datastore)
+    assert (tmp_path / "state" / "batch").is_dir() and not any((tmp_path / "state" / "batch").iterdir())

@@ -40,44 +40,46 @@ def batch_fewshot_on_cluster(ws, engine_name: str, request: dict, datastore) -> 
     queries = [i for i in ids if i not in final]
     label_tag = request.get("label_tag") or ws.pseudo_tag
     work = ws.state_dir / "batch" / f"{engine_name}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}"
-    names = {}
-    for i in queries + sorted(final):
-        img = datastore.get_image_uri(i)
-        ext = ".nii.gz" if img.endswith(".nii.gz") else Path(img).suffix
-        link_or_copy(img, work / "images" / f"{i}{ext}")
-        names[case_name(f"{i}{ext}")] = i
-        if i in final:
-            link_or_copy(final[i][1], work / "labels" / f"{i}{ext}")
-    cfg = merge(ws.cfg, {"protocol": {"engine": engine_name}})
-    out = work / "out"
-    log.info("batch %s on Ray (%s): %d image(s), %d support(s)", engine_name, cluster_address(cfg), len(queries),
-             len(final))
-    failed: dict[str, str] = {}
-    try:
-        pseudo_label_folder(work / "images", work / "labels", out, cfg, show_progress=False)
-    except CasesFailed as exc:
-        failed = exc.failed
-    band = ProtocolSettings.from_config(ws.cfg).boundary_band
-    result: dict = {}
-    for case, image_id in names.items():
-        if image_id in final:
-            continue
-        if case in failed:
-            result[image_id] = {"error": failed[case]}
-            continue
-        src = case_paths(out, case)
-        dst = case_paths(ws.fewshot_dir, image_id)
-        for k in OUTPUT_KINDS:  # summaries last, as everywhere
-            dst[k].parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(src[k]), str(dst[k]))
-        label = np.asarray(nib.load(str(dst["labels"])).dataobj)
-        entropy = np.moveaxis(np.asarray(nib.load(str(dst["entropy"])).dataobj), -1, 0)
-        summary = json.loads(dst["summaries"].read_text())
-        u = strategies.uncertainty_score(entropy, label, summary["classes"], band)
-        datastore.save_label(image_id, str(dst["labels"]), label_tag,
-                             {"source": f"{engine_name}_fewshot", "ray": True})
-        ws.set_scores(image_id, {"ssl_uncertainty": u, "ssl_fewshot_engine": engine_name,
-                                 "ssl_fewshot_random_weights": bool(summary.get("random_weights", False))})
-        result[image_id] = {"label": str(dst["labels"]), "uncertainty": u}
-    shutil.rmtree(work, ignore_errors=True)
+    try:  # the work folder (links, copies, outputs) goes whatever happens
+        names = {}
+        for i in queries + sorted(final):
+            img = datastore.get_image_uri(i)
+            ext = ".nii.gz" if img.endswith(".nii.gz") else Path(img).suffix
+            link_or_copy(img, work / "images" / f"{i}{ext}")
+            names[case_name(f"{i}{ext}")] = i
+            if i in final:
+                link_or_copy(final[i][1], work / "labels" / f"{i}{ext}")
+        cfg = merge(ws.cfg, {"protocol": {"engine": engine_name}})
+        out = work / "out"
+        log.info("batch %s on Ray (%s): %d image(s), %d support(s)", engine_name, cluster_address(cfg), len(queries),
+                 len(final))
+        failed: dict[str, str] = {}
+        try:
+            pseudo_label_folder(work / "images", work / "labels", out, cfg, show_progress=False)
+        except CasesFailed as exc:
+            failed = exc.failed
+        band = ProtocolSettings.from_config(ws.cfg).boundary_band
+        result: dict = {}
+        for case, image_id in names.items():
+            if image_id in final:
+                continue
+            if case in failed:
+                result[image_id] = {"error": failed[case]}
+                continue
+            src = case_paths(out, case)
+            dst = case_paths(ws.fewshot_dir, image_id)
+            for k in OUTPUT_KINDS:  # summaries last, as everywhere
+                dst[k].parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(src[k]), str(dst[k]))
+            label = np.asarray(nib.load(str(dst["labels"])).dataobj)
+            entropy = np.moveaxis(np.asarray(nib.load(str(dst["entropy"])).dataobj), -1, 0)
+            summary = json.loads(dst["summaries"].read_text())
+            u = strategies.uncertainty_score(entropy, label, summary["classes"], band)
+            datastore.save_label(image_id, str(dst["labels"]), label_tag,
+                                 {"source": f"{engine_name}_fewshot", "ray": True})
+            ws.set_scores(image_id, {"ssl_uncertainty": u, "ssl_fewshot_engine": engine_name,
+                                     "ssl_fewshot_random_weights": bool(summary.get("random_weights", False))})
+            result[image_id] = {"label": str(dst["labels"]), "uncertainty": u}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return result
