@@ -135,6 +135,19 @@ def _gzip_length(path: str, limit: int, shown_name: str) -> None:
             fh.seek(-len(rest), 1)
 
 
+def read_itk(path: str, shown_name: str, what: str):
+    """A non-NIfTI upload read by SimpleITK with the one reader its content names (:func:`itk_io`), or
+    InputError saying the ``what`` (image / label) is unreadable."""
+    import SimpleITK as sitk
+
+    try:
+        return sitk.ReadImage(path, imageIO=itk_io(path, shown_name))
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(shown_name, f"unreadable {what} file ({str(exc).strip().splitlines()[-1]})") from exc
+
+
 def check_image(path: str, shown_name: str) -> None:
     """A readable 3D image (NIfTI via nibabel, anything else via SimpleITK), or InputError."""
     if path.endswith(NIFTI):
@@ -143,14 +156,7 @@ def check_image(path: str, shown_name: str) -> None:
         except InputError as exc:
             raise InputError(shown_name, exc.problem) from exc
         return
-    import SimpleITK as sitk
-
-    try:
-        img = sitk.ReadImage(path, imageIO=itk_io(path, shown_name))
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(shown_name, f"unreadable image file ({str(exc).strip().splitlines()[-1]})") from exc
+    img = read_itk(path, shown_name, "image")
     if img.GetDimension() != 3:
         raise InputError(shown_name, f"expected a 3D volume, got {img.GetDimension()}D")
 
@@ -201,12 +207,7 @@ def _label_from_itk(image, image_path: str, upload: str, shown_name: str, work_d
     """NRRD / MHA labels: compare physical geometry with the image as SimpleITK sees both."""
     import SimpleITK as sitk
 
-    try:
-        lab = sitk.ReadImage(upload, imageIO=itk_io(upload, shown_name))
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(shown_name, f"unreadable label file ({str(exc).strip().splitlines()[-1]})") from exc
+    lab = read_itk(upload, shown_name, "label")
     ref = sitk.ReadImage(image_path)
     if lab.GetDimension() != 3 or lab.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(shown_name, "expected a single-channel 3D label map")
