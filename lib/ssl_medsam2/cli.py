@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 
+from . import __version__
 from . import config as config_mod
 from .io import InputError
 
@@ -218,11 +219,36 @@ def _run_evaluate(args) -> int:
     return 0
 
 
+# --- serve ----------------------------------------------------------------------------------------
+
+def _options_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--studies", required=True, help="MONAI Label studies folder (make-studies) or a DICOMweb URL")
+    p.add_argument("--host", help="address to listen on (config: serve.host)")
+    p.add_argument("--port", type=int, help="port (config: serve.port)")
+    p.add_argument("--app-dir", help="writable folder for the app's files (config: serve.app_dir; "
+                                     "default <studies>/.ssl_medsam2/app)")
+    p.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                   help="app setting for MONAI Label, e.g. --conf sam2.checkpoint PATH (repeatable; docs/app.md)")
+
+
+def _run_serve(args) -> int:
+    """start the MONAI Label app (shipped with this package) on a studies folder
+
+    Copies the app's files to a writable folder and runs MONAI Label's start_server on them; --conf
+    options go to the app. Stop it with Ctrl-C.
+    """
+    from .server import ServeSettings, serve
+
+    cfg = _load_cfg(args, {"host": "serve.host", "port": "serve.port", "app_dir": "serve.app_dir"})
+    serve(args.studies, ServeSettings.from_config(cfg), args.conf)
+    return 0  # not reached: serve() becomes the server process
+
+
 # --- main -----------------------------------------------------------------------------------------
 
 #: (what a command does, what it takes); the command's name is the first one's without ``_run_``
 SUBCOMMANDS = [(_run_pseudo_label, _options_pseudo_label), (_run_run, _options_run), (_run_predict, _options_predict),
-               (_run_make_studies, _options_make_studies), (_run_evaluate, _options_evaluate)]
+               (_run_make_studies, _options_make_studies), (_run_evaluate, _options_evaluate), (_run_serve, _options_serve)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ssl-medsam2",
         description="SSL-MedSAM2: training-free few-shot SAM2 pseudo labels, iterative nnU-Net refinement, "
                     "evaluation. Every subcommand takes --config and --set key.sub=value overrides.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for run, options in SUBCOMMANDS:
         _subcommand(sub, run, options)
