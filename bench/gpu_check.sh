@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One-command GPU check of the TFFS-MedSAM2 engine (issue 10): the CUDA tests and the speed benches,
+# One-command GPU check of the TFFS-MedSAM2 engine: the CUDA tests and the speed benches,
 # results under $OUT (or /tmp/gpu_check_out). Sized for < 8 minutes on one H100/H200 (measured
-# beforehand on none: no GPU was lent to the task that wrote it; see README "Figures").
+# beforehand on none; see docs/figures.md "TFFS engine speed").
 #
 # Install-free: it runs where `python3` has torch with CUDA, numpy, scipy, PyYAML and pytest (the
 # lent device machines have these). What must travel with the repo (`carry` in the device tool):

@@ -4,7 +4,7 @@ engines agree with it in bfloat16 (the CUDA default) and float32. Skipped where 
 Tolerances (max abs difference of the mean probability, random-weight SAM2.1 Hiera-T at 64 px):
 float32 ``CUDA_FP32_TOL``; bfloat16 ``CUDA_BF16_TOL`` — bf16 rounds every matmul, and the batched
 engine runs other kernel shapes than batch 1, so the two drift apart by more than in float32. Each
-test prints the measured value (``bench/gpu_check.sh`` collects them); the README states both.
+test prints the measured value (``bench/gpu_check.sh`` collects them); docs/engine.md states both.
 """
 
 from __future__ import annotations
