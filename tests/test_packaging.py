@@ -129,7 +129,7 @@ def _dependency_closure(requires: list[str]) -> list[importlib.metadata.Distribu
 
 
 def _link_distribution(dist: importlib.metadata.Distribution, site_packages: Path) -> int:
-    """Hard-link (or copy, across file systems) one installed distribution's files into ``site_packages``."""
+    """Hard-link (symlink across file systems) one installed distribution's files into ``site_packages``."""
     base = Path(dist.locate_file(""))
     n = 0
     for f in dist.files or []:
@@ -142,8 +142,8 @@ def _link_distribution(dist: importlib.metadata.Distribution, site_packages: Pat
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
+        except OSError:  # another file system: a symbolic link (a copy would be gigabytes)
+            os.symlink(src, dst)
         n += 1
     return n
 
@@ -158,8 +158,11 @@ def venv(tmp_path_factory) -> Path:
                 for p in (REPO / "lib" / "ssl_medsam2").rglob("*.py") if "__pycache__" not in p.parts}
     expected |= {f"ssl_medsam2/configs/{p.relative_to(REPO / 'configs').as_posix()}"
                  for p in (REPO / "configs").rglob("*") if p.is_file()}
-    expected |= {f"ssl_medsam2/app/{p.relative_to(REPO / 'apps' / 'ssl_medsam2').as_posix()}"
-                 for p in (REPO / "apps" / "ssl_medsam2").rglob("*.py") if "__pycache__" not in p.parts}
+    app = REPO / "apps" / "ssl_medsam2"
+    written = {"__pycache__", "logs", "model", "bin"}  # by a server or Python at run time
+    expected |= {f"ssl_medsam2/app/{p.relative_to(app).as_posix()}" for p in app.rglob("*")
+                 if p.is_file() and p.name != ".gitignore" and p.suffix != ".pyc"
+                 and not written & set(p.relative_to(app).parts)}
     assert not expected - names, f"missing from the wheel (add the package to pyproject.toml): {sorted(expected - names)}"
 
     env_dir = root / "venv"
