@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from ssl_medsam2.cluster import cluster_cfg, ray_session
+    from ssl_medsam2.cluster import RayExecutor, cluster_cfg, ray_session
     from ssl_medsam2.config import load_config
     from ssl_medsam2.pseudo_label import pseudo_label_folder
 
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
                 out = root / f"out_{w}w"
                 t0 = time.perf_counter()
                 pseudo_label_folder(root / "data" / "images", root / "data" / "labels", out, cfg,
-                                    show_progress=True)
+                                    show_progress=True, executor=RayExecutor(cfg))
                 wall = time.perf_counter() - t0
                 results[w] = {"wall_s": round(wall, 1), "cases_per_min": round(60.0 * n_cases / wall, 3)}
                 print(f"{w} worker(s): {n_cases} cases in {wall:.1f}s = {results[w]['cases_per_min']:.2f} "

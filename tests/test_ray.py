@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 from conftest import downsample_case
 from ray_helpers import ATLAS, ray_env  # noqa: F401 - ray_env: autouse, applies to this module
+from ssl_medsam2 import cluster
 from ssl_medsam2.cli import main
 from ssl_medsam2.config import load_config
 from ssl_medsam2.pseudo_label import pseudo_label_folder
@@ -138,9 +139,9 @@ def test_local_ray_equals_in_process_random_weight_sam2(chaos_dir, tmp_path):
     finally:
         torch.set_num_threads(threads)
     out = root / "ray_out"
-    summaries = pseudo_label_folder(root / "images", root / "labels", out,
-                                    load_config(overrides=SAM2 + LOCAL + ["cluster.ray_address=local"]),
-                                    show_progress=False)
+    ray_cfg = load_config(overrides=SAM2 + LOCAL + ["cluster.ray_address=local"])
+    summaries = pseudo_label_folder(root / "images", root / "labels", out, ray_cfg, show_progress=False,
+                                    executor=cluster.executor_for(ray_cfg))
     assert sorted(s["case"] for s in summaries) == ["chaos_03", "chaos_05"]
     assert all(s["random_weights"] for s in summaries)
     _assert_same(root / "in_process", out, ("chaos_03", "chaos_05"))

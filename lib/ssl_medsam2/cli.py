@@ -126,10 +126,12 @@ def _run_pseudo_label(args) -> int:
     Images with a label file of the same case name in --labels are the supports; every other image is
     pseudo-labelled.
     """
+    from .cluster import executor_for
     from .pseudo_label import pseudo_label_folder
 
     cfg = _load_cfg(args, {"engine": "protocol.engine", "checkpoint": "sam2.checkpoint", "device": "sam2.device"})
-    summaries = pseudo_label_folder(args.images, args.labels, args.out, cfg, names=args.cases)
+    summaries = pseudo_label_folder(args.images, args.labels, args.out, cfg, names=args.cases,
+                                    executor=executor_for(cfg))
     for s in summaries:
         print(json.dumps({"case": s["case"], "mean_entropy_inside": s["mean_entropy_inside"],
                           "seconds": s["timings"]["total_s"], "random_weights": s.get("random_weights", False)}))
@@ -148,12 +150,14 @@ def _run_run(args) -> int:
     a worse round stops the loop. Re-running on the same --work resumes (a stopped training from its checkpoint)
     and recomputes nothing finished.
     """
+    from .cluster import executor_for
     from .nnunet.rounds import run_ssl
 
     cfg = _load_cfg(args, {"engine": "protocol.engine", "max_rounds": "nnunet.max_rounds",
                            "configuration": "nnunet.configuration", "device": "nnunet.device",
                            "schedule": "nnunet.schedule"})
-    state = run_ssl(args.images, args.labels, args.work, cfg, pseudo_labels_dir=args.pseudo_labels)
+    state = run_ssl(args.images, args.labels, args.work, cfg, pseudo_labels_dir=args.pseudo_labels,
+                    executor=executor_for(cfg))
     for r in state["rounds"]:
         print(json.dumps(r))
     final = state.get("final", {})  # a quality-gate refusal: run_ssl logged it framed; stop_reason repeats it

@@ -1,16 +1,18 @@
-"""Scale out on a Ray cluster: few-shot pseudo labels and nnU-Net round predictions spread over workers.
+"""Scale out on a Ray cluster: the Ray executor (:class:`RayExecutor`) runs any per-case job
+(:class:`ssl_medsam2.executors.CaseJob`: few-shot pseudo labels, nnU-Net round predictions) on workers.
 
-Optional: Ray is imported only when an address is given (``--ray ADDRESS`` or ``cluster.ray_address``);
-without one everything runs in-process exactly as before. Addresses: ``local`` (start Ray on this
-machine, loopback only), ``auto`` (the cluster this machine belongs to, e.g. inside a Slurm allocation
+The folder logic never imports this module; the CLI, ``run_ssl`` and the app pick the executor once
+(:func:`executor_for`) and pass it down. Optional: Ray is imported only when an address is given (``--ray
+ADDRESS`` or ``cluster.ray_address``); without one everything runs in-process. Addresses: ``local`` (start Ray
+on this machine, loopback only), ``auto`` (the cluster this machine belongs to, e.g. inside a Slurm allocation
 after ``ray start``), ``ray://host:10001`` (Ray Client, e.g. a KubeRay head service) or ``host:6379``.
 
 How the work is spread:
 
-- **Workers are Ray actors** (``cluster.cpus_per_worker`` CPUs, ``cluster.gpus_per_worker`` GPUs each).
-  A pseudo-label worker builds its few-shot engine once and keeps it, so its caches (support
-  features, prompt memories, registered supports) serve every query it gets; an nnU-Net worker keeps
-  its ``nnUNetPredictor`` loaded for the whole round.
+- **Workers are Ray actors** (``cluster.cpus_per_worker`` CPUs, ``cluster.gpus_per_worker`` GPUs each),
+  each building the job's worker once and keeping it: a pseudo-label worker its few-shot engine, whose caches
+  (support features, prompt memories, registered supports) serve every query it gets; an nnU-Net worker its
+  ``nnUNetPredictor``, loaded once for all its cases.
 - **Inputs and outputs travel through Ray, not through a shared filesystem.** The driver reads and
   checks every input and ships it to a worker; the worker returns the finished files (compressed
   NIfTI / JSON bytes, encoded by the same code as in-process) and the driver writes them
@@ -33,32 +35,22 @@ import contextlib
 import logging
 import os
 import socket
-import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .config import Section
+from .executors import CaseJob, CasesFailed, Executor, LocalExecutor
 
-if TYPE_CHECKING:
-    from .nnunet.settings import NnUNetSettings
+__all__ = ["CasesFailed", "ClusterSettings", "RayExecutor", "cluster_address", "executor_for", "ray_session",
+           "run_cases"]
 
 log = logging.getLogger(__name__)
 
 #: environment defaults for Ray processes this module starts (usage stats off, small footprint)
 RAY_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
-
-
-class CasesFailed(ValueError):
-    """Some cases failed (each reported once with its reason); the others were written."""
-
-    def __init__(self, failed: dict[str, str], written: int):
-        self.failed = dict(failed)
-        lines = "; ".join(f"{k}: {v.strip().splitlines()[-1] if v.strip() else v}" for k, v in failed.items())
-        super().__init__(f"{len(failed)} case(s) failed (not retried), {written} written: {lines}")
 
 
 @dataclass(frozen=True)
@@ -303,211 +295,81 @@ def _actor_options(ccfg: ClusterSettings) -> dict:
             "max_restarts": ccfg.max_restarts, "max_task_retries": 0}
 
 
-# --- few-shot pseudo labels -----------------------------------------------------------------------------
+# --- the executor: a job's workers as Ray actors -----------------------------------------------------
 
-class PseudoLabelWorker:
-    """A Ray actor: one few-shot engine, built on first use and kept (its caches serve every query)."""
+class CaseActor:
+    """A Ray actor: builds the job's worker (engine / predictor) on its first case and keeps it for all."""
 
-    def __init__(self, cfg: dict, engine_name: str, supports):
-        _limit_threads(cluster_cfg(cfg).cpus_per_worker)
-        self.cfg, self.engine_name, self.supports = cfg, engine_name, supports
-        self.engine = None
-
-    def ready(self) -> str:
-        return _worker_id()
-
-    def run(self, query) -> dict:
-        from .engines import Case, build_engine
-        from .io import InputError
-        from .pseudo_label import encode_outputs, pseudo_label_case
-
-        t0 = time.perf_counter()
-        try:
-            if self.engine is None:
-                self.engine = build_engine(self.engine_name, self.cfg)
-            case = Case(query)
-            outputs = pseudo_label_case(self.engine, self.supports, case, self.cfg)
-            files = encode_outputs(case, outputs)
-        except InputError as exc:
-            return _failure(query.name, exc, True)
-        except Exception as exc:  # noqa: BLE001 - any engine error is this case's failure, reported once
-            return _failure(query.name, exc, False)
-        return {"ok": True, "case": query.name, "files": files, "summary": outputs["summary"],
-                "worker": _worker_id(), "seconds": round(time.perf_counter() - t0, 3)}
-
-
-def pseudo_label_folder_on_cluster(images_dir, labels_dir, out_dir, cfg: dict, engine_name: str,
-                                   show_progress: bool = True, names: Sequence[str] | None = None) -> list[dict]:
-    """:func:`ssl_medsam2.pseudo_label.pseudo_label_folder` with the queries spread over Ray workers.
-
-    Supports are read and checked here first (a bad support stops everything before any work, as
-    in-process). Queries are read here one at a time as workers free up; one that is bad input is
-    reported once and skipped, the others go on; :class:`CasesFailed` is raised at the end if any
-    failed. Finished cases (all outputs present) are skipped, so a re-run resumes.
-    """
-    import json
-
-    from .engines import check_supports
-    from .io import InputError, load_volume
-    from .preprocess import InputSettings
-    from .pseudo_label import (
-        case_files,
-        is_finished,
-        load_cases,
-        resolve_classes,
-        write_encoded,
-        write_run_json,
-    )
-
-    ccfg = cluster_cfg(cfg)
-    images, labels = case_files(images_dir, labels_dir)
-    supports, _ = load_cases(images_dir, labels_dir, names=())  # supports only: queries are read as sent
-    classes = resolve_classes(supports, InputSettings.from_config(cfg).classes)
-    check_supports(supports, classes)
-    queries = [n for n in images if n not in labels and (names is None or n in names)]
-    if not queries:
-        log.warning("every image in %s has a label: nothing to pseudo-label", images_dir)
-        return []
-    todo = [n for n in queries if not is_finished(out_dir, n)]
-    if len(todo) < len(queries):
-        log.info("resuming: %d of %d case(s) already finished in %s", len(queries) - len(todo), len(queries),
-                 out_dir)
-    failed: dict[str, str] = {}
-    if todo:
-        with ray_session(cluster_address(cfg), ccfg) as ray:
-            n_workers = min(_n_workers(ray, ccfg), len(todo))
-            log.info("pseudo-labelling %d case(s) on %d Ray worker(s) (%s engine)", len(todo), n_workers,
-                     engine_name)
-            supports_ref = ray.put(supports)
-            Worker = ray.remote(PseudoLabelWorker).options(**_actor_options(ccfg))
-            loaded: dict[str, Any] = {}
-
-            def submit(actor, name):
-                if name not in loaded:  # read + checked once here; kept for a resubmission
-                    loaded[name] = ray.put(load_volume(images[name], name=name))
-                return actor.run.remote(loaded[name])
-
-            def on_result(res):
-                loaded.pop(res["case"], None)
-                write_encoded(out_dir, res["case"], res["files"])
-
-            def safe_submit(actor, name):
-                try:
-                    return submit(actor, name)
-                except InputError as exc:  # bad input: a failed result, never sent to a worker
-                    return ray.put(_failure(name, exc, True))
-
-            failed = run_cases(ray, lambda: Worker.remote(cfg, engine_name, supports_ref), n_workers, todo,
-                               safe_submit, on_result, ccfg, f"pseudo-label ({engine_name}, Ray)",
-                               show_progress, initial=len(queries) - len(todo))
-    summaries = []
-    for n in queries:
-        p = Path(out_dir) / "summaries" / f"{n}.json"
-        if n not in failed and p.exists():
-            summaries.append(json.loads(p.read_text()))
-    write_run_json(out_dir, engine_name, supports, queries, classes, summaries, failed=failed,
-                   ray_address=cluster_address(cfg))
-    if failed:
-        raise CasesFailed(failed, len(summaries))
-    return summaries
-
-
-# --- nnU-Net round predictions --------------------------------------------------------------------------
-
-MODEL_FILES = ("dataset.json", "plans.json", "dataset_fingerprint.json")
-
-
-def model_files(model_dir: Path, checkpoint_name: str = "checkpoint_final.pth") -> dict[str, bytes]:
-    """What a worker needs of a trained model folder (relative path -> bytes)."""
-    files = {n: (model_dir / n).read_bytes() for n in MODEL_FILES if (model_dir / n).exists()}
-    for ck in sorted(model_dir.glob(f"fold_*/{checkpoint_name}")):
-        files[str(ck.relative_to(model_dir))] = ck.read_bytes()
-    return files
-
-
-class NnUNetPredictWorker:
-    """A Ray actor holding the round's ``nnUNetPredictor`` (loaded once, kept for all its cases).
-
-    The model folder's files come once, with the constructor (a restarted actor gets them again),
-    not with every case. Each case goes through :func:`ssl_medsam2.nnunet.one_round.predict_cases`,
-    the in-process code, in a scratch folder; the finished files go back to the driver.
-    """
-
-    def __init__(self, settings: NnUNetSettings, cpus: float, files: dict[str, bytes]):
+    def __init__(self, spec, cpus: float):
         _limit_threads(cpus)
-        self.settings = settings
-        self.cache: dict = {}  # predict_cases' model cache: the model stays loaded between cases
-        self._tmp = tempfile.TemporaryDirectory(prefix="ssl_medsam2_nnunet_worker_")
-        self.model_dir = Path(self._tmp.name) / "model"
-        for rel, data in files.items():
-            (self.model_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-            (self.model_dir / rel).write_bytes(data)
+        self.spec = spec
+        self.worker = None
 
     def ready(self) -> str:
         return _worker_id()
 
-    def run(self, k: int, name: str, filename: str, image: bytes) -> dict:
+    def run(self, case: str, payload) -> dict:
         from .io import InputError
-        from .nnunet.one_round import predict_cases
 
         t0 = time.perf_counter()
         try:
-            with tempfile.TemporaryDirectory(prefix="ssl_medsam2_case_") as tmp:
-                src = Path(tmp) / "in" / filename
-                src.parent.mkdir()
-                src.write_bytes(image)
-                out = Path(tmp) / "out"
-                predict_cases(self.model_dir, self.settings, {name: src}, [name], out, k, None, self.cache)
-                result = {kind: (out / kind / f"{name}.nii.gz").read_bytes() for kind in ("entropy", "labels")}
+            if self.worker is None:
+                self.worker = self.spec.build()
+            result = self.worker.run(payload)
         except InputError as exc:
-            return _failure(name, exc, True)
-        except Exception as exc:  # noqa: BLE001 - any prediction error is this case's failure, reported once
-            return _failure(name, exc, False)
-        return {"ok": True, "case": name, "files": result, "worker": _worker_id(),
+            return _failure(case, exc, True)
+        except Exception as exc:  # noqa: BLE001 - any engine error is this case's failure, reported once
+            return _failure(case, exc, False)
+        return {"ok": True, "case": case, "result": result, "worker": _worker_id(),
                 "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def predict_round_on_cluster(cfg: dict, model_dir: str | os.PathLike, jobs: Iterable[tuple[Path, list[str]]],
-                             k: int, images: dict, show_progress: bool = True,
-                             progress: Callable[[dict], None] | None = None) -> None:
-    """One round's nnU-Net predictions on Ray workers: for each (out_dir, names), labels/ and entropy/.
+class RayExecutor(Executor):
+    """A :class:`~ssl_medsam2.executors.CaseJob` over Ray actors (see the module docstring).
 
-    Same files as in-process (the workers run the in-process code on each case); cases already
-    predicted are skipped; the model folder goes once to each worker (with its constructor).
+    The driver reads every input as a worker frees up (a bad one is a failed case, reported once and
+    never sent) and writes every result; the job's worker recipe goes once to the object store, made
+    :meth:`portable` (no driver paths, no live objects). Ray is connected for each job that has cases.
     """
-    from .io import atomic_write
-    from .nnunet.one_round import is_predicted
 
-    jobs = [(Path(d), [n for n in names if not is_predicted(d, n)]) for d, names in jobs]
-    where = {n: d for d, names in jobs for n in names}
-    todo = [n for _, names in jobs for n in names]
-    if not todo:
-        return
-    from .nnunet.settings import NnUNetSettings
+    skips_finished = True
 
-    ccfg = cluster_cfg(cfg)
-    settings = NnUNetSettings.from_config(cfg)
-    counted = [n for n in jobs[0][1]] if jobs else []
-    done = [0]
-    with ray_session(cluster_address(cfg), ccfg) as ray:
-        n_workers = min(_n_workers(ray, ccfg), len(todo))
-        log.info("round %d: predicting %d case(s) on %d Ray worker(s)", k, len(todo), n_workers)
-        files_ref = ray.put(model_files(Path(model_dir)))
-        Worker = ray.remote(NnUNetPredictWorker).options(**_actor_options(ccfg))
+    def __init__(self, cfg: dict):
+        self.ccfg = cluster_cfg(cfg)
+        self.address = self.ccfg.ray_address
 
-        def submit(actor, n):
-            p = Path(images[n])
-            return actor.run.remote(k, n, p.name, p.read_bytes())
+    def run_info(self) -> dict:
+        return {"ray_address": self.address}
 
-        def on_result(res):
-            n = res["case"]
-            for kind in ("entropy", "labels"):  # labels last, as in-process: both present = done
-                atomic_write(where[n] / kind / f"{n}.nii.gz", lambda tmp, b=res["files"][kind]: Path(tmp).write_bytes(b))
-            if n in counted and progress is not None:
-                done[0] += 1
-                progress({"stage": "predict", "round": k, "case": n, "done": done[0], "total": len(counted)})
+    def run(self, job: CaseJob, cases: Sequence[str], show_progress: bool = True, initial: int = 0) -> dict[str, str]:
+        from .io import InputError
 
-        failed = run_cases(ray, lambda: Worker.remote(settings, ccfg.cpus_per_worker, files_ref), n_workers,
-                           todo, submit, on_result, ccfg, f"round {k}: predict (Ray)", show_progress)
-    if failed:
-        raise CasesFailed(failed, len(todo) - len(failed))
+        if not cases:
+            return {}
+        ccfg = self.ccfg
+        with ray_session(self.address, ccfg) as ray:
+            n_workers = min(_n_workers(ray, ccfg), len(cases))
+            log.info("%s: %d case(s) on %d Ray worker(s)", job.desc, len(cases), n_workers)
+            spec_ref = ray.put(job.worker.portable())
+            Worker = ray.remote(CaseActor).options(**_actor_options(ccfg))
+            loaded: dict[str, Any] = {}  # read + checked once here; kept for a resubmission
+
+            def submit(actor, name):
+                try:
+                    if name not in loaded:
+                        loaded[name] = ray.put(job.read(name))
+                except InputError as exc:  # bad input: a failed result, never sent to a worker
+                    return ray.put(_failure(name, exc, True))
+                return actor.run.remote(name, loaded[name])
+
+            def on_result(res):
+                loaded.pop(res["case"], None)
+                job.write(res["case"], res["result"])
+
+            return run_cases(ray, lambda: Worker.remote(spec_ref, ccfg.cpus_per_worker), n_workers, list(cases),
+                             submit, on_result, ccfg, f"{job.desc} (Ray)", show_progress, initial=initial)
+
+
+def executor_for(cfg: dict) -> Executor:
+    """The executor the config names: Ray at ``cluster.ray_address``, else this process."""
+    return RayExecutor(cfg) if cluster_address(cfg) else LocalExecutor()

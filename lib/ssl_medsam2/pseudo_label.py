@@ -15,18 +15,21 @@ so an error or an interrupt never leaves a partial case behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from .engines.base import Case, FewShotEngine, check_supports, classes_in
+from .executors import LOCAL, CaseJob, CasesFailed, Executor
 from .io import (InputError, atomic_write, list_volumes, load_label_for, load_volume, save_like,
                  write_text_atomic)
 from .preprocess import InputSettings
@@ -193,44 +196,98 @@ def pseudo_label_case(engine: FewShotEngine, supports: Sequence[Case], query: Ca
     return outputs
 
 
+class PseudoLabelWorker:
+    """One few-shot engine, built once per worker: its caches (support features, prompt memories,
+    registered supports) serve every query it gets."""
+
+    def __init__(self, engine: FewShotEngine, supports: Sequence[Case], classes: tuple[int, ...], cfg: dict):
+        self.engine, self.supports, self.classes, self.cfg = engine, supports, classes, cfg
+
+    def units(self, query: Case) -> int:
+        return self.engine.work_units(self.supports, query, self.classes)
+
+    def run(self, query: Case, progress: Callable[[int], None] | None = None) -> dict:
+        """One query -> {"files": its output files as bytes, "summary": its summary}."""
+        out = pseudo_label_case(self.engine, self.supports, query, self.cfg, progress=progress)
+        log.info("%s: %s voxels labelled, mean entropy inside %.4f, %.1fs", query.name,
+                 int((out["label"] > 0).sum()), out["summary"]["mean_entropy_inside"] or float("nan"),
+                 out["summary"]["timings"]["total_s"])
+        return {"files": encode_outputs(query, out), "summary": out["summary"]}
+
+
+@dataclass
+class PseudoLabelSpec:
+    """How to build a :class:`PseudoLabelWorker`: the engine by name (or a given engine object, in this
+    process only), the supports read and checked by the driver."""
+
+    cfg: dict
+    engine_name: str
+    supports: list[Case]
+    classes: tuple[int, ...]
+    engine: FewShotEngine | None = None
+
+    def build(self) -> PseudoLabelWorker:
+        from .engines import build_engine
+
+        engine = self.engine if self.engine is not None else build_engine(self.engine_name, self.cfg)
+        return PseudoLabelWorker(engine, self.supports, self.classes, self.cfg)
+
+    def portable(self) -> "PseudoLabelSpec":
+        return dataclasses.replace(self, engine=None)  # another machine builds its own by name
+
+
 def pseudo_label_folder(images_dir, labels_dir, out_dir, cfg: dict, engine: FewShotEngine | None = None,
-                        show_progress: bool = True, names: Sequence[str] | None = None) -> list[dict]:
+                        show_progress: bool = True, names: Sequence[str] | None = None,
+                        executor: Executor | None = None) -> list[dict]:
     """Pseudo-label every unlabelled image of ``images_dir``; returns the per-query summaries.
 
-    With ``cluster.ray_address`` set in ``cfg`` the queries are spread over Ray workers
-    (:mod:`ssl_medsam2.cluster`); otherwise everything runs here, in this process.
+    Supports are read and checked here first (a bad support stops everything before any work). The
+    queries go to ``executor`` (default: this process, :class:`~ssl_medsam2.executors.LocalExecutor`;
+    a cluster executor reads each query as a worker frees up, reports a bad one once and goes on,
+    then raises :class:`~ssl_medsam2.executors.CasesFailed`). ``out_dir/run.json`` records the run.
     """
-    from tqdm.auto import tqdm
+    from .engines import with_engine_chosen
 
-    from .cluster import cluster_address
-    from .engines import build_engine, with_engine_chosen
-
+    if executor is None:
+        if (cfg.get("cluster") or {}).get("ray_address"):
+            raise ValueError("cluster.ray_address is set but no executor was given: pass "
+                             "executor=ssl_medsam2.cluster.executor_for(cfg) (the CLI, run_ssl and the app do)")
+        executor = LOCAL
     if engine is None:  # protocol.engine: auto -> sam2 or atlas, decided once here and said in one line
         cfg = with_engine_chosen(cfg)
-    if cluster_address(cfg):
-        from .cluster import pseudo_label_folder_on_cluster
-
-        name = getattr(engine, "name", None) or ProtocolSettings.from_config(cfg).engine
-        return pseudo_label_folder_on_cluster(images_dir, labels_dir, out_dir, cfg, engine_name=name,
-                                              show_progress=show_progress, names=names)
-    supports, queries = load_cases(images_dir, labels_dir, names)
+    engine_name = getattr(engine, "name", None) or ProtocolSettings.from_config(cfg).engine
+    images, labels = case_files(images_dir, labels_dir)
+    supports, _ = load_cases(images_dir, labels_dir, names=())  # supports only: queries are read as they run
     classes = resolve_classes(supports, InputSettings.from_config(cfg).classes)
     check_supports(supports, classes)
+    queries = [n for n in images if n not in labels and (names is None or n in names)]
     if not queries:
         log.warning("every image in %s has a label: nothing to pseudo-label", images_dir)
         return []
-    engine = engine or build_engine(ProtocolSettings.from_config(cfg).engine, cfg)
-    total = sum(engine.work_units(supports, q, classes) for q in queries)
+    todo = [n for n in queries if not (executor.skips_finished and is_finished(out_dir, n))]
+    if len(todo) < len(queries):
+        log.info("resuming: %d of %d case(s) already finished in %s", len(queries) - len(todo), len(queries),
+                 out_dir)
+    done: dict[str, dict] = {}
+
+    def write(name: str, result: dict) -> None:
+        write_encoded(out_dir, name, result["files"])
+        done[name] = result["summary"]
+
+    job = CaseJob(desc=f"pseudo-label ({engine_name})", worker=PseudoLabelSpec(cfg, engine_name, supports, classes,
+                                                                               engine),
+                  read=lambda name: Case(load_volume(images[name], name=name)), write=write, read_ahead=True)
+    failed = executor.run(job, todo, show_progress=show_progress, initial=len(queries) - len(todo))
     summaries = []
-    with tqdm(total=total, desc=f"pseudo-label ({engine.name})", unit="run", disable=not show_progress) as bar:
-        for q in queries:
-            bar.set_postfix_str(q.name)
-            out = pseudo_label_case(engine, supports, q, cfg, out_dir, progress=bar.update)
-            summaries.append(out["summary"])
-            log.info("%s: %s voxels labelled, mean entropy inside %.4f, %.1fs", q.name,
-                     int((out["label"] > 0).sum()), out["summary"]["mean_entropy_inside"] or float("nan"),
-                     out["summary"]["timings"]["total_s"])
-    write_run_json(out_dir, engine.name, supports, [q.name for q in queries], classes, summaries)
+    for n in queries:
+        p = case_paths(out_dir, n)["summaries"]
+        if n in done:
+            summaries.append(done[n])
+        elif n not in failed and p.exists():
+            summaries.append(json.loads(p.read_text()))
+    write_run_json(out_dir, engine_name, supports, queries, classes, summaries, failed=failed, **executor.run_info())
+    if failed:
+        raise CasesFailed(failed, len(summaries))
     return summaries
 
 

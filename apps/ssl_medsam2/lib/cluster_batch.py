@@ -2,7 +2,7 @@
 
 ``POST /batch/infer/<atlas|sam2>_fewshot`` normally runs the infer task image after image in MONAI
 Label's batch child process. With a cluster configured, the same images (MONAI Label's own selection:
-``images`` = all / unlabeled / a list) are pseudo-labelled by :mod:`ssl_medsam2.cluster` in one go:
+``images`` = all / unlabeled / a list) are pseudo-labelled by the Ray executor (:mod:`ssl_medsam2.cluster`) in one go:
 supports are every image with a final label, each worker keeps its engine for all the queries it gets,
 the driver (this child process) writes every case all-or-nothing. Then, as the per-image task does,
 each case's outputs go to ``<state>/fewshot/``, its label to the datastore under the batch's label tag
@@ -22,8 +22,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from ssl_medsam2 import strategies
-from ssl_medsam2.cluster import CasesFailed, cluster_address
+from ssl_medsam2.cluster import RayExecutor, cluster_address
 from ssl_medsam2.config import merge
+from ssl_medsam2.executors import CasesFailed
 from ssl_medsam2.io import case_name, link_or_copy
 from ssl_medsam2.protocol import ProtocolSettings
 from ssl_medsam2.pseudo_label import OUTPUT_KINDS, case_paths, pseudo_label_folder
@@ -55,7 +56,8 @@ def batch_fewshot_on_cluster(ws, engine_name: str, request: dict, datastore) -> 
                  len(final))
         failed: dict[str, str] = {}
         try:
-            pseudo_label_folder(work / "images", work / "labels", out, cfg, show_progress=False)
+            pseudo_label_folder(work / "images", work / "labels", out, cfg, show_progress=False,
+                                executor=RayExecutor(cfg))
         except CasesFailed as exc:
             failed = exc.failed
         band = ProtocolSettings.from_config(ws.cfg).boundary_band

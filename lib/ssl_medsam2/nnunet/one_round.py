@@ -12,16 +12,19 @@ when a previous attempt was stopped mid-training), predict the pseudo-labelled a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..cluster import cluster_address, predict_round_on_cluster
+from ..executors import LOCAL, CaseJob, CasesFailed, Executor
 from ..io import (InputError, atomic_write, link_or_copy, list_volumes, load_label_for, load_volume, save_like,
                   write_text_atomic)
 from ..metrics import mean_dice
@@ -76,9 +79,10 @@ def _gate_supports(layout: RunLayout, labels: Mapping[str, Path], gate: Sequence
 
 def make_round0(layout: RunLayout, images_dir, labels_dir, images: Mapping[str, Path], labels: Mapping[str, Path],
                 unlabelled: Sequence[str], gate: Sequence[str], cfg: dict, pseudo_labels_dir=None, engine=None,
-                show_progress: bool = True) -> None:
+                show_progress: bool = True, executor: Executor | None = None) -> None:
     """Round 0 pseudo labels: unlabelled cases from the engine (all labelled supports) or ``pseudo_labels_dir``;
-    gate cases leave-one-out (the other labelled cases as supports) unless ``pseudo_labels_dir`` has them."""
+    gate cases leave-one-out (the other labelled cases as supports) unless ``pseudo_labels_dir`` has them.
+    The engine's cases run on ``executor`` (default: this process)."""
     from ..pseudo_label import pseudo_label_folder
 
     def missing(names):
@@ -92,14 +96,14 @@ def make_round0(layout: RunLayout, images_dir, labels_dir, images: Mapping[str, 
     elif todo:
         log.info("round 0: few-shot pseudo labels for %d case(s)", len(todo))
         pseudo_label_folder(images_dir, labels_dir, layout.round(0), cfg, engine=engine,
-                            show_progress=show_progress, names=todo)
+                            show_progress=show_progress, names=todo, executor=executor)
     todo = missing(gate)
     if todo and pseudo_labels_dir is not None:
         todo = _copy_given(Path(pseudo_labels_dir), layout, todo, images)
     if todo:
         log.info("round 0: leave-one-out few-shot pseudo labels for the gate case(s) %s", ", ".join(todo))
         pseudo_label_folder(images_dir, _gate_supports(layout, labels, gate), layout.round(0), cfg, engine=engine,
-                            show_progress=show_progress, names=todo)
+                            show_progress=show_progress, names=todo, executor=executor)
 
 
 # --- predicting -----------------------------------------------------------------------------------
@@ -118,31 +122,100 @@ def is_predicted(out_dir: Path, name: str) -> bool:
     return all((Path(out_dir) / kind / f"{name}.nii.gz").exists() for kind in ("labels", "entropy"))
 
 
+#: what a worker on another machine needs of a model folder besides the checkpoints
+MODEL_FILES = ("dataset.json", "plans.json", "dataset_fingerprint.json")
+
+
+def model_files(model_dir: Path, checkpoint_name: str = "checkpoint_final.pth") -> dict[str, bytes]:
+    """A trained model folder as {relative path: bytes} (for a worker that cannot read this disk)."""
+    model_dir = Path(model_dir)
+    files = {n: (model_dir / n).read_bytes() for n in MODEL_FILES if (model_dir / n).exists()}
+    for ck in sorted(model_dir.glob(f"fold_*/{checkpoint_name}")):
+        files[str(ck.relative_to(model_dir))] = ck.read_bytes()
+    return files
+
+
+class NnUNetPredictWorker:
+    """A loaded nnU-Net model: one volume in, its label and entropy files (bytes) out."""
+
+    def __init__(self, model, round_no: int, keep=None):
+        self.model, self.round_no = model, round_no
+        self._keep = keep  # the scratch model folder of a portable worker lives as long as the worker
+
+    def units(self, volume) -> int:
+        return 1
+
+    def run(self, volume, progress: Callable[[int], None] | None = None) -> dict[str, bytes]:
+        label, probs = self.model.predict_volume(volume)
+        entropy = (binary_entropy(probs[1:]).max(axis=0) if probs.shape[0] > 1
+                   else np.zeros(volume.shape, np.float32))
+        with tempfile.TemporaryDirectory(prefix="ssl_medsam2_case_") as tmp:
+            save_like(entropy, volume, Path(tmp) / "entropy.nii.gz", dtype=np.float32,
+                      description="ssl-medsam2 nnU-Net entropy (bits)")
+            save_like(label, volume, Path(tmp) / "labels.nii.gz", dtype=label.dtype,
+                      description=f"ssl-medsam2 round {self.round_no}")
+            files = {kind: (Path(tmp) / f"{kind}.nii.gz").read_bytes() for kind in ("entropy", "labels")}
+        if progress is not None:
+            progress(1)
+        return files
+
+
+@dataclass
+class NnUNetPredictSpec:
+    """How to build an :class:`NnUNetPredictWorker`: the model folder here (loaded once into ``cache``), or,
+    made :meth:`portable`, its files as bytes unpacked into a scratch folder by the worker."""
+
+    model_dir: Path
+    settings: NnUNetSettings
+    round_no: int
+    log_path: Path | None = None
+    cache: dict | None = None
+    files: dict[str, bytes] | None = None
+
+    def build(self) -> NnUNetPredictWorker:
+        if self.files is not None:
+            tmp = tempfile.TemporaryDirectory(prefix="ssl_medsam2_nnunet_worker_")
+            model_dir = Path(tmp.name) / "model"
+            for rel, data in self.files.items():
+                (model_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                (model_dir / rel).write_bytes(data)
+            return NnUNetPredictWorker(load_model(model_dir, self.settings), self.round_no, keep=tmp)
+        cache = {} if self.cache is None else self.cache
+        if str(self.model_dir) not in cache:
+            cache[str(self.model_dir)] = load_model(self.model_dir, self.settings, self.log_path)
+        return NnUNetPredictWorker(cache[str(self.model_dir)], self.round_no)
+
+    def portable(self) -> "NnUNetPredictSpec":
+        return dataclasses.replace(self, files=model_files(self.model_dir), log_path=None, cache=None)
+
+
 def predict_cases(model_dir: Path, settings: NnUNetSettings, images: Mapping[str, Path], names: Sequence[str],
                   out_dir: Path, round_no: int, progress: ProgressFn | None = None, cache: dict | None = None,
-                  log_path: Path | None = None) -> list[str]:
+                  log_path: Path | None = None, executor: Executor | None = None) -> list[str]:
     """Predict these cases with this model: ``out_dir/labels/<case>`` + ``out_dir/entropy/<case>`` (max over
     classes, bits), each on its source grid. Cases already there are skipped; returns the ones predicted.
 
     ``cache``: a dict that keeps the loaded model between calls of one round (it is loaded only when
-    something is left to predict).
+    something is left to predict). ``executor``: where the cases run (default: this process).
     """
+    out_dir = Path(out_dir)
     todo = [n for n in names if not is_predicted(out_dir, n)]
     if not todo:
         return []
-    cache = {} if cache is None else cache
-    if str(model_dir) not in cache:
-        cache[str(model_dir)] = load_model(model_dir, settings, log_path)
-    model = cache[str(model_dir)]
-    for i, n in enumerate(todo):
-        vol = load_volume(images[n], name=n)
-        label, probs = model.predict_volume(vol)
-        entropy = binary_entropy(probs[1:]).max(axis=0) if probs.shape[0] > 1 else np.zeros(vol.shape, np.float32)
-        save_like(entropy, vol, out_dir / "entropy" / f"{n}.nii.gz", dtype=np.float32,
-                  description="ssl-medsam2 nnU-Net entropy (bits)")
-        save_like(label, vol, out_dir / "labels" / f"{n}.nii.gz", dtype=label.dtype,
-                  description=f"ssl-medsam2 round {round_no}")
-        emit(progress, stage="predict", round=round_no, case=n, done=i + 1, total=len(todo))
+    done = [0]
+
+    def write(name: str, files: dict[str, bytes]) -> None:
+        for kind in ("entropy", "labels"):  # labels last: both present = done
+            atomic_write(out_dir / kind / f"{name}.nii.gz", lambda tmp, b=files[kind]: Path(tmp).write_bytes(b))
+        done[0] += 1
+        emit(progress, stage="predict", round=round_no, case=name, done=done[0], total=len(todo))
+
+    job = CaseJob(desc=f"round {round_no}: predict",
+                  worker=NnUNetPredictSpec(Path(model_dir), settings, round_no, log_path, cache),
+                  read=lambda name: load_volume(images[name], name=name), write=write)
+    failed = (executor or LOCAL).run(job, todo, show_progress=False)
+    if failed:
+        raise CasesFailed(failed, len(todo) - len(failed))
     return todo
 
 
@@ -218,9 +291,11 @@ def _checkpoint_info(ckpt: Path) -> tuple[float | None, str | None]:
 
 def run_round(k: int, layout: RunLayout, cfg: dict, images: Mapping[str, Path], labels: Mapping[str, Path],
               unlabelled: Sequence[str], gate: Sequence[str], classes: Sequence[int], history: list[dict],
-              deployed: dict, schedule_for: ScheduleFn, progress: ProgressFn | None = None) -> dict:
-    """Train round ``k`` on ground truth (minus the gate cases) + round k-1 pseudo labels, predict, measure,
-    decide deployment against ``deployed`` ({"round", "gate_dice"}); writes and returns its metrics."""
+              deployed: dict, schedule_for: ScheduleFn, progress: ProgressFn | None = None,
+              executor: Executor | None = None) -> dict:
+    """Train round ``k`` on ground truth (minus the gate cases) + round k-1 pseudo labels, predict (on
+    ``executor``, default this process), measure, decide deployment against ``deployed``
+    ({"round", "gate_dice"}); writes and returns its metrics."""
     settings = NnUNetSettings.from_config(cfg)
     max_rounds = settings.max_rounds
     fold = settings.fold_id
@@ -236,16 +311,11 @@ def run_round(k: int, layout: RunLayout, cfg: dict, images: Mapping[str, Path], 
         log.info("round %d: model already trained, reusing %s", k, model_dir)
     t = time.perf_counter()
     emit(progress, stage="predict", round=k, max_rounds=max_rounds)
-    cache: dict = {}
-    if cluster_address(cfg):  # spread over Ray workers (ssl_medsam2.cluster), same files
-        predict_round_on_cluster(cfg, model_dir, [(layout.round(k), pseudo_names),
-                                                  (layout.labelled_predictions(k), sorted(train_labels))],
-                                 k, images, show_progress=False, progress=progress)
-    else:
-        nn_log = layout.nnunet_log(k)
-        predict_cases(model_dir, settings, images, pseudo_names, layout.round(k), k, progress, cache, nn_log)
-        predict_cases(model_dir, settings, images, sorted(train_labels), layout.labelled_predictions(k), k, None, cache,
-                      nn_log)
+    cache: dict = {}  # the model loads once for both calls (in this process)
+    nn_log = layout.nnunet_log(k)
+    predict_cases(model_dir, settings, images, pseudo_names, layout.round(k), k, progress, cache, nn_log, executor)
+    predict_cases(model_dir, settings, images, sorted(train_labels), layout.labelled_predictions(k), k, None, cache,
+                  nn_log, executor)
     times["predict_s"] = time.perf_counter() - t
 
     change = {}

@@ -88,7 +88,7 @@ def _schedule_hook(state: dict, layout: RunLayout, settings: NnUNetSettings):
 
 
 def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
-            progress: ProgressFn | None = None, engine=None, show_progress: bool = True) -> dict:
+            progress: ProgressFn | None = None, engine=None, show_progress: bool = True, executor=None) -> dict:
     """The whole SSL-MedSAM2 pipeline on a folder; resumable. Returns the final state dict.
 
     ``images_dir``: every volume (nnU-Net names like ``case_0000.nii.gz`` work); ``labels_dir``:
@@ -96,7 +96,13 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
     as round 0 instead of running the few-shot engine (a labels folder, or a pseudo-label output
     folder with labels/ and entropy/). ``engine``: a few-shot engine object (default: the config's).
     ``progress`` gets every event (stage, round, epoch, ...); ``show_progress`` draws the console line.
+    ``executor``: where round 0's few-shot cases and each round's predictions run (default: the one the
+    config names, :func:`ssl_medsam2.cluster.executor_for`).
     """
+    if executor is None:
+        from ..cluster import executor_for
+
+        executor = executor_for(cfg)
     layout = RunLayout(work_dir)
     settings = NnUNetSettings.from_config(cfg)  # a bad nnunet setting (schedule, ...) fails before any work
     images = list_volumes(images_dir)
@@ -139,7 +145,7 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
             t = time.perf_counter()
             report({"stage": "pseudo_label", "round": 0, "max_rounds": state["max_rounds"]})
             one_round.make_round0(layout, images_dir, labels_dir, images, labels, unlabelled, gate, cfg,
-                                  pseudo_labels_dir, engine, show_progress)
+                                  pseudo_labels_dir, engine, show_progress, executor)
             state["round0"].update(done=True, seconds=round(time.perf_counter() - t, 1))
             log.info("round 0 done (%s) in %.0fs", engine_name, time.perf_counter() - t)
         if state.get("deployed") is None:
@@ -165,7 +171,7 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
             log.info("round %d/%d: train on %d labelled + %d pseudo-labelled volumes", k, state["max_rounds"],
                      len(labels) - len(gate), len(unlabelled) + len(gate))
             metrics = one_round.run_round(k, layout, cfg, images, labels, unlabelled, gate, classes, history,
-                                          state["deployed"], schedule_for, report)
+                                          state["deployed"], schedule_for, report, executor)
             history.append(metrics)
             state["rounds"] = [runstate.round_summary(h) for h in history]
             _deploy(state, metrics)

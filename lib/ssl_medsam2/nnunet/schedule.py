@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .settings import NnUNetSettings
+from typing import Protocol
 
 MODES = ("auto", "short", "full")
 _MINUTES = re.compile(r"^minutes:(\d+(?:\.\d+)?)$")
@@ -104,7 +102,18 @@ def epochs_for_minutes(minutes: float, it_per_s: float, iterations_per_epoch: in
     return max(1, int(math.floor(minutes * 60.0 / per_epoch_s)))
 
 
-def resolve(settings: "NnUNetSettings", device_type: str, it_per_s: float | None = None) -> Schedule:
+class ScheduleSettings(Protocol):
+    """What :func:`resolve` reads of the ``nnunet:`` settings (:class:`.settings.NnUNetSettings` has it; the
+    settings import this module, so this module names only the keys it reads)."""
+
+    schedule: str
+    schedules: Mapping
+    epochs: int | None
+    iterations_per_epoch: int | None
+    val_iterations: int | None
+
+
+def resolve(settings: ScheduleSettings, device_type: str, it_per_s: float | None = None) -> Schedule:
     """The schedule for these settings on a ``device_type`` ("cuda" / "cpu") machine.
 
     ``it_per_s``: the measured training speed (needed for ``minutes:N``; otherwise only for the estimate).
