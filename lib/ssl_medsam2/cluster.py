@@ -349,7 +349,7 @@ class RayExecutor(Executor):
         ccfg = self.ccfg
         with ray_session(self.address, ccfg) as ray:
             n_workers = min(_n_workers(ray, ccfg), len(cases))
-            log.info("%s: %d case(s) on %d Ray worker(s)", job.desc, len(cases), n_workers)
+            log.info("%s %d case(s) on %d Ray worker(s)", job.doing, len(cases), n_workers)
             spec_ref = ray.put(job.worker.portable())
             Worker = ray.remote(CaseActor).options(**_actor_options(ccfg))
             loaded: dict[str, Any] = {}  # read + checked once here; kept for a resubmission

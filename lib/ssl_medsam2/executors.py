@@ -58,7 +58,8 @@ class WorkerSpec(Protocol):
 class CaseJob:
     """One kind of per-case work, split for an executor (see the module docstring)."""
 
-    desc: str
+    desc: str  # the progress bar's label
+    doing: str  # what the log says is done, before "<n> case(s) on <w> worker(s)"
     worker: WorkerSpec
     read: Callable[[str], Any]
     write: Callable[[str, Any], None]

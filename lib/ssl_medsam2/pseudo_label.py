@@ -274,8 +274,8 @@ def pseudo_label_folder(images_dir, labels_dir, out_dir, cfg: dict, engine: FewS
         write_encoded(out_dir, name, result["files"])
         done[name] = result["summary"]
 
-    job = CaseJob(desc=f"pseudo-label ({engine_name})", worker=PseudoLabelSpec(cfg, engine_name, supports, classes,
-                                                                               engine),
+    job = CaseJob(desc=f"pseudo-label ({engine_name})", doing=f"{engine_name}: pseudo-labelling",
+                  worker=PseudoLabelSpec(cfg, engine_name, supports, classes, engine),
                   read=lambda name: Case(load_volume(images[name], name=name)), write=write, read_ahead=True)
     failed = executor.run(job, todo, show_progress=show_progress, initial=len(queries) - len(todo))
     summaries = []

@@ -210,7 +210,7 @@ def predict_cases(model_dir: Path, settings: NnUNetSettings, images: Mapping[str
         done[0] += 1
         emit(progress, stage="predict", round=round_no, case=name, done=done[0], total=len(todo))
 
-    job = CaseJob(desc=f"round {round_no}: predict",
+    job = CaseJob(desc=f"round {round_no}: predict", doing=f"round {round_no}: predicting",
                   worker=NnUNetPredictSpec(Path(model_dir), settings, round_no, log_path, cache),
                   read=lambda name: load_volume(images[name], name=name), write=write)
     failed = (executor or LOCAL).run(job, todo, show_progress=False)
