@@ -149,8 +149,14 @@ class SSLMedSAM2App(MONAILabelApp):
         super().on_init_complete()
         server = sys.modules.get("monailabel.app")  # only in the server process, never in child processes
         if server is not None:
+            from lib.guards import clean_stale
             from lib.routes import install_routes
 
+            studies = None if self.studies.startswith(("http://", "https://")) else self.studies
+            removed = clean_stale(self.workspace.scratch_root, studies)
+            if any(removed.values()):
+                log.warning("removed what a stopped server left behind: %d scratch folders, %d datastore temp "
+                            "files", removed["scratch"], removed["datastore_temp"])
             install_routes(server.app, self)
 
 

@@ -10,7 +10,8 @@ What and why:
 1. **Token check** (``from_token``): upstream calls ``jwt.decode`` without ``algorithms=``, which PyJWT 2
    rejects, so with auth on every valid token fails. Ours pins asymmetric algorithms (an HS256 token
    keyed with the public key, or ``alg: none``, is refused), takes the key from the Keycloak realm's
-   ``public_key`` or the issuer's JWKS by ``kid``, verifies signature and expiry, and reads roles from
+   ``public_key`` or the issuer's JWKS by ``kid``, verifies signature, expiry, issuer (the realm URI)
+   and party (``azp`` or ``aud`` is ``MONAI_LABEL_AUTH_CLIENT_ID``), and reads roles from
    ``MONAI_LABEL_AUTH_TOKEN_ROLES``. Replaces ``monailabel.endpoints.user.auth.from_token`` (looked up
    at call time by ``get_current_user``, which every ``RBAC`` dependency uses).
 2. **Login** (``POST /auth/token``): upstream turns a wrong password into a 500 (``raise_for_status``);
@@ -135,7 +136,20 @@ def _roles(payload: dict, path: str) -> list[str]:
 
 
 def from_token(token: str):
-    """Drop-in for ``monailabel.endpoints.user.auth.from_token`` that names its algorithms."""
+    """Drop-in for ``monailabel.endpoints.user.auth.from_token`` that names its algorithms. Any failure
+    is an ``InvalidTokenError`` (upstream turns those into 401; anything else would be a 500), e.g. an
+    ES256 token checked against the realm's RSA key."""
+    import jwt
+
+    try:
+        return _verified_user(token)
+    except jwt.InvalidTokenError:
+        raise
+    except Exception as exc:
+        raise jwt.InvalidTokenError(f"token check failed ({type(exc).__name__})") from exc
+
+
+def _verified_user(token: str):
     import jwt
     from monailabel.endpoints.user.auth import DEFAULT_USER, User
 
@@ -149,9 +163,14 @@ def from_token(token: str):
     if alg not in ASYMMETRIC_ALGORITHMS:
         raise jwt.InvalidAlgorithmError(f"token algorithm {alg!r} is not allowed")
     key = signing_key(token, s.MONAI_LABEL_AUTH_REALM_URI)
-    payload = jwt.decode(token, key, algorithms=[alg],
+    payload = jwt.decode(token, key, algorithms=[alg], issuer=s.MONAI_LABEL_AUTH_REALM_URI.rstrip("/"),
                          options={"verify_signature": True, "verify_aud": False, "verify_exp": True,
-                                  "require": ["exp"]})
+                                  "verify_iss": True, "require": ["exp", "iss"]})
+    aud = payload.get("aud")
+    audiences = [aud] if isinstance(aud, str) else list(aud) if isinstance(aud, (list, tuple)) else []
+    client = s.MONAI_LABEL_AUTH_CLIENT_ID
+    if client not in audiences and payload.get("azp") != client:  # Keycloak: azp names the client
+        raise jwt.InvalidAudienceError(f"token is for neither audience nor party {client!r}")
     return User(username=payload.get(s.MONAI_LABEL_AUTH_TOKEN_USERNAME) or "",
                 email=payload.get(s.MONAI_LABEL_AUTH_TOKEN_EMAIL),
                 name=payload.get(s.MONAI_LABEL_AUTH_TOKEN_NAME),
@@ -273,6 +292,8 @@ def _serve_ohif(path: str):
     if path == "ssl_medsam2_login.html":
         return HTMLResponse(LOGIN_HTML)
     root = ohif_dir()
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):  # e.g. %00: no file has such a name (was a 500)
+        raise HTTPException(status_code=404, detail="Resource NOT Found")
     target = (root / path).resolve() if path else root / "index.html"
     if root not in target.parents and target != root:
         raise HTTPException(status_code=404, detail="Resource NOT Found")

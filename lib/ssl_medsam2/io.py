@@ -157,24 +157,31 @@ def load_volume(path: str | os.PathLike, *, is_label: bool = False, name: str | 
     return Volume(canon, canon_affine, affine, header, to_source, str(path), name or case_name(path))
 
 
-def label_values(data: np.ndarray, path: str | os.PathLike | None, max_id: int | None = None) -> np.ndarray:
-    """The one check of label voxel values: finite, integer, >= 0 (and <= ``max_id``); as uint8 / int16.
+INT16_MAX = 32767  # the largest class id a label map can hold (stored as int16)
 
-    Raises InputError naming ``path`` otherwise.
+
+def label_values(data: np.ndarray, path: str | os.PathLike | None, max_id: int | None = None) -> np.ndarray:
+    """The one check of label voxel values: finite, exact integers, 0 <= id <= 32767 (and <= ``max_id``);
+    as uint8 / int16.
+
+    Why exact: a float volume holds class ids only if every value *is* one; rounding or casting would
+    turn 65537.0 into class 1 and 1e30 into 0 without a word. Raises InputError naming ``path`` otherwise.
     """
     data = np.asarray(data)
+    if data.size == 0:
+        return data.astype(np.uint8)
     if not np.issubdtype(data.dtype, np.integer):
         if not np.all(np.isfinite(data)):
             raise InputError(path, "label contains NaN or infinite values")
-        rounded = np.rint(data)
-        if np.abs(rounded - data).max() > 1e-3:
+        if not np.array_equal(np.floor(data), data):
             raise InputError(path, "label has non-integer values; expected integer class ids")
-        data = rounded
-    if data.min() < 0:
-        raise InputError(path, f"label has negative class id {int(data.min())}")
-    if max_id is not None and data.max() > max_id:
-        raise InputError(path, f"label has class id {int(data.max())} > {max_id}")
-    return data.astype(np.uint8 if data.max() < 256 else np.int16)
+    lo, hi = data.min(), data.max()
+    if lo < 0:
+        raise InputError(path, f"label has negative class id {lo:g}")
+    limit = INT16_MAX if max_id is None else min(int(max_id), INT16_MAX)
+    if hi > limit:
+        raise InputError(path, f"label has class id {hi:g} > {limit}")
+    return data.astype(np.uint8 if hi < 256 else np.int16)
 
 
 def load_label_for(image: Volume, path: str | os.PathLike, *, atol: float = 1e-3) -> Volume:

@@ -9,8 +9,9 @@ same image.
 Who may end a lease: its holder (``release(image, holder=...)``), whoever labels the image for good
 (the app's final save calls ``release(image)``), and time. A holder works on one image at a time:
 asking for another releases their previous lease, so nobody can collect leases by asking repeatedly.
-Clients with no verified identity (no token) are ``anonymous``: together they may hold at most
-``anonymous_limit`` leases, so self-declared names cannot lock every image.
+Clients with no verified identity (no token) are ``anonymous``: at most ``anonymous_limit`` distinct
+anonymous holders hold a lease at once, so self-declared names cannot lock every image; a holder
+that already holds one may always move it (skipping is never refused).
 """
 
 from __future__ import annotations
@@ -108,10 +109,10 @@ class LeaseBook:
                     continue
                 others = {k: v for k, v in leases.items() if v.holder != holder}
                 if anonymous and anonymous_limit is not None and cur is None:
-                    held = sum(1 for v in others.values() if v.anonymous)
-                    if held >= anonymous_limit:
-                        raise LeaseLimitError(f"clients without a token already hold {held} leases "
-                                              f"(limit {anonymous_limit}); try again when one is saved or expires")
+                    holders = {v.holder for v in others.values() if v.anonymous}
+                    if len(holders) >= anonymous_limit:
+                        raise LeaseLimitError(f"{len(holders)} other clients without a token already hold a "
+                                              f"lease (limit {anonymous_limit} holders)")
                 lease = Lease(image, holder, cur.since if cur else now, now + ttl, strategy, anonymous)
                 others[image] = lease
                 self._write(others)

@@ -80,6 +80,10 @@ class LeasedStrategy(Strategy):
         holder = str(request.get("client_id") or "anonymous")
         anonymous = request.get("ssl_anonymous", True) is not False
         ranked = self.rank(candidates, request)
+        if request.get("ssl_no_lease"):  # a viewer (auth on, role user only): shown a free image, holds none
+            held = self.ws.leases.held_by_others(holder)
+            free = [i for i in ranked if i not in held]
+            return {"id": free[0], "strategy": self.name, "lease": None} if free else {}
         lease = self.ws.leases.acquire_first(ranked, holder, strategy=self.name, anonymous=anonymous,
                                              anonymous_limit=self.ws.app.anonymous_leases)
         if lease is None:

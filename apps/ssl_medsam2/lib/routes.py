@@ -12,10 +12,14 @@ image's lease. Extra routes under ``/ssl_medsam2/``: model versions and rollback
 import filecmp
 import json
 import logging
+import os
 import time
-from typing import Optional
+from pathlib import Path
+from typing import List, Optional
 
-from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, UploadFile
+import numpy as np
+from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, Request, UploadFile
+from fastapi.responses import FileResponse
 from monailabel.config import settings
 from monailabel.endpoints.infer import ResultType
 from monailabel.endpoints.user.auth import RBAC, User
@@ -25,9 +29,10 @@ from monailabel.utils.others.generic import remove_file
 from ssl_medsam2.io import InputError, load_label_for, load_volume
 from ssl_medsam2.leases import LeaseLimitError
 
-from .guards import check_name, identity, parse_params, receive, reject, scratch
+from .guards import check_body, check_inside, check_name, identity, parse_params, receive, reject, scratch
 from .infers import result_format
-from .uploads import check_declared_size, check_image, prepare_label, suffix_of
+from .schemas import INFER, SCORING, STRATEGY, check_params, check_train
+from .uploads import check_declared_size, declared_shape, check_image, prepare_label, suffix_of
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,7 @@ USER = settings.MONAI_LABEL_AUTH_ROLE_USER
 ANNOTATOR = settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR
 ADMIN = settings.MONAI_LABEL_AUTH_ROLE_ADMIN
 # request fields only the server sets: a client naming them could point a task at another file or id
+MAX_SESSION_FILES = 2000  # one DICOM series
 SERVER_SET = ("image", "image_id", "model", "label", "session", "session_id", "save_label", "label_tag", "file")
 
 
@@ -47,6 +53,10 @@ def _cleanup_now(background: BackgroundTasks) -> None:
     for task in list(background.tasks):
         if task.func is remove_file:
             task.func(*task.args, **task.kwargs)
+
+
+def nib_shape(path: str) -> tuple[int, ...]:
+    return declared_shape(path, os.path.basename(path))[:3]
 
 
 def build_router(app) -> APIRouter:
@@ -64,8 +74,20 @@ def build_router(app) -> APIRouter:
     max_bytes = int(ws.app.max_upload_mb * (1 << 20))
     max_voxels = ws.app.max_upload_voxels
 
-    def who(params: dict, user: Optional[User]) -> tuple[str, bool]:
-        return identity(params, user, settings.MONAI_LABEL_AUTH_ENABLE)
+    def who(params: dict, user: Optional[User], request: Optional[Request] = None) -> tuple[str, bool]:
+        host = request.client.host if request is not None and request.client else ""
+        return identity(params, user, settings.MONAI_LABEL_AUTH_ENABLE, host)
+
+    def studies_file(path: Optional[str], what: str) -> None:
+        if not str(ws.studies).startswith(("http://", "https://")):
+            check_inside(ws.studies, path, what)
+
+    def may_hold_leases(user: Optional[User]) -> bool:
+        """Auth on: annotators and admins hold leases; a viewer (role user only) is shown samples, holds none."""
+        if not settings.MONAI_LABEL_AUTH_ENABLE:
+            return True
+        roles = set(getattr(user, "roles", None) or [])
+        return bool(roles & {ANNOTATOR, ADMIN, settings.MONAI_LABEL_AUTH_ROLE_REVIEWER})
 
     def check_model(model: str, for_train: bool = False):
         tasks = app.train_tasks if for_train else app.infer_tasks
@@ -93,15 +115,21 @@ def build_router(app) -> APIRouter:
         check_model(model)
         if session_id:
             check_name(session_id, "session id")
-        if not file and not session_id:
+            sessions = app.sessions()
+            if sessions is None or not sessions.get_session(session_id, update_ts=False):
+                raise reject(404, f"unknown session '{session_id}' (expired or never created)")
+        if image or (not file and not session_id):  # an image id is always a datastore name, never a path
             if not image:
-                raise reject(422, "give an image id of the datastore or upload a file")
+                raise reject(422, "give an image id of the datastore, a session id or upload a file")
             check_image_id(image)
         p = parse_params(params)
         fixed = sorted(k for k in p if k in SERVER_SET)
         if fixed:
             raise reject(422, f"params may not set {', '.join(fixed)}: the image is the request's 'image' "
                               f"query parameter (or an uploaded file)")
+        check_params(p, INFER, "infer")
+        if label and suffix_of(label.filename) == ".bin" and not image:
+            raise reject(422, "a raw label (.bin) needs the datastore image it belongs to ('image')")
         try:
             result_format({**app.infer_tasks[model].config(), **p})
             with scratch(ws.scratch_root) as tmp:  # the upload limits, before upstream copies the files
@@ -109,8 +137,13 @@ def build_router(app) -> APIRouter:
                     if up:
                         ext = suffix_of(up.filename)
                         path = str(receive(up, tmp, what + ext, max_bytes))
-                        if ext != ".bin":  # OHIF's raw label: its size is the image's (upstream checks)
+                        if ext != ".bin":
                             check_declared_size(path, up.filename or what, max_voxels)
+                        else:  # OHIF's raw label: one byte per voxel of the datastore image
+                            need = int(np.prod(nib_shape(ws.datastore.get_image_uri(image))))
+                            if os.path.getsize(path) != need:
+                                raise InputError(up.filename or what, f"raw label has {os.path.getsize(path)} "
+                                                                      f"bytes; the image needs {need}")
             return infer_ep.run_inference(background_tasks, model, image, session_id, params, file, label, output)
         except InputError as exc:
             _cleanup_now(background_tasks)
@@ -134,37 +167,51 @@ def build_router(app) -> APIRouter:
     def train(model: str, params: Optional[dict] = None, run_sync: Optional[bool] = False,
               enqueue: Optional[bool] = False, user: User = Depends(RBAC(ADMIN))):
         check_model(model, for_train=True)
+        params = check_train(dict(check_body(params)), model, ws.cfg)
         if not ws.final_labelled():
             raise reject(409, "no image has a final label yet: save labels before training")
         return train_ep.run_model(model, params, run_sync, enqueue)
 
     @r.post("/activelearning/{strategy}", summary="Next image to annotate (leased to the caller)")
-    def activelearning(strategy: str, params: Optional[dict] = None, user: User = Depends(RBAC(USER))):
+    def activelearning(request: Request, strategy: str, params: Optional[dict] = None,
+                       user: User = Depends(RBAC(USER))):
         if strategy not in app.strategy_tasks:
             raise _404("strategy", strategy, app.strategy_tasks)
-        params = dict(params or {})
-        holder, anonymous = who(params, user)
-        params.update(client_id=holder, ssl_anonymous=anonymous, strategy=strategy)
+        params = check_params(dict(check_body(params)), STRATEGY, "strategy")
+        holder, anonymous = who(params, user, request)
+        params.update(client_id=holder, ssl_anonymous=anonymous, strategy=strategy,
+                      ssl_no_lease=not may_hold_leases(user))
         try:
             return al_ep.sample(strategy, params, holder)
         except LeaseLimitError as exc:
-            raise reject(429, f"{exc} (app.anonymous_leases; turn auth on to identify annotators)") from exc
+            raise reject(429, f"{exc}. To get in: send the client_id your client already uses (Slicer and "
+                              f"MONAILabelClient(client_id=...) do; skipping then moves your own lease), wait "
+                              f"until a lease is saved or expires, ask the admin to raise app.anonymous_leases, "
+                              f"or log in (auth on: every annotator holds one lease of their own)") from exc
 
     @r.post("/scoring/{method}", summary="Run a scoring method (checked name)")
     def scoring(method: str, params: Optional[dict] = None, run_sync: Optional[bool] = False,
                 user: User = Depends(RBAC(ANNOTATOR))):
         if method not in app.scoring_tasks:
             raise _404("scoring method", method, app.scoring_tasks)
+        params = check_params(dict(check_body(params)), SCORING, "scoring")
         return scoring_ep.run_method(method, params, run_sync)
 
     # ---------------------------------------------------------------- labels
     @r.put("/datastore/label", summary="Save a label (checked against its image; records user and time)")
-    def save_label(image: str, params: str = Form("{}"), tag: str = DefaultLabelTag.FINAL.value,
+    def save_label(request: Request, image: str, params: str = Form("{}"), tag: str = DefaultLabelTag.FINAL.value,
                    label: UploadFile = File(...), user: User = Depends(RBAC(ANNOTATOR))):
         check_image_id(image)
         tag = check_tag(tag or DefaultLabelTag.FINAL.value)
         p = parse_params(params)
-        saver, _ = who(p, user)
+        saver, _ = who(p, user, request)
+        if not str(ws.studies).startswith(("http://", "https://")):
+            tag_dir = Path(ws.studies) / "labels" / tag
+            studies_file(str(tag_dir), f"label folder '{tag}'")
+            current = ws.datastore.get_label_uri(image, tag)
+            studies_file(current, f"the '{tag}' label of '{image}'")
+            for existing in tag_dir.glob(f"{image}.*") if tag_dir.is_dir() else ():
+                studies_file(str(existing), f"the '{tag}' label of '{image}'")
         with scratch(ws.scratch_root) as tmp:
             upload = receive(label, tmp, "upload" + suffix_of(label.filename), max_bytes)
             try:
@@ -178,6 +225,17 @@ def build_router(app) -> APIRouter:
         res = app.on_label_saved(image, tag, saver) or {}
         res.update({"image": image, "label": label_id, "tag": tag, "user": saver})
         return res
+
+    @r.delete("/datastore/label", summary="Remove a label (404 for an unknown image or tag)")
+    def remove_label(id: str, tag: str, user: User = Depends(RBAC(ADMIN))):
+        check_image_id(id)
+        check_tag(tag)
+        uri = ws.datastore.get_label_uri(id, tag)
+        if not uri:
+            raise reject(404, f"image '{id}' has no label with tag '{tag}'")
+        studies_file(uri, f"the '{tag}' label of '{id}'")
+        ws.datastore.remove_label(id, tag)
+        return {"image": id, "tag": tag, "removed": True}
 
     @r.get("/datastore/label/info", summary="Label info (404 for an unknown image or tag)")
     def label_info(label: str, tag: str, user: User = Depends(RBAC(USER))):
@@ -229,7 +287,7 @@ def build_router(app) -> APIRouter:
     @r.put("/datastore/", summary="Upload an image (Slicer's route; checked like /datastore/image)",
            include_in_schema=False)
     @r.put("/datastore/image", summary="Upload an image (checked; never replaces one unless overwrite=true)")
-    def add_image(image: Optional[str] = None, params: str = Form("{}"), overwrite: bool = False,
+    def add_image(request: Request, image: Optional[str] = None, params: str = Form("{}"), overwrite: bool = False,
                   file: UploadFile = File(...), user: User = Depends(RBAC(ANNOTATOR))):
         ext = suffix_of(file.filename)
         if ext not in tuple(e.replace("*", "") for e in settings.MONAI_LABEL_DATASTORE_FILE_EXT):
@@ -237,7 +295,9 @@ def build_router(app) -> APIRouter:
         name = (file.filename or "").replace("\\", "/").rsplit("/", 1)[-1]
         image_id = check_name(image if image else name[: -len(ext)] if name.endswith(ext) else name, "image id")
         p = parse_params(params)
-        p["user"] = who(p, user)[0]
+        p["user"] = who(p, user, request)[0]
+        if ws.has_image(image_id):
+            studies_file(ws.datastore.get_image_uri(image_id), f"image '{image_id}'")
         with scratch(ws.scratch_root) as tmp:
             upload = str(receive(file, tmp, "upload" + ext, max_bytes))
             try:
@@ -260,6 +320,9 @@ def build_router(app) -> APIRouter:
                     return _replace(image_id, upload, p)
                 except InputError as exc:
                     raise reject(422, str(exc)) from exc
+            if ext not in (".nii.gz", ".nii"):
+                raise reject(422, f"{file.filename}: new images are stored as NIfTI (.nii.gz or .nii) here: "
+                                  f"labels, the few-shot engines and the strategies read NIfTI; convert it first")
             return {"image": ws.datastore.add_image(image_id, upload, p)}
 
     @r.get("/datastore/image/info", summary="Image info (404 for an unknown image)")
@@ -279,19 +342,109 @@ def build_router(app) -> APIRouter:
     @r.delete("/datastore/image", summary="Remove an image and its labels (404 for an unknown image)")
     def remove_image(id: str, user: User = Depends(RBAC(ADMIN))):
         check_image_id(id)
+        studies_file(ws.datastore.get_image_uri(id), f"image '{id}'")
+        for tag in ws.datastore.get_labels_by_image_id(id):
+            studies_file(ws.datastore.get_label_uri(id, tag), f"the '{tag}' label of '{id}'")
         ws.datastore.remove_image(id)
         ws.leases.release(id)
         return {}
 
     # ---------------------------------------------------------------- sessions (ids are joined to a folder)
+    def public_session(info: dict) -> dict:
+        """A session as clients see it: its image by file name, no server folder."""
+        info = {k: v for k, v in dict(info).items() if k != "path"}
+        if info.get("image"):
+            info["image"] = os.path.basename(str(info["image"]).rstrip("/"))
+        return info
+
     @r.get("/session/{session_id}", summary="Session info (checked id)")
     def get_session(session_id: str, update_ts: bool = False, image: bool = False,
                     user: User = Depends(RBAC(USER))):
-        return session_ep.get_session(check_name(session_id, "session id"), update_ts, image)
+        res = session_ep.get_session(check_name(session_id, "session id"), update_ts, image)
+        return public_session(res) if isinstance(res, dict) else res
+
+    @r.put("/session/", summary="Create a session from an image (upload limits; archives are not unpacked)")
+    def create_session(uncompress: bool = False, expiry: int = 0, files: List[UploadFile] = File(...),
+                       user: User = Depends(RBAC(USER))):
+        """Replaces MONAI Label's route, which unpacks any tar (absolute, ``..`` and link members write
+        anywhere the server may) and skips the upload limits. Here the files of one image are received
+        with the same limits as every upload (size while received, declared voxels before decoding) and
+        ``uncompress=true`` is refused: send the image file, or the files of one DICOM series."""
+        sessions = app.sessions()
+        if sessions is None:
+            raise reject(406, "sessions are not enabled on this server")
+        if uncompress:
+            raise reject(422, "archives are not unpacked here (uncompress=true is switched off): send the image "
+                              "file itself, or the files of one DICOM series")
+        if expiry < 0:
+            raise reject(422, f"expiry must be >= 0 seconds (0 = the server's default), got {expiry}")
+        if not files or len(files) > MAX_SESSION_FILES:
+            raise reject(422, f"send 1 to {MAX_SESSION_FILES} files, got {len(files or [])}")
+        allowed = tuple(e.replace("*", "") for e in settings.MONAI_LABEL_DATASTORE_FILE_EXT) + (".dcm",)
+        with scratch(ws.scratch_root) as tmp:
+            folder = tmp / "session"
+            folder.mkdir()
+            total_bytes, total_voxels, names = 0, 0, set()
+            for f in files:
+                name = (f.filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+                check_name(name, "file name")
+                ext = suffix_of(name)
+                if ext not in allowed or name in names:
+                    raise reject(422, f"{name}: {'sent twice' if name in names else f'unsupported file type {ext}'}")
+                names.add(name)
+                path = receive(f, folder, name, max_bytes - total_bytes)
+                total_bytes += path.stat().st_size
+                try:
+                    total_voxels += int(np.prod([max(1, n) for n in check_declared_size(str(path), name, max_voxels)],
+                                                dtype=np.float64))
+                    if total_voxels > max_voxels:
+                        raise InputError(name, f"the files declare more than {max_voxels} voxels together "
+                                               f"(app.max_upload_voxels)")
+                    if len(files) == 1:
+                        check_image(str(path), name)
+                except InputError as exc:
+                    raise reject(422, str(exc)) from exc
+            source = folder / next(iter(names)) if len(files) == 1 else folder
+            session_id, info = sessions.add_session(str(source), expiry, False)
+        return {"session_id": session_id, "session_info": public_session(info.to_json())}
 
     @r.delete("/session/{session_id}", summary="Delete a session (checked id)")
     def remove_session(session_id: str, user: User = Depends(RBAC(USER))):
         return session_ep.remove_session(check_name(session_id, "session id"))
+
+    # ---------------------------------------------------------------- MONAI Label routes switched off / wrapped
+    @r.put("/model/{model}", summary="Switched off: models come from training runs (admin only)")
+    @r.delete("/model/{model}", summary="Switched off: models come from training runs (admin only)")
+    def model_file(model: str, user: User = Depends(RBAC(ADMIN))):
+        """MONAI Label's model upload / delete (annotator role upstream, the upload kept on disk, 500s)."""
+        raise reject(405, "model files are not uploaded or deleted over HTTP on this server: nnU-Net models "
+                          "come from runs of the ssl_nnunet trainer, and an earlier version is deployed with the "
+                          "app's models rollback route")
+
+    @r.get("/datastore/dataset", summary="Download the dataset as a ZIP (temp file removed after sending)")
+    def download_dataset(limit_cases: Optional[int] = None, user: User = Depends(RBAC(ANNOTATOR))):
+        if limit_cases is not None and limit_cases < 1:
+            raise reject(422, f"limit_cases must be >= 1, got {limit_cases}")
+        if not hasattr(ws.datastore, "datalist") or str(ws.studies).startswith(("http://", "https://")):
+            raise reject(404, "dataset export is only available for a local studies folder")
+        items = ws.datastore.datalist()
+        if not items:
+            raise reject(404, "the datastore has no labelled image to export")
+        for d in items:
+            for key, path in d.items():
+                studies_file(path, f"{key} {os.path.basename(str(path))}")
+        path = ws.datastore.get_dataset_archive(limit_cases)
+        from starlette.background import BackgroundTask
+
+        return FileResponse(path, media_type="application/zip", filename="dataset.zip",
+                            background=BackgroundTask(remove_file, path))
+
+    if not str(ws.studies).startswith(("http://", "https://")):
+        @r.get("/proxy/dicom/{path:path}", include_in_schema=False)
+        @r.post("/proxy/dicom/{path:path}", include_in_schema=False)
+        def proxy_off(path: str, user: User = Depends(RBAC(USER))):
+            """MONAI Label's DICOMweb proxy would send requests to the studies *folder* as a URL (500)."""
+            raise reject(404, "no DICOMweb proxy: this server's studies are a local folder, not a DICOMweb server")
 
     # ---------------------------------------------------------------- extra routes
     @r.get("/ssl_medsam2/models", summary="nnU-Net model versions and the deployed one")
@@ -312,9 +465,9 @@ def build_router(app) -> APIRouter:
         return {k: vars(v) for k, v in ws.leases.active().items()}
 
     @r.delete("/ssl_medsam2/leases/{image}", summary="Give back your own lease on an image")
-    def release_lease(image: str, client_id: Optional[str] = None, user: User = Depends(RBAC(USER))):
+    def release_lease(request: Request, image: str, client_id: Optional[str] = None, user: User = Depends(RBAC(USER))):
         check_name(image, "image id")
-        holder, _ = who({"client_id": client_id} if client_id else {}, user)
+        holder, _ = who({"client_id": client_id} if client_id else {}, user, request)
         if not ws.leases.release(image, holder=holder):
             raise reject(404, f"'{holder}' holds no lease on '{image}'")
         return {"released": image}

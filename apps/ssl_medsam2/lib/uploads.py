@@ -152,9 +152,14 @@ def check_image(path: str, shown_name: str) -> None:
     """A readable 3D image (NIfTI via nibabel, anything else via SimpleITK), or InputError."""
     if path.endswith(NIFTI):
         try:
-            load_volume(path)
+            vol = load_volume(path)
+            if not np.issubdtype(np.asarray(vol.array).dtype, np.number):
+                raise InputError(path, f"voxel type {np.asarray(vol.array).dtype} is not a scalar image")
         except InputError as exc:
             raise InputError(shown_name, exc.problem) from exc
+        except Exception as exc:  # e.g. RGB24 voxels: a reason, never a 500
+            raise InputError(shown_name, f"unreadable image ({type(exc).__name__}: "
+                                         f"{str(exc).strip().splitlines()[-1][:120] if str(exc).strip() else ''})") from exc
         return
     img = read_itk(path, shown_name, "image")
     if img.GetDimension() != 3:
