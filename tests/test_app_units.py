@@ -261,18 +261,23 @@ def test_datastore_sees_writes_from_another_process(small_chaos, tmp_path):
         server._observer.stop()
 
 
-def test_unnamed_anonymous_callers_are_separate_lease_holders(tmp_path):
-    """Auth off and no client_id (OHIF): two annotators must not share one holder (they would renew
-    each other's lease and get the same image); named clients keep their name."""
+def test_unnamed_anonymous_callers_are_one_holder_per_address(tmp_path):
+    """Auth off and no client_id: the holder is the client's address, so its skips move its own lease
+    (a holder per request made one client collect leases until the anonymous cap refused everyone);
+    named clients keep their name; a name with control characters is refused."""
+    from fastapi import HTTPException
     from lib.guards import identity
     from ssl_medsam2.leases import LeaseBook
 
-    first, second = identity({}, None, False), identity({}, None, False)
-    assert first[1] and second[1] and first[0] != second[0] and first[0].startswith("anonymous-")
-    assert identity({"client_id": "anon-0"}, None, False) == ("anon-0", True)
+    first, second = identity({}, None, False, "10.0.0.7"), identity({"client_id": None}, None, False, "10.0.0.7")
+    assert first == second == ("anonymous@10.0.0.7", True)
+    assert identity({}, None, False, "10.0.0.8")[0] != first[0]
+    assert identity({"client_id": "anon-0"}, None, False, "10.0.0.7") == ("anon-0", True)
+    with pytest.raises(HTTPException):
+        identity({"client_id": "x\n"}, None, False)
     book = LeaseBook(tmp_path / "leases.json", ttl_s=60)
-    got = [book.acquire_first(["a", "b"], who, anonymous=True, anonymous_limit=2).image for who, _ in (first, second)]
-    assert got == ["a", "b"]
+    got = [book.acquire_first(["a", "b", "c"], first[0], anonymous=True, anonymous_limit=1).image for _ in range(4)]
+    assert all(x != y for x, y in zip(got, got[1:])) and len(book.active()) == 1  # each ask is a skip, never refused
 
 
 def test_damaged_gzip_upload_is_an_input_error(case, tmp_path):

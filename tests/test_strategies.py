@@ -77,7 +77,7 @@ def test_leases_hold_expire_release(tmp_path):
     la = book.acquire_first(ranked, "alice", now=t0)
     lb = book.acquire_first(ranked, "bob", now=t0 + 1)
     assert (la.image, lb.image) == ("a", "b")
-    assert book.acquire_first(ranked, "alice", now=t0 + 2).image == "a"  # renews her own
+    assert book.acquire_first(["a", "b"], "alice", now=t0 + 2).image == "a"  # nothing else free: renews her own
     assert book.acquire("a", "carol", now=t0 + 3) is None
     assert book.held_by_others("carol", now=t0 + 3) == {"a", "b"}
     assert book.release("a", holder="bob") is False

@@ -93,7 +93,8 @@ class LeaseBook:
                       anonymous: bool = False, anonymous_limit: int | None = None) -> Lease | None:
         """Lease the first image of ``ranked`` nobody else holds (and not in ``exclude``), atomically.
 
-        The holder's other leases end (one image at a time). An ``anonymous`` holder gets
+        The holder's other leases end (one image at a time), and the image they hold now is tried last:
+        asking again means "skip", so it is renewed only when no other image is free. An ``anonymous`` holder gets
         :class:`LeaseLimitError` when anonymous clients already hold ``anonymous_limit`` leases.
         """
         now = time.time() if now is None else now
@@ -101,7 +102,9 @@ class LeaseBook:
         skip = set(exclude)
         with self._lock:
             leases = self._active(self._read(), now)
-            for image in ranked:
+            mine = [i for i in ranked if i in leases and leases[i].holder == holder]
+            # asking again is a skip: the holder's current image comes last (renewed only if nothing else is free)
+            for image in [i for i in ranked if i not in mine] + mine:
                 if image in skip:
                     continue
                 cur = leases.get(image)

@@ -182,7 +182,8 @@ def build_router(app) -> APIRouter:
         params.update(client_id=holder, ssl_anonymous=anonymous, strategy=strategy,
                       ssl_no_lease=not may_hold_leases(user))
         try:
-            return al_ep.sample(strategy, params, holder)
+            res = al_ep.sample(strategy, params, holder)
+            return {k: v for k, v in res.items() if k != "path"} if isinstance(res, dict) else res
         except LeaseLimitError as exc:
             raise reject(429, f"{exc}. To get in: send the client_id your client already uses (Slicer and "
                               f"MONAILabelClient(client_id=...) do; skipping then moves your own lease), wait "

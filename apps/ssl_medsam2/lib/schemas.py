@@ -96,10 +96,19 @@ def check_params(params: dict, schema: dict[str, Check], what: str) -> dict:
     return params
 
 
+TRAIN_ALIASES = {"max_epochs": "epochs"}  # MONAI Label's sample apps (and clients written for them) say max_epochs
+
+
 def check_train(params: dict, model: str, cfg: dict) -> dict:
     """Train params: the caller's name/model fields and ``nnunet:`` config keys for this run only, each
-    validated by the same typed section the CLI uses (epochs >= 1, a known configuration, ...)."""
+    validated by the same typed section the CLI uses (epochs >= 1, a known configuration, ...).
+    Returns the params with aliases replaced by the app's key names."""
     keys = NnUNetSettings.keys()
+    for alias, key in TRAIN_ALIASES.items():
+        if alias in params:
+            if key in params:
+                raise reject(422, f"train params give both '{alias}' and '{key}' (the same setting)")
+            params = {**{k: v for k, v in params.items() if k != alias}, key: params[alias]}
     check_params(params, {**TRAIN_FIXED, **{k: any_json for k in keys}}, "train")
     if params.get("model") not in (None, model):
         _fail("model", f"'{model}' (the route's trainer) or absent", params.get("model"))
