@@ -437,6 +437,255 @@ def test_identity_comes_from_the_token_and_leases_end_only_as_allowed(srv, tmp_p
     assert httpx.get(f"{url}/ssl_medsam2/leases", headers=a).json() == {}
 
 
+# ------------------------------------------------------------------ issue 17: MONAI Label's own routes
+def _tar(members) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for name, kind, data in members:
+            ti = tarfile.TarInfo(name)
+            if kind == "link":
+                ti.type, ti.linkname = tarfile.SYMTYPE, data
+                t.addfile(ti)
+            else:
+                ti.size = len(data)
+                t.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_session_archives_are_never_unpacked(srv, tmp_path):
+    """Issue 17, case 1: a tar with absolute, ``..`` and link members wrote outside (viewer token, 200)."""
+    import io
+    import zipfile
+
+    url, root = srv["url"], srv["root"]
+    target = root / "outside" / "written.txt"
+    tars = [_tar([(str(target), "file", b"x")]), _tar([("../../../outside/written.txt", "file", b"x")]),
+            _tar([("link", "link", str(root / "outside")), ("link/written.txt", "file", b"x")])]
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w") as z:
+        z.writestr("../../outside/written.txt", b"x")
+    before = _snapshot(srv)
+    for name, blob in [("a.tar", t) for t in tars] + [("a.zip", zbuf.getvalue())]:
+        r = httpx.put(f"{url}/session/", params={"uncompress": "true"}, files={"files": (name, blob)},
+                      headers=_h(srv, "viewer"), timeout=60)
+        _refused(r, 422, "archives are not unpacked")
+        r = httpx.put(f"{url}/session/", files={"files": (name, blob)}, headers=_h(srv, "viewer"), timeout=60)
+        _refused(r, 422, "unsupported file type")
+    assert not target.exists() and not list(root.rglob("written.txt"))
+    assert _snapshot(srv) == before
+
+
+def test_session_uploads_have_the_upload_limits(srv, tmp_path):
+    """Issue 17, case 4: a 325 KB gzip declaring 700^3 voxels was a session (+2.6 GB RSS to infer on it)."""
+    url = srv["url"]
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((700, 700, 700))
+    hdr.set_data_dtype(np.uint8)
+    bomb = tmp_path / "bomb.nii.gz"
+    with gzip.open(bomb, "wb") as fh:
+        fh.write(hdr.binaryblock + b"\0" * 4)
+        zeros = b"\0" * (1 << 20)
+        for _ in range(300):
+            fh.write(zeros)
+    before = _snapshot(srv)
+    _refused(httpx.put(f"{url}/session/", files={"files": ("bomb.nii.gz", bomb.read_bytes())},
+                       headers=_h(srv, "viewer"), timeout=120), 422, "max_upload_voxels")
+    big = b"\0" * (5 << 20)  # over app.max_upload_mb (4) while it is received
+    _refused(httpx.put(f"{url}/session/", files={"files": ("big.nii.gz", big)}, headers=_h(srv, "viewer"),
+                       timeout=120), 413, "max_upload_mb")
+    assert _snapshot(srv) == before
+
+
+def test_infer_reads_only_datastore_images_and_sessions(srv):
+    """Issue 17, case 2: ``image=/any/file&session_id=nosuch`` segmented a file outside the studies, and
+    the answer told whether a path exists."""
+    url, root = srv["url"], srv["root"]
+    h = _h(srv, "viewer")
+    answers = []
+    for path in (str(root / "studies" / "chaos_03.nii.gz"), "/no/such/file.nii.gz"):
+        r = httpx.post(f"{url}/infer/atlas_fewshot", params={"image": path, "session_id": "nosuch"}, headers=h,
+                       timeout=60)
+        answers.append(_refused(r, 404, "unknown session"))
+    assert answers[0] == answers[1], "the answer must not tell whether a server path exists"
+    img = (srv["studies"] / "chaos_03.nii.gz").read_bytes()
+    sid = httpx.put(f"{url}/session/", files={"files": ("s.nii.gz", img)}, headers=h, timeout=60).json()["session_id"]
+    for path in (str(root / "studies" / "chaos_03.nii.gz"), "/no/such/file.nii.gz"):
+        r = httpx.post(f"{url}/infer/atlas_fewshot", params={"image": path, "session_id": sid}, headers=h, timeout=60)
+        _refused(r, 422, "plain name")
+    info = httpx.get(f"{url}/session/{sid}", headers=h).json()
+    assert "path" not in info and str(root) not in json.dumps(info), info
+    assert httpx.delete(f"{url}/session/{sid}", headers=h).status_code == 200
+
+
+def _wait_listed(srv, image: str, present: bool) -> None:
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        r = httpx.get(f"{srv['url']}/datastore/image/info", params={"image": image}, headers=_h(srv, "admin"))
+        if (r.status_code == 200) == present:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the datastore did not {'list' if present else 'drop'} {image}")
+
+
+def test_links_out_of_the_studies_folder_are_not_followed(srv, tmp_path):
+    """Issue 17, case 3: DELETE /datastore/image deleted a link's target (a whole folder for a folder
+    link); saving a label, replacing an image and a linked tag folder wrote through the link."""
+    url, root, studies = srv["url"], srv["root"], srv["studies"]
+    victims = root / "victims"
+    (victims / "tagdir").mkdir(parents=True)
+    (victims / "scan.nii.gz").write_bytes((studies / "chaos_03.nii.gz").read_bytes())
+    (victims / "label.nii.gz").write_bytes((srv["truth"] / "chaos_05.nii.gz").read_bytes())
+    wanted = _digest(victims)
+    link_img = studies / "linked.nii.gz"
+    link_tag = studies / "labels" / "linktag"
+    link_lab = studies / "labels" / "final" / "chaos_05.nii.gz"
+    link_img.symlink_to(victims / "scan.nii.gz")
+    link_tag.symlink_to(victims / "tagdir", target_is_directory=True)
+    link_lab.symlink_to(victims / "label.nii.gz")
+    adm, ann = _h(srv, "admin"), _h(srv, "annotator")
+    lab = (srv["truth"] / "chaos_05.nii.gz").read_bytes()
+    try:
+        _wait_listed(srv, "linked", True)
+        _refused(httpx.delete(f"{url}/datastore/image", params={"id": "linked"}, headers=adm), 409, "leaves the studies")
+        _refused(httpx.put(f"{url}/datastore/image", params={"image": "linked", "overwrite": "true"},
+                           files={"file": ("x.nii.gz", (studies / "chaos_08.nii.gz").read_bytes())}, headers=ann,
+                           timeout=60), 409, "leaves the studies")
+        _refused(httpx.put(f"{url}/datastore/label", params={"image": "chaos_03", "tag": "linktag"},
+                           files={"label": ("l.nii.gz", _blank_label(studies, "chaos_03", tmp_path))}, headers=ann,
+                           timeout=60), 409, "leaves the studies")
+        _refused(httpx.put(f"{url}/datastore/label", params={"image": "chaos_05", "tag": "final"},
+                           files={"label": ("l.nii.gz", lab)}, headers=ann, timeout=60), 409, "leaves the studies")
+        r = httpx.delete(f"{url}/datastore/label", params={"id": "chaos_05", "tag": "final"}, headers=adm)
+        assert r.status_code in (404, 409), r.text
+        BODIES.append(r.text)
+        assert _digest(victims) == wanted and (victims / "tagdir").is_dir() and not list((victims / "tagdir").iterdir())
+    finally:
+        for link in (link_img, link_tag, link_lab):
+            link.unlink()
+        _wait_listed(srv, "linked", False)
+
+
+def test_model_files_are_not_uploaded_or_deleted_over_http(srv):
+    """Issue 17, case 6: an annotator got 500 on PUT /model/nnunet (the upload kept) and 404 on DELETE."""
+    url = srv["url"]
+    before = _snapshot(srv)
+    for who, code in (("annotator", 403), ("admin", 405)):
+        r = httpx.put(f"{url}/model/nnunet", files={"file": ("m.pt", b"\0" * 4096)}, headers=_h(srv, who), timeout=60)
+        assert r.status_code == code, r.text
+        r = httpx.delete(f"{url}/model/nnunet", headers=_h(srv, who), timeout=60)
+        assert r.status_code == code, r.text
+    assert "training runs" in r.json()["detail"] or "ssl_nnunet" in r.json()["detail"]
+    assert _snapshot(srv) == before
+
+
+def test_names_with_control_characters_are_refused(srv, tmp_path):
+    """Issue 17, case 7: ``image=x%0A`` created ``x\\n.nii.gz``; tag ``x%0A`` a folder with a newline."""
+    url, studies = srv["url"], srv["studies"]
+    h = _h(srv, "annotator")
+    before = _snapshot(srv)
+    _refused(httpx.put(f"{url}/datastore/image?image=x%0A", files={"file": ("x.nii.gz", _nifti(tmp_path / "x.nii.gz"))},
+                       headers=h, timeout=60), 422, "plain name")
+    _refused(httpx.put(f"{url}/datastore/label?image=chaos_03&tag=x%0A",
+                       files={"label": ("l.nii.gz", _blank_label(studies, "chaos_03", tmp_path))}, headers=h,
+                       timeout=60), 422, "plain name")
+    assert _snapshot(srv) == before
+    assert not [p for p in studies.rglob("*") if "\n" in p.name]
+
+
+def test_float_labels_only_when_their_values_are_exact_ids(srv, tmp_path):
+    """Issue 17, case 8: 65537.0 was stored as class 1 and 1e30 as 0 (200)."""
+    url, studies = srv["url"], srv["studies"]
+    ref = nib.load(str(studies / "chaos_03.nii.gz"))
+    before = _snapshot(srv)
+    for value in (65537.0, 1e30, 1.5):
+        fill = np.zeros(ref.shape, np.float32)
+        fill[0, 0, 0] = value
+        blob = _nifti(tmp_path / "f.nii.gz", shape=ref.shape, affine=ref.affine, fill=fill)
+        _refused(httpx.put(f"{url}/datastore/label", params={"image": "chaos_03", "tag": "floaty"},
+                           files={"label": ("f.nii.gz", blob)}, headers=_h(srv, "annotator"), timeout=60), 422, "class id"
+                 if value != 1.5 else "non-integer")
+    assert _snapshot(srv) == before
+    fill = np.zeros(ref.shape, np.float32)
+    fill[0, 0, 0] = 1.0  # a float volume of exact ids is a label
+    blob = _nifti(tmp_path / "f.nii.gz", shape=ref.shape, affine=ref.affine, fill=fill)
+    r = httpx.put(f"{url}/datastore/label", params={"image": "chaos_03", "tag": "floaty"},
+                  files={"label": ("f.nii.gz", blob)}, headers=_h(srv, "annotator"), timeout=60)
+    assert r.status_code == 200, r.text
+    assert httpx.delete(f"{url}/datastore/label", params={"id": "chaos_03", "tag": "floaty"},
+                        headers=_h(srv, "admin")).status_code == 200
+
+
+def test_bad_input_is_a_4xx_naming_the_problem(srv, tmp_path):
+    """Issue 17, cases 9-11: each of these was a 500 or a reset connection, or a task that failed later."""
+    url = srv["url"]
+    v, adm = _h(srv, "viewer"), _h(srv, "admin")
+    before = _snapshot(srv)
+
+    def infer(params: str, **files):
+        return httpx.post(f"{url}/infer/atlas_fewshot", params={"image": "chaos_03"}, data={"params": params},
+                          files=files or None, headers=v, timeout=60)
+
+    _refused(infer("[" * 5000 + "]" * 5000), 422, "nested deeper")
+    _refused(infer('{"top_k": ' + "9" * 5000 + "}"), 422, "params")
+    for bad in ('"abc"', "NaN", "Infinity", "1e400", "[1]", "-1", "true"):
+        _refused(infer('{"top_k": %s}' % bad), 422)
+    _refused(infer('{"result_extension": ".mhd"}'), 422, "result_extension")
+    _refused(infer('{"nosuch": 1}'), 422, "nosuch")
+    _refused(infer("{}", label=("label.bin", b"\1" * 7)), 422, "raw label")
+    _refused(httpx.post(f"{url}/activelearning/random", json={"seed": [1]}, headers=_h(srv, "annotator")), 422, "seed")
+    _refused(httpx.post(f"{url}/scoring/uncertainty", json={"method": "x"}, headers=adm), 422, "method")
+    for body, key in (({"epochs": -1}, "epochs"), ({"configuration": "../../x"}, "configuration"),
+                      ({"num_workers": -5}, "num_workers"), ({"model": "nosuch"}, "model"), ({"nosuch": 1}, "nosuch")):
+        for sync in ("true", "false"):
+            _refused(httpx.post(f"{url}/train/ssl_nnunet", params={"run_sync": sync}, json=body, headers=adm,
+                                timeout=60), 422, key)
+    r = httpx.get(f"{url}/ohif/x%00")
+    assert r.status_code == 404, r.text
+    _refused(httpx.get(f"{url}/proxy/dicom/qido/studies", headers=v), 404, "local folder")
+    # an RGB24 image upload
+    rgb = np.zeros((8, 8, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    path = tmp_path / "rgb.nii.gz"
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(path))
+    _refused(httpx.put(f"{url}/datastore/image", params={"image": "rgb"}, files={"file": ("rgb.nii.gz", path.read_bytes())},
+                       headers=_h(srv, "annotator"), timeout=60), 422)
+    # case 11: removing a label that does not exist
+    _refused(httpx.delete(f"{url}/datastore/label", params={"id": "chaos_03", "tag": "nosuch"}, headers=adm), 404, "nosuch")
+    _refused(httpx.delete(f"{url}/datastore/label", params={"id": "ghost", "tag": "final"}, headers=adm), 404, "ghost")
+    assert _snapshot(srv) == before
+
+
+def test_nrrd_images_are_refused_and_every_strategy_answers(srv, tmp_path):
+    """Issue 17, case 12: after an NRRD image upload, diversity answered 500 for everyone while random
+    handed out an image that labels and infer refused."""
+    import SimpleITK as sitk
+
+    url, studies = srv["url"], srv["studies"]
+    nrrd = tmp_path / "scan.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(studies / "chaos_08.nii.gz")), str(nrrd))
+    _refused(httpx.put(f"{url}/datastore/image", params={"image": "scan_nrrd"}, files={"file": ("scan.nrrd", nrrd.read_bytes())},
+                       headers=_h(srv, "annotator"), timeout=60), 422, "NIfTI")
+    for strategy in ("diversity", "random"):
+        r = httpx.post(f"{url}/activelearning/{strategy}", json={}, headers=_h(srv, "annotator"), timeout=120)
+        assert r.status_code == 200, r.text
+        assert "path" not in r.json(), "a sample names no server path"
+    httpx.delete(f"{url}/ssl_medsam2/leases/{r.json()['id']}", headers=_h(srv, "annotator"))
+
+
+def test_dataset_export_leaves_no_temp_file(srv):
+    """Issue 17, case 5: every GET /datastore/dataset left a zip of the whole dataset in the temp folder."""
+    url, root = srv["url"], srv["root"]
+    before = sorted(p.name for p in (root / "tmp").iterdir())
+    for _ in range(3):
+        r = httpx.get(f"{url}/datastore/dataset", headers=_h(srv, "annotator"), timeout=120)
+        assert r.status_code == 200 and r.content[:2] == b"PK", r.text[:200]
+    time.sleep(1)
+    assert sorted(p.name for p in (root / "tmp").iterdir()) == before
+    _refused(httpx.get(f"{url}/datastore/dataset", params={"limit_cases": 0}, headers=_h(srv, "annotator")), 422)
+
+
 def test_datastore_file_is_never_seen_torn(srv):
     """Issue 9, case 5: a reader hammering datastore_v2.json during saves only ever sees valid JSON."""
     url, studies, truth = srv["url"], srv["studies"], srv["truth"]

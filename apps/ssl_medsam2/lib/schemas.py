@@ -74,9 +74,11 @@ def any_json(key, value):
     """Free-form (e.g. OHIF's ``label_info`` for DICOM-SEG names and colours): depth is checked by guards."""
 
 
+# results are sent as one file: a .mhd result would leave its .zraw data file behind on the server
+SINGLE_FILE = tuple(e for e in RESULT_EXTENSIONS if e != ".mhd")
 CLIENT = {"client_id": optional(text()), "user": optional(text())}
 INFER = {**CLIENT, "top_k": integer(0, 10_000),
-         "result_extension": one_of(*RESULT_EXTENSIONS, *(e.lstrip(".") for e in RESULT_EXTENSIONS)),
+         "result_extension": one_of(*SINGLE_FILE, *(e.lstrip(".") for e in SINGLE_FILE)),
          "result_dtype": one_of(*RESULT_DTYPES), "result_compress": boolean, "restore_label_idx": boolean,
          "label_prompt": int_list(), "foreground": int_list(1000, 2), "background": int_list(1000, 2),
          "label_info": any_json}
