@@ -56,15 +56,24 @@ def write_result(label: np.ndarray, image: Volume, request: dict) -> str:
     ext, dtype, compress = result_format(request)
     fd, nii = tempfile.mkstemp(suffix=".nii.gz" if ext != ".nii" else ".nii", prefix="ssl_medsam2_")
     os.close(fd)
-    save_like(label, image, nii, dtype=dtype, description="ssl-medsam2 label")
+    try:
+        save_like(label, image, nii, dtype=dtype, description="ssl-medsam2 label")
+    except BaseException:
+        os.unlink(nii)
+        raise
     if ext in (".nii.gz", ".nii"):
         return nii
     import SimpleITK as sitk
 
     fd, out = tempfile.mkstemp(suffix=ext, prefix="ssl_medsam2_")
     os.close(fd)
-    sitk.WriteImage(sitk.ReadImage(nii), out, useCompression=compress)
-    os.unlink(nii)
+    try:  # temp files are removed on every path (a failed conversion left both behind)
+        sitk.WriteImage(sitk.ReadImage(nii), out, useCompression=compress)
+    except BaseException:
+        os.unlink(out)
+        raise
+    finally:
+        os.unlink(nii)
     return out
 
 

@@ -10,6 +10,8 @@ image's lease. Extra routes under ``/ssl_medsam2/``: model versions and rollback
 """
 
 import filecmp
+import gzip
+import io
 import json
 import logging
 import os
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+import nibabel as nib
 import numpy as np
 from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse
@@ -32,7 +35,7 @@ from ssl_medsam2.leases import LeaseLimitError
 from .guards import check_body, check_inside, check_name, identity, parse_params, receive, reject, scratch
 from .infers import result_format
 from .schemas import INFER, SCORING, STRATEGY, check_params, check_train
-from .uploads import check_declared_size, declared_shape, check_image, prepare_label, suffix_of
+from .uploads import check_declared_size, check_image, prepare_label, suffix_of
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +58,18 @@ def _cleanup_now(background: BackgroundTasks) -> None:
             task.func(*task.args, **task.kwargs)
 
 
-def nib_shape(path: str) -> tuple[int, ...]:
-    return declared_shape(path, os.path.basename(path))[:3]
+def raw_label_as_nifti(path: str, shown_name: str, image_path: str) -> UploadFile:
+    """OHIF's raw ``label.bin`` (uint8, Fortran order, one byte per image voxel) as an in-memory NIfTI
+    upload on the image's grid: upstream would convert it into a temp file that nothing removes."""
+    img = nib.load(image_path)
+    need = int(np.prod(img.shape[:3]))
+    if os.path.getsize(path) != need:
+        raise InputError(shown_name, f"raw label has {os.path.getsize(path)} bytes; the image needs {need} "
+                                     f"(uint8, one per voxel)")
+    out = nib.Nifti1Image(np.fromfile(path, dtype=np.uint8).reshape(img.shape[:3], order="F"), img.affine, img.header)
+    out.set_data_dtype(np.uint8)
+    out.header.set_slope_inter(1, 0)
+    return UploadFile(file=io.BytesIO(gzip.compress(out.to_bytes(), 1)), filename="label.nii.gz")
 
 
 def build_router(app) -> APIRouter:
@@ -130,6 +143,9 @@ def build_router(app) -> APIRouter:
         check_params(p, INFER, "infer")
         if label and suffix_of(label.filename) == ".bin" and not image:
             raise reject(422, "a raw label (.bin) needs the datastore image it belongs to ('image')")
+        if output == ResultType.dicom_seg and not str(ws.studies).startswith(("http://", "https://")):
+            raise reject(422, "output=dicom_seg needs a DICOMweb datastore; this server's studies are a local "
+                              "folder (ask for output=image)")
         try:
             result_format({**app.infer_tasks[model].config(), **p})
             with scratch(ws.scratch_root) as tmp:  # the upload limits, before upstream copies the files
@@ -140,10 +156,7 @@ def build_router(app) -> APIRouter:
                         if ext != ".bin":
                             check_declared_size(path, up.filename or what, max_voxels)
                         else:  # OHIF's raw label: one byte per voxel of the datastore image
-                            need = int(np.prod(nib_shape(ws.datastore.get_image_uri(image))))
-                            if os.path.getsize(path) != need:
-                                raise InputError(up.filename or what, f"raw label has {os.path.getsize(path)} "
-                                                                      f"bytes; the image needs {need}")
+                            label = raw_label_as_nifti(path, up.filename or what, ws.datastore.get_image_uri(image))
             return infer_ep.run_inference(background_tasks, model, image, session_id, params, file, label, output)
         except InputError as exc:
             _cleanup_now(background_tasks)

@@ -75,7 +75,8 @@ def any_json(key, value):
 
 
 # results are sent as one file: a .mhd result would leave its .zraw data file behind on the server
-SINGLE_FILE = tuple(e for e in RESULT_EXTENSIONS if e != ".mhd")
+# (.nrrd.gz: SimpleITK has no writer for it; result_compress=true gives a gzip-encoded .nrrd)
+SINGLE_FILE = tuple(e for e in RESULT_EXTENSIONS if e not in (".mhd", ".nrrd.gz"))
 CLIENT = {"client_id": optional(text()), "user": optional(text())}
 INFER = {**CLIENT, "top_k": integer(0, 10_000),
          "result_extension": one_of(*SINGLE_FILE, *(e.lstrip(".") for e in SINGLE_FILE)),
