@@ -112,9 +112,11 @@ def build_router(app) -> APIRouter:
                 raise reject(503, f"model '{model}' is unavailable: {reason}")
 
     def check_image_id(image: str, what: str = "image") -> str:
+        """A datastore image by name whose file does not lead out of the studies folder (404 / 409)."""
         check_name(image, f"{what} id")
         if not ws.has_image(image):
             raise reject(404, f"unknown image '{image}' (not in the datastore)")
+        studies_file(ws.datastore.get_image_uri(image), f"image '{image}'")
         return image
 
     def check_tag(tag: str) -> str:
@@ -427,6 +429,62 @@ def build_router(app) -> APIRouter:
         return session_ep.remove_session(check_name(session_id, "session id"))
 
     # ---------------------------------------------------------------- MONAI Label routes switched off / wrapped
+    @r.get("/datastore/image", summary="Download an image (checked id; no link out of the studies folder)")
+    def download_image(image: str, user: User = Depends(RBAC(USER))):
+        return ds_ep.download_image(check_image_id(image))
+
+    @r.head("/datastore/image", summary="Check that an image exists (checked id)")
+    def check_image_exists(image: str, check_sum: Optional[str] = None, user: User = Depends(RBAC(USER))):
+        return ds_ep.download_image(check_image_id(image), check_only=True, check_sum=check_sum)
+
+    def checked_label(image: str, tag: str) -> None:
+        check_image_id(image, "label")
+        check_tag(tag)
+        uri = ws.datastore.get_label_uri(image, tag)
+        if not uri:
+            raise reject(404, f"image '{image}' has no label with tag '{tag}'")
+        studies_file(uri, f"the '{tag}' label of '{image}'")
+
+    @r.get("/datastore/label", summary="Download a label (checked; no link out of the studies folder)")
+    def download_label(label: str, tag: str, user: User = Depends(RBAC(USER))):
+        checked_label(label, tag)
+        return ds_ep.download_label(label, tag)
+
+    @r.head("/datastore/label", summary="Check that a label exists (checked)")
+    def check_label_exists(image: str, tag: str, user: User = Depends(RBAC(USER))):
+        checked_label(image, tag)
+        return ds_ep.download_label(image, tag, check_only=True)
+
+    @r.post("/train/", summary="Run every trainer (checked params per trainer)", include_in_schema=False)
+    def train_all(params: Optional[dict] = None, run_sync: Optional[bool] = False, user: User = Depends(RBAC(ADMIN))):
+        """MONAI Label's deprecated 'run all trainers': params are ``{trainer: {params}}``, checked like
+        ``/train/{model}``'s."""
+        params = dict(check_body(params))
+        for name, sub in params.items():
+            if name not in app.train_tasks:
+                raise _404("trainer", name, app.train_tasks)
+            params[name] = check_train(dict(check_body(sub, f"params for {name}")), name, ws.cfg)
+        if not ws.final_labelled():
+            raise reject(409, "no image has a final label yet: save labels before training")
+        return train_ep.run(params, run_sync)
+
+    @r.post("/scoring/", summary="Run every scoring method (checked params)", include_in_schema=False)
+    def scoring_all(params: Optional[dict] = None, run_sync: Optional[bool] = False,
+                    user: User = Depends(RBAC(ANNOTATOR))):
+        params = dict(check_body(params))
+        for name, sub in params.items():
+            if name not in app.scoring_tasks:
+                raise _404("scoring method", name, app.scoring_tasks)
+            check_params(dict(check_body(sub, f"params for {name}")), SCORING, "scoring")
+        return scoring_ep.run(params, run_sync)
+
+    @r.post("/infer/wsi/{model}", include_in_schema=False)
+    @r.post("/infer/wsi_v2/{model}", include_in_schema=False)
+    def wsi_off(model: str, user: User = Depends(RBAC(USER))):
+        """MONAI Label's whole-slide (pathology) inference: this app has no such model."""
+        raise reject(404, "this server has no whole-slide (WSI) models; run the 3D infer route with an image id")
+
+
     @r.put("/model/{model}", summary="Switched off: models come from training runs (admin only)")
     @r.delete("/model/{model}", summary="Switched off: models come from training runs (admin only)")
     def model_file(model: str, user: User = Depends(RBAC(ADMIN))):
