@@ -524,7 +524,7 @@ def _wait_listed(srv, image: str, present: bool) -> None:
     deadline = time.time() + 30
     while time.time() < deadline:
         r = httpx.get(f"{srv['url']}/datastore/image/info", params={"image": image}, headers=_h(srv, "admin"))
-        if (r.status_code == 200) == present:
+        if (r.status_code != 404) == present:  # a listed link out of the studies folder answers 409
             return
         time.sleep(0.5)
     raise AssertionError(f"the datastore did not {'list' if present else 'drop'} {image}")
@@ -549,6 +549,9 @@ def test_links_out_of_the_studies_folder_are_not_followed(srv, tmp_path):
     lab = (srv["truth"] / "chaos_05.nii.gz").read_bytes()
     try:
         _wait_listed(srv, "linked", True)
+        for route, params in (("/datastore/image", {"image": "linked"}), ("/datastore/image/info", {"image": "linked"})):
+            _refused(httpx.get(f"{url}{route}", params=params, headers=ann), 409, "leaves the studies")
+        _refused(httpx.post(f"{url}/infer/atlas_fewshot", params={"image": "linked"}, headers=ann), 409, "leaves")
         _refused(httpx.delete(f"{url}/datastore/image", params={"id": "linked"}, headers=adm), 409, "leaves the studies")
         _refused(httpx.put(f"{url}/datastore/image", params={"image": "linked", "overwrite": "true"},
                            files={"file": ("x.nii.gz", (studies / "chaos_08.nii.gz").read_bytes())}, headers=ann,
@@ -793,7 +796,15 @@ def test_damaged_datastore_starts_from_the_last_good_copy(open_srv):
 
     LocalDatastoreModel.model_validate_json((studies / "datastore_v2.json").read_text())
     (studies / "datastore_v2.json").write_text("")  # what upstream's truncate-then-write leaves on a crash
+    # what a killed server leaves (issue 17, case 5): request scratch folders, atomic-write temp files
+    stale = [open_srv["root"] / "work" / "state" / "scratch" / "req_killed" / "upload.nii.gz",
+             studies / ".datastore_v2.json.k1ll3d.json", studies / "..datastore_v2.json.last_good.k1ll3d.json.last_good"]
+    for f in stale:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"left behind")
     server = _start(studies, open_srv["root"] / "work", open_srv["root"], {"app.anonymous_leases": 2})
+    assert not any(f.exists() for f in stale) and not stale[0].parent.exists(), "stale files survived a restart"
+    assert (studies / ".datastore_v2.json.last_good").exists()
     open_srv["holder"]["server"] = server
     info = httpx.get(f"{server.url}/info/", timeout=30).json()
     msg = info["ssl_medsam2"]["datastore_recovery"]

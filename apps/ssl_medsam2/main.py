@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import sys
+import time
 
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
@@ -26,6 +27,7 @@ from lib.trainers import SSLNnUNetTrain
 from lib.workspace import FINAL_TAG, Workspace
 
 log = logging.getLogger(__name__)
+IMPORTED_AT = time.time()  # before this server wrote anything: older scratch / temp files are a stopped server's
 monailabel_085.install()
 
 TRAINER = "ssl_nnunet"
@@ -153,7 +155,7 @@ class SSLMedSAM2App(MONAILabelApp):
             from lib.routes import install_routes
 
             studies = None if self.studies.startswith(("http://", "https://")) else self.studies
-            removed = clean_stale(self.workspace.scratch_root, studies)
+            removed = clean_stale(self.workspace.scratch_root, studies, IMPORTED_AT)
             if any(removed.values()):
                 log.warning("removed what a stopped server left behind: %d scratch folders, %d datastore temp "
                             "files", removed["scratch"], removed["datastore_temp"])

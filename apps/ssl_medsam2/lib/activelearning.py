@@ -74,7 +74,11 @@ class LeasedStrategy(Strategy):
         return strategies.rank_first(candidates)
 
     def __call__(self, request, datastore):
+        # only images the app can label and infer on (NIfTI): an NRRD put into the studies folder by hand
+        # would break diversity for everyone and be handed out to be refused by every save
         candidates = self.ws.unlabelled()
+        if not str(self.ws.studies).startswith(("http://", "https://")):  # (a PACS serves series, converted)
+            candidates = [i for i in candidates if str(self.ws.datastore.get_image_uri(i)).endswith((".nii.gz", ".nii"))]
         if not candidates:
             return {}
         holder = str(request.get("client_id") or "anonymous")

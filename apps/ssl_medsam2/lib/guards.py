@@ -196,21 +196,30 @@ def check_inside(folder: str | os.PathLike, path: str | os.PathLike | None, what
         raise reject(409, f"{what} is a link to a folder; the server will not write or delete through it")
 
 
-def clean_stale(scratch_root: Path, studies: str | os.PathLike | None) -> dict[str, int]:
+def clean_stale(scratch_root: Path, studies: str | os.PathLike | None, before: float) -> dict[str, int]:
     """At server start: remove what a killed server left behind (per-request scratch folders, and the
-    temp files of interrupted atomic datastore writes). Only the server process may call this: child
-    processes start while the server's requests are in flight."""
+    temp files of interrupted atomic datastore writes), older than ``before`` (this process's start,
+    so nothing this server is writing). Only the server process may call this: child processes start
+    while the server's requests are in flight."""
     removed = {"scratch": 0, "datastore_temp": 0}
+
+    def old(p: Path) -> bool:
+        try:
+            return p.lstat().st_mtime < before
+        except OSError:
+            return False
+
     if scratch_root.is_dir():
         for p in scratch_root.glob("req_*"):
-            shutil.rmtree(p, ignore_errors=True)
-            removed["scratch"] += 1
+            if old(p):
+                shutil.rmtree(p, ignore_errors=True)
+                removed["scratch"] += 1
     if studies and os.path.isdir(studies):
         for p in Path(studies).iterdir():
             n = p.name
             stale = (n.startswith(".datastore_v2.json.") and n != ".datastore_v2.json.last_good") \
                 or n.startswith("..datastore_v2.json.last_good.")
-            if stale and p.is_file() and not p.is_symlink():
+            if stale and p.is_file() and not p.is_symlink() and old(p):
                 p.unlink(missing_ok=True)
                 removed["datastore_temp"] += 1
     return removed

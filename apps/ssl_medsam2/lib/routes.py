@@ -5,8 +5,12 @@ gets a 4xx with a reason that names no server path and changes nothing. Identity
 when auth is on. Uploads never replace an existing image unless the request says ``overwrite=true``;
 then labels that no longer fit its grid are removed (the others kept). Saved labels are checked
 against their image (grid and label set), record who saved them and when, and a final save ends the
-image's lease. Extra routes under ``/ssl_medsam2/``: model versions and rollback, leases.
-``monailabel_085.install_server_routes`` puts these routes in front of MONAI Label's own.
+image's lease. Params are checked against ``schemas.py`` before any task starts. Files in the
+studies folder are never reached through a link that leaves it. MONAI Label routes the product does
+not need are switched off here (model upload / delete, whole-slide infer, the DICOMweb proxy on a
+local folder); sessions are replaced (no archive is unpacked). Extra routes under ``/ssl_medsam2/``:
+model versions and rollback, leases. ``monailabel_085.install_server_routes`` puts these routes in
+front of MONAI Label's own (docs/security.md lists every upstream route and what happens to it).
 """
 
 import filecmp
