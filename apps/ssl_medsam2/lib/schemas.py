@@ -57,16 +57,17 @@ def boolean(key, value):
         _fail(key, "true or false", value)
 
 
-def int_list(max_len: int = 10_000, depth: int = 1) -> Check:
-    """A list of integers (depth 1) or of integer lists (depth 2: click points)."""
+def scalar_list(max_len: int = 10_000, depth: int = 1) -> Check:
+    """A list of numbers or names (depth 1: OHIF's label_prompt) or of such lists (depth 2: click
+    points); the app's tasks do not use them, clients send them, so only their shape is bounded."""
     def check(key, value):
         if not isinstance(value, list) or len(value) > max_len:
             _fail(key, f"a list of at most {max_len} items", value)
         for v in value:
             if depth > 1:
-                int_list(16, depth - 1)(key, v)
-            elif isinstance(v, bool) or not isinstance(v, int):
-                _fail(key, "a list of integers", value)
+                scalar_list(16, depth - 1)(key, v)
+            elif isinstance(v, bool) or not isinstance(v, (int, float, str)) or (isinstance(v, str) and len(v) > 100):
+                _fail(key, "a list of numbers or names", value)
     return check
 
 
@@ -81,7 +82,7 @@ CLIENT = {"client_id": optional(text()), "user": optional(text())}
 INFER = {**CLIENT, "top_k": integer(0, 10_000),
          "result_extension": one_of(*SINGLE_FILE, *(e.lstrip(".") for e in SINGLE_FILE)),
          "result_dtype": one_of(*RESULT_DTYPES), "result_compress": boolean, "restore_label_idx": boolean,
-         "label_prompt": int_list(), "foreground": int_list(1000, 2), "background": int_list(1000, 2),
+         "label_prompt": scalar_list(), "foreground": scalar_list(1000, 2), "background": scalar_list(1000, 2),
          "label_info": any_json}
 STRATEGY = {**CLIENT, "seed": optional(integer(0, 2**63 - 1))}
 SCORING = dict(CLIENT)
