@@ -206,7 +206,10 @@ def test_leases_different_images_and_saved_label_records_user(server):
     a, b = ask("alice"), ask("bob")
     assert a == "chaos_03"  # the only scored image is the most uncertain one
     assert a != b
-    assert ask("alice") == a  # her lease holds and is renewed
+    again = ask("alice")  # asking again is a skip: the next free image, her lease moves with her
+    assert again not in (a, b)
+    assert a not in requests.get(f"{url}/ssl_medsam2/leases", timeout=30).json()
+    assert ask("alice") == a  # and again: the most uncertain image, free once more, is hers again
     leases = requests.get(f"{url}/ssl_medsam2/leases", timeout=30).json()
     assert leases[a]["holder"] == "alice" and leases[b]["holder"] == "bob"
     r = requests.put(f"{url}/datastore/label", params={"image": a, "tag": "final"},
