@@ -83,6 +83,7 @@ INFER = {**CLIENT, "top_k": integer(0, 10_000),
          "result_extension": one_of(*SINGLE_FILE, *(e.lstrip(".") for e in SINGLE_FILE)),
          "result_dtype": one_of(*RESULT_DTYPES), "result_compress": boolean, "restore_label_idx": boolean,
          "label_prompt": scalar_list(), "foreground": scalar_list(1000, 2), "background": scalar_list(1000, 2),
+         "points": scalar_list(1000, 2), "point_labels": scalar_list(1000),
          "label_info": any_json}
 STRATEGY = {**CLIENT, "seed": optional(integer(0, 2**63 - 1))}
 SCORING = dict(CLIENT)
