@@ -266,22 +266,24 @@ def build_router(app) -> APIRouter:
         return ws.datastore.get_label_info(label, tag)
 
     @r.put("/datastore/label/info", summary="Update label info (checked)")
-    def update_label_info(label: str, tag: str, info: str = Form("{}"), user: User = Depends(RBAC(ANNOTATOR))):
-        return _update_label_info(label, tag, info, user)
+    def update_label_info(request: Request, label: str, tag: str, info: str = Form("{}"),
+                          user: User = Depends(RBAC(ANNOTATOR))):
+        return _update_label_info(label, tag, info, user, request)
 
     @r.put("/datastore/updatelabelinfo", summary="Update label info (deprecated alias, checked)",
            include_in_schema=False)
-    def update_label_info_alias(label: str, tag: str, params: str = Form("{}"), user: User = Depends(RBAC(ANNOTATOR))):
+    def update_label_info_alias(request: Request, label: str, tag: str, params: str = Form("{}"),
+                                user: User = Depends(RBAC(ANNOTATOR))):
         """Upstream's alias reads the form field ``params`` (MONAI Label Reviewer sends it), not ``info``."""
-        return _update_label_info(label, tag, params, user)
+        return _update_label_info(label, tag, params, user, request)
 
-    def _update_label_info(label: str, tag: str, info: str, user: Optional[User]):
+    def _update_label_info(label: str, tag: str, info: str, user: Optional[User], request: Request):
         check_image_id(label, "label")
         check_tag(tag)
         if not ws.datastore.get_label_uri(label, tag):
             raise reject(404, f"image '{label}' has no label with tag '{tag}'")
         fields = parse_params(info, "info")
-        fields["user"] = who(fields, user)[0]
+        fields["user"] = who(fields, user, request)[0]
         return ds_ep.update_label_info(label, tag, json.dumps(fields))
 
     # ---------------------------------------------------------------- images
@@ -351,10 +353,10 @@ def build_router(app) -> APIRouter:
         return ws.datastore.get_image_info(image)
 
     @r.put("/datastore/image/info", summary="Update image info (checked)")
-    def update_image_info(image: str, info: str = Form("{}"), user: User = Depends(RBAC(ANNOTATOR))):
+    def update_image_info(request: Request, image: str, info: str = Form("{}"), user: User = Depends(RBAC(ANNOTATOR))):
         check_image_id(image)
         fields = parse_params(info, "info")
-        fields["user"] = who(fields, user)[0]
+        fields["user"] = who(fields, user, request)[0]
         return ds_ep.update_image_info(image, json.dumps(fields))
 
     @r.delete("/datastore/", summary="Remove an image and its labels (deprecated alias, checked)",
