@@ -89,6 +89,42 @@ def test_gate_case_choice_and_decision():
     assert not bad.deploy and "round 2 NOT deployed" in bad.message and "keeping round 1" in bad.message
     assert gate.decide(2, 0.68, 1, 0.70, tolerance=0.05).deploy
     assert gate.decide(1, 0.1, 0, None).deploy  # no gate score: deployed, as without a gate
+    # rotation over the person-made cases; an unchanged pseudo label (0 voxels edited) never gates
+    assert gate.pick_gate_cases(["a", "b", "c"], _ncfg(), turn=1)[0] == ["b"]
+    assert gate.pick_gate_cases(["a", "b", "c"], _ncfg(), turn=3)[0] == ["c"]
+    cases, why = gate.pick_gate_cases(["a", "b", "c"], _ncfg(), {"c": 0, "a": 12}, turn=0)
+    assert cases == ["b"] and "not c: saved unchanged" in why and "turn 0 of the 2 person-made" in why
+    assert gate.pick_gate_cases(["a", "b", "c"], _ncfg(), {"c": 0, "a": 12}, turn=1)[0] == ["a"]
+    cases, why = gate.pick_gate_cases(["a", "b"], _ncfg(), {"a": 0, "b": 0})
+    assert cases == [] and "quality gate off: 0 of 2 labelled case(s) were made or edited by a person" in why
+
+
+def test_gate_never_scores_a_label_saved_unchanged_from_its_pseudo_label(chaos_dir, tmp_path, caplog):
+    """The last labelled case by name (chaos_02) was saved unchanged from its stored pseudo label: the gate
+    takes the person-made chaos_01 instead, says why in the log, and round 0 is scored on chaos_01 (the
+    atlas from chaos_02 alone), not the ~1.0 an engine scores against its own output."""
+    tiny = make_tiny_chaos(chaos_dir, tmp_path / "tiny", n_cases=3, n_labelled=2)
+    root, work = tiny["root"], tmp_path / "work"
+    made, saved_unchanged = tiny["labelled"]
+    stored = tmp_path / "stored_pseudo"
+    stored.mkdir()
+    shutil.copyfile(root / "labels" / f"{saved_unchanged}.nii.gz", stored / f"{saved_unchanged}.nii.gz")
+    cfg = load_config(overrides=TINY_SCHEDULE + ["nnunet.quality_gate=holdout", "nnunet.max_rounds=0",
+                                                 "protocol.engine=atlas", "atlas.demons_iterations=[20,10]",
+                                                 "atlas.demons_shrink=[2,1]"])
+    with caplog.at_level(logging.INFO, logger="ssl_medsam2"):
+        state = run_ssl(root / "images", root / "labels", work, cfg, show_progress=False,
+                        pseudo_labels_dir=root / "pseudo",
+                        label_origins={saved_unchanged: [stored / f"{saved_unchanged}.nii.gz"]})
+    assert state["gate"]["cases"] == [made]
+    why = state["gate"]["why"]
+    assert f"not {saved_unchanged}: saved unchanged" in why and f"{made}: no stored pseudo label" in why
+    assert any(why in r.getMessage() for r in caplog.records)
+    r0 = json.loads((RunLayout(work).round(0) / "summaries" / f"{made}.json").read_text())
+    assert r0["supports"] == [saved_unchanged]
+    assert 0 < state["deployed"]["gate_dice"] < 0.99
+    # round 0 is deployed from the start: final.json says so (predict serves it)
+    assert RunLayout(work).read_final()["round"] == 0 and "no nnU-Net round has finished" in state["final"]["note"]
 
 
 # --- integration on tiny real CHAOS ------------------------------------------------------------------

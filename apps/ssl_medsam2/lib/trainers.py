@@ -101,6 +101,19 @@ class SSLNnUNetTrain(TrainTask):
                 link_or_copy(p, pseudo / _nifti_name(i, p))
         return images, labels, pseudo if use_pseudo else None, final
 
+    def _label_origins(self, final: dict, datastore) -> dict[str, list[str]]:
+        """The stored pseudo labels a final label may have been saved from (the pseudo tag's label and the
+        few-shot infer output of that image): a final label identical to one of them never gates."""
+        from ssl_medsam2.io import case_name
+
+        out: dict[str, list[str]] = {}
+        for i, (img, lab) in final.items():
+            cands = [datastore.get_label_uri(i, self.ws.pseudo_tag), str(self.ws.fewshot_dir / "labels" / f"{i}.nii.gz")]
+            paths = [p for p in cands if p and os.path.exists(p)]
+            if paths:
+                out[case_name(_nifti_name(i, img))] = paths
+        return out
+
     def _dice_on_labelled(self, model_dir: str, final: dict) -> float | None:
         from ssl_medsam2.nnunet.predict import NnUNetModel
 
@@ -148,8 +161,10 @@ class SSLNnUNetTrain(TrainTask):
 
         try:
             rounds = RunLayout(work / "rounds")
+            # the gate rotates over the person-made labels from one version to the next (none lost for good)
             state = run_ssl(images, labels, rounds.work, cfg, pseudo_labels_dir=pseudo, progress=progress,
-                            show_progress=False)
+                            show_progress=False, label_origins=self._label_origins(final, datastore),
+                            gate_turn=int(version.lstrip("v")) - 1)
             final_json = rounds.read_final()
             model_dir = rounds.deployed_model_dir()
             gate = {"deployed_round": final_json.get("round"), "gate_dice": final_json.get("gate_dice"),

@@ -32,8 +32,9 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     if layout.state_path.exists() or layout.final_path.exists():
         final = layout.read_final()
         if final is None:
-            raise InputError(path, "this run has not finished a round yet (final.json is written after each "
-                                   "round); wait for round 1, or pass a model folder")
+            raise InputError(path, "nothing of this run is deployed yet (final.json is written once round 0's "
+                                   "few-shot pseudo labels are done, then after each round); wait, or pass a "
+                                   "model folder")
         if layout.deployed_model_dir() is None:
             raise InputError(path, f"round 0 is deployed: {final.get('warning') or final.get('note')}")
         path = layout.deployed_model_dir()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -88,7 +88,8 @@ def _schedule_hook(state: dict, layout: RunLayout, settings: NnUNetSettings):
 
 
 def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
-            progress: ProgressFn | None = None, engine=None, show_progress: bool = True, executor=None) -> dict:
+            progress: ProgressFn | None = None, engine=None, show_progress: bool = True, executor=None,
+            label_origins: Mapping[str, Sequence[Path]] | None = None, gate_turn: int = 0) -> dict:
     """The whole SSL-MedSAM2 pipeline on a folder; resumable. Returns the final state dict.
 
     ``images_dir``: every volume (nnU-Net names like ``case_0000.nii.gz`` work); ``labels_dir``:
@@ -98,6 +99,9 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
     ``progress`` gets every event (stage, round, epoch, ...); ``show_progress`` draws the console line.
     ``executor``: where round 0's few-shot cases and each round's predictions run (default: the one the
     config names, :func:`ssl_medsam2.cluster.executor_for`).
+    ``label_origins``: labelled case -> stored pseudo label(s) its label may have been saved from (the
+    labelled cases' files in ``pseudo_labels_dir`` count too); a label identical to one never gates.
+    ``gate_turn``: which person-made labelled case gates (rotate it between trainings, :mod:`.gate`).
     """
     if executor is None:
         from ..cluster import executor_for
@@ -118,7 +122,15 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
         load_label_for(load_volume(images[n], name=n), p)
     unlabelled = sorted(set(images) - set(labels))
     classes = _classes(cfg, labels)
-    gate, gate_why = gate_mod.pick_gate_cases(sorted(labels), settings)
+    origins = {n: list(v) for n, v in (label_origins or {}).items()}
+    if pseudo_labels_dir is not None:
+        given = Path(pseudo_labels_dir) / "labels" if (Path(pseudo_labels_dir) / "labels").is_dir() \
+            else Path(pseudo_labels_dir)
+        for n, p in list_volumes(given).items():
+            if n in labels:
+                origins.setdefault(n, []).append(p)
+    edits = gate_mod.unchanged_pseudo_labels(images, labels, origins) if settings.gate_mode != "off" else {}
+    gate, gate_why = gate_mod.pick_gate_cases(sorted(labels), settings, edits, gate_turn)
     if engine is None and pseudo_labels_dir is None and unlabelled + gate:
         from ..engines import with_engine_chosen
 
@@ -153,6 +165,7 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
             state["deployed"] = {"round": 0, "gate_dice": None if s0 is None else s0["dice"],
                                  "message": "round 0 (few-shot pseudo labels)"
                                  + ("" if s0 is None else f": held-out gate Dice {s0['dice']:.4f}")}
+            runstate.write_final(layout, state)  # round 0 is deployed: `predict` serves it from now on
             runstate.save(layout, state)
 
         history = layout.finished_rounds(state["max_rounds"])  # rounds finished by an earlier run

@@ -71,9 +71,12 @@ def write_final(layout: RunLayout, state: dict) -> dict:
         "message": dep.get("message"),
         "warning": rejected[0].get("gate_message") if rejected else None,
     }
-    if k == 0:
+    if k == 0 and rejected:
         final["note"] = ("no nnU-Net round beat the few-shot round 0 on the held-out gate case: the deployed "
                          "'model' is the few-shot engine with the labelled cases as supports")
+    elif k == 0:
+        final["note"] = ("round 0 is deployed (no nnU-Net round has finished yet): the deployed 'model' is the "
+                         "few-shot engine with the labelled cases as supports")
     write_text_atomic(json.dumps(final, indent=2), layout.final_path)
     state["final"] = final
     return final
