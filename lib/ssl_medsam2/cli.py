@@ -7,10 +7,14 @@ Common options: ``--config`` (a YAML in configs/ or a path) and ``--set key.sub=
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import logging
+import shlex
+import signal
 import sys
+import threading
 
 from . import __version__
 from . import config as config_mod
@@ -156,8 +160,9 @@ def _run_run(args) -> int:
     cfg = _load_cfg(args, {"engine": "protocol.engine", "max_rounds": "nnunet.max_rounds",
                            "configuration": "nnunet.configuration", "device": "nnunet.device",
                            "schedule": "nnunet.schedule"})
-    state = run_ssl(args.images, args.labels, args.work, cfg, pseudo_labels_dir=args.pseudo_labels,
-                    executor=executor_for(cfg))
+    with ctrl_c_for_this_process_only():
+        state = run_ssl(args.images, args.labels, args.work, cfg, pseudo_labels_dir=args.pseudo_labels,
+                        executor=executor_for(cfg))
     for r in state["rounds"]:
         print(json.dumps(r))
     final = state.get("final", {})  # a quality-gate refusal: run_ssl logged it framed; stop_reason repeats it
@@ -248,6 +253,39 @@ def _run_serve(args) -> int:
     return 0  # not reached: serve() becomes the server process
 
 
+# --- Ctrl-C ---------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def ctrl_c_for_this_process_only():
+    """Ctrl-C reaches the whole foreground process group: nnU-Net's augmentation and preprocessing workers
+    would each die with a traceback (and the trainer then with "background workers are no longer alive").
+    A child inherits the signal mask of the thread that starts it, so SIGINT is blocked in this (main)
+    thread while the work runs, and one idle thread started *before* that keeps it open: the signal lands
+    there and Python raises KeyboardInterrupt in the main thread as usual, while every worker is born deaf
+    to it (the pools and loaders are then stopped by their owners, quietly)."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    done = threading.Event()
+    threading.Thread(target=done.wait, name="ctrl-c", daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        done.set()
+
+
+def _stopped_line(args, argv: list[str]) -> str:
+    """The one line after Ctrl-C: what is kept and the command that goes on from there."""
+    again = "ssl-medsam2 " + shlex.join(argv)
+    if args.command != "run":
+        return f"ssl-medsam2 {args.command}: stopped (Ctrl-C); finished outputs are kept; run it again: {again}"
+    from .nnunet.runstate import describe_kept
+
+    return f"ssl-medsam2 run: stopped (Ctrl-C); kept: {describe_kept(args.work)}; resume with: {again}"
+
+
 # --- main -----------------------------------------------------------------------------------------
 
 #: (what a command does, what it takes); the command's name is the first one's without ``_run_``
@@ -268,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -278,6 +317,9 @@ def main(argv=None) -> int:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"ssl-medsam2 {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\n" + _stopped_line(args, argv), file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

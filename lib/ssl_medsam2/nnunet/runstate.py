@@ -81,3 +81,44 @@ def write_final(layout: RunLayout, state: dict) -> dict:
     state["final"] = final
     return final
 
+
+
+def describe_kept(work) -> str:
+    """What a stopped run keeps, in words (the line after Ctrl-C): finished rounds, and how far the round in
+    progress got (preprocessing, the epoch of its checkpoint, predicted cases)."""
+    layout = RunLayout(work)
+    if not layout.state_path.exists():
+        return "nothing yet (stopped before round 0 started)"
+    state = json.loads(layout.state_path.read_text())
+    n0 = len(list(layout.labels(0).glob("*.nii.gz"))) if layout.labels(0).is_dir() else 0
+    parts = ["round 0 (few-shot pseudo labels)" if state["round0"]["done"]
+             else f"round 0: {n0} pseudo label(s) of {len(state['unlabelled']) + len(state['gate']['cases'])}"]
+    finished = layout.finished_rounds()
+    if finished:
+        parts.append(f"round(s) 1-{len(finished)}" if len(finished) > 1 else "round 1")
+    k = len(finished) + 1
+    if state["round0"]["done"] and layout.round(k).exists():
+        parts.append(_round_in_progress(layout, k))
+    deployed = (state.get("deployed") or {}).get("round")
+    return ", ".join(p for p in parts if p) + ("" if deployed is None else f" (deployed: round {deployed})")
+
+
+def _round_in_progress(layout: RunLayout, k: int) -> str:
+    if layout.model(k).exists():
+        n = len(list((layout.round(k) / "labels").glob("*.nii.gz"))) if (layout.round(k) / "labels").is_dir() else 0
+        return f"round {k}'s trained model and {n} prediction(s)"
+    latest = sorted(layout.nnunet_root(k).rglob("checkpoint_latest.pth")) if layout.nnunet_root(k).exists() else []
+    if latest:
+        try:
+            import torch
+
+            c = torch.load(str(latest[0]), map_location="cpu", weights_only=False)
+            partial = c.get("ssl_partial_epoch") or {}
+            its = len(partial.get("train_losses", []))
+            return (f"round {k}'s training checkpoint (epoch {int(c['current_epoch']) + (1 if its else 0)}"
+                    + (f", {its} iterations into it" if its else " done") + ")")
+        except Exception:
+            return f"round {k}'s training checkpoint"
+    if (layout.nnunet_root(k) / "prepared.json").exists():
+        return f"round {k}'s export + preprocessing"
+    return ""

@@ -227,8 +227,9 @@ def _train_in_process(settings: NnUNetSettings, device, init_checkpoint, progres
         trainer.initialize()
         if resume_from is not None:
             trainer.load_checkpoint(str(resume_from))  # what nnUNetv2_train --c does
-            log.info("resuming training from %s at epoch %d/%d", resume_from, trainer.current_epoch,
-                     trainer.num_epochs)
+            done = getattr(trainer, "resumed_iterations", 0)
+            log.info("resuming training from %s at epoch %d/%d%s", resume_from, trainer.current_epoch,
+                     trainer.num_epochs, f", iteration {done}/{trainer.num_iterations_per_epoch}" if done else "")
         elif init_checkpoint is not None:
             state = torch.load(str(init_checkpoint), map_location="cpu", weights_only=False)["network_weights"]
             net = trainer.network.module if hasattr(trainer.network, "module") else trainer.network

@@ -14,6 +14,7 @@ is on ``nnUNet_extTrainer``.
 import os
 import re
 
+import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -42,10 +43,75 @@ class nnUNetTrainerSSL(nnUNetTrainer):
         # called as epoch_callback(trainer) after every epoch (progress bars, MONAI Label train_stats)
         self.epoch_callback = None
 
+        # losses of the iterations an interrupted epoch already ran (from checkpoint_latest.pth)
+        self._resume_outputs = []
+
     def on_epoch_end(self):
         super().on_epoch_end()
         if self.epoch_callback is not None:
             self.epoch_callback(self)
+
+    def run_training(self):
+        """nnU-Net's loop, plus: Ctrl-C saves ``checkpoint_latest.pth`` *inside* the epoch (weights, optimizer,
+        iterations done), so a stop loses the iteration in progress, not the epoch; a resumed epoch runs only
+        the iterations it had left."""
+        self.on_train_start()
+        try:
+            for _ in range(self.current_epoch, self.num_epochs):
+                self.on_epoch_start()
+                self.on_train_epoch_start()
+                train_outputs, self._resume_outputs = list(self._resume_outputs), []
+                try:
+                    while len(train_outputs) < self.num_iterations_per_epoch:
+                        train_outputs.append(self.train_step(next(self.dataloader_train)))
+                except KeyboardInterrupt:
+                    self.save_mid_epoch(train_outputs)
+                    raise
+                self.on_train_epoch_end(train_outputs)
+                with torch.no_grad():
+                    self.on_validation_epoch_start()
+                    val_outputs = [self.validation_step(next(self.dataloader_val))
+                                   for _ in range(self.num_val_iterations_per_epoch)]
+                    self.on_validation_epoch_end(val_outputs)
+                self.on_epoch_end()
+        except BaseException:
+            for dl in (getattr(self, "dataloader_train", None), getattr(self, "dataloader_val", None)):
+                if hasattr(dl, "_finish"):  # stop the augmentation workers quietly (no "workers died" error)
+                    dl._finish()
+            raise
+        self.on_train_end()
+
+    def save_mid_epoch(self, train_outputs) -> None:
+        """``checkpoint_latest.pth`` of the epoch in progress: this epoch again, from iteration len(outputs)."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return
+        path = os.path.join(self.output_folder, "checkpoint_latest.pth")
+        tmp = path + ".partial"
+        self.current_epoch -= 1  # nnU-Net stores current_epoch + 1 (the next epoch): the one in progress
+        try:
+            self.save_checkpoint(tmp)
+        finally:
+            self.current_epoch += 1
+        ckpt = torch.load(tmp, map_location="cpu", weights_only=False)
+        ckpt["ssl_partial_epoch"] = {"epoch": self.current_epoch,
+                                     "train_losses": [float(np.asarray(o["loss"])) for o in train_outputs]}
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+        self.print_to_log_file(f"stopped in epoch {self.current_epoch} after {len(train_outputs)}/"
+                               f"{self.num_iterations_per_epoch} iterations: saved {path}")
+
+    def load_checkpoint(self, filename_or_checkpoint):
+        super().load_checkpoint(filename_or_checkpoint)
+        if isinstance(filename_or_checkpoint, str):
+            partial = torch.load(filename_or_checkpoint, map_location="cpu",
+                                 weights_only=False).get("ssl_partial_epoch")
+            if partial and int(partial["epoch"]) == self.current_epoch:
+                self._resume_outputs = [{"loss": np.asarray(v)} for v in partial["train_losses"]]
+
+    @property
+    def resumed_iterations(self) -> int:
+        """Iterations of the current epoch already done before a stop (0 at an epoch boundary)."""
+        return len(self._resume_outputs)
 
 
 def __getattr__(name):

@@ -1,0 +1,89 @@
+"""Ctrl-C during a real ``ssl-medsam2 run`` (a subprocess, SIGINT to its whole process group as a terminal
+sends it): one line that says what is kept and the command to resume, no traceback (nnU-Net's augmentation
+worker included), exit code 130; the checkpoint saved inside the epoch lets the same command go on from the
+iteration it stopped at; and ``predict`` on the stopped run serves round 0, which is deployed meanwhile.
+
+Tiny real CHAOS (tests/nnunet_helpers.py), 2d nnU-Net on CPU: mechanics only, never accuracy.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import REPO
+from nnunet_helpers import TINY_SCHEDULE, make_tiny_chaos
+from ssl_medsam2.nnunet.layout import RunLayout
+
+ITERATIONS = 400  # one epoch long enough to be stopped in the middle (tens of seconds on a CPU)
+
+
+def _cmd(root, work, *extra):
+    sets = [a for o in TINY_SCHEDULE + ["nnunet.epochs=2", f"nnunet.iterations_per_epoch={ITERATIONS}",
+                                        "nnunet.num_workers=1", "nnunet.max_rounds=1", *extra] for a in ("--set", o)]
+    return [sys.executable, "-m", "ssl_medsam2.cli", "run", "--images", str(root / "images"), "--labels",
+            str(root / "labels"), "--work", str(work), "--pseudo-labels", str(root / "pseudo"), *sets]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "lib"), os.environ.get("PYTHONPATH", "")])}
+
+
+def _wait_for(pred, timeout, proc):
+    t = time.time()
+    while time.time() - t < timeout:
+        if pred():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.2)
+    return False
+
+
+def test_ctrl_c_says_one_line_and_the_same_command_resumes_inside_the_epoch(chaos_dir, tmp_path):
+    tiny = make_tiny_chaos(chaos_dir, tmp_path / "tiny")
+    root, work = tiny["root"], tmp_path / "work"
+    layout = RunLayout(work)
+    cmd = _cmd(root, work)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            start_new_session=True)
+    try:
+        # the first epoch's checkpoint_latest.pth: training is in epoch 2 now; stop a few seconds into it
+        assert _wait_for(lambda: any(layout.nnunet_root(1).rglob("checkpoint_latest.pth")), 600, proc), \
+            proc.communicate()[1][-3000:]
+        time.sleep(3)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in out + err and "background workers" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if "stopped (Ctrl-C)" in ln]
+    assert len(lines) == 1, err[-3000:]
+    line = lines[0]
+    assert line.startswith("ssl-medsam2 run: stopped (Ctrl-C); kept: round 0 (few-shot pseudo labels), "
+                           "round 1's training checkpoint (epoch 2, "), line
+    assert "resume with: ssl-medsam2 run --images " in line and f"--work {work}" in line
+    assert not layout.model(1).exists()
+
+    # meanwhile round 0 is deployed: predict serves it (given pseudo labels: it says there is no model)
+    new = tmp_path / "new"
+    new.mkdir()
+    shutil.copyfile(root / "images" / f"{tiny['unlabelled'][0]}_0000.nii.gz", new / "q_0000.nii.gz")
+    res = subprocess.run([sys.executable, "-m", "ssl_medsam2.cli", "predict", "--model", str(work), "--images",
+                          str(new), "--out", str(tmp_path / "pred")], capture_output=True, text=True, env=_env())
+    assert res.returncode == 2 and "round 0 is deployed" in res.stderr and "not finished" not in res.stderr
+
+    # the same command goes on inside epoch 2, from the iteration it stopped at
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = [ln for ln in res.stderr.splitlines() if "resuming training from" in ln]
+    assert len(resumed) == 1 and "at epoch 1/2, iteration " in resumed[0], res.stderr[-3000:]
+    done = int(resumed[0].split("iteration ")[1].split("/")[0])
+    assert 0 < done < ITERATIONS
+    assert layout.read_final()["round"] == 1 and (layout.model(1) / "fold_all" / "checkpoint_final.pth").exists()
