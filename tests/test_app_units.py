@@ -137,6 +137,22 @@ def test_app_without_sam2_weights_lists_task_unavailable_with_reason(small_chaos
     info = app.info()
     assert "sam2_fewshot" not in info["models"]
     assert str(missing) in info["unavailable_models"]["sam2_fewshot"]
+    from lib.guards import public
+
+    # complete reasons in the server's own terms, and what a client's 503 keeps of them
+    sam2 = info["unavailable_models"]["sam2_fewshot"]
+    assert "--conf sam2.checkpoint" in sam2 and "atlas_fewshot" in sam2 and "--checkpoint PATH" not in sam2
+    assert "'MedSAM2_latest.pt' is not at the path sam2.checkpoint names (MedSAM2_latest.pt" in public(sam2)
+    assert any(str(missing) in w for w in info["ssl_medsam2"]["startup_warnings"])  # said at start
+    nnunet = info["unavailable_models"]["nnunet"]
+    assert "train one with POST /train/ssl_nnunet" in public(nnunet)
+    # after a training the quality gate refused, the reason says so (read anew, not frozen at start)
+    warning = "QUALITY GATE: round 1 NOT deployed: held-out gate Dice 0.41 < round 0's 0.80"
+    app.workspace.registry.add({"id": "v001", "model_dir": None, "round": 0,
+                                "quality_gate": {"deployed_round": 0, "warning": warning}}, promote=False)
+    nnunet = public(app.info()["unavailable_models"]["nnunet"])
+    assert "the last training (v001, round 0) was not promoted: " + warning in nnunet
+    assert nnunet.endswith("train again after more labels (POST /train/ssl_nnunet)")
     assert "atlas_fewshot" in info["models"] and "ssl_nnunet" in info["trainers"]  # the rest works
     assert info["datastore"] == {"total": 8, "completed": 1, "label_tags": {"final": 1}}
     assert (tmp_path / "studies" / ".ssl_medsam2").is_dir()
@@ -158,6 +174,8 @@ def test_guards_names_params_and_public_reasons():
             parse_params(bad)
     assert public("/tmp/x/ssl_medsam2_upload_1.nii.gz: unreadable") == "ssl_medsam2_upload_1.nii.gz: unreadable"
     assert public("see http://127.0.0.1:8000/datastore/image") == "see http://127.0.0.1:8000/datastore/image"
+    assert public("run POST /train/ssl_nnunet now") == "run POST /train/ssl_nnunet now"  # a route, not a file
+    assert public("at /tmp/train/x.pt and /train/ssl_nnunet") == "at x.pt and /train/ssl_nnunet"
 
 
 def test_lease_book_one_image_per_holder_and_anonymous_limit(tmp_path):

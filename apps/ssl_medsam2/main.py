@@ -42,6 +42,12 @@ class SSLMedSAM2App(MONAILabelApp):
                          description="Semi-supervised 3D segmentation: few-shot SAM2 pseudo labels + nnU-Net rounds",
                          version="1.0")
         ws = self.workspace
+        # a model that cannot work (a --conf sam2.checkpoint file that is not there) is said at start, not at
+        # the first request: in the log and in /info
+        self.startup_warnings = [f"{k} unavailable: {r}" for k, t in self.infer_tasks.items()
+                                 if isinstance(t, FewShotInfer) for ok, r in [t.availability()] if not ok]
+        for w in self.startup_warnings:
+            log.warning("%s", w)
         monailabel_085.set_auto_update_scoring(self, ws.app.auto_update_scoring)
         self.retrain = RetrainScheduler(ws.state_dir / "retrain.json", ws.app.retrain_after_labels,
                                         ws.app.retrain_debounce_s,
@@ -100,6 +106,7 @@ class SSLMedSAM2App(MONAILabelApp):
                                "pseudo_tag": self.workspace.pseudo_tag,
                                "lease_hours": self.workspace.leases.ttl_s / 3600,
                                "datastore_recovery": self.datastore_recovery,
+                               "startup_warnings": getattr(self, "startup_warnings", []),
                                "retrain": self.retrain.state() if hasattr(self, "retrain") else None}
         return meta
 

@@ -26,9 +26,23 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")  # whole string (fullmatc
 _ABS_PATH = re.compile(r"(?<![\w.:/])(?:[A-Za-z]:)?(?:[/\\][^\s'\"`,;()\[\]{}<>/\\]+){2,}[/\\]?")
 
 
+#: first components of the server's REST routes: "POST /train/ssl_nnunet" in a reason is advice, not a file
+ROUTE_ROOTS = frozenset({"activelearning", "batch", "datastore", "infer", "info", "logs", "model", "ohif", "proxy",
+                         "scoring", "session", "ssl_medsam2", "train", "wsi"})
+
+
+def _scrubbed(match: re.Match) -> str:
+    path = match.group(0)
+    first = path[1:].split("/", 1)[0]
+    if path.startswith("/") and first in ROUTE_ROOTS and not Path("/" + first).exists():
+        return path  # a route of this server (no such folder here), kept word for word
+    return Path(path.rstrip("/\\")).name or "<path>"
+
+
 def public(text: str) -> str:
-    """``text`` with every absolute path reduced to its last component (reasons shown to clients)."""
-    return _ABS_PATH.sub(lambda m: Path(m.group(0).rstrip("/\\")).name or "<path>", str(text))
+    """``text`` with every absolute path reduced to its last component (reasons shown to clients); the
+    server's own routes (``/train/ssl_nnunet``) stay as they are."""
+    return _ABS_PATH.sub(_scrubbed, str(text))
 
 
 def reject(code: int, detail: str) -> HTTPException:

@@ -95,6 +95,16 @@ def _uncertainty(ws: Workspace, entropy: np.ndarray, label: np.ndarray, classes)
     return strategies.uncertainty_score(entropy, label, classes, ProtocolSettings.from_config(ws.cfg).boundary_band)
 
 
+def sam2_missing_reason(missing: dict) -> str:
+    """Why SAM2 is unavailable, in the server's terms (its --conf, its other models). The full path stays in
+    the server's own log and /info; a client's 503 shows the file name only."""
+    return (f"SAM2 checkpoint file '{missing['file']}' is not at the path sam2.checkpoint names "
+            f"({missing['path']}, also in the server log at start)"
+            + (f"; download it from {missing['url']}" if missing["url"] else "")
+            + "; put it there, or restart the server with --conf sam2.checkpoint <path to the file>. Meanwhile "
+              "the atlas_fewshot model makes few-shot pseudo labels without any weights")
+
+
 class FewShotInfer(InferTask):
     """Few-shot pseudo label of one image; supports = datastore images with final labels."""
 
@@ -112,11 +122,11 @@ class FewShotInfer(InferTask):
         """(available, reason): SAM2 needs weights (or sam2.checkpoint=none for tests); both need the engine."""
         try:
             if self.engine_name in ("sam2", "ensemble"):
-                from ssl_medsam2.engines.sam2_model import checkpoint_status
+                from ssl_medsam2.engines.sam2_model import missing_checkpoint
 
-                ok, reason = checkpoint_status(self.ws.cfg)
-                if not ok:
-                    return False, reason
+                missing = missing_checkpoint(self.ws.cfg)
+                if missing:
+                    return False, sam2_missing_reason(missing)
         except Exception as exc:  # an import problem must show in /info, not crash the app
             return False, f"{type(exc).__name__}: {exc}"
         return True, "ok"
@@ -191,9 +201,24 @@ class NnUNetInfer(InferTask):
         self._lock = threading.Lock()
 
     def availability(self) -> tuple[bool, str]:
-        if not self.ws.registry.current_model_dir():
-            return False, "no trained model yet: run POST /train/ssl_nnunet"
-        return True, "ok"
+        """(available, reason); the reason is read from the registry on every call, so it stays current after
+        a training that was refused or a model folder that went missing."""
+        if self.ws.registry.current_model_dir():
+            return True, "ok"
+        state = self.ws.registry.state()
+        cur = self.ws.registry.current()
+        if cur is not None:
+            return False, (f"the deployed version {cur['id']} has no model folder on disk any more; roll back "
+                           f"(POST /ssl_medsam2/models/rollback) or train again (POST /train/ssl_nnunet)")
+        versions = state.get("versions") or []
+        if not versions:
+            return False, "no trained model yet: train one with POST /train/ssl_nnunet (the few-shot models work meanwhile)"
+        last = versions[-1]
+        gate = last.get("quality_gate") or {}
+        why = gate.get("warning") or gate.get("message") or "it was not better than the deployed one"
+        return False, (f"no nnU-Net version is deployed: the last training ({last['id']}, round "
+                       f"{last.get('round')}) was not promoted: {why}. The few-shot models serve meanwhile; "
+                       f"train again after more labels (POST /train/ssl_nnunet)")
 
     def is_valid(self) -> bool:
         return self.availability()[0]
@@ -204,7 +229,7 @@ class NnUNetInfer(InferTask):
         with self._lock:
             cur = self.ws.registry.current()
             if cur is None:
-                raise RuntimeError("no trained model yet: run POST /train/ssl_nnunet")
+                raise RuntimeError(self.availability()[1])
             if self._model is None or self._model_dir != cur["model_dir"]:
                 log.info("loading nnU-Net model %s (%s)", cur["id"], cur["model_dir"])
                 from ssl_medsam2.nnunet.settings import NnUNetSettings

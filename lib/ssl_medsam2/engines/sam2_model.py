@@ -98,8 +98,19 @@ def _missing_message(path: Path, spec: ModelSpec, url: str | None, why: str = ""
             f"For tests of the mechanics only: --checkpoint none runs RANDOM weights.")
 
 
+def missing_checkpoint(cfg: dict) -> dict | None:
+    """What is missing when the configured checkpoint file is not there: {"path", "file", "url"}; None when
+    weights are at hand (or random weights are asked for). A server words its own advice from this."""
+    settings = SAM2Settings.from_config(cfg)
+    spec = model_spec(settings.model)
+    path, _ = resolve_checkpoint(settings, spec)
+    if path is None or path.is_file():
+        return None
+    return {"path": path, "file": spec.checkpoint_file, "url": settings.url or spec.url}
+
+
 def checkpoint_status(cfg: dict) -> tuple[bool, str]:
-    """Whether real weights are available for the configured model, and why not (for /info)."""
+    """Whether real weights are available for the configured model, and why not (the CLI's wording)."""
     settings = SAM2Settings.from_config(cfg)
     try:
         spec = model_spec(settings.model)
