@@ -165,6 +165,36 @@ def test_run_stopped_mid_round_resumes_from_its_checkpoint(chaos_dir, tmp_path, 
     assert "Epoch 2" in log_text  # nnU-Net's own chatter went to its log
 
 
+def test_schedule_changed_on_a_resumed_run_applies_from_the_round_in_progress(chaos_dir, tmp_path, caplog):
+    """Stopped in round 1 (epoch 1 of 3), resumed with 2 epochs: accepted, the log says round 1's training
+    starts over with the new schedule, and the round trains 2 epochs from epoch 0."""
+    tiny = make_tiny_chaos(chaos_dir, tmp_path / "tiny")
+    root, work = tiny["root"], tiny["root"] / "work"
+    seen = []
+
+    def stop_after_first_epoch(ev):
+        if ev["stage"] == "train":
+            seen.append(("a", ev["epoch"], ev["total_epochs"]))
+            raise Stop("stopped during round 1, epoch 1 of 3")
+
+    cfg = load_config(overrides=TINY_SCHEDULE + ["nnunet.epochs=3", "nnunet.max_rounds=1"])
+    with pytest.raises(Stop):
+        run_ssl(root / "images", root / "labels", work, cfg, pseudo_labels_dir=root / "pseudo",
+                progress=stop_after_first_epoch, show_progress=False)
+    cfg = load_config(overrides=TINY_SCHEDULE + ["nnunet.epochs=2", "nnunet.max_rounds=1"])
+    with caplog.at_level(logging.INFO, logger="ssl_medsam2"):
+        state = run_ssl(root / "images", root / "labels", work, cfg, pseudo_labels_dir=root / "pseudo",
+                        progress=lambda ev: ev["stage"] == "train" and seen.append(("b", ev["epoch"],
+                                                                                     ev["total_epochs"])),
+                        show_progress=False)
+    assert seen == [("a", 1, 3), ("b", 1, 2), ("b", 2, 2)]
+    said = [r.getMessage() for r in caplog.records if "schedule changed on resume" in r.getMessage()]
+    assert len(said) == 1 and "epochs: 3 -> 2" in said[0] and "round 1's training starts over from epoch 0" in said[0]
+    assert state["schedule"]["epochs"] == 2 and state["settings"]["epochs"] == 2
+    assert state["schedule_changes"][0]["from_round"] == 1 and state["final"]["round"] == 1
+    assert json.loads(RunLayout(work).metrics(1).read_text())["trainer"] == "nnUNetTrainerSSL_2ep_2it_1val"
+
+
 def test_round_trained_on_corrupted_pseudo_labels_is_not_deployed(chaos_dir, tmp_path, capsys):
     """Pseudo labels corrupted on purpose (organs swapped and moved): round 1 must not replace round 0.
 

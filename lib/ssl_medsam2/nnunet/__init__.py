@@ -5,3 +5,9 @@ finds by name), :mod:`.train` (plan, preprocess, train), :mod:`.predict` (model 
 :mod:`.rounds` (the resumable loop), :mod:`.settings` (the typed ``nnunet:`` section every step reads).
 nnunetv2 is imported only inside functions.
 """
+
+import warnings
+
+# MONAI (imported by nnU-Net's stack) uses torch.jit.interface at import; torch >= 2.9 warns about it on
+# every run. Nothing a user of this package can act on: keep it off the console.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.interface` is deprecated")

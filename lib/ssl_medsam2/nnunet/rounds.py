@@ -190,8 +190,9 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
             _deploy(state, metrics)
             runstate.write_final(layout, state)
             runstate.save(layout, state)
-            log.info("round %d done in %.0fs: change %.4f, labelled fit %s, %s", k, time.perf_counter() - t,
-                     metrics["change"], _f(metrics["labelled_dice"]), metrics["gate_message"])
+            log.info("round %d done in %.0fs (%s): change %.4f, labelled fit %s, %s", k, time.perf_counter() - t,
+                     _split(metrics["seconds"]), metrics["change"], _f(metrics["labelled_dice"]),
+                     metrics["gate_message"])
             report({"stage": "round_done", "round": k, "max_rounds": state["max_rounds"], "change": metrics["change"],
                     "best_metric": metrics["gate_dice"] if metrics["gate_dice"] is not None
                     else metrics["labelled_dice"], "deployed": metrics["deployed"],
@@ -215,6 +216,13 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
     if progress is not None:
         progress(event)
     return state
+
+
+def _split(seconds: dict) -> str:
+    """Where a round's time went: training, and what a ``minutes:N`` schedule does not count."""
+    words = {"export_s": "export", "plan_preprocess_s": "plan + preprocess", "train_s": "training",
+             "predict_s": "predict"}
+    return ", ".join(f"{w} {seconds[k]:.0f}s" for k, w in words.items() if seconds.get(k) is not None)
 
 
 def _f(v) -> str:

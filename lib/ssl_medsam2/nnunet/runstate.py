@@ -2,21 +2,27 @@
 
 Resuming is reading this back: settings that change what a finished round contains are compared
 with the ones the work dir was made with, and a difference is refused (new settings -> new
-``--work``); the image/label set must match too. The resolved schedule and the quality-gate decisions
-live here, so a resumed run trains with the same schedule and deploys the same rounds.
+``--work``); the image/label set must match too. The schedule is the exception: a person may give a
+resumed run another one (:data:`SCHEDULE_KEYS`); finished rounds keep their models and the new schedule
+applies from the round in progress, whose training starts over (the log says so). The resolved schedule
+and the quality-gate decisions live here, so a resumed run deploys the same rounds.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 
 from ..io import InputError, write_text_atomic
 from .layout import RunLayout
 from .settings import NnUNetSettings
 
+log = logging.getLogger(__name__)
 #: settings that change what a finished round contains; a work dir refuses to continue with others
 FINGERPRINT_KEYS = ("configuration", "fold", "schedule", "epochs", "iterations_per_epoch", "val_iterations",
                     "fine_tune", "ignore_entropy_threshold", "gpu_memory_target", "quality_gate", "gate_cases")
+#: the part of the fingerprint a resumed run may change: how long a round trains
+SCHEDULE_KEYS = ("schedule", "epochs", "iterations_per_epoch", "val_iterations")
 
 
 def settings(nnunet: NnUNetSettings, engine_name: str) -> dict:
@@ -34,14 +40,40 @@ def open_state(layout: RunLayout, settings_now: dict, labelled: list[str], unlab
                 "round0": {"done": False, "source": settings_now["round0"]}, "rounds": [],
                 "deployed": None, "schedule": None}
     old = state["settings"]
-    diff = {k: (old.get(k), v) for k, v in settings_now.items() if k != "round0" and old.get(k) != v}
+    diff = {k: (old.get(k), v) for k, v in settings_now.items()
+            if k != "round0" and k not in SCHEDULE_KEYS and old.get(k) != v}
     if diff:
         raise InputError(layout.work, "this work dir was made with other settings "
                                       + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
                                       + "; use a new --work folder (or the old settings)")
     if state["labelled"] != sorted(labelled) or state["unlabelled"] != unlabelled:
         raise InputError(layout.work, "this work dir was made with other images/labels; use a new --work folder")
+    changed = {k: (old.get(k), settings_now[k]) for k in SCHEDULE_KEYS if old.get(k) != settings_now[k]}
+    if changed:
+        _change_schedule(layout, state, changed)
     return state
+
+
+def _change_schedule(layout: RunLayout, state: dict, changed: dict) -> None:
+    """A resumed run with another schedule: finished rounds stay, the round in progress trains anew with it."""
+    what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+    finished = len(layout.finished_rounds())
+    k = finished + 1
+    kept = f"round(s) 1-{finished} keep their models; " if finished else ""
+    trained = any(layout.model(k).glob("fold_*/checkpoint_final.pth")) if layout.model(k).is_dir() else False
+    if trained:
+        starts = (f"round {k}'s model was already trained with the old schedule and is kept; the new schedule "
+                  f"applies from round {k + 1}")
+    elif layout.nnunet_root(k).exists():
+        starts = (f"round {k}'s training starts over from epoch 0 with it (its checkpoint of the old schedule "
+                  f"is not used; its export and preprocessing are kept)")
+    else:
+        starts = f"round {k} trains with it"
+    state["settings"].update({key: b for key, (_, b) in changed.items()})
+    state.setdefault("schedule_changes", []).append({"from_round": k + 1 if trained else k, "changed": what,
+                                                     "previous": state.get("schedule")})
+    state["schedule"] = None  # resolved again (and said) before the next training
+    log.info("schedule changed on resume (%s): %s%s", what, kept, starts)
 
 
 def save(layout: RunLayout, state: dict) -> None:

@@ -132,7 +132,9 @@ def resolve(settings: ScheduleSettings, device_type: str, it_per_s: float | None
         base = dict(presets[device_pick])
         base["epochs"] = epochs_for_minutes(minutes, it_per_s, base["iterations_per_epoch"], base["val_iterations"])
         name = f"minutes:{minutes:g}"
-        reason = f"{minutes:g} min of training per round at the measured speed"
+        reason = (f"{minutes:g} min of training per round at the measured speed; not counted: export, "
+                  f"plan + preprocess, the speed probe and predicting every case, which come on top (each round's "
+                  f"log line gives the split)")
     else:
         name, base = mode, presets[mode]
         reason = f"schedule {mode}"

@@ -174,8 +174,9 @@ def train_model(settings: NnUNetSettings, model_dir: str | os.PathLike,
         shutil.rmtree(model_dir)
     trained = _trained_dir(settings)
     resume_from = latest_checkpoint(settings) if resume else None
-    if trained.exists() and resume_from is None:
-        shutil.rmtree(trained)
+    if resume_from is None:  # a fresh start: no folder of an earlier attempt (or of another schedule) stays
+        for old in trained.parent.glob(f"*__{PLANS_NAME}__{conf}") if trained.parent.is_dir() else []:
+            shutil.rmtree(old)
     t0 = time.perf_counter()
     if settings.num_gpus > 1:
         _train_ddp(settings, init_checkpoint, log_path, resume_from is not None)
