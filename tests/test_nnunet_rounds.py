@@ -101,6 +101,7 @@ def test_two_rounds_are_two_versions_on_disk(pipeline):
         assert (rd / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert {p.name for p in (rd / "model").iterdir()} >= {"plans.json", "dataset.json", "fold_all"}
         ckpts.append((rd / "model" / "fold_all" / "checkpoint_final.pth").read_bytes())
+        assert not (rd / "model" / "fold_all" / "checkpoint_best.pth").exists()  # never used: not kept
         for case in tiny["unlabelled"]:
             src = nib.load(str(tiny["root"] / "images" / f"{case}_0000.nii.gz"))
             lab = nib.load(str(rd / "labels" / f"{case}.nii.gz"))

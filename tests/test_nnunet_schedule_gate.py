@@ -231,6 +231,9 @@ def test_round_trained_on_corrupted_pseudo_labels_is_not_deployed(chaos_dir, tmp
     assert final["round"] == 0 and final["model_dir"] is None and final["not_deployed"][0]["round"] == 1
     assert "QUALITY GATE: round 1 NOT deployed" in final["warning"] and "stopping refinement" in final["warning"]
     assert state["gate_refused"] == [1] and not layout.round(2).exists()  # refinement stopped
+    # a refused round keeps no checkpoint (never deployed, nothing to roll back to); the rest stays readable
+    assert not list(layout.model(1).rglob("*.pth")) and (layout.model(1) / "plans.json").exists()
+    assert m1["disk"].startswith("refused by the quality gate: no checkpoint kept; removed 2 checkpoint(s)")
     assert "QUALITY GATE: round 1 NOT deployed" in out and "deployed: round 0" in out
     # the gate case's ground truth never reached nnU-Net; its round-0 label came from the other labelled case
     r0 = json.loads((layout.round(0) / "summaries" / "chaos_02.json").read_text())

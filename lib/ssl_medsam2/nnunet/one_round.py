@@ -355,9 +355,25 @@ def run_round(k: int, layout: RunLayout, cfg: dict, images: Mapping[str, Path], 
         "fine_tuned_from": str(layout.model(k - 1)) if settings.fine_tune and k > 1 else None,
         "seconds": {k2: round(v, 1) for k2, v in times.items()},
     }
+    metrics["disk"] = keep_what_a_rollback_needs(model_dir, decision.deploy)
     plot_curves(history + [metrics], layout.curves(k), round0_gate=_round0_gate(history, deployed))
     write_text_atomic(json.dumps(metrics, indent=2), layout.metrics(k))  # written last: round done
     return metrics
+
+
+def keep_what_a_rollback_needs(model_dir: Path, deployed: bool) -> str:
+    """A round's model folder after the gate: ``checkpoint_final.pth`` stays for a deployed round (it is what
+    ``predict`` loads and what a rollback returns to); ``checkpoint_best.pth`` (by nnU-Net's pseudo Dice on
+    pseudo labels, never used here) goes, and so does every checkpoint of a round the gate refused (never
+    deployed, and refinement stops after it). Returns what was done, in words (metrics.json ``disk``)."""
+    gone = [p for p in Path(model_dir).glob("fold_*/checkpoint_*.pth")
+            if p.name == "checkpoint_best.pth" or not deployed]
+    freed = sum(p.stat().st_size for p in gone)
+    for p in gone:
+        p.unlink()
+    kept = sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file())
+    what = "kept checkpoint_final.pth" if deployed else "refused by the quality gate: no checkpoint kept"
+    return f"{what}; removed {len(gone)} checkpoint(s), {freed / 2**20:.0f} MB; model folder {kept / 2**20:.0f} MB"
 
 
 def _round0_gate(history: list[dict], deployed: dict) -> float | None:
