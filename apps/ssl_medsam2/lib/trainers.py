@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from ssl_medsam2.io import link_or_copy, load_label_for, load_volume, write_text_atomic
 from ssl_medsam2.metrics import mean_dice
 from ssl_medsam2.nnunet.layout import RunLayout
-from ssl_medsam2.nnunet.reporting import RunProgress
+from ssl_medsam2.nnunet.reporting import RunProgress, Ticker
 from ssl_medsam2.nnunet.settings import NnUNetSettings
 
 from .workspace import Workspace
@@ -134,7 +135,7 @@ class SSLNnUNetTrain(TrainTask):
 
     def __call__(self, request, datastore):
         from ssl_medsam2.config import merge
-        from ssl_medsam2.nnunet.rounds import run_ssl
+        from ssl_medsam2.nnunet.rounds import TICK_S, run_ssl
 
         t0 = time.time()
         cfg = self.ws.cfg
@@ -152,19 +153,26 @@ class SSLNnUNetTrain(TrainTask):
                  "best_metric": None, "start_ts": t0, "total_time": "0s", "labelled": sorted(final)}
         self._write_stats(stats)
 
+        lock = threading.Lock()
+
         def progress(event: dict):
-            stats.update({k: v for k, v in event.items() if v is not None})
-            stats.update({k: v for k, v in tracker.update(event).items() if v is not None})
-            stats["total_time"] = f"{time.time() - t0:.0f}s"
-            self._write_stats(stats)
-            print("ssl_nnunet progress " + json.dumps(event, default=str), flush=True)
+            # a tick only lets time pass: total_time and the ETAs move between epochs (no stdout line for it)
+            with lock:
+                stats.update({k: v for k, v in event.items() if v is not None and k != "tick"})
+                stats.update({k: v for k, v in tracker.update(event).items()
+                              if v is not None or k.startswith("eta")})
+                stats["total_time"] = f"{time.time() - t0:.0f}s"
+                self._write_stats(stats)
+            if not event.get("tick"):
+                print("ssl_nnunet progress " + json.dumps(event, default=str), flush=True)
 
         try:
             rounds = RunLayout(work / "rounds")
             # the gate rotates over the person-made labels from one version to the next (none lost for good)
-            state = run_ssl(images, labels, rounds.work, cfg, pseudo_labels_dir=pseudo, progress=progress,
-                            show_progress=False, label_origins=self._label_origins(final, datastore),
-                            gate_turn=int(version.lstrip("v")) - 1)
+            with Ticker(progress, TICK_S):
+                state = run_ssl(images, labels, rounds.work, cfg, pseudo_labels_dir=pseudo, progress=progress,
+                                show_progress=False, label_origins=self._label_origins(final, datastore),
+                                gate_turn=int(version.lstrip("v")) - 1)
             final_json = rounds.read_final()
             model_dir = rounds.deployed_model_dir()
             gate = {"deployed_round": final_json.get("round"), "gate_dice": final_json.get("gate_dice"),

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[dict], None]
 #: called after preprocessing with a speed probe; returns the nnunet settings with the schedule filled in
-ScheduleFn = Callable[[Callable[[], float]], NnUNetSettings]
+ScheduleFn = Callable[[Callable[[], float]], tuple[NnUNetSettings, float | None]]
 
 
 def emit(progress: ProgressFn | None, **event) -> None:
@@ -191,12 +191,14 @@ class NnUNetPredictSpec:
 
 def predict_cases(model_dir: Path, settings: NnUNetSettings, images: Mapping[str, Path], names: Sequence[str],
                   out_dir: Path, round_no: int, progress: ProgressFn | None = None, cache: dict | None = None,
-                  log_path: Path | None = None, executor: Executor | None = None) -> list[str]:
+                  log_path: Path | None = None, executor: Executor | None = None, count_from: int = 0,
+                  total: int | None = None) -> list[str]:
     """Predict these cases with this model: ``out_dir/labels/<case>`` + ``out_dir/entropy/<case>`` (max over
     classes, bits), each on its source grid. Cases already there are skipped; returns the ones predicted.
 
     ``cache``: a dict that keeps the loaded model between calls of one round (it is loaded only when
-    something is left to predict). ``executor``: where the cases run (default: this process).
+    something is left to predict). ``executor``: where the cases run (default: this process). Progress
+    events count ``count_from + i`` of ``total`` (default: this call's).
     """
     out_dir = Path(out_dir)
     todo = [n for n in names if not is_predicted(out_dir, n)]
@@ -208,7 +210,8 @@ def predict_cases(model_dir: Path, settings: NnUNetSettings, images: Mapping[str
         for kind in ("entropy", "labels"):  # labels last: both present = done
             atomic_write(out_dir / kind / f"{name}.nii.gz", lambda tmp, b=files[kind]: Path(tmp).write_bytes(b))
         done[0] += 1
-        emit(progress, stage="predict", round=round_no, case=name, done=done[0], total=len(todo))
+        emit(progress, stage="predict", round=round_no, case=name, done=count_from + done[0],
+             total=total if total is not None else len(todo))
 
     job = CaseJob(desc=f"round {round_no}: predict", doing=f"round {round_no}: predicting",
                   worker=NnUNetPredictSpec(Path(model_dir), settings, round_no, log_path, cache),
@@ -261,13 +264,18 @@ def train_round(k: int, layout: RunLayout, cfg: dict, images: Mapping[str, Path]
             emit(progress, stage="speed", round=k, max_rounds=max_rounds)
             return nn_train.measure_speed(settings, log_path=nn_log)
 
-        scheduled = schedule_for(probe)
+        scheduled, estimate_s = schedule_for(probe)
+
+        def on_train(ev: dict) -> None:
+            if ev.get("epoch_s") is None and estimate_s:  # before the first epoch: the schedule's estimate
+                ev = {**ev, "eta_s": round(estimate_s * (1 - ev["epoch"] / max(1, ev["total_epochs"])), 1)}
+            emit(progress, **ev, round=k, max_rounds=max_rounds)
         init = None
         if settings.fine_tune and k > 1:
             init = layout.model(k - 1) / f"fold_{settings.fold_id}" / "checkpoint_final.pth"
         t = time.perf_counter()
         nn_train.train_model(scheduled, model_dir, init_checkpoint=init, log_path=nn_log, resume=True,
-                             progress=lambda ev: emit(progress, **ev, round=k, max_rounds=max_rounds))
+                             progress=on_train)
         times["train_s"] = time.perf_counter() - t
     if not settings.keep_intermediate:
         shutil.rmtree(root, ignore_errors=True)
@@ -310,12 +318,15 @@ def run_round(k: int, layout: RunLayout, cfg: dict, images: Mapping[str, Path], 
     else:
         log.info("round %d: model already trained, reusing %s", k, model_dir)
     t = time.perf_counter()
-    emit(progress, stage="predict", round=k, max_rounds=max_rounds)
+    n_pseudo = sum(not is_predicted(layout.round(k), n) for n in pseudo_names)
+    n_all = n_pseudo + sum(not is_predicted(layout.labelled_predictions(k), n) for n in train_labels)
+    emit(progress, stage="predict", round=k, max_rounds=max_rounds, done=0, total=n_all)
     cache: dict = {}  # the model loads once for both calls (in this process)
     nn_log = layout.nnunet_log(k)
-    predict_cases(model_dir, settings, images, pseudo_names, layout.round(k), k, progress, cache, nn_log, executor)
-    predict_cases(model_dir, settings, images, sorted(train_labels), layout.labelled_predictions(k), k, None, cache,
-                  nn_log, executor)
+    predict_cases(model_dir, settings, images, pseudo_names, layout.round(k), k, progress, cache, nn_log, executor,
+                  total=n_all)
+    predict_cases(model_dir, settings, images, sorted(train_labels), layout.labelled_predictions(k), k, progress,
+                  cache, nn_log, executor, count_from=n_pseudo, total=n_all)
     times["predict_s"] = time.perf_counter() - t
 
     change = {}

@@ -9,6 +9,8 @@ ETA, last train loss and nnU-Net's pseudo Dice.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +32,23 @@ class RunProgress:
                              "it_per_s": None, "eta_s": None, "eta_run_s": None, "train_loss": None,
                              "pseudo_dice": None}
         self._epoch_s: float | None = None
+        self._eta_at: tuple | None = None  # (when, eta_s, eta_run_s) as last computed
 
     def update(self, event: dict) -> dict:
+        """Fold one event in. ``{"tick": True}`` (every few seconds, :class:`Ticker`) only lets time pass: the
+        ETAs count down between epochs, so no view freezes through a long phase."""
         f = self.fields
+        now = time.monotonic()
+        if event.get("tick"):
+            if self._eta_at is not None:
+                gone = now - self._eta_at[0]
+                f["eta_s"] = round(max(0.0, self._eta_at[1] - gone), 1)
+                f["eta_run_s"] = None if self._eta_at[2] is None else round(max(0.0, self._eta_at[2] - gone), 1)
+            return dict(f)
+        if event.get("stage") is not None and event["stage"] != f["stage"]:
+            f["done"] = f["total"] = None  # a stage's counts are its own
         for k in ("round", "max_rounds", "stage", "epoch", "total_epochs", "train_loss", "pseudo_dice", "done",
-                  "total", "case"):
+                  "total", "case", "eta_s"):
             if event.get(k) is not None:
                 f[k] = event[k]
         if event.get("stage") == "train" and event.get("epoch_s"):
@@ -47,6 +61,7 @@ class RunProgress:
             f["eta_run_s"] = round(f["eta_s"] + rounds_left * int(f["total_epochs"] or 0) * self._epoch_s, 1)
         if event.get("stage") in ("round_done", "done"):
             f["eta_s"] = 0.0
+        self._eta_at = None if f["eta_s"] is None else (now, f["eta_s"], f["eta_run_s"])
         return dict(f)
 
 
@@ -73,17 +88,26 @@ class ProgressLine:
         from tqdm.auto import tqdm
 
         stage = f["stage"]
+        if event.get("tick"):  # only the clock moved: redraw (elapsed time, ETA)
+            if self._bar is not None:
+                self._bar.refresh()
+            return f
+        if stage in ("round_done", "done"):  # the round's lines are complete; the log says the rest
+            self.close()
+            self._key = None
+            return f
         total = f["total_epochs"] if stage == "train" else f.get("total") if stage == "predict" else None
         key = (f["round"], stage)
         fmt = ("{desc}{percentage:3.0f}%|{bar:20}|{postfix} [{elapsed}]" if stage == "train" else
-               "{desc}{n_fmt}/{total_fmt} [{elapsed}]" if total else "{desc}[{elapsed}]")
-        if self._bar is None:
-            self._bar = tqdm(total=total, dynamic_ncols=True, leave=True, bar_format=fmt)
-        if key != self._key:
+               "{desc}{n_fmt}/{total_fmt} [{elapsed}]" if total else "{desc}{postfix} [{elapsed}]")
+        if key != self._key or self._bar is None:  # each stage its own line: a finished one stays as it ended
+            self.close()
             self._key = key
-            self._bar.reset(total=total)
+            self._bar = tqdm(total=total, dynamic_ncols=True, leave=True, bar_format=fmt,
+                             desc=f"round {f['round']}/{f['max_rounds']} {STAGE_WORDS.get(stage, stage)}")
+        elif total and self._bar.total != total:
+            self._bar.total = total
             self._bar.bar_format = fmt
-            self._bar.set_postfix_str("", refresh=False)
         self._bar.set_description(f"round {f['round']}/{f['max_rounds']} {STAGE_WORDS.get(stage, stage)}")
         n = f["epoch"] if stage == "train" else f.get("done") if stage == "predict" else None
         if n is not None and total:
@@ -98,6 +122,8 @@ class ProgressLine:
             if f["pseudo_dice"] is not None:
                 post.append(f"pseudo-Dice {f['pseudo_dice']:.3f}")
             post.append(f"ETA round {_fmt_s(f['eta_s'])}, run {_fmt_s(f['eta_run_s'])}")
+        elif stage in ("export", "plan", "speed") and f.get("eta_s"):
+            post.append(f"ETA round {_fmt_s(f['eta_s'])}")
         self._bar.set_postfix_str(", ".join(post), refresh=False)
         self._bar.refresh()
         return f
@@ -106,6 +132,32 @@ class ProgressLine:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class Ticker:
+    """Calls ``report({"tick": True})`` every ``every_s`` seconds from a daemon thread while a run works, so
+    a phase without events (export, plan + preprocess, loading a checkpoint) still shows its clock moving
+    and MONAI Label's ``train_stats`` (total_time, eta_s) never freezes. A context manager."""
+
+    def __init__(self, report, every_s: float):
+        self.report, self.every_s = report, float(every_s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress-ticker", daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(self.every_s):
+            try:
+                self.report({"tick": True})
+            except Exception:  # a view that fails must never stop the run
+                log.debug("progress tick failed", exc_info=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=2 * self.every_s)
 
 
 def plot_curves(history: list[dict], path: Path, round0_gate: float | None = None) -> Path:

@@ -18,6 +18,7 @@ training settings are refused.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -30,12 +31,14 @@ from . import gate as gate_mod
 from . import one_round, runstate
 from . import schedule as schedule_mod
 from .layout import RunLayout
-from .reporting import ProgressLine, loud
+from .reporting import ProgressLine, Ticker, loud
 from .settings import NnUNetSettings
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[dict], None]
+#: seconds between progress ticks (the console's elapsed time, the app's total_time and ETA count down)
+TICK_S = 1.0
 
 
 def should_stop(changes: list[float], min_change: float | None, max_rounds: int) -> tuple[bool, str]:
@@ -75,14 +78,16 @@ def _engine_name(cfg, engine, pseudo_labels_dir, pseudo_labelled) -> str:
 
 def _schedule_hook(state: dict, layout: RunLayout, settings: NnUNetSettings):
     """The schedule for every round: resolved once (after round 1's preprocessing, from a measured speed),
-    said in one line, recorded in state.json; later rounds and resumed runs reuse it."""
-    def schedule_for(probe: Callable[[], float]) -> NnUNetSettings:
+    said in one line, recorded in state.json; later rounds and resumed runs reuse it. Returns the settings
+    with it filled in and its training-time estimate (the round's ETA until an epoch measures one)."""
+    def schedule_for(probe: Callable[[], float]) -> tuple[NnUNetSettings, float | None]:
         if state.get("schedule") is None:
             sched = schedule_mod.resolve(settings, settings.torch_device().type, it_per_s=probe())
             state["schedule"] = sched.as_dict()
             runstate.save(layout, state)
             log.info("%s", sched.describe(settings.max_rounds))
-        return settings.with_schedule(schedule_mod.Schedule.from_dict(state["schedule"]))
+        sched = schedule_mod.Schedule.from_dict(state["schedule"])
+        return settings.with_schedule(sched), sched.seconds()
 
     return schedule_for
 
@@ -145,13 +150,17 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
     log.info("%s", state["gate"]["why"])
 
     line = ProgressLine(show_progress)
+    lock = threading.Lock()  # events come from this thread and from the ticker's
 
     def report(event: dict) -> None:
-        line(event)
-        if progress is not None:
-            progress(event)
+        with lock:
+            line(event)
+            if progress is not None:
+                progress(event)
 
     t_start = time.perf_counter()
+    ticker = Ticker(lambda ev: _locked(lock, line, ev), TICK_S)  # the console's clock; callers tick their own
+    ticker.__enter__()
     try:
         if not state["round0"]["done"]:
             t = time.perf_counter()
@@ -199,6 +208,7 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
                     "gate_message": metrics["gate_message"]})
             stop, reason = _verdict(history, state)
     finally:
+        ticker.__exit__()
         line.close()
     state["rounds"] = [runstate.round_summary(h) for h in history]
     state["stop_reason"] = reason
@@ -216,6 +226,11 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
     if progress is not None:
         progress(event)
     return state
+
+
+def _locked(lock: threading.Lock, fn: Callable[[dict], object], event: dict) -> None:
+    with lock:
+        fn(event)
 
 
 def _split(seconds: dict) -> str:

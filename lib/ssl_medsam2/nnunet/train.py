@@ -248,6 +248,9 @@ def _train_in_process(settings: NnUNetSettings, device, init_checkpoint, progres
                           "train_loss": float(lg.get_value("train_losses", step=-1)),
                           "epoch_s": float(epoch_s), "iterations_per_epoch": tr.num_iterations_per_epoch})
             trainer.epoch_callback = _cb
+            # the bar shows at once where training starts (epoch 0, or where a resumed one stands)
+            progress({"stage": "train", "epoch": trainer.current_epoch, "total_epochs": trainer.num_epochs,
+                      "iterations_per_epoch": trainer.num_iterations_per_epoch})
         trainer.run_training()
 
 
