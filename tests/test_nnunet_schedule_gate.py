@@ -73,6 +73,13 @@ def test_progress_fields_from_given_epoch_times():
     assert f["it_per_s"] == 0.5 and f["eta_s"] == 15 * 50.0 and f["eta_run_s"] == 15 * 50.0 + 2 * 20 * 50.0
     assert (f["round"], f["max_rounds"], f["epoch"], f["total_epochs"]) == (1, 3, 5, 20)
     assert f["train_loss"] == -0.4 and f["pseudo_dice"] == 0.52
+    # between events the clock ticks: the ETAs count down (never frozen, never null once known)
+    p._eta_at = (p._eta_at[0] - 100.0,) + p._eta_at[1:]  # 100 s since the last epoch, without waiting them
+    t = p.update({"tick": True})
+    assert t["eta_s"] == 15 * 50.0 - 100 and t["eta_run_s"] == 15 * 50.0 + 2 * 20 * 50.0 - 100
+    # a stage's counts are its own: predict starts at 0 of its total, not at a previous stage's numbers
+    q = p.update({"stage": "predict", "round": 1, "done": 0, "total": 6})
+    assert (q["done"], q["total"]) == (0, 6)
 
 
 # --- quality gate (pure) ----------------------------------------------------------------------------
@@ -141,7 +148,7 @@ def test_run_stopped_mid_round_resumes_from_its_checkpoint(chaos_dir, tmp_path, 
     seen = []
 
     def stop_after_first_epoch(ev):
-        if ev["stage"] == "train":
+        if ev["stage"] == "train" and "epoch_s" in ev:  # an epoch ended
             seen.append(("a", ev["epoch"]))
             if ev["epoch"] == 1:
                 raise Stop("stopped during round 1, epoch 1 of 3")
@@ -154,7 +161,7 @@ def test_run_stopped_mid_round_resumes_from_its_checkpoint(chaos_dir, tmp_path, 
     assert len(latest) == 1 and not layout.metrics(1).exists() and not layout.model(1).exists()
     with caplog.at_level(logging.INFO, logger="ssl_medsam2"):
         state = run_ssl(root / "images", root / "labels", work, cfg, pseudo_labels_dir=root / "pseudo",
-                        progress=lambda ev: ev["stage"] == "train" and seen.append(("b", ev["epoch"])),
+                        progress=lambda ev: "epoch_s" in ev and seen.append(("b", ev["epoch"])),
                         show_progress=False)
     assert seen == [("a", 1), ("b", 2), ("b", 3)]  # the epoch count goes on
     assert any("resuming training from" in r.getMessage() and "at epoch 1/3" in r.getMessage()
@@ -173,7 +180,7 @@ def test_schedule_changed_on_a_resumed_run_applies_from_the_round_in_progress(ch
     seen = []
 
     def stop_after_first_epoch(ev):
-        if ev["stage"] == "train":
+        if ev["stage"] == "train" and "epoch_s" in ev:  # an epoch ended
             seen.append(("a", ev["epoch"], ev["total_epochs"]))
             raise Stop("stopped during round 1, epoch 1 of 3")
 
@@ -184,7 +191,7 @@ def test_schedule_changed_on_a_resumed_run_applies_from_the_round_in_progress(ch
     cfg = load_config(overrides=TINY_SCHEDULE + ["nnunet.epochs=2", "nnunet.max_rounds=1"])
     with caplog.at_level(logging.INFO, logger="ssl_medsam2"):
         state = run_ssl(root / "images", root / "labels", work, cfg, pseudo_labels_dir=root / "pseudo",
-                        progress=lambda ev: ev["stage"] == "train" and seen.append(("b", ev["epoch"],
+                        progress=lambda ev: "epoch_s" in ev and seen.append(("b", ev["epoch"],
                                                                                      ev["total_epochs"])),
                         show_progress=False)
     assert seen == [("a", 1, 3), ("b", 1, 2), ("b", 2, 2)]

@@ -200,7 +200,7 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
             runstate.write_final(layout, state)
             runstate.save(layout, state)
             log.info("round %d done in %.0fs (%s): change %.4f, labelled fit %s, %s", k, time.perf_counter() - t,
-                     _split(metrics["seconds"]), metrics["change"], _f(metrics["labelled_dice"]),
+                     _split(metrics.get("seconds") or {}), metrics["change"], _f(metrics["labelled_dice"]),
                      metrics["gate_message"])
             report({"stage": "round_done", "round": k, "max_rounds": state["max_rounds"], "change": metrics["change"],
                     "best_metric": metrics["gate_dice"] if metrics["gate_dice"] is not None
