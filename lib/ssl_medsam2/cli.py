@@ -152,7 +152,8 @@ def _run_run(args) -> int:
     labels, re-predict) until the pseudo labels stop changing (nnunet.min_change) or nnunet.max_rounds. A round
     is deployed only if it is not worse than the deployed one on a held-out labelled case (nnunet.quality_gate);
     a worse round stops the loop. Re-running on the same --work resumes (a stopped training from its checkpoint)
-    and recomputes nothing finished.
+    and recomputes nothing finished; another --schedule applies from the round in progress. Ctrl-C stops with
+    one line: what is kept and the command to resume.
     """
     from .cluster import executor_for
     from .nnunet.rounds import run_ssl

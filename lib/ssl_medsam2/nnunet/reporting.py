@@ -151,13 +151,19 @@ class Ticker:
             except Exception:  # a view that fails must never stop the run
                 log.debug("progress tick failed", exc_info=True)
 
-    def __enter__(self):
+    def start(self) -> "Ticker":
         self._thread.start()
         return self
 
-    def __exit__(self, *exc):
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2 * self.every_s)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
 
 
 def plot_curves(history: list[dict], path: Path, round0_gate: float | None = None) -> Path:

@@ -11,8 +11,8 @@ pseudo labels and the previous round's) falls below ``nnunet.min_change`` or aft
 Every round stays on disk as a version (:class:`.layout.RunLayout`); ``final.json`` names the
 deployed one and is written after every round. Resumable (:mod:`.runstate`): finished steps (round 0
 per case, each round's model, each predicted case) are never recomputed, a round stopped mid-training
-continues from nnU-Net's latest checkpoint, raising ``max_rounds`` continues the history, and changed
-training settings are refused.
+continues from nnU-Net's latest checkpoint, raising ``max_rounds`` continues the history, another
+schedule applies from the round in progress, and other changed training settings are refused.
 """
 
 from __future__ import annotations
@@ -159,8 +159,7 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
                 progress(event)
 
     t_start = time.perf_counter()
-    ticker = Ticker(lambda ev: _locked(lock, line, ev), TICK_S)  # the console's clock; callers tick their own
-    ticker.__enter__()
+    ticker = Ticker(lambda ev: _locked(lock, line, ev), TICK_S).start()  # the console's clock; callers tick theirs
     try:
         if not state["round0"]["done"]:
             t = time.perf_counter()
@@ -208,7 +207,7 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
                     "gate_message": metrics["gate_message"]})
             stop, reason = _verdict(history, state)
     finally:
-        ticker.__exit__()
+        ticker.stop()
         line.close()
     state["rounds"] = [runstate.round_summary(h) for h in history]
     state["stop_reason"] = reason
