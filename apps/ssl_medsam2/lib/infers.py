@@ -212,7 +212,8 @@ class NnUNetInfer(InferTask):
                            f"(POST /ssl_medsam2/models/rollback) or train again (POST /train/ssl_nnunet)")
         versions = state.get("versions") or []
         if not versions:
-            return False, "no trained model yet: train one with POST /train/ssl_nnunet (the few-shot models work meanwhile)"
+            return False, ("no trained model yet: train one with POST /train/ssl_nnunet (the few-shot models work "
+                           "meanwhile)")
         last = versions[-1]
         gate = last.get("quality_gate") or {}
         why = gate.get("warning") or gate.get("message") or "it was not better than the deployed one"

@@ -109,7 +109,8 @@ class SSLNnUNetTrain(TrainTask):
 
         out: dict[str, list[str]] = {}
         for i, (img, lab) in final.items():
-            cands = [datastore.get_label_uri(i, self.ws.pseudo_tag), str(self.ws.fewshot_dir / "labels" / f"{i}.nii.gz")]
+            cands = [datastore.get_label_uri(i, self.ws.pseudo_tag),
+                     str(self.ws.fewshot_dir / "labels" / f"{i}.nii.gz")]
             paths = [p for p in cands if p and os.path.exists(p)]
             if paths:
                 out[case_name(_nifti_name(i, img))] = paths
