@@ -108,7 +108,7 @@ class SSLNnUNetTrain(TrainTask):
         from ssl_medsam2.io import case_name
 
         out: dict[str, list[str]] = {}
-        for i, (img, lab) in final.items():
+        for i, (img, _) in final.items():
             cands = [datastore.get_label_uri(i, self.ws.pseudo_tag),
                      str(self.ws.fewshot_dir / "labels" / f"{i}.nii.gz")]
             paths = [p for p in cands if p and os.path.exists(p)]
