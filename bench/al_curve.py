@@ -27,6 +27,11 @@ labelled volumes); the LAST line printed is a JSON summary.
     python bench/al_curve.py --quick                 # 32x32, 1 cycle, 4 x 25 iterations: a few minutes
     python bench/al_curve.py                         # 64x64, 2 cycles, 8 x 25 iterations: ~25 min idle
     python bench/al_curve.py --factor 1 --minutes 30 --cycles 4 --device cuda   # full resolution, GPU
+
+``--no-training``: the few-shot curve instead (bench/al_fewshot.py): no nnU-Net, every strategy against
+random over ``--seeds`` seeds, pseudo-label Dice of the still-unlabelled volumes; PNG + JSON in docs/figures/.
+
+    python bench/al_curve.py --no-training           # 8 CHAOS volumes at 128x128: ~10 CPU-min of registrations
 """
 
 from __future__ import annotations
@@ -161,7 +166,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
     ap.add_argument("--out", default="bench/results/al_curve", help="folder for al_curve.json / al_curve.png")
     ap.add_argument("--work", default=None, help="keep the runs here (default: a temp dir, removed)")
+    ap.add_argument("--no-training", action="store_true",
+                    help="the few-shot curve: no nnU-Net, pseudo-label Dice of the unlabelled volumes (al_fewshot.py)")
+    ap.add_argument("--seeds", type=int, default=5, help="--no-training: seeds (random start pair each)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="--no-training: config overrides (e.g. atlas.preset=fine)")
     args = ap.parse_args(argv)
+    if args.no_training:
+        from al_fewshot import run
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+        out = Path(args.out if args.out != ap.get_default("out") else "docs/figures")
+        with work_folder(args.work, "al_fewshot_") as root:
+            return run(args.seeds, args.factor or 2, root, out, args.overrides)
     factor = args.factor or (8 if args.quick else 4)
     cycles = args.cycles if args.cycles is not None else (1 if args.quick else 2)
     epochs = args.epochs or (4 if args.quick else 8)

@@ -28,7 +28,9 @@ def test_the_yaml_loads_into_every_typed_section():
     assert nn.configuration == "2d" and nn.fold_id == "all" and nn.gate_mode == "holdout" and nn.max_rounds == 3
     assert set(NnUNetSettings.keys()) == set(cfg["nnunet"])  # one field per YAML key, no more, no less
     inputs = InputSettings.from_config(cfg)
-    assert inputs.class_name(1) == "liver" and inputs.class_name(9) == "9" and inputs.label_ids == {0, 1, 2, 3, 4}
+    assert inputs.class_name(1) == "class_1" and inputs.label_ids is None  # neutral: no dataset's organs by default
+    named = InputSettings.from_config(load_config(overrides=["input.class_names={1: liver, 4: spleen}"]))
+    assert named.class_name(1) == "liver" and named.class_name(9) == "class_9" and named.label_ids == {0, 1, 4}
     assert ProtocolSettings.from_config(cfg).boundary_band == 2
     assert AtlasEngine.from_config(cfg).settings.histogram_levels == 128  # from the preset, not from code
 

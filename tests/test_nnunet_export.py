@@ -26,7 +26,8 @@ def _inputs(tiny):
 
 def test_export_passes_nnunet_integrity_check_and_keeps_geometry(tiny, tmp_path):
     images, labels, pseudo = _inputs(tiny)
-    ds = export_dataset(tmp_path / "raw", images, labels, pseudo, [1, 2, 3, 4], load_config())
+    names = "input.class_names={1: liver, 2: right_kidney, 3: left_kidney, 4: spleen}"
+    ds = export_dataset(tmp_path / "raw", images, labels, pseudo, [1, 2, 3, 4], load_config(overrides=[names]))
     verify(ds, 1)  # raises on any problem
     dj = json.loads((ds / "dataset.json").read_text())
     assert dj["numTraining"] == 4 and dj["file_ending"] == ".nii.gz"

@@ -104,6 +104,7 @@ class SSLMedSAM2App(MONAILabelApp):
         meta["ssl_medsam2"] = {"state_dir": str(self.workspace.state_dir),
                                "deployed_model": (self.workspace.registry.current() or {}).get("id"),
                                "pseudo_tag": self.workspace.pseudo_tag,
+                               "failed_pseudo_labels": self.workspace.failed_pseudo_labels(),
                                "lease_hours": self.workspace.leases.ttl_s / 3600,
                                "datastore_recovery": self.datastore_recovery,
                                "startup_warnings": getattr(self, "startup_warnings", []),

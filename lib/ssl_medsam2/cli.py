@@ -138,8 +138,13 @@ def _run_pseudo_label(args) -> int:
                                     executor=executor_for(cfg))
     for s in summaries:
         print(json.dumps({"case": s["case"], "mean_entropy_inside": s["mean_entropy_inside"],
+                          "quality": (s.get("quality") or {}).get("score"), "failed": s.get("failed", False),
                           "seconds": s["timings"]["total_s"], "random_weights": s.get("random_weights", False)}))
     print(f"wrote {len(summaries)} pseudo label(s) to {args.out}")
+    failed = [s["case"] for s in summaries if s.get("failed")]
+    if failed:
+        print(f"FAILED the quality gate ({len(failed)}): {', '.join(failed)}: not used to train nnU-Net; "
+              f"check or annotate them first (reasons in summaries/<case>.json, quality.reasons)")
     return 0
 
 

@@ -60,13 +60,48 @@ class InputSettings(Section):
         self._set(classes=classes, class_names=names)
 
     def class_name(self, c: int, unnamed: str | None = None) -> str:
-        """The configured name of class ``c``; ``unnamed`` (default: the id) when it has none."""
-        return self.class_names.get(int(c), str(c) if unnamed is None else unnamed)
+        """The configured name of class ``c``; ``unnamed`` (default: the neutral ``class_<id>``) when it has none."""
+        return self.class_names.get(int(c), f"class_{int(c)}" if unnamed is None else unnamed)
 
     @property
-    def label_ids(self) -> set[int]:
-        """Class ids a label map may hold: background, the named classes and ``classes``."""
+    def label_ids(self) -> set[int] | None:
+        """Class ids a label map may hold: background, the named classes and ``classes``; None (any id)
+        when neither names nor classes are configured."""
+        if not self.class_names and not self.classes:
+            return None
         return {0} | set(self.class_names) | set(self.classes or ())
+
+
+def dataset_class_names(folder) -> dict[int, str]:
+    """Class id -> name from an nnU-Net ``dataset.json`` (``labels``: name -> id) in ``folder`` or its parent
+    (beside imagesTr/ labelsTr/); {} when there is none. Background and ``ignore`` are not classes."""
+    import json
+    from pathlib import Path
+
+    for d in (Path(folder), Path(folder).parent):
+        p = d / "dataset.json"
+        if p.is_file():
+            try:
+                labels = json.loads(p.read_text()).get("labels") or {}
+            except (ValueError, AttributeError):
+                raise ValueError(f"{p.name} beside the images is not a JSON object with a 'labels' map") from None
+            out = {}
+            for name, value in labels.items():
+                if isinstance(value, (int, str)) and str(value).isdigit() and int(value) > 0 and name != "ignore":
+                    out[int(value)] = str(name)
+            return out
+    return {}
+
+
+def with_dataset_class_names(cfg: dict, folder) -> dict:
+    """``cfg`` with ``input.class_names`` from the data's ``dataset.json`` when the config names none
+    (an explicit ``--set input.class_names`` wins); unchanged otherwise."""
+    from .config import merge
+
+    if InputSettings.from_config(cfg).class_names:
+        return cfg
+    names = dataset_class_names(folder)
+    return merge(cfg, {"input": {"class_names": names}}) if names else cfg
 
 
 def resolve_modality(array: np.ndarray, modality: str = "auto") -> str:

@@ -32,8 +32,9 @@ from .engines.base import Case, FewShotEngine, check_supports, classes_in
 from .executors import LOCAL, CaseJob, CasesFailed, Executor
 from .io import (InputError, atomic_write, list_volumes, load_label_for, load_volume, save_like,
                  write_text_atomic)
-from .preprocess import InputSettings
+from .preprocess import InputSettings, IntensityConfig, scale_to_uint8_range, with_dataset_class_names
 from .protocol import ProtocolSettings, probabilities_to_label
+from .quality import QualitySettings, assess, class_volumes_mm3, support_histograms
 from .uncertainty import binary_entropy, summarize
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,28 @@ def finalize(engine_result, query: Case, cfg: dict) -> dict:
         **engine_result.meta,
     }
     return {"label": label, "probabilities": probs, "entropy": entropy, "summary": summary}
+
+
+def add_quality(outputs: dict, engine_result, supports: Sequence[Case], query: Case, cfg: dict) -> None:
+    """The case's quality record and gate verdict (:mod:`ssl_medsam2.quality`) into its summary."""
+    classes = engine_result.classes
+    support_volumes: dict[int, list[float]] = {}
+    for s in supports:
+        for c, v in class_volumes_mm3(s.label.array, s.label.spacing, classes).items():
+            support_volumes.setdefault(c, []).append(v)
+    inputs = InputSettings.from_config(cfg)
+    settings = QualitySettings.from_config(cfg)
+    intensity = IntensityConfig.from_config(cfg)
+    hist = support_histograms(((scale_to_uint8_range(s.image.array, intensity), s.label.array) for s in supports),
+                              classes, settings.appearance_bins)
+    q = assess(outputs["probabilities"], outputs["entropy"], outputs["label"], classes, query.image.spacing,
+               support_volumes, engine_result.meta, settings, {int(c): inputs.class_name(c) for c in classes},
+               query_norm=scale_to_uint8_range(query.image.array, intensity), support_hist=hist)
+    outputs["summary"]["quality"] = q
+    outputs["summary"]["failed"] = q["failed"]
+    if q["failed"]:
+        log.warning("%s: pseudo label FAILED the quality gate (%s): it will not train nnU-Net and goes to an "
+                    "annotator first", query.name, "; ".join(q["reasons"]))
 
 
 def case_paths(out_dir: str | os.PathLike, name: str) -> dict[str, Path]:
@@ -188,6 +211,7 @@ def pseudo_label_case(engine: FewShotEngine, supports: Sequence[Case], query: Ca
     t0 = time.perf_counter()
     result = engine.predict(supports, query, classes, progress=progress)
     outputs = finalize(result, query, cfg)
+    add_quality(outputs, result, supports, query, cfg)
     outputs["summary"].setdefault("timings", {})["total_s"] = round(time.perf_counter() - t0, 3)
     outputs["summary"]["engine"] = engine.name
     outputs["summary"]["supports"] = [s.name for s in supports]
@@ -248,6 +272,7 @@ def pseudo_label_folder(images_dir, labels_dir, out_dir, cfg: dict, engine: FewS
     """
     from .engines import with_engine_chosen
 
+    cfg = with_dataset_class_names(cfg, images_dir)
     if executor is None:
         if (cfg.get("cluster") or {}).get("ray_address"):
             raise ValueError("cluster.ray_address is set but no executor was given: pass "
@@ -294,7 +319,8 @@ def pseudo_label_folder(images_dir, labels_dir, out_dir, cfg: dict, engine: FewS
 def write_run_json(out_dir, engine_name: str, supports: Sequence[Case], queries: Sequence[str], classes,
                    summaries: list[dict], **extra) -> Path:
     """``out_dir/run.json``: what a folder run did (engine, supports, queries, summaries, ...)."""
+    failed_quality = [s["case"] for s in summaries if s.get("failed")]
     return write_text_atomic(json.dumps({"engine": engine_name, "supports": [s.name for s in supports],
                                          "queries": list(queries), "classes": list(classes),
-                                         "summaries": summaries, **extra}, indent=2, default=_json_default),
+                                         "failed_quality": failed_quality, "summaries": summaries, **extra}, indent=2, default=_json_default),
                              Path(out_dir) / "run.json")

@@ -43,9 +43,21 @@ def rank_by_score(ids: Iterable[str], scores: Mapping[str, float | None], descen
     return scored + unscored
 
 
-def rank_uncertainty(ids: Iterable[str], uncertainty: Mapping[str, float | None]) -> list[str]:
-    """Most uncertain pseudo label first: where the few-shot ensemble disagreed with itself most."""
-    return rank_by_score(ids, uncertainty, descending=True)
+def rank_uncertainty(ids: Iterable[str], uncertainty: Mapping[str, float | None],
+                     failed: Iterable[str] = ()) -> list[str]:
+    """Most uncertain pseudo label first: where the few-shot ensemble disagreed with itself most.
+
+    Pseudo labels that failed the quality gate (:mod:`ssl_medsam2.quality`) come before all others: a
+    confidently wrong label can have a low entropy, and it is the one a person must see first."""
+    ids = list(ids)
+    bad = set(failed)
+    return (rank_by_score([i for i in ids if i in bad], uncertainty, descending=True)
+            + rank_by_score([i for i in ids if i not in bad], uncertainty, descending=True))
+
+
+def rank_quality(ids: Iterable[str], quality: Mapping[str, float | None]) -> list[str]:
+    """Lowest pseudo-label quality score first (:func:`ssl_medsam2.quality.assess`)."""
+    return rank_by_score(ids, quality, descending=False)
 
 
 def rank_disagreement(ids: Iterable[str], disagreement: Mapping[str, float | None]) -> list[str]:

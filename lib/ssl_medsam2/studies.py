@@ -46,4 +46,8 @@ def make_studies(images_dir: str | os.PathLike, labels_dir: str | os.PathLike | 
     for c in chosen:
         ext = ".nii.gz" if labels[c].name.endswith(".nii.gz") else ".nii"
         shutil.copyfile(labels[c], out / "labels" / "final" / f"{c}{ext}")
+    for d in (Path(images_dir), Path(images_dir).parent):  # the class names go with the images (app: /info)
+        if (d / "dataset.json").is_file():
+            shutil.copyfile(d / "dataset.json", out / "dataset.json")
+            break
     return {"studies": str(out), "images": names, "labelled": chosen}

@@ -22,7 +22,8 @@ from .workspace import Workspace
 log = logging.getLogger(__name__)
 
 DESCRIPTIONS = {
-    "uncertainty": "Most uncertain few-shot pseudo label first (run scoring 'uncertainty' or a few-shot infer)",
+    "uncertainty": "Failed (quality gate) then most uncertain few-shot pseudo label first (run scoring "
+                   "'uncertainty' or a few-shot infer)",
     "disagreement": "Largest few-shot vs nnU-Net disagreement first (scoring 'disagreement')",
     "diversity": "k-center on cheap image embeddings: the volume least like anything labelled",
     "random": "Random unlabelled volume",
@@ -60,7 +61,8 @@ class LeasedStrategy(Strategy):
 
     def rank(self, candidates: list[str], request) -> list[str]:
         if self.name == "uncertainty":
-            return strategies.rank_uncertainty(candidates, self._scores(candidates, "ssl_uncertainty"))
+            failed = [i for i, f in self._scores(candidates, "ssl_fewshot_failed").items() if f]
+            return strategies.rank_uncertainty(candidates, self._scores(candidates, "ssl_uncertainty"), failed)
         if self.name == "disagreement":
             return strategies.rank_disagreement(candidates, self._scores(candidates, "ssl_disagreement"))
         if self.name == "most_confident":

@@ -80,7 +80,8 @@ def batch_fewshot_on_cluster(ws, engine_name: str, request: dict, datastore) -> 
             datastore.save_label(image_id, str(dst["labels"]), label_tag,
                                  {"source": f"{engine_name}_fewshot", "ray": True})
             ws.set_scores(image_id, {"ssl_uncertainty": u, "ssl_fewshot_engine": engine_name,
-                                     "ssl_fewshot_random_weights": bool(summary.get("random_weights", False))})
+                                     "ssl_fewshot_random_weights": bool(summary.get("random_weights", False)),
+                                     **ws.quality_scores(summary)})
             result[image_id] = {"label": str(dst["labels"]), "uncertainty": u}
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -32,7 +32,11 @@ RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nrrd.gz", ".mha", ".mhd")
 
 
 def label_names(cfg: dict) -> dict[str, int]:
-    return {name: c for c, name in InputSettings.from_config(cfg).class_names.items()}
+    """Name -> id of the app's classes: input.class_names (or the studies' dataset.json), else class_<id>
+    for each of input.classes."""
+    inputs = InputSettings.from_config(cfg)
+    ids = sorted(inputs.class_names) or list(inputs.classes or ())
+    return {inputs.class_name(c): c for c in ids}
 
 
 RESULT_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
@@ -173,13 +177,16 @@ class FewShotInfer(InferTask):
         u = _uncertainty(self.ws, outputs["entropy"], outputs["label"], s["classes"])
         if image_id:
             self.ws.set_scores(image_id, {"ssl_uncertainty": u, "ssl_fewshot_engine": self.engine_name,
-                                          "ssl_fewshot_random_weights": bool(s.get("random_weights", False))})
+                                          "ssl_fewshot_random_weights": bool(s.get("random_weights", False)),
+                                          **self.ws.quality_scores(s)})
         result = write_result(outputs["label"], query, request)
         return result, {
             "label_names": label_names(self.ws.cfg),
             "engine": self.engine_name,
             "supports": s.get("supports"),
             "uncertainty": u,
+            "quality": (s.get("quality") or {}).get("score"),
+            "failed": bool(s.get("failed", False)),
             "mean_entropy_inside": s.get("mean_entropy_inside"),
             "mean_entropy_boundary": s.get("mean_entropy_boundary"),
             "random_weights": bool(s.get("random_weights", False)),

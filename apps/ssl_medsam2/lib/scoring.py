@@ -1,6 +1,7 @@
 """Scoring methods: per-image scores written into the datastore's image info for the strategies.
 
-``uncertainty``: mean entropy of the stored few-shot probabilities inside and around the pseudo mask.
+``uncertainty``: mean entropy of the stored few-shot probabilities inside and around the pseudo mask,
+and the summary's quality gate verdict (a failed pseudo label is ranked first by the strategy).
 ``disagreement``: 1 - Dice between the stored few-shot pseudo label and the deployed nnU-Net's prediction
 (predicted here, once per model version, when not already stored by an ``nnunet`` infer).
 Both only read what infer tasks stored, so they are cheap to rerun; both skip images without outputs.
@@ -48,9 +49,9 @@ class UncertaintyScoring(ScoringMethod):
                 continue
             image = load_volume(datastore.get_image_uri(i), name=i)
             label = load_label_for(image, lab).array
-            classes = json.loads(summ.read_text())["classes"]
-            u = strategies.uncertainty_score(_load_4d_canonical(image, ent), label, classes, band)
-            self.ws.set_scores(i, {"ssl_uncertainty": u})
+            summary = json.loads(summ.read_text())
+            u = strategies.uncertainty_score(_load_4d_canonical(image, ent), label, summary["classes"], band)
+            self.ws.set_scores(i, {"ssl_uncertainty": u, **self.ws.quality_scores(summary)})
             out[i] = u
         log.info("uncertainty scores: %s", out)
         return {"scored": out}

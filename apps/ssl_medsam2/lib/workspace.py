@@ -146,6 +146,10 @@ class Workspace:
         self.studies = studies
         self.conf = dict(conf or {})
         self.cfg = project_config(conf)
+        if not str(studies).startswith(("http://", "https://")):  # class names from the studies' dataset.json
+            from ssl_medsam2.preprocess import with_dataset_class_names
+
+            self.cfg = with_dataset_class_names(self.cfg, Path(studies))
         self.app = AppSettings.from_config(self.cfg)
         state = self.app.state_dir
         if not state:
@@ -202,6 +206,19 @@ class Workspace:
         """Write per-image scores into the datastore's image info (what strategies and clients read)."""
         if image_id and self.has_image(image_id):
             self.datastore.update_image_info(image_id, {**scores, "ssl_scores_ts": int(time.time())})
+
+    @staticmethod
+    def quality_scores(summary: dict) -> dict:
+        """The image-info keys of a few-shot summary's quality verdict (ssl_medsam2.quality)."""
+        return {"ssl_quality": (summary.get("quality") or {}).get("score"),
+                "ssl_fewshot_failed": bool(summary.get("failed", False)),
+                "ssl_fewshot_failed_reasons": (summary.get("quality") or {}).get("reasons", [])}
+
+    def failed_pseudo_labels(self) -> list[str]:
+        """Images whose stored few-shot pseudo label failed the quality gate (shown in /info)."""
+        from ssl_medsam2.quality import failed_cases
+
+        return failed_cases(self.fewshot_dir / "summaries", self.image_ids())
 
     def image_info(self, image_id: str) -> dict:
         return self.datastore.get_image_info(image_id) or {}

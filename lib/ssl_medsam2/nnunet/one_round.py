@@ -28,6 +28,7 @@ from ..executors import LOCAL, CaseJob, CasesFailed, Executor
 from ..io import (InputError, atomic_write, link_or_copy, list_volumes, load_label_for, load_volume, save_like,
                   write_text_atomic)
 from ..metrics import mean_dice
+from ..quality import failed_cases
 from ..uncertainty import binary_entropy
 from . import gate as gate_mod
 from . import train as nn_train
@@ -245,7 +246,12 @@ def train_round(k: int, layout: RunLayout, cfg: dict, images: Mapping[str, Path]
             t = time.perf_counter()
             emit(progress, stage="export", round=k, max_rounds=max_rounds)
             prev = layout.round(k - 1)
-            pseudo = {n: prev / "labels" / f"{n}.nii.gz" for n in pseudo_names}
+            # a round-0 pseudo label that failed the quality gate trains no round (its case is left out)
+            excluded = failed_cases(layout.round(0) / "summaries", pseudo_names)
+            if excluded:
+                log.warning("round %d: %d pseudo label(s) failed the quality gate and stay out of training: %s",
+                            k, len(excluded), ", ".join(excluded))
+            pseudo = {n: prev / "labels" / f"{n}.nii.gz" for n in pseudo_names if n not in excluded}
             entropy = {n: prev / "entropy" / f"{n}.nii.gz" for n in pseudo_names}
             ds = export_dataset(root / "raw", images, train_labels, pseudo, classes, cfg, entropy=entropy)
             if k == 1:

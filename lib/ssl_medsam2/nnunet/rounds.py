@@ -26,7 +26,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from ..io import InputError, list_volumes, load_label_for, load_volume
-from ..preprocess import InputSettings
+from ..preprocess import InputSettings, with_dataset_class_names
 from . import gate as gate_mod
 from . import one_round, runstate
 from . import schedule as schedule_mod
@@ -113,6 +113,7 @@ def run_ssl(images_dir, labels_dir, work_dir, cfg: dict, pseudo_labels_dir=None,
 
         executor = executor_for(cfg)
     layout = RunLayout(work_dir)
+    cfg = with_dataset_class_names(cfg, images_dir)
     settings = NnUNetSettings.from_config(cfg)  # a bad nnunet setting (schedule, ...) fails before any work
     images = list_volumes(images_dir)
     if not images:

@@ -1,0 +1,154 @@
+"""The per-case quality gate on real CHAOS volumes: hard cases are usable or flagged, never a silent Dice
+near 0; a flagged pseudo label never reaches nnU-Net's training set; class names come from the data."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import chaos_cases, downsample_case
+from hard_cases import ALL_CASES, CHAOS_CLASS_NAMES, USABLE_DICE, build, run_case
+
+from ssl_medsam2 import strategies
+from ssl_medsam2.config import load_config
+from ssl_medsam2.preprocess import InputSettings, dataset_class_names, with_dataset_class_names
+from ssl_medsam2.quality import QualitySettings, assess, estimated_agreement
+
+
+@pytest.fixture(scope="module")
+def hard_results(chaos_dir, tmp_path_factory):
+    """Every hard case at 128x128 in-plane (2.5 mm, the atlas working spacing): supports chaos_01 + chaos_02,
+    query chaos_05 (about 10 CPU-s each)."""
+    cfg = load_config(overrides=[f"input.class_names={json.dumps(CHAOS_CLASS_NAMES)}"])
+    cases = build(tmp_path_factory.mktemp("hard"), ALL_CASES, factor=2, data=chaos_dir)
+    return {name: run_case(paths, cfg) for name, paths in cases.items()}
+
+
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_hard_case_is_usable_or_flagged(hard_results, case):
+    r = hard_results[case]
+    usable = r["min_dice"] >= USABLE_DICE
+    assert usable or r["failed"], (f"{case}: silent bad pseudo label: Dice {r['dice']} not flagged "
+                                   f"(score {r['score']}, {r['per_class']})")
+
+
+def test_good_cases_are_not_flagged(hard_results):
+    """The clean query and the harmless transforms give usable labels that pass the gate (no cry-wolf)."""
+    for case in ("good", "thick_slices", "cropped"):
+        r = hard_results[case]
+        assert r["min_dice"] >= USABLE_DICE and not r["failed"], f"{case}: {r}"
+
+
+def test_corrupted_support_and_mirrored_query_are_flagged(hard_results):
+    """Today's registration cannot undo a mirrored query and fusion cannot undo a support whose labels
+    are permuted: both must be flagged, whatever their Dice."""
+    for case in ("flipped", "support_classes_permuted"):
+        assert hard_results[case]["failed"], f"{case}: {hard_results[case]}"
+
+
+def test_failed_case_ranks_first_for_uncertainty_even_when_confident():
+    """A confidently wrong label can have the lowest entropy: failed cases still come first."""
+    unc = {"a": 0.30, "b": 0.05, "c": 0.20}
+    assert strategies.rank_uncertainty(unc, unc) == ["a", "c", "b"]
+    assert strategies.rank_uncertainty(unc, unc, failed=["b"]) == ["b", "a", "c"]
+    assert strategies.rank_quality(["a", "b", "c"], {"a": 0.5, "b": 0.1, "c": None}) == ["b", "a", "c"]
+
+
+def test_quality_scores_from_probabilities():
+    """Agreement is the Dice of the supports' labels under mean fusion; an empty class fails the case."""
+    a = np.zeros((1, 20, 20, 4), np.float32)
+    a[0, 2:10, 2:10] += 0.5  # support 1
+    a[0, 6:14, 2:10] += 0.5  # support 2, shifted: overlap 4 of 8 rows
+    assert estimated_agreement(a[0]) == pytest.approx(0.5)
+    cfg = load_config()
+    q = QualitySettings.from_config(cfg)
+    label = np.zeros((20, 20, 4), np.uint8)
+    out = assess(a, np.zeros_like(a), label, (1,), (1.0, 1.0, 1.0), {1: [256.0]}, {}, q)
+    assert out["failed"] and "class_1: empty" in out["reasons"][0] and out["score"] == 0.0
+
+
+def test_failed_pseudo_label_never_reaches_nnunet_training(chaos_dir, tmp_path, monkeypatch):
+    """Round k's nnU-Net dataset (what nnU-Net trains on) holds no case whose round-0 summary says failed."""
+    from nnunet_helpers import TINY_SCHEDULE, make_tiny_chaos
+
+    from ssl_medsam2.nnunet import one_round
+    from ssl_medsam2.nnunet import train as nn_train
+    from ssl_medsam2.nnunet.layout import RunLayout
+    from ssl_medsam2.nnunet.settings import NnUNetSettings
+
+    data = make_tiny_chaos(chaos_dir, tmp_path / "data")
+    layout = RunLayout(tmp_path / "work")
+    for n in data["unlabelled"]:
+        (layout.labels(0)).mkdir(parents=True, exist_ok=True)
+        (layout.round(0) / "summaries").mkdir(parents=True, exist_ok=True)
+        (layout.labels(0) / f"{n}.nii.gz").write_bytes((data["root"] / "pseudo" / f"{n}.nii.gz").read_bytes())
+    bad, good = data["unlabelled"]
+    (layout.round(0) / "summaries" / f"{bad}.json").write_text(json.dumps({"case": bad, "failed": True}))
+    (layout.round(0) / "summaries" / f"{good}.json").write_text(json.dumps({"case": good, "failed": False}))
+    seen = {}
+
+    def fake_plan(settings, reuse_from=None, log_path=None):  # what nnU-Net would plan and train on
+        import os
+        from pathlib import Path
+
+        ds = next(Path(os.environ["nnUNet_raw"]).glob("Dataset*"))
+        seen["cases"] = json.loads((ds / "dataset.json").read_text())["ssl_medsam2_cases"]
+        seen["files"] = sorted(p.name for p in (ds / "labelsTr").iterdir())
+
+    monkeypatch.setattr(nn_train, "plan_and_preprocess", fake_plan)
+    monkeypatch.setattr(nn_train, "train_model", lambda *a, **k: None)
+    cfg = load_config(overrides=TINY_SCHEDULE)
+    images = {c: data["root"] / "images" / f"{c}_0000.nii.gz" for c in data["cases"]}
+    labels = {c: data["root"] / "labels" / f"{c}.nii.gz" for c in data["labelled"]}
+    settings = NnUNetSettings.from_config(cfg)
+    one_round.train_round(1, layout, cfg, images, labels, data["unlabelled"], [1, 2, 3, 4], lambda probe: settings)
+    assert bad not in seen["cases"] and f"{bad}.nii.gz" not in seen["files"]
+    assert seen["cases"][good]["source"] == "pseudo_label"
+    assert {c for c, v in seen["cases"].items() if v["source"] == "ground_truth"} == set(data["labelled"])
+
+
+# --- class names ------------------------------------------------------------------------------------
+
+def test_class_names_default_neutral_never_another_datasets_organs():
+    cfg = load_config()
+    inputs = InputSettings.from_config(cfg)
+    assert inputs.class_names == {} and inputs.class_name(1) == "class_1" and inputs.label_ids is None
+    assert "liver" not in json.dumps(cfg["input"]) and "kidney" not in json.dumps(cfg["input"])
+
+
+def test_class_names_from_dataset_json_and_explicit_set_wins(tmp_path):
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "dataset.json").write_text(json.dumps(
+        {"labels": {"background": 0, "RV": 1, "MYO": 2, "LV": 3, "ignore": 4}, "channel_names": {"0": "MRI"}}))
+    assert dataset_class_names(tmp_path / "imagesTr") == {1: "RV", 2: "MYO", 3: "LV"}
+    cfg = with_dataset_class_names(load_config(), tmp_path / "imagesTr")
+    assert InputSettings.from_config(cfg).class_name(2) == "MYO"
+    given = load_config(overrides=["input.class_names={1: cavity}"])
+    assert InputSettings.from_config(with_dataset_class_names(given, tmp_path / "imagesTr")).class_names == {1: "cavity"}
+    assert dataset_class_names(tmp_path / "nowhere") == {}
+
+
+def test_pseudo_label_summary_uses_dataset_json_names(chaos_dir, tmp_path):
+    """A folder run names classes from the data's dataset.json; without one, class_<id>."""
+    from ssl_medsam2.pseudo_label import pseudo_label_folder
+
+    root = tmp_path / "ds"
+    for c in chaos_cases()[:3]:
+        downsample_case(chaos_dir / "imagesTr" / f"{c}_0000.nii.gz", chaos_dir / "labelsTr" / f"{c}.nii.gz",
+                        root / "imagesTr" / f"{c}_0000.nii.gz", root / "all" / f"{c}.nii.gz", factor=8)
+    (root / "labelsTr").mkdir()
+    for c in chaos_cases()[:2]:
+        (root / "labelsTr" / f"{c}.nii.gz").write_bytes((root / "all" / f"{c}.nii.gz").read_bytes())
+    cfg = load_config(overrides=["protocol.engine=atlas"])
+    (s,) = pseudo_label_folder(root / "imagesTr", root / "labelsTr", tmp_path / "neutral", cfg, show_progress=False)
+    assert set(s["per_class"]) == {"class_1", "class_2", "class_3", "class_4"}
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 2, "c": 3, "d": 4}}))
+    (s,) = pseudo_label_folder(root / "imagesTr", root / "labelsTr", tmp_path / "named", cfg, show_progress=False)
+    assert set(s["per_class"]) == {"a", "b", "c", "d"} and s["class_names"]["1"] == "a"
+    run = json.loads((tmp_path / "named" / "run.json").read_text())
+    assert "failed_quality" in run and "quality" in s and isinstance(s["failed"], bool)
+    assert nib.load(str(tmp_path / "named" / "labels" / f"{s['case']}.nii.gz")).shape[:3] == \
+        nib.load(str(root / "imagesTr" / f"{s['case']}_0000.nii.gz")).shape
