@@ -130,7 +130,7 @@ def run_case(paths: dict, cfg: dict, engine=None) -> dict:
     q = out["summary"]["quality"]
     return {"dice": d, "mean_dice": round(float(np.mean(list(d.values()))), 4), "min_dice": min(d.values()),
             "score": q["score"], "failed": out["summary"]["failed"], "reasons": q["reasons"],
-            "per_class": {k: {kk: v[kk] for kk in ("score", "agreement", "entropy", "volume_ratio")}
+            "per_class": {k: {kk: v[kk] for kk in ("score", "agreement", "entropy", "appearance", "volume_ratio")}
                           for k, v in q["per_class"].items()},
             "cpu_s": round(time.process_time() - t0, 1)}
 

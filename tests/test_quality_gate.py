@@ -19,12 +19,17 @@ from ssl_medsam2.quality import QualitySettings, assess, estimated_agreement
 
 
 @pytest.fixture(scope="module")
-def hard_results(chaos_dir, tmp_path_factory):
+def hard_cases(chaos_dir, tmp_path_factory):
     """Every hard case at 128x128 in-plane (2.5 mm, the atlas working spacing): supports chaos_01 + chaos_02,
-    query chaos_05 (about 10 CPU-s each)."""
+    query chaos_05."""
+    return build(tmp_path_factory.mktemp("hard"), ALL_CASES, factor=2, data=chaos_dir)
+
+
+@pytest.fixture(scope="module")
+def hard_results(hard_cases):
+    """The atlas engine + gate on each hard case (about 10 CPU-s each)."""
     cfg = load_config(overrides=[f"input.class_names={json.dumps(CHAOS_CLASS_NAMES)}"])
-    cases = build(tmp_path_factory.mktemp("hard"), ALL_CASES, factor=2, data=chaos_dir)
-    return {name: run_case(paths, cfg) for name, paths in cases.items()}
+    return {name: run_case(paths, cfg) for name, paths in hard_cases.items()}
 
 
 @pytest.mark.parametrize("case", ALL_CASES)
@@ -37,7 +42,7 @@ def test_hard_case_is_usable_or_flagged(hard_results, case):
 
 def test_good_cases_are_not_flagged(hard_results):
     """The clean query and the harmless transforms give usable labels that pass the gate (no cry-wolf)."""
-    for case in ("good", "thick_slices", "cropped"):
+    for case in ("good", "thick_slices", "cropped", "intensity_rescaled"):
         r = hard_results[case]
         assert r["min_dice"] >= USABLE_DICE and not r["failed"], f"{case}: {r}"
 
@@ -55,6 +60,38 @@ def test_failed_case_ranks_first_for_uncertainty_even_when_confident():
     assert strategies.rank_uncertainty(unc, unc) == ["a", "c", "b"]
     assert strategies.rank_uncertainty(unc, unc, failed=["b"]) == ["b", "a", "c"]
     assert strategies.rank_quality(["a", "b", "c"], {"a": 0.5, "b": 0.1, "c": None}) == ["b", "a", "c"]
+
+
+def test_app_uncertainty_strategy_sends_the_failed_pseudo_label_first(hard_cases, hard_results, tmp_path):
+    """In the app: atlas few-shot infer on a good and a mirrored query, then /activelearning/uncertainty."""
+    import shutil
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "apps" / "ssl_medsam2"))
+    from main import create_app
+
+    studies = tmp_path / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    good, bad = hard_cases["good"], hard_cases["flipped"]
+    for s in ("chaos_01", "chaos_02"):
+        shutil.copyfile(good["images"] / f"{s}.nii.gz", studies / f"{s}.nii.gz")
+        shutil.copyfile(good["labels"] / f"{s}.nii.gz", studies / "labels" / "final" / f"{s}.nii.gz")
+    shutil.copyfile(good["images"] / "chaos_05.nii.gz", studies / "chaos_05.nii.gz")
+    shutil.copyfile(bad["images"] / "chaos_05.nii.gz", studies / "chaos_05_mirrored.nii.gz")
+    app = create_app(str(REPO / "apps" / "ssl_medsam2"), str(studies),
+                     {"sam2.checkpoint": "none", "app.retrain_after_labels": "0"})
+    ds = app.datastore()
+    task = app.infer_tasks["atlas_fewshot"]
+    for i in ("chaos_05", "chaos_05_mirrored"):
+        task({"image": ds.get_image_uri(i), "image_id": i})
+    infos = {i: ds.get_image_info(i) for i in ("chaos_05", "chaos_05_mirrored")}
+    assert infos["chaos_05_mirrored"]["ssl_fewshot_failed"] is True, infos
+    assert infos["chaos_05"]["ssl_fewshot_failed"] is False, infos
+    assert app.info()["ssl_medsam2"]["failed_pseudo_labels"] == ["chaos_05_mirrored"]
+    picked = app.strategy_tasks["uncertainty"]({"client_id": "alice", "ssl_anonymous": False}, ds)
+    assert picked["id"] == "chaos_05_mirrored", (picked, infos)
 
 
 def test_quality_scores_from_probabilities():
