@@ -87,7 +87,8 @@ class Oracle:
         self.classes = cache["classes"]
         inten = IntensityConfig.from_config(cfg)
         self.norm = {n: scale_to_uint8_range(v.image.array, inten) for n, v in cache["vols"].items()}
-        self.vol = {n: class_volumes_mm3(v.label.array, v.label.spacing, self.classes) for n, v in cache["vols"].items()}
+        self.vol = {n: class_volumes_mm3(v.label.array, v.label.spacing, self.classes)
+                    for n, v in cache["vols"].items()}
         self.hist = {n: support_histograms([(self.norm[n], v.label.array)], self.classes, self.q.appearance_bins)
                      for n, v in cache["vols"].items()}
         grid = cfg["app"]["embedding_grid"]
@@ -220,8 +221,8 @@ def run(seeds: int, factor: int, work: Path, out: Path, overrides: list[str]) ->
     out.mkdir(parents=True, exist_ok=True)
     (out / "al_curve_fewshot.json").write_text(json.dumps(result, indent=1))
     plot(result, out / "al_curve_fewshot.png")
-    summary = {s: {"unlabelled_dice_mean": a["unlabelled_dice"]["mean"], "whole_set_dice_mean": a["whole_set_dice"]["mean"]}
-               for s, a in agg.items()}
+    summary = {s: {"unlabelled_dice_mean": a["unlabelled_dice"]["mean"],
+                   "whole_set_dice_mean": a["whole_set_dice"]["mean"]} for s, a in agg.items()}
     print(json.dumps({"n_labelled": agg["random"]["n_labelled"], "summary": summary,
                       "registration_cpu_s": cache["registration_cpu_s"], "out": str(out)}))
     return result

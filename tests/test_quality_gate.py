@@ -47,10 +47,9 @@ def test_good_cases_are_not_flagged(hard_results):
         assert r["min_dice"] >= USABLE_DICE and not r["failed"], f"{case}: {r}"
 
 
-def test_corrupted_support_and_mirrored_query_are_flagged(hard_results):
-    """Today's registration cannot undo a mirrored query and fusion cannot undo a support whose labels
-    are permuted: both must be flagged, whatever their Dice."""
-    for case in ("flipped", "support_classes_permuted"):
+def test_corrupted_support_is_flagged(hard_results):
+    """No registration can undo a support whose labels are wrong: flagged, whatever the Dice."""
+    for case in ("support_classes_permuted", "support_labels_shifted"):
         assert hard_results[case]["failed"], f"{case}: {hard_results[case]}"
 
 
@@ -62,8 +61,9 @@ def test_failed_case_ranks_first_for_uncertainty_even_when_confident():
     assert strategies.rank_quality(["a", "b", "c"], {"a": 0.5, "b": 0.1, "c": None}) == ["b", "a", "c"]
 
 
-def test_app_uncertainty_strategy_sends_the_failed_pseudo_label_first(hard_cases, hard_results, tmp_path):
-    """In the app: atlas few-shot infer on a good and a mirrored query, then /activelearning/uncertainty."""
+def test_app_uncertainty_strategy_sends_the_failed_pseudo_label_first(hard_cases, totalseg_dir, tmp_path):
+    """In the app: atlas few-shot infer from two MRI supports on a good MRI query and on a CT scan (put
+    among the MRI studies by mistake: its organs look nothing like the supports'), then the strategy."""
     import shutil
     import sys
 
@@ -74,24 +74,24 @@ def test_app_uncertainty_strategy_sends_the_failed_pseudo_label_first(hard_cases
 
     studies = tmp_path / "studies"
     (studies / "labels" / "final").mkdir(parents=True)
-    good, bad = hard_cases["good"], hard_cases["flipped"]
+    good = hard_cases["good"]
     for s in ("chaos_01", "chaos_02"):
         shutil.copyfile(good["images"] / f"{s}.nii.gz", studies / f"{s}.nii.gz")
         shutil.copyfile(good["labels"] / f"{s}.nii.gz", studies / "labels" / "final" / f"{s}.nii.gz")
     shutil.copyfile(good["images"] / "chaos_05.nii.gz", studies / "chaos_05.nii.gz")
-    shutil.copyfile(bad["images"] / "chaos_05.nii.gz", studies / "chaos_05_mirrored.nii.gz")
+    shutil.copyfile(totalseg_dir / "imagesTr" / "ct_sm_0000.nii.gz", studies / "ct_scan.nii.gz")
     app = create_app(str(REPO / "apps" / "ssl_medsam2"), str(studies),
                      {"sam2.checkpoint": "none", "app.retrain_after_labels": "0"})
     ds = app.datastore()
     task = app.infer_tasks["atlas_fewshot"]
-    for i in ("chaos_05", "chaos_05_mirrored"):
+    for i in ("chaos_05", "ct_scan"):
         task({"image": ds.get_image_uri(i), "image_id": i})
-    infos = {i: ds.get_image_info(i) for i in ("chaos_05", "chaos_05_mirrored")}
-    assert infos["chaos_05_mirrored"]["ssl_fewshot_failed"] is True, infos
+    infos = {i: ds.get_image_info(i) for i in ("chaos_05", "ct_scan")}
+    assert infos["ct_scan"]["ssl_fewshot_failed"] is True, infos
     assert infos["chaos_05"]["ssl_fewshot_failed"] is False, infos
-    assert app.info()["ssl_medsam2"]["failed_pseudo_labels"] == ["chaos_05_mirrored"]
+    assert app.info()["ssl_medsam2"]["failed_pseudo_labels"] == ["ct_scan"]
     picked = app.strategy_tasks["uncertainty"]({"client_id": "alice", "ssl_anonymous": False}, ds)
-    assert picked["id"] == "chaos_05_mirrored", (picked, infos)
+    assert picked["id"] == "ct_scan", (picked, infos)
 
 
 def test_quality_scores_from_probabilities():
@@ -164,8 +164,9 @@ def test_class_names_from_dataset_json_and_explicit_set_wins(tmp_path):
     cfg = with_dataset_class_names(load_config(), tmp_path / "imagesTr")
     assert InputSettings.from_config(cfg).class_name(2) == "MYO"
     given = load_config(overrides=["input.class_names={1: cavity}"])
-    assert InputSettings.from_config(with_dataset_class_names(given, tmp_path / "imagesTr")).class_names == {1: "cavity"}
-    assert dataset_class_names(tmp_path / "nowhere") == {}
+    explicit = with_dataset_class_names(given, tmp_path / "imagesTr")
+    assert InputSettings.from_config(explicit).class_names == {1: "cavity"}
+    assert dataset_class_names(tmp_path / "x" / "nowhere") == {}
 
 
 def test_pseudo_label_summary_uses_dataset_json_names(chaos_dir, tmp_path):

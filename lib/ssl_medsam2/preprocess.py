@@ -100,8 +100,10 @@ def with_dataset_class_names(cfg: dict, folder) -> dict:
 
     if InputSettings.from_config(cfg).class_names:
         return cfg
+    import json
+
     names = dataset_class_names(folder)
-    return merge(cfg, {"input": {"class_names": names}}) if names else cfg
+    return merge(cfg, [f"input.class_names={json.dumps(names)}"]) if names else cfg
 
 
 def resolve_modality(array: np.ndarray, modality: str = "auto") -> str:

@@ -322,5 +322,6 @@ def write_run_json(out_dir, engine_name: str, supports: Sequence[Case], queries:
     failed_quality = [s["case"] for s in summaries if s.get("failed")]
     return write_text_atomic(json.dumps({"engine": engine_name, "supports": [s.name for s in supports],
                                          "queries": list(queries), "classes": list(classes),
-                                         "failed_quality": failed_quality, "summaries": summaries, **extra}, indent=2, default=_json_default),
+                                         "failed_quality": failed_quality, "summaries": summaries, **extra},
+                                        indent=2, default=_json_default),
                              Path(out_dir) / "run.json")

@@ -138,7 +138,8 @@ def assess(probs: np.ndarray, entropy: np.ndarray, label: np.ndarray, classes: S
             reasons.append(f"{name}: empty (the supports have it)")
         elif score < settings.min_score:
             reasons.append(f"{name}: score {score:.3f} < {settings.min_score}")
-        if ratio is not None and ent is not None and not settings.min_volume_ratio <= ratio <= settings.max_volume_ratio:
+        in_range = ratio is None or settings.min_volume_ratio <= ratio <= settings.max_volume_ratio
+        if ent is not None and not in_range:
             reasons.append(f"{name}: volume {ratio:.2f} x the supports' (allowed "
                            f"{settings.min_volume_ratio}-{settings.max_volume_ratio})")
     sims = [s.get("similarity") for s in meta.get("atlas_supports") or [] if s.get("similarity") is not None]
