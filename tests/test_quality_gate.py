@@ -146,7 +146,7 @@ def test_failed_pseudo_label_never_reaches_nnunet_training(chaos_dir, tmp_path, 
     images = {c: data["root"] / "images" / f"{c}_0000.nii.gz" for c in data["cases"]}
     labels = {c: data["root"] / "labels" / f"{c}.nii.gz" for c in data["labelled"]}
     settings = NnUNetSettings.from_config(cfg)
-    one_round.train_round(1, layout, cfg, images, labels, data["unlabelled"], [1, 2, 3, 4], lambda probe: settings)
+    one_round.train_round(1, layout, cfg, images, labels, data["unlabelled"], [1, 2, 3, 4], lambda probe: (settings, None))
     assert bad not in seen["cases"] and f"{bad}.nii.gz" not in seen["files"]
     assert seen["cases"][good]["source"] == "pseudo_label"
     assert {c for c, v in seen["cases"].items() if v["source"] == "ground_truth"} == set(data["labelled"])
