@@ -31,7 +31,7 @@ labelled volumes); the LAST line printed is a JSON summary.
 ``--no-training``: the few-shot curve instead (bench/al_fewshot.py): no nnU-Net, every strategy against
 random over ``--seeds`` seeds, pseudo-label Dice of the still-unlabelled volumes; PNG + JSON in docs/figures/.
 
-    python bench/al_curve.py --no-training           # 8 CHAOS volumes at 128x128: ~10 CPU-min of registrations
+    python bench/al_curve.py --no-training           # 8 CHAOS volumes at 128x128: ~6 CPU-min of registrations (cached)
 """
 
 from __future__ import annotations
