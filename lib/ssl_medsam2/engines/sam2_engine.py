@@ -14,9 +14,10 @@ Three implementations of the same protocol, one oracle:
   (support, class), and the tracked support frames between/after/before the prompts once per direction
   — in SAM2 these depend only on relative frame distances inside the inserted block. Per run it then
   tracks only query frames, either
-  - batched (``sam2.batch_runs: true``, default): all runs of a (support, class) advance together,
-    one SAM2 step per frame for the whole batch (:mod:`.sam2_batch`, :mod:`.sam2_cond_kv`; the
-    tracked support frames go through the same step), or
+  - batched (``sam2.batch_runs: true``, default): every run of the query — all supports x classes x
+    inserts x directions — advances together, one SAM2 step per frame index over fixed-shape memory
+    tensors (:mod:`.sam2_batch`, :mod:`.sam2_cond_kv`); first all tracked support blocks together,
+    then all runs. :meth:`SAM2Engine.predict_campaign` puts several queries into the same steps, or
   - run by run (``sam2.batch_runs: false``): SAM2's own per-frame step, batch 1.
   Probabilities are summed per class on the model's device and copied to the host once per query.
 * :meth:`SAM2Engine.predict_reference` is the paper's order with the stock predictor calls
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -39,7 +41,7 @@ from ..preprocess import (InputSettings, IntensityConfig, frames_for_model, resi
                           scale_to_uint8_range, to_slices, from_slices)
 from ..protocol import PseudoVideo, RunningMean, insert_positions
 from .base import Case, EngineResult, check_supports
-from .sam2_batch import TrackSequence, logits_to_prob, new_cond_kv, track_batched
+from .sam2_batch import BatchedTracker, TrackSequence, logits_to_prob
 from .sam2_context import (Features, QueryContext, SupportCache, SupportContext, SupportOnly,
                            VideoFeatures)
 from .sam2_model import CheckpointNotFound, SAM2Settings, build_predictor, checkpoint_status  # noqa: F401 (re-export)
@@ -58,26 +60,34 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
         raise ValueError(f"sam2.dtype must be auto, float32 or bfloat16, got '{name}'") from None
 
 
-def resolve_max_batch(value, device: torch.device) -> int:
+def resolve_max_batch(value, device: torch.device) -> int | None:
     """``sam2.max_batch``: auto = 8 sequences per step on CPU (bounded memory; batching saves little
-    there), 64 on CUDA (the GPU is latency-bound at batch 1)."""
+    there), on CUDA chosen per track from free device memory (None)."""
     if value in (None, "auto"):
-        return 64 if device.type == "cuda" else 8
+        return None if device.type == "cuda" else 8
     if int(value) < 1:
         raise ValueError(f"sam2.max_batch must be auto or >= 1, got {value}")
     return int(value)
 
 
-def compile_tracking(model, device: torch.device) -> bool:
-    """``sam2.compile``: torch.compile the per-frame tracking modules (as SAM2's ``vos_optimized``
-    predictor does). CUDA only; on CPU it is ignored (compilation costs minutes and gains nothing)."""
-    if device.type != "cuda":
+def resolve_campaign_queries(value, device: torch.device) -> int | None:
+    """``sam2.campaign_queries``: queries per batched track in a campaign; auto = 1 on CPU (it is
+    compute-bound already), on CUDA chosen from free device memory (None)."""
+    if value in (None, "auto"):
+        return None if device.type == "cuda" else 1
+    if int(value) < 1:
+        raise ValueError(f"sam2.campaign_queries must be auto or >= 1, got {value}")
+    return int(value)
+
+
+def compile_wanted(settings, device: torch.device) -> bool:
+    """``sam2.compile``: torch.compile the fixed-shape part of the batched step
+    (``mode="reduce-overhead", dynamic=False``: CUDA graphs). CUDA only; on CPU it is ignored
+    (compilation costs minutes and gains nothing)."""
+    if settings.compile and device.type != "cuda":
         log.warning("sam2.compile is ignored on %s (CUDA only)", device)
         return False
-    model.memory_attention.forward = torch.compile(model.memory_attention.forward, dynamic=True)
-    model.memory_encoder.forward = torch.compile(model.memory_encoder.forward, dynamic=True)
-    model.sam_mask_decoder.forward = torch.compile(model.sam_mask_decoder.forward, dynamic=True)
-    return True
+    return bool(settings.compile)
 
 
 class SAM2Engine:
@@ -95,7 +105,9 @@ class SAM2Engine:
         self.n_inserts, self.n_supports, self.seed = s.n_inserts, s.n_supports, s.seed
         self.feature_batch, self.batch_runs = s.feature_batch, s.batch_runs
         self.max_batch = resolve_max_batch(s.max_batch, self.device)
+        self.campaign_queries = resolve_campaign_queries(s.campaign_queries, self.device)
         self._predictor = None
+        self._tracker = None
         self.model_info: dict = {}
         self.supports = SupportCache(s.support_cache_frames)
         self.stats = {"frames_encoded": 0, "frames_tracked": 0, "batched_steps": 0}
@@ -111,9 +123,16 @@ class SAM2Engine:
         """Built on first use, so constructing the engine (e.g. in a server) costs nothing."""
         if self._predictor is None:
             self._predictor, self.model_info = build_predictor(self.settings, self.device)
-            self.model_info["compiled"] = self.settings.compile and \
-                compile_tracking(self._predictor, self.device)
+            self.model_info["compiled"] = self.batch_runs and compile_wanted(self.settings, self.device)
         return self._predictor
+
+    @property
+    def tracker(self) -> BatchedTracker:
+        """The batched tracker (fixed-shape steps; padded to bucket sizes and optionally compiled on CUDA)."""
+        if self._tracker is None:
+            self._tracker = BatchedTracker(self.predictor, self.max_batch, static_shapes=self.device.type == "cuda",
+                                           compile=self.model_info["compiled"], stats=self.stats)
+        return self._tracker
 
     @property
     def image_size(self) -> int:
@@ -169,6 +188,10 @@ class SAM2Engine:
     def _protocol(self, supports, query, classes, run_support, progress, cached: bool) -> EngineResult:
         """Loop over the chosen supports; ``run_support(q, s, positions, masks, acc)`` adds every run
         of one support (insert positions x classes present) to the per-class running means."""
+        return self._result(self._begin(supports, query, classes, run_support, progress, cached))
+
+    def _begin(self, supports, query, classes, run_support, progress, cached: bool) -> "_QueryJob":
+        """Checks, contexts, insert positions and the per-support calls of one query."""
         classes = tuple(int(c) for c in classes)
         check_supports(supports, classes)
         if query.image.array.ndim != 3:
@@ -177,26 +200,30 @@ class SAM2Engine:
         chosen = self.select_supports(supports)
         t0 = time.perf_counter()
         q = self.query_context(query, axis, encode=cached)
-        acc = {c: RunningMean((q.n_slices,) + q.hw, device=self.device) for c in classes}
+        job = _QueryJob(q, classes, chosen, t0, {c: RunningMean((q.n_slices,) + q.hw, device=self.device)
+                                                  for c in classes})
         rng = np.random.default_rng(self.seed)
-        positions: dict[str, list[int]] = {}
         for s_case in chosen:
             s = self.support_context(s_case, q, cached)
-            positions[s_case.name] = insert_positions(q.n_slices, self.n_inserts, rng)
+            job.positions[s_case.name] = insert_positions(q.n_slices, self.n_inserts, rng)
             masks = {c: m for c in classes if (m := s.mask(c)).any()}
-            run_support(q, s, positions[s_case.name], masks, acc)
+            run_support(job, s, job.positions[s_case.name], masks, job.acc)
             if progress:
-                progress(len(positions[s_case.name]) * len(classes))
+                progress(len(job.positions[s_case.name]) * len(classes))
+        return job
+
+    def _result(self, job: "_QueryJob") -> EngineResult:
+        acc, classes, chosen, q = job.acc, job.classes, job.chosen, job.q
         missing = [c for c in classes if acc[c].n == 0]
         if missing:
             raise InputError(None, f"class(es) {missing} appear in none of the supports "
                                    f"{[s.name for s in chosen]}")
-        probs = np.stack([from_slices(acc[c].mean, axis) for c in classes])  # the one host copy
-        meta = {**self.model_info, "engine": self.name, "slice_axis": axis,
+        probs = np.stack([from_slices(acc[c].mean, q.axis) for c in classes])  # the one host copy
+        meta = {**self.model_info, "engine": self.name, "slice_axis": q.axis,
                 "n_inserts": self.n_inserts, "supports_used": [s.name for s in chosen],
-                "insert_positions": positions, "runs_per_class": {str(c): acc[c].n for c in classes},
+                "insert_positions": job.positions, "runs_per_class": {str(c): acc[c].n for c in classes},
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "timings": {"engine_s": round(time.perf_counter() - t0, 3)}}
+                "timings": {"engine_s": round(time.perf_counter() - job.t0, 3)}}
         return EngineResult(probs.astype(np.float32), classes, len(chosen) * self.n_inserts, meta)
 
     # --- the engine: shared work cached, query frames batched or run by run --------------------------
@@ -204,8 +231,44 @@ class SAM2Engine:
     def predict(self, supports: Sequence[Case], query: Case, classes: Sequence[int],
                 progress: Callable[[int], None] | None = None) -> EngineResult:
         self.predictor  # build (and fail on missing weights) before any work
-        run_support = self._run_support_batched if self.batch_runs else self._run_support_by_run
-        return self._protocol(supports, query, classes, run_support, progress, cached=True)
+        if self.batch_runs:
+            return self.predict_campaign(supports, [query], classes, progress)[0]
+        return self._protocol(supports, query, classes, self._run_support_by_run, progress, cached=True)
+
+    def predict_campaign(self, supports: Sequence[Case], queries: Sequence[Case], classes: Sequence[int],
+                         progress: Callable[[int], None] | None = None) -> list[EngineResult]:
+        """Several queries with the same supports: their runs share the batched steps (queries of one
+        in-plane size per track; ``sam2.campaign_queries`` per track, auto = from free CUDA memory),
+        the supports' features, prompts and tracked blocks are computed once. Same results as
+        :meth:`predict` one query at a time."""
+        self.predictor
+        if not self.batch_runs:
+            return [self.predict(supports, q, classes, progress) for q in queries]
+        results: list = [None] * len(queries)
+        pending: list = []
+
+        def flush():
+            jobs = [job for _, job in pending]
+            self._track_jobs(jobs)
+            for i, job in pending:
+                results[i] = self._result(job)
+                if progress:
+                    progress(self.work_units(supports, queries[i], classes))
+            pending.clear()
+
+        per_track = self.campaign_queries
+        for i, query in enumerate(queries):
+            job = self._begin(supports, query, classes, self._collect_batched, None, cached=True)
+            if pending and (pending[0][1].q.hw != job.q.hw):
+                flush()
+            pending.append((i, job))
+            if per_track is None:
+                per_track = campaign_queries_for(self.device, job)
+            if len(pending) >= per_track:
+                flush()
+        if pending:
+            flush()
+        return results
 
     def _new_state(self, source, hw):
         return self.predictor.init_state_from_frames(None, hw[0], hw[1], feature_source=source)
@@ -239,26 +302,24 @@ class SAM2Engine:
             self.stats["frames_tracked"] += 1
             yield f, pred
 
-    def _block(self, q: QueryContext, s: SupportContext, c: int, prompts: dict, reverse: bool,
-               cond_kv=None) -> dict:
+    @staticmethod
+    def _block_frames(prompts: dict, n_support: int, reverse: bool) -> range:
+        """The support block's frames tracked from the first prompt (forward) / last prompt (backward)."""
+        return range(max(prompts), -1, -1) if reverse else range(min(prompts), n_support)
+
+    def _block(self, q: QueryContext, s: SupportContext, c: int, prompts: dict, reverse: bool) -> dict:
         """Non-prompted support frames tracked inside the block (after the first prompt going forward,
         before the last going backward), by support slice; independent of the insert position.
-        ``cond_kv``: the batched path's cache of these prompts' keys/values (:func:`.sam2_batch.new_cond_kv`)."""
+        Run by run, SAM2's own step; the batched engine tracks all missing blocks together
+        (:meth:`_track_jobs`)."""
         key = (c, q.hw, q.n_slices, reverse)
         if key not in s.entry.blocks:
-            n_s = s.n_slices
-            source = SupportOnly(s.entry.features, q.n_slices + n_s)
+            source = SupportOnly(s.entry.features, q.n_slices + s.n_slices)
             output_dict = {"cond_frame_outputs": dict(prompts), "non_cond_frame_outputs": {}}
-            frames = range(max(prompts), -1, -1) if reverse else range(min(prompts), n_s)
             with torch.inference_mode(), self._autocast():
-                if self.batch_runs:  # the batched step (conditioning keys once); keeps what later frames read
-                    frames = [f for f in frames if f not in prompts]
-                    block = TrackSequence(reverse=reverse, frames=frames, slices=frames, source=source,
-                                          output_dict=output_dict, num_frames=source.num_frames)
-                    track_batched(self.predictor, [block], lambda *_: None, 1, self.stats, cond_kv)
-                else:
-                    for _ in self._track(self._new_state(source, q.hw), output_dict, frames, reverse):
-                        pass
+                for _ in self._track(self._new_state(source, q.hw), output_dict,
+                                     self._block_frames(prompts, s.n_slices, reverse), reverse):
+                    pass
             s.entry.blocks[key] = output_dict["non_cond_frame_outputs"]
         return s.entry.blocks[key]
 
@@ -268,10 +329,10 @@ class SAM2Engine:
         p = video.position
         return range(p - 1, -1, -1) if reverse else range(p + video.n_support, video.length)
 
-    def _run_support_by_run(self, q, s, positions, masks, acc) -> None:
+    def _run_support_by_run(self, job, s, positions, masks, acc) -> None:
         for p in positions:
             for c, mask in masks.items():
-                acc[c].add(self._run_cached(q, s, p, c, mask))
+                acc[c].add(self._run_cached(job.q, s, p, c, mask))
 
     def _run_cached(self, q: QueryContext, s: SupportContext, p: int, c: int, mask) -> torch.Tensor:
         """One run, batch 1: query-slice probabilities (n_query, H, W) on the model's device."""
@@ -289,35 +350,65 @@ class SAM2Engine:
                     out[video.source(f)[1]] = logits_to_prob(pred, q.hw)[0]
         return out
 
-    def _run_support_batched(self, q, s, positions, masks, acc) -> None:
-        """All runs of this support, one class at a time: its insert positions x 2 directions tracked
-        together (classes rarely batch with each other: their prompted-frame counts differ)."""
+    # --- batched: every run of the query (or campaign) in one track --------------------------------
+
+    def _collect_batched(self, job, s, positions, masks, acc) -> None:
+        """Queue this support's runs (tracked later with every other run, :meth:`_track_jobs`)."""
         for c, mask in masks.items():
-            sequences = []
-            with torch.inference_mode(), self._autocast():
-                prompts = self._prompts(q, s, c, mask)
-                cond_kv = new_cond_kv(self.predictor)  # the prompts' keys/values, once for blocks and runs
-                blocks = {rev: self._block(q, s, c, prompts, rev, cond_kv) for rev in (False, True)}
-                for p in positions:
-                    video = PseudoVideo(q.n_slices, s.n_slices, p)
-                    source = VideoFeatures(video, q.features, s.entry.features)
-                    cond = {video.support_frame(j): o for j, o in prompts.items()}
-                    for reverse in (False, True):
-                        frames = list(self._query_frames(video, reverse))
-                        if not frames:
-                            continue
-                        non_cond = {video.support_frame(k): o for k, o in blocks[reverse].items()}
-                        sequences.append(TrackSequence(
-                            reverse=reverse, frames=frames,
-                            slices=[video.source(f)[1] for f in frames], source=source,
-                            output_dict={"cond_frame_outputs": cond, "non_cond_frame_outputs": non_cond},
-                            num_frames=video.length))
-
-                def emit(elements, pred_masks, c=c):
-                    acc[c].add_slices([sl for _, sl in elements], logits_to_prob(pred_masks, q.hw))
-
-                track_batched(self.predictor, sequences, emit, self.max_batch, self.stats, cond_kv)
+            job.runs.append((s, c, self._prompts(job.q, s, c, mask), positions))
             acc[c].count(len(positions))
+
+    def _track_jobs(self, jobs: list) -> None:
+        """Two batched tracks: every missing support block (all supports x classes x directions),
+        then every run of every job (supports x classes x inserts x directions)."""
+        tracker = self.tracker
+        with torch.inference_mode(), self._autocast():
+            blocks = {}
+            for job in jobs:
+                q = job.q
+                for s, c, prompts, _ in job.runs:
+                    for reverse in (False, True):
+                        key = (c, q.hw, q.n_slices, reverse)
+                        if key in s.entry.blocks or (id(s.entry), key) in blocks:
+                            continue
+                        frames = [f for f in self._block_frames(prompts, s.n_slices, reverse) if f not in prompts]
+                        feats = s.entry.features
+                        blocks[(id(s.entry), key)] = (s.entry, key, TrackSequence(
+                            reverse=reverse, frames=frames, features=lambda f, feats=feats: (feats, f),
+                            cond=prompts, non_cond={}, num_frames=q.n_slices + s.n_slices))
+            tracker.track([b[2] for b in blocks.values()], keep_outputs=True)
+            for entry, key, seq in blocks.values():
+                entry.blocks[key] = seq.outputs
+
+            q0 = jobs[0].q
+            rows, sequences = 0, []
+            for job in jobs:
+                q = job.q
+                base = {}
+                for c in job.classes:
+                    base[c], rows = rows, rows + q.n_slices
+                for s, c, prompts, positions in job.runs:
+                    block = {rev: s.entry.blocks[(c, q.hw, q.n_slices, rev)] for rev in (False, True)}
+                    for p in positions:
+                        video = PseudoVideo(q.n_slices, s.n_slices, p)
+
+                        def features(f, video=video, qf=q.features, sf=s.entry.features):
+                            kind, i = video.source(f)
+                            return (qf if kind == "query" else sf), i
+
+                        cond = {video.support_frame(j): o for j, o in prompts.items()}
+                        for reverse in (False, True):
+                            frames = list(self._query_frames(video, reverse))
+                            sequences.append(TrackSequence(
+                                reverse=reverse, frames=frames, features=features, cond=cond,
+                                non_cond={video.support_frame(k): o for k, o in block[reverse].items()},
+                                num_frames=video.length, acc_rows=[base[c] + video.source(f)[1] for f in frames]))
+                job.base = base
+            acc = torch.zeros((rows + 1,) + q0.hw, dtype=torch.float64, device=self.device)
+            tracker.track(sequences, acc=acc)
+            for job in jobs:
+                for c in job.classes:
+                    job.acc[c].total += acc[job.base[c]:job.base[c] + job.q.n_slices]
 
     # --- reference (paper order, stock predictor calls, no caches) ----------------------------------
 
@@ -325,9 +416,35 @@ class SAM2Engine:
                           progress: Callable[[int], None] | None = None) -> EngineResult:
         self.predictor
 
-        def run_support(q, s, positions, masks, acc):
+        def run_support(job, s, positions, masks, acc):
             for p in positions:
                 for c, mask in masks.items():
-                    acc[c].add(run_reference(self.predictor, self._autocast, q, s, p, mask))
+                    acc[c].add(run_reference(self.predictor, self._autocast, job.q, s, p, mask))
 
         return self._protocol(supports, query, classes, run_support, progress, cached=False)
+
+
+@dataclass
+class _QueryJob:
+    """One query in flight: its context, classes, supports, start time, running means, insert
+    positions by support, and (batched) the queued runs: (support, class, prompts, positions)."""
+
+    q: QueryContext
+    classes: tuple
+    chosen: list
+    t0: float
+    acc: dict
+    positions: dict = field(default_factory=dict)
+    runs: list = field(default_factory=list)
+    base: dict = field(default_factory=dict)
+
+
+def campaign_queries_for(device: torch.device, job: _QueryJob) -> int:
+    """Queries per batched track on CUDA from free device memory: a query's track holds its image
+    features, the memory rows of all its runs and its accumulator; a quarter of the free memory, 1..64."""
+    if device.type != "cuda":
+        return 1
+    free, _ = torch.cuda.mem_get_info(device)
+    frames = job.q.n_slices * max(1, sum(len(p) for _, _, _, p in job.runs)) * 2
+    per_query = frames * (2 ** 17 + 4096) + job.q.n_slices * 5 * 2 ** 20
+    return int(min(64, max(1, free * 0.25 // per_query)))

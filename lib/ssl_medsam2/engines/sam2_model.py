@@ -49,6 +49,7 @@ class SAM2Settings(Section):
     support_cache_frames: int
     batch_runs: bool
     max_batch: str | int
+    campaign_queries: str | int
     compile: bool
 
     def __post_init__(self):
