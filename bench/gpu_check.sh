@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command GPU check of the TFFS-MedSAM2 engine: the CUDA tests and the speed benches,
-# results under $OUT (or /tmp/gpu_check_out). Sized for < 8 minutes on one H100/H200 (measured
-# beforehand on none; see docs/figures.md "TFFS engine speed").
+# results under $OUT (or /tmp/gpu_check_out). Sized for < 9 minutes on one H100/H200 (its timeouts
+# are estimates, not measured on a GPU yet; see docs/figures.md "TFFS engine speed").
 #
 # Install-free: it runs where `python3` has torch with CUDA, numpy, scipy, PyYAML and pytest (the
 # lent device machines have these). What must travel with the repo (`carry` in the device tool):
@@ -11,22 +11,24 @@
 #                  mkdir -p .devdata && cp -r ../shared/data/chaos_t2spir .devdata/
 #   (echo /.devbundle/ >> .git/info/exclude; echo /.devdata/ >> .git/info/exclude)
 # Then, on the device:  bash bench/gpu_check.sh
-# Writes: gpu.txt, cuda_tests.log, bench_default.log, bench_paper.log, bench_profile.log, summary.json
-# (the benches' last-line JSON objects), at most 8 files. The steps' timeouts add up to 560 s, under the
-# device tool's 600 s per command.
+# Writes: gpu.txt, cuda_tests.log, bench_default.log, bench_paper.log, bench_compiled.log, bench_profile.log,
+# summary.json (the benches' last-line JSON objects), at most 8 files. The steps' timeouts add up to 560 s,
+# under the device tool's 600 s per command.
 #
 # What it runs:
-#  1. tests/test_sam2_cuda.py: reference on CUDA, batched and run-by-run engines vs reference in
-#     bf16 and fp32 (prints the measured max abs dprob).
+#  1. tests/test_sam2_cuda.py: reference on CUDA, the batched (one track per query, fixed-shape memory)
+#     and run-by-run engines vs reference in bf16 and fp32 (prints the measured max abs dprob).
 #  2. bench/tffs_speed.py --device cuda --size 512: default protocol (2 supports x 2 inserts, liver),
 #     reference / cached / batched side by side, bf16 -> batched_max_abs_dprob in bf16.
-#  3. bench/tffs_speed.py --protocol paper --device cuda --size 512 --engines cached,batched: query
-#     chaos_13 (36 slices), 6 supports x 5 inserts x 4 classes = 120 runs (the issue's goal: <= 10 s);
-#     the reference would take ~8 min here and is left out (step 2 measures it against batched).
-#  4. bench/tffs_speed.py --engines batched --profile, default protocol at 512 px: host and device
-#     seconds per phase of the batched engine (where the time goes on the GPU, for the next change).
-#  GPU_CHECK_COMPILE=1 runs, instead of 1-4 and as a call of its own, step 3's batched engine with
-#     sam2.compile (torch.compile; minutes of compilation) -> bench_paper_compiled.log.
+#  3. bench/tffs_speed.py --protocol paper --engines batched --campaign 8, 512 px: query chaos_13
+#     (36 slices), 6 supports x 5 inserts x 4 classes = 120 runs in one track (goal <= 10 s, then <= 5 s;
+#     batched_steps, mean_batch, peak_gpu_mb), then 8 queries (chaos_13, chaos_15 in turn) with warm
+#     supports through predict_campaign (campaign.queries_per_hour; goal >= 500).
+#  4. the same paper query with sam2.compile (CUDA graphs, torch.compile mode=reduce-overhead,
+#     dynamic=False): a warm-up query, then the timed one; recompiles = graphs built during it (goal 0);
+#     compare its batched_s with step 3's to see whether compile pays.
+#  5. bench/tffs_speed.py --engines batched --profile, default protocol at 512 px: host and device
+#     seconds per phase of the batched engine.
 #  Dry run of the plumbing on a CPU box (no figures): GPU_CHECK_DEVICE=cpu GPU_CHECK_QUICK=1 bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,33 +54,30 @@ if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then SIZE=(--quick); else SIZE=(--size 512);
 cat "$OUT/gpu.txt"
 
 SUP=chaos_01,chaos_02,chaos_03,chaos_05,chaos_08,chaos_10
-tests_rc=-1
-if [ "${GPU_CHECK_COMPILE:-0}" = 1 ]; then  # its own call: compilation alone can take minutes
-  echo "== 3c. paper protocol, batched, sam2.compile, 512 px"
-  timeout 500 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" --protocol paper \
-    --query chaos_13 --supports $SUP --engines batched --compile 2>&1 | tee "$OUT/bench_paper_compiled.log"
-else
-  echo "== 1. CUDA tests"
-  timeout 140 python3 -m pytest -q -s -p no:cacheprovider tests/test_sam2_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
-  tests_rc=${PIPESTATUS[0]}
+echo "== 1. CUDA tests"
+timeout 130 python3 -m pytest -q -s -p no:cacheprovider tests/test_sam2_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
+tests_rc=${PIPESTATUS[0]}
 
-  echo "== 2. default protocol, reference / cached / batched, 512 px"
-  timeout 140 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" 2>&1 | tee "$OUT/bench_default.log"
+echo "== 2. default protocol, reference / cached / batched"
+timeout 120 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" 2>&1 | tee "$OUT/bench_default.log"
 
-  echo "== 3. paper protocol (6 supports x 5 inserts x 4 classes), cached / batched, 512 px"
-  timeout 190 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" --protocol paper \
-    --query chaos_13 --supports $SUP --engines cached,batched 2>&1 | tee "$OUT/bench_paper.log"
+echo "== 3. paper protocol (6 supports x 5 inserts x 4 classes), batched, then a campaign of 8 queries"
+timeout 130 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" --protocol paper \
+  --query chaos_13 --supports $SUP --engines batched --campaign 8 2>&1 | tee "$OUT/bench_paper.log"
 
-  echo "== 4. where the batched engine's time goes (profiler), default protocol, 512 px"
-  timeout 90 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" --engines batched --profile \
-    2>&1 | tee "$OUT/bench_profile.log"
-fi
+echo "== 4. paper protocol, batched, sam2.compile (CUDA graphs), recompiles after warm-up"
+timeout 120 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" --protocol paper \
+  --query chaos_13 --supports $SUP --engines batched --compile 2>&1 | tee "$OUT/bench_compiled.log"
+
+echo "== 5. where the batched engine's time goes (profiler), default protocol"
+timeout 60 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" --engines batched --profile \
+  2>&1 | tee "$OUT/bench_profile.log"
 
 python3 - "$OUT" "$tests_rc" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 summary = {"cuda_tests_rc": int(sys.argv[2]), "gpu": (out / "gpu.txt").read_text().strip().splitlines()}
-for name in ("bench_default", "bench_paper", "bench_paper_compiled", "bench_profile"):
+for name in ("bench_default", "bench_paper", "bench_compiled", "bench_profile"):
     f = out / f"{name}.log"
     lines = [l for l in f.read_text().splitlines() if l.startswith("{")] if f.exists() else []
     summary[name] = json.loads(lines[-1]) if lines else None
@@ -88,8 +87,10 @@ summary["cuda_test_lines"] = [l for l in (tests_log.read_text().splitlines() if 
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 print(json.dumps({k: summary[k] for k in ("cuda_tests_rc", "cuda_test_lines")}))
 print("batched phases", (summary["bench_profile"] or {}).get("batched_phases"))
-for name in ("bench_default", "bench_paper"):
+for name in ("bench_default", "bench_paper", "bench_compiled"):
     s = summary[name] or {}
-    print(name, {k: s.get(k) for k in ("reference_s", "cached_s", "batched_s", "batched_vs_cached",
-                                      "max_abs_dprob", "batched_max_abs_dprob", "batched_vs_cached_max_abs_dprob")})
+    print(name, {k: s.get(k) for k in ("reference_s", "cached_s", "batched_s", "batched_vs_reference",
+                                      "batched_max_abs_dprob", "batched_steps", "mean_batch", "recompiles",
+                                      "peak_gpu_mb")})
+print("campaign", (summary["bench_paper"] or {}).get("campaign"))
 EOF

@@ -22,6 +22,13 @@ batched_vs_cached_max_abs_dprob, ratios, and per-engine details.
     python bench/tffs_speed.py --engines cached,batched --warm-supports   # a campaign query: supports already encoded
     python bench/tffs_speed.py --protocol paper --quick    # paper protocol, 64 px, 8 slices per case
     python bench/tffs_speed.py --protocol paper --engines cached,batched --size 512 --device cuda
+    python bench/tffs_speed.py --protocol paper --quick --engines batched --max-batch 256   # steps, mean batch
+    python bench/tffs_speed.py --protocol paper --quick --engines batched --campaign 4      # queries per hour
+
+The batched engine's details add ``batched_steps`` and ``mean_batch`` (tracked frames / steps), and on
+CUDA ``recompiles`` (torch.compile graphs built during the timed run; with ``--compile`` a warm-up run
+comes first) and ``peak_gpu_mb``. ``--campaign N``: after the timed runs, N queries (the cases that are
+not supports, in turn) through ``predict_campaign`` with the supports already encoded: queries per hour.
 """
 
 from __future__ import annotations
@@ -108,15 +115,16 @@ def profile_phases(engine: SAM2Engine, supports, query, classes, cuda: bool) -> 
     """Host and device seconds spent in each phase of one batched run (torch.profiler record_function
     around the engine's and SAM2's own methods; the profiler slows the run, so these are shares, not times).
     ``prompts`` includes the heads and memory encoder of the prompted frames, which ``sam_heads`` and
-    ``memory_encoder`` count too: the phases overlap there and do not add up to the run."""
+    ``memory_encoder`` count too, and ``track`` (both batched tracks) contains ``schedule`` (the host
+    plan), ``memory_attention``, ``sam_heads`` and ``memory_encoder``: the phases overlap."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from ssl_medsam2.engines.sam2_cond_kv import CondKV
+    from ssl_medsam2.engines import sam2_batch
 
     model = engine.predictor
     targets = {"encode": (engine, "_encode"), "prompts": (engine, "_prompts"),
-               "memory_prepare": (model, "_prepare_memory_conditioned_features"),
-               "memory_attention": (CondKV, "attend"), "sam_heads": (model, "_forward_sam_heads"),
+               "track": (sam2_batch.BatchedTracker, "track"), "schedule": (sam2_batch.BatchedTracker, "_plan"),
+               "memory_attention": (sam2_batch, "attend"), "sam_heads": (model, "_forward_sam_heads"),
                "memory_encoder": (model, "_encode_new_memory")}
     saved = []
     for label, (owner, name) in targets.items():
@@ -148,6 +156,15 @@ def profile_phases(engine: SAM2Engine, supports, query, classes, cuda: bool) -> 
             phases[e.key[6:]] = {"host_s": round(e.cpu_time_total / 1e6, 3), "calls": e.count,
                                  "device_s": round(device_us / 1e6, 3) if cuda else None}
     return phases
+
+
+def dynamo_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (its recompiles show up here)."""
+    try:
+        from torch._dynamo.utils import counters
+    except Exception:
+        return 0
+    return int(counters["stats"]["unique_graphs"])
 
 
 def warm_support_cache(engine: SAM2Engine, supports, query) -> None:
@@ -182,6 +199,9 @@ def main(argv=None) -> int:
                     help="supports' image features in the support cache before timing (cached/batched), as for "
                          "every query after the first in a campaign; the query is still encoded")
     ap.add_argument("--quick", action="store_true", help=f"downsampled, {QUICK_SLICES}-slice inputs at 64 px")
+    ap.add_argument("--campaign", type=int, default=0, metavar="N",
+                    help="also time N queries through the batched engine's predict_campaign, supports warm")
+    ap.add_argument("--campaign-queries", default="auto", help="sam2.campaign_queries for --campaign")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     engines = [e for e in args.engines.split(",") if e]
@@ -202,12 +222,18 @@ def main(argv=None) -> int:
         support_names = ["chaos_01", "chaos_02"]
     inserts = args.inserts or (5 if paper else 2)
     classes = [int(c) for c in (args.classes or ("1,2,3,4" if paper else "1")).split(",")]
-    names = support_names + [args.query]
+    others = sorted(p.name[:-len("_0000.nii.gz")] for p in (data / "imagesTr").glob("*_0000.nii.gz"))
+    others = [n for n in others if n not in support_names] or [args.query]
+    campaign_names = [others[i % len(others)] for i in range(args.campaign)]
+    names = list(dict.fromkeys(support_names + [args.query] + campaign_names))
     if args.quick:
         tmp = Path(tempfile.mkdtemp(prefix="tffs_bench_"))
         for n in names:
             lab = data / "labelsTr" / f"{n}.nii.gz"
             zr = QUICK_CROPS.get(n) if not paper else None
+            if not lab.exists():  # an unlabelled campaign query: the middle slices
+                n_z = int(load_volume(data / "imagesTr" / f"{n}_0000.nii.gz").shape[2])
+                zr, lab = zr or ((n_z - QUICK_SLICES) // 2, (n_z + QUICK_SLICES) // 2), None
             downsample_case(data / "imagesTr" / f"{n}_0000.nii.gz", lab, tmp / "imagesTr" / f"{n}_0000.nii.gz",
                             tmp / "labelsTr" / f"{n}.nii.gz", factor=4, z_range=zr or quick_z_range(lab, QUICK_SLICES))
         data, args.size = tmp, 64
@@ -223,7 +249,8 @@ def main(argv=None) -> int:
             f"sam2.n_supports={max(10, len(supports))}"]
     overrides = {"reference": base, "cached": base + ["sam2.batch_runs=false"],
                  "batched": base + ["sam2.batch_runs=true", f"sam2.max_batch={args.max_batch}",
-                                    f"sam2.compile={str(args.compile).lower()}"]}
+                                    f"sam2.compile={str(args.compile).lower()}",
+                                    f"sam2.campaign_queries={args.campaign_queries}"]}
     n_runs = len(supports) * inserts * len(classes)
     print(f"protocol {args.protocol}: query {query.name} {query.image.shape}, {len(supports)} supports "
           f"{support_names}, {inserts} inserts, classes {classes} ({n_runs} runs), {args.size} px, "
@@ -237,6 +264,10 @@ def main(argv=None) -> int:
         counter = count_reference_steps(engine) if name == "reference" else engine.stats
         if args.warm_supports and name != "reference":
             warm_support_cache(engine, supports, query)
+        if name == "batched" and args.compile:  # compilation and graph capture are not part of the timing
+            SAM2Engine.predict(engine, supports, query, classes)
+            engine.stats.update(frames_tracked=0, batched_steps=0, frames_encoded=0)
+        graphs0 = dynamo_graphs()
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -254,11 +285,44 @@ def main(argv=None) -> int:
                          "peak_rss_mb": round(rss.peak, 1), "rss_growth_mb": round(rss.peak - rss.start, 1),
                          "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None}
         if name == "batched":
-            details[name]["batched_steps"] = int(engine.stats["batched_steps"])
-            details[name]["max_batch"] = engine.max_batch
+            steps = int(engine.stats["batched_steps"])
+            details[name].update(batched_steps=steps, mean_batch=round(tracked / max(1, steps), 1),
+                                 max_batch=engine.max_batch or "auto (free memory)",
+                                 compiled=bool(engine.model_info.get("compiled")),
+                                 recompiles=dynamo_graphs() - graphs0 if cuda else None)
         print(f"{name}: {seconds:.1f} s, {tracked} frames tracked ({tracked / seconds:.1f}/s), "
               f"peak RSS {rss.peak:.0f} MB" + (f", peak GPU {details[name]['peak_gpu_mb']:.0f} MB" if cuda else ""),
               flush=True)
+        del engine
+
+    campaign = None
+    if args.campaign:
+        queries = [case(n, False) for n in campaign_names]
+        engine = SAM2Engine(load_config(overrides=overrides["batched"]))
+        engine.predictor
+        warm_support_cache(engine, supports, query)
+        if args.compile:
+            engine.predict_campaign(supports, queries[:1], classes)
+        engine.stats.update(frames_tracked=0, batched_steps=0, frames_encoded=0)
+        graphs0 = dynamo_graphs()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            out = engine.predict_campaign(supports, queries, classes)
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+        steps, tracked = int(engine.stats["batched_steps"]), int(engine.stats["frames_tracked"])
+        campaign = {"queries": len(out), "names": campaign_names, "s_total": round(seconds, 2),
+                    "s_per_query": round(seconds / len(out), 2), "queries_per_hour": round(3600 * len(out) / seconds, 1),
+                    "frames_tracked": tracked, "batched_steps": steps, "mean_batch": round(tracked / max(1, steps), 1),
+                    "campaign_queries": engine.campaign_queries or "auto (free memory)",
+                    "peak_rss_mb": round(rss.peak, 1),
+                    "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
+                    "recompiles": dynamo_graphs() - graphs0 if cuda else None}
+        print("campaign:", json.dumps(campaign), flush=True)
         del engine
 
     phases = None
@@ -288,6 +352,11 @@ def main(argv=None) -> int:
         "batched_vs_reference": ratio("reference", "batched"),
         "max_abs_dprob": dprob("reference", "cached"), "batched_max_abs_dprob": dprob("reference", "batched"),
         "batched_vs_cached_max_abs_dprob": dprob("cached", "batched"),
+        "batched_steps": details.get("batched", {}).get("batched_steps"),
+        "mean_batch": details.get("batched", {}).get("mean_batch"),
+        "recompiles": details.get("batched", {}).get("recompiles"),
+        "peak_gpu_mb": max((d["peak_gpu_mb"] or 0 for d in details.values()), default=None) if cuda else None,
+        "campaign": campaign,
         "peak_rss_mb": max(d["peak_rss_mb"] for d in details.values()), "batched_phases": phases,
         "engines": details, "protocol": args.protocol, "runs": n_runs, "query_slices": int(query.image.shape[2]),
         "image_size": args.size, "quick": args.quick, "warm_supports": args.warm_supports, "device": args.device,

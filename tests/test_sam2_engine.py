@@ -17,8 +17,8 @@ from scipy import ndimage
 from conftest import outputs_on_source_grid
 from sam2_helpers import CUDA_BF16_TOL, SMALL, load_case, make_tiny
 from ssl_medsam2.config import load_config
+from ssl_medsam2.engines import sam2_batch, sam2_cond_kv
 from ssl_medsam2.engines.sam2_batch import logits_to_prob
-from ssl_medsam2.engines.sam2_cond_kv import CondKV
 from ssl_medsam2.engines.sam2_context import Features, SupportCache
 from ssl_medsam2.engines.sam2_engine import SAM2Engine
 from ssl_medsam2.engines.sam2_model import CheckpointNotFound, checkpoint_status
@@ -42,7 +42,9 @@ def test_batched_and_run_by_run_engines_equal_reference_order(tiny, query, max_c
     2 classes, both directions, a query shorter (4 slices) and one longer (10) than the supports;
     all prompted frames in attention (the paper) and at most 2 (SAM2 then picks the closest per frame
     and attends to the others as recent memories). The batched engine runs its CPU attention (split
-    softmax over 64-channel memories) and the fused one CUDA uses; each in one and in several chunks."""
+    softmax over 64-channel memories) and the fused one CUDA uses; each in one and in several chunks;
+    all runs of the query in one track (steps = longest support block + longest query run) and in
+    chunks of 3 sequences."""
     sup = [load_case(tiny, "chaos_01"), load_case(tiny, "chaos_02")]
     q = load_case(tiny, query, labelled=False)
     classes = [1, 2]
@@ -54,9 +56,9 @@ def test_batched_and_run_by_run_engines_equal_reference_order(tiny, query, max_c
     variants = {"batched": [], "batched, 3 per step": ["sam2.max_batch=3"], "run by run": ["sam2.batch_runs=false"],
                 "batched, fused attention": [], "batched, split attention in chunks": []}
     for what, extra in variants.items():
-        monkeypatch.setattr(CondKV, "split_on_cpu", what != "batched, fused attention")
-        monkeypatch.setattr(CondKV, "split_chunk_elements", 1 if "chunks" in what else 2 ** 24)
-        engine = SAM2Engine(load_config(overrides=cfg + extra))
+        monkeypatch.setattr(sam2_batch, "SPLIT_ON_CPU", what != "batched, fused attention")
+        monkeypatch.setattr(sam2_cond_kv, "SPLIT_CHUNK_ELEMENTS", 1 if "chunks" in what else 2 ** 24)
+        engine = SAM2Engine(load_config(overrides=cfg + extra + (["sam2.max_batch=64"] if what == "batched" else [])))
         got = engine.predict(sup, q, classes)
         assert got.probs.shape == (2,) + q.image.shape, what
         assert got.meta["insert_positions"] == reference.meta["insert_positions"], what
@@ -65,6 +67,26 @@ def test_batched_and_run_by_run_engines_equal_reference_order(tiny, query, max_c
         assert 0.0 <= got.probs.min() and got.probs.max() <= 1.0, what
         if extra != ["sam2.batch_runs=false"]:  # several runs really went through one step together
             assert 0 < engine.stats["batched_steps"] < engine.stats["frames_tracked"], what
+        if what == "batched":  # one track for blocks, one for runs: steps = longest block + longest run
+            assert engine.stats["batched_steps"] <= max(len(s.image.array[0, 0]) for s in sup) + n_q, what
+
+
+def test_campaign_batches_queries_and_equals_one_query_at_a_time(tiny):
+    """Several queries (4 and 10 slices) in one batched track give each query's own result, with the
+    supports encoded once and fewer steps than the queries one by one."""
+    sup = [load_case(tiny, "chaos_01"), load_case(tiny, "chaos_02")]
+    queries = [load_case(tiny, "chaos_03short", labelled=False), load_case(tiny, "chaos_03long", labelled=False)]
+    cfg = SMALL + ["sam2.max_cond_frames_in_attn=2", "sam2.max_batch=64"]
+    one = SAM2Engine(load_config(overrides=cfg))
+    alone = [one.predict(sup, q, [1, 3]) for q in queries]
+    campaign = SAM2Engine(load_config(overrides=cfg + ["sam2.campaign_queries=2"]))
+    together = campaign.predict_campaign(sup, queries, [1, 3])
+    for a, b in zip(alone, together):
+        assert a.meta["insert_positions"] == b.meta["insert_positions"]
+        assert np.abs(a.probs - b.probs).max() <= 1e-5
+    assert campaign.stats["frames_tracked"] == one.stats["frames_tracked"]
+    assert campaign.stats["batched_steps"] < one.stats["batched_steps"]
+    assert campaign.stats["frames_encoded"] == one.stats["frames_encoded"]
 
 
 def test_bfloat16_autocast_engines_stay_close_to_reference(tiny):

@@ -38,8 +38,7 @@ import torch
 import torch.nn.functional as F
 from sam2.modeling.sam2_utils import get_1d_sine_pe, select_closest_cond_frames
 
-from . import sam2_cond_kv
-from .sam2_cond_kv import CondTable, attend, cond_frame_kv, supports_cond_kv
+from .sam2_cond_kv import CondTable, _rope_freqs, attend, cond_frame_kv, supports_cond_kv
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +289,8 @@ class BatchedTracker:
                 o[cache_key] = [(k[i:i + 1], v[i:i + 1]) for k, v in kv]
         table = CondTable(m.memory_attention, [o[cache_key] for o in conds], self._split,
                           pad_rows=_pow2(len(conds) + 1) if self.static else 0)
+        for layer in m.memory_attention.layers:  # RoPE tables set before the steps (no module mutation in them)
+            _rope_freqs(layer.cross_attn_image, Hm * Wm, dev)
         # the feature pool: every slice's image features once
         fids, fobjs = {}, []
         for s in seqs:
