@@ -18,7 +18,7 @@ from conftest import outputs_on_source_grid
 from sam2_helpers import CUDA_BF16_TOL, SMALL, load_case, make_tiny
 from ssl_medsam2.config import load_config
 from ssl_medsam2.engines import sam2_batch, sam2_cond_kv
-from ssl_medsam2.engines.sam2_batch import logits_to_prob
+from ssl_medsam2.engines.sam2_batch import BatchedTracker, logits_to_prob
 from ssl_medsam2.engines.sam2_context import Features, SupportCache
 from ssl_medsam2.engines.sam2_engine import SAM2Engine
 from ssl_medsam2.engines.sam2_model import CheckpointNotFound, checkpoint_status
@@ -54,11 +54,14 @@ def test_batched_and_run_by_run_engines_equal_reference_order(tiny, query, max_c
     positions = [p for ps in reference.meta["insert_positions"].values() for p in ps]
     assert any(0 < p < n_q for p in positions)  # some run tracks query frames in both directions
     variants = {"batched": [], "batched, 3 per step": ["sam2.max_batch=3"], "run by run": ["sam2.batch_runs=false"],
-                "batched, fused attention": [], "batched, split attention in chunks": []}
+                "batched, fused attention": [], "batched, split attention in chunks": [],
+                "batched, fused attention, CUDA's padded shapes": []}
     for what, extra in variants.items():
-        monkeypatch.setattr(sam2_batch, "SPLIT_ON_CPU", what != "batched, fused attention")
+        monkeypatch.setattr(sam2_batch, "SPLIT_ON_CPU", "fused" not in what)
         monkeypatch.setattr(sam2_cond_kv, "SPLIT_CHUNK_ELEMENTS", 1 if "chunks" in what else 2 ** 24)
         engine = SAM2Engine(load_config(overrides=cfg + extra + (["sam2.max_batch=64"] if what == "batched" else [])))
+        if "padded" in what:  # batch padded to powers of two, memory capacities to multiples of 8, chunks of 3
+            engine._tracker = BatchedTracker(engine.predictor, 3, static_shapes=True, compile=False, stats=engine.stats)
         got = engine.predict(sup, q, classes)
         assert got.probs.shape == (2,) + q.image.shape, what
         assert got.meta["insert_positions"] == reference.meta["insert_positions"], what
