@@ -83,7 +83,7 @@ for name in ("bench_default", "bench_paper", "bench_compiled", "bench_profile"):
     summary[name] = json.loads(lines[-1]) if lines else None
 tests_log = out / "cuda_tests.log"
 summary["cuda_test_lines"] = [l for l in (tests_log.read_text().splitlines() if tests_log.exists() else [])
-                              if "vs reference" in l or "passed" in l or "failed" in l or "skipped" in l]
+                              if "vs reference" in l or "vs one query" in l or "passed" in l or "failed" in l or "skipped" in l]
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 print(json.dumps({k: summary[k] for k in ("cuda_tests_rc", "cuda_test_lines")}))
 print("batched phases", (summary["bench_profile"] or {}).get("batched_phases"))

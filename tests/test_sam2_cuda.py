@@ -46,6 +46,20 @@ def test_engines_equal_reference_on_cuda(tiny, dtype, tol):
         assert diff.max() <= tol, what
 
 
+def test_campaign_on_cuda_equals_one_query_at_a_time(tiny):
+    """Two queries (4 and 10 slices) in one batched track on CUDA (padded static shapes, memory chosen
+    batch) give each query's own result, in float32."""
+    sup = [load_case(tiny, "chaos_01"), load_case(tiny, "chaos_02")]
+    queries = [load_case(tiny, "chaos_03short", labelled=False), load_case(tiny, "chaos_03long", labelled=False)]
+    cfg = ON_CUDA + ["sam2.dtype=float32"]
+    alone = [SAM2Engine(load_config(overrides=cfg)).predict(sup, q, [1, 2]) for q in queries]
+    together = SAM2Engine(load_config(overrides=cfg + ["sam2.campaign_queries=2"])).predict_campaign(sup, queries, [1, 2])
+    for a, b in zip(alone, together):
+        diff = float(np.abs(a.probs - b.probs).max())
+        print(f"CUDA float32 campaign vs one query: max abs dprob {diff:.3g}")
+        assert diff <= CUDA_FP32_TOL
+
+
 def test_running_mean_sums_on_the_device_and_copies_once():
     acc = RunningMean((3, 4, 5), device="cuda")
     acc.add(torch.ones((3, 4, 5), device="cuda"))
