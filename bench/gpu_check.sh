@@ -46,7 +46,7 @@ fi
 if [ -d .devdata/chaos_t2spir ]; then export SSL_MEDSAM2_SHARED_DATA=$PWD/.devdata; fi
 DATA=${SSL_MEDSAM2_SHARED_DATA:-$PWD/../shared/data}/chaos_t2spir
 DEV=${GPU_CHECK_DEVICE:-cuda}
-if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then SIZE=(--quick); else SIZE=(--size 512); fi
+if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then SIZE=(--quick); CAMPAIGN=2; else SIZE=(--size 512); CAMPAIGN=8; fi
 
 { nvidia-smi -L; python3 -c "import torch, sys; print(sys.version.split()[0], 'torch', torch.__version__, \
   'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')"; } \
@@ -63,7 +63,7 @@ timeout 120 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}
 
 echo "== 3. paper protocol (6 supports x 5 inserts x 4 classes), batched, then a campaign of 8 queries"
 timeout 130 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" --protocol paper \
-  --query chaos_13 --supports $SUP --engines batched --campaign 8 2>&1 | tee "$OUT/bench_paper.log"
+  --query chaos_13 --supports $SUP --engines batched --campaign $CAMPAIGN 2>&1 | tee "$OUT/bench_paper.log"
 
 echo "== 4. paper protocol, batched, sam2.compile (CUDA graphs), recompiles after warm-up"
 timeout 120 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" --protocol paper \
