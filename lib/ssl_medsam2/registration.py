@@ -5,7 +5,10 @@ registration stage is not enough. The pipeline is multi-stage and multi-resoluti
 downsampled working copy for speed (the transform is resolution-free, so labels are warped onto the
 query's full grid afterwards):
 
-1. centre-of-mass (image moments) initialisation of the foreground body;
+1. a multi-start initialisation: centre of mass (image moments) combined with each of the eight
+   in-plane 90° rotations and flips, each refined by a short coarse affine and scored by the
+   normalised cross-correlation over the query's body; the plain moments start wins unless another
+   is clearly better (scans stored rotated or flipped are found, ordinary ones are not disturbed);
 2. an affine stage driven by Mattes mutual information (robust to the MRI intensity scale);
 3. a deformable stage, either a multi-resolution B-spline (Mattes MI) or diffeomorphic demons on
    histogram-matched intensities (fast and dense; same-modality only).
@@ -78,6 +81,10 @@ class RegistrationSettings:
     demons_field_sigma: float  # voxels; regularisation of the update / displacement field
     histogram_levels: int
     focus_margin_mm: float | None  # metric only near the support's organs (None = whole image)
+    # multi-start initialisation
+    init_starts: str  # moments (one start) | dihedral (moments x the 8 in-plane 90° rotations/flips)
+    init_iterations: int  # coarse affine iterations per start
+    init_margin: float  # a start other than plain moments must beat it by this much NCC
 
     @classmethod
     def from_dict(cls, d: dict) -> "RegistrationSettings":
@@ -162,21 +169,112 @@ def _mattes_mi_registration(s: "RegistrationSettings", sampling: float,
     return reg
 
 
-def _affine_stage(fixed: sitk.Image, moving: sitk.Image, s: RegistrationSettings,
-                  moving_mask: sitk.Image | None = None) -> tuple[sitk.Transform, float]:
-    init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
-                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+def _moments_start(fixed: sitk.Image, moving: sitk.Image) -> sitk.AffineTransform:
+    """Centre of rotation at the query's intensity centre of mass, shifted onto the support's."""
+    return sitk.AffineTransform(sitk.CenteredTransformInitializer(
+        fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS))
+
+
+def in_plane_starts(fixed: sitk.Image, moving: sitk.Image) -> list[tuple[str, sitk.AffineTransform]]:
+    """The moments start composed with the 8 in-plane 90° rotations and flips (the dihedral group).
+
+    "In-plane" is the query's slice plane: the axis of rotation is the world direction of its
+    largest-spacing voxel axis, so a scan stored rotated or mirrored within its slices is covered
+    whatever its orientation. The first entry is the plain moments start.
+    """
+    base = _moments_start(fixed, moving)
+    d = np.array(fixed.GetDirection()).reshape(3, 3)
+    sp = np.array(fixed.GetSpacing())
+    k = int(np.flatnonzero(np.isclose(sp, sp.max(), rtol=1e-3))[-1])
+    n = d[:, k] / np.linalg.norm(d[:, k])
+    u = d[:, (k + 1) % 3] / np.linalg.norm(d[:, (k + 1) % 3])
+    cross = np.array([[0, -n[2], n[1]], [n[2], 0, -n[0]], [-n[1], n[0], 0]])
+    flip = np.eye(3) - 2 * np.outer(u, u)  # mirror one in-plane axis
+    starts = []
+    for mirrored in (False, True):
+        for quarter in range(4):
+            a = quarter * np.pi / 2
+            rot = np.eye(3) + np.sin(a) * cross + (1 - np.cos(a)) * (cross @ cross)  # Rodrigues
+            m = rot @ flip if mirrored else rot
+            tx = sitk.AffineTransform(base)
+            tx.SetMatrix(tuple(float(v) for v in np.round(m, 12).ravel()))
+            starts.append((f"{'flip+' if mirrored else ''}rot{quarter * 90}", tx))
+    return starts
+
+
+def body_mask(img: sitk.Image) -> sitk.Image:
+    """The imaged body (Otsu foreground of the intensities), where similarity is measured."""
+    return sitk.OtsuThreshold(img, 0, 1, 128)
+
+
+def similarity(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform,
+               mask: sitk.Image | None = None) -> float:
+    """NCC of the query and the support warped onto it, over ``mask`` (the query's body) or everywhere.
+
+    Support voxels outside its field of view count as 0, so a transform that maps the body out of
+    the support's image scores low. In [-1, 1]; comparable between supports and starts.
+    """
+    q = sitk.GetArrayViewFromImage(fixed).astype(np.float64)
+    w = sitk.GetArrayViewFromImage(
+        sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)).astype(np.float64)
+    sel = sitk.GetArrayViewFromImage(mask).astype(bool) if mask is not None else np.ones(q.shape, bool)
+    if sel.sum() < 2:
+        return -1.0
+    a, b = q[sel] - q[sel].mean(), w[sel] - w[sel].mean()
+    den = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / den) if den > 0 else 0.0
+
+
+def _affine_registration(s: RegistrationSettings, moving_mask: sitk.Image | None, iterations: int,
+                         shrink, smooth) -> sitk.ImageRegistrationMethod:
     reg = _mattes_mi_registration(s, s.affine_sampling, moving_mask)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4,
-                                                 numberOfIterations=s.affine_iterations,
+                                                 numberOfIterations=int(iterations),
                                                  gradientMagnitudeTolerance=1e-6)
     reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel(list(s.affine_shrink))
-    reg.SetSmoothingSigmasPerLevel(list(s.affine_smooth_mm))
+    reg.SetShrinkFactorsPerLevel(list(shrink))
+    reg.SetSmoothingSigmasPerLevel(list(smooth))
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    reg.SetInitialTransform(init, inPlace=False)
+    return reg
+
+
+def _choose_start(fixed: sitk.Image, moving: sitk.Image, s: RegistrationSettings,
+                  moving_mask: sitk.Image | None) -> tuple[str, sitk.Transform, dict]:
+    """Each start refined by a short multi-resolution affine, scored by NCC on the working grid.
+
+    The score is measured over the query's body within the support's focus region mapped onto the
+    query (the organs, where a mirrored abdomen differs; the body outline is nearly symmetric).
+    Returns the chosen start's name, its (unrefined) start transform, and every start's score.
+    """
+    if s.init_starts == "moments":
+        return "rot0", _moments_start(fixed, moving), {}
+    if s.init_starts != "dihedral":
+        raise ValueError(f"unknown atlas.init_starts '{s.init_starts}' (moments or dihedral)")
+    body = body_mask(fixed)
+    scores, starts = {}, {}
+    for name, start in in_plane_starts(fixed, moving):
+        reg = _affine_registration(s, moving_mask, s.init_iterations, s.affine_shrink, s.affine_smooth_mm)
+        reg.SetInitialTransform(start, inPlace=False)
+        tx = reg.Execute(fixed, moving)
+        region = body
+        if moving_mask is not None:
+            region = sitk.And(sitk.Resample(moving_mask, fixed, tx, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8),
+                              body)
+        scores[name] = round(similarity(fixed, moving, tx, region), 4)
+        starts[name] = start
+    best = max(scores, key=lambda n: (scores[n], n == "rot0"))
+    if best != "rot0" and scores[best] < scores["rot0"] + s.init_margin:
+        best = "rot0"
+    return best, starts[best], scores
+
+
+def _affine_stage(fixed: sitk.Image, moving: sitk.Image, s: RegistrationSettings,
+                  moving_mask: sitk.Image | None = None) -> tuple[sitk.Transform, dict]:
+    start_name, start, scores = _choose_start(fixed, moving, s, moving_mask)
+    reg = _affine_registration(s, moving_mask, s.affine_iterations, s.affine_shrink, s.affine_smooth_mm)
+    reg.SetInitialTransform(start, inPlace=False)
     tx = reg.Execute(fixed, moving)
-    return tx, float(reg.GetMetricValue())
+    return tx, {"init": start_name, "init_scores": scores, "metric": float(reg.GetMetricValue())}
 
 
 def _bspline_stage(fixed, moving, affine: sitk.Transform, s: RegistrationSettings,
@@ -249,8 +347,11 @@ def _demons_stage(fixed, moving, affine: sitk.Transform, s: RegistrationSettings
 
 
 def affine_stage(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings,
-                 moving_mask: sitk.Image | None = None) -> tuple[sitk.Transform, float]:
-    """Moments-initialised affine (Mattes MI); returns the transform and the final metric value."""
+                 moving_mask: sitk.Image | None = None) -> tuple[sitk.Transform, dict]:
+    """Multi-start initialised affine (Mattes MI).
+
+    Returns the transform and ``{"init": chosen start, "init_scores": NCC per start, "metric": MI}``.
+    """
     with sitk_threads(settings):
         return _affine_stage(fixed, moving, settings, moving_mask)
 

@@ -106,17 +106,25 @@ class AtlasEngine:
         s = self.settings
         t_start = time.perf_counter()
         fixed = reg.prepare(query.image, s, self.intensity)
+        body = reg.body_mask(fixed)
         moving = [reg.prepare(c.image, s, self.intensity) for c in supports]
         masks = [reg.focus_mask(c.label, classes, m, s.focus_margin_mm) if s.focus_margin_mm else None
                  for c, m in zip(supports, moving)]
-        # affine for every support (cheap); the deformable stage only for the best-matching ones
-        affines = [reg.affine_stage(fixed, m, s, mk) for m, mk in zip(moving, masks)]
-        order = sorted(range(len(supports)), key=lambda i: affines[i][1])[: self._n_used(supports)]
+        # affine for every support (cheap); the deformable stage only for the most similar ones
+        affines, affine_sim, affine_s = [], [], []
+        for m, mk in zip(moving, masks):
+            t0 = time.perf_counter()
+            affines.append(reg.affine_stage(fixed, m, s, mk))
+            affine_sim.append(reg.similarity(fixed, m, affines[-1][0], body))
+            affine_s.append(time.perf_counter() - t0)
+        ranked = sorted(range(len(supports)), key=lambda i: (-affine_sim[i], supports[i].name))
+        order = ranked[: self._n_used(supports)]
         q_img = self._normalised(query.image) if self.fusion == "local_ncc" else None
         sigma_vox = [self.fusion_sigma_mm / sp for sp in query.image.spacing]
         num = np.zeros((len(classes),) + query.image.shape, dtype=np.float32)
         den = np.zeros_like(num)
         per_support = []
+        votes: list[list[np.ndarray]] = [[] for _ in classes]  # each support's warped 0/1 mask per class
         for i in order:
             t0 = time.perf_counter()
             sup = supports[i]
@@ -133,8 +141,12 @@ class AtlasEngine:
                 if c in present:  # a support without this class says nothing about it
                     num[k] += weight * probs[k]
                     den[k] += weight
-            per_support.append({"support": sup.name, "affine_metric": round(affines[i][1], 5),
-                                "seconds": round(time.perf_counter() - t0, 2)})
+                    votes[k].append(np.packbits(probs[k] >= 0.5))
+            sim = reg.similarity(fixed, moving[i], tx, body)
+            per_support.append({"support": sup.name, "init": affines[i][1]["init"], "similarity": round(sim, 4),
+                                "affine_similarity": round(affine_sim[i], 4),
+                                "init_scores": affines[i][1]["init_scores"],
+                                "seconds": round(affine_s[i] + time.perf_counter() - t0, 2)})
             if progress is not None:
                 progress(1)
         probs = np.where(den > 0, num / np.maximum(den, 1e-12), 0.0).astype(np.float32)
@@ -144,7 +156,25 @@ class AtlasEngine:
                                 "fusion": self.fusion, "fusion_sigma_mm": self.fusion_sigma_mm,
                                 "fusion_sharpness": self.fusion_sharpness, "max_supports": self.max_supports},
             "atlas_supports": per_support,
+            "atlas_supports_not_used": [{"support": supports[i].name, "init": affines[i][1]["init"],
+                                         "affine_similarity": round(affine_sim[i], 4)}
+                                        for i in ranked[len(order):]],
+            "support_agreement": {c: pairwise_dice(v) for c, v in zip(classes, votes)},
             "timings": {"atlas_s": round(time.perf_counter() - t_start, 3)},
             "random_weights": False,
         }
         return EngineResult(np.clip(probs, 0.0, 1.0), classes, len(order), meta)
+
+
+def pairwise_dice(packed_masks: Sequence[np.ndarray]) -> float | None:
+    """Mean Dice over every pair of (bit-packed, same-grid) masks; None with fewer than two masks."""
+    if len(packed_masks) < 2:
+        return None
+    counts = [int(np.unpackbits(m).sum()) for m in packed_masks]
+    scores = []
+    for a in range(len(packed_masks)):
+        for b in range(a + 1, len(packed_masks)):
+            total = counts[a] + counts[b]
+            inter = int(np.unpackbits(packed_masks[a] & packed_masks[b]).sum())
+            scores.append(1.0 if total == 0 else 2.0 * inter / total)
+    return round(float(np.mean(scores)), 4)
