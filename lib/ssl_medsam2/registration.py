@@ -85,6 +85,9 @@ class RegistrationSettings:
     init_starts: str  # moments (one start) | dihedral (moments x the 8 in-plane 90° rotations/flips)
     init_iterations: int  # coarse affine iterations per start
     init_margin: float  # a start other than plain moments must beat it by this much NCC
+    # per-class refinement
+    refine_margin_mm: float | None  # per class: affine + deformable again within this margin of the organ (None/0 = off)
+    refine_iterations: int
 
     @classmethod
     def from_dict(cls, d: dict) -> "RegistrationSettings":
@@ -238,43 +241,48 @@ def _affine_registration(s: RegistrationSettings, moving_mask: sitk.Image | None
     return reg
 
 
-def _choose_start(fixed: sitk.Image, moving: sitk.Image, s: RegistrationSettings,
-                  moving_mask: sitk.Image | None) -> tuple[str, sitk.Transform, dict]:
-    """Each start refined by a short multi-resolution affine, scored by NCC on the working grid.
+def start_scores(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings,
+                 moving_mask: sitk.Image | None = None) -> dict[str, float]:
+    """NCC of each in-plane start after a short affine on the coarsest level (empty with one start).
 
-    The score is measured over the query's body within the support's focus region mapped onto the
-    query (the organs, where a mirrored abdomen differs; the body outline is nearly symmetric).
-    Returns the chosen start's name, its (unrefined) start transform, and every start's score.
+    The score is measured on the working grid over the query's body within the support's focus
+    region mapped onto the query (the organs, where a mirrored abdomen differs; the body outline is
+    nearly symmetric).
     """
+    s = settings
     if s.init_starts == "moments":
-        return "rot0", _moments_start(fixed, moving), {}
+        return {}
     if s.init_starts != "dihedral":
         raise ValueError(f"unknown atlas.init_starts '{s.init_starts}' (moments or dihedral)")
-    body = body_mask(fixed)
-    scores, starts = {}, {}
-    for name, start in in_plane_starts(fixed, moving):
-        reg = _affine_registration(s, moving_mask, s.init_iterations, s.affine_shrink, s.affine_smooth_mm)
-        reg.SetInitialTransform(start, inPlace=False)
-        tx = reg.Execute(fixed, moving)
-        region = body
-        if moving_mask is not None:
-            region = sitk.And(sitk.Resample(moving_mask, fixed, tx, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8),
-                              body)
-        scores[name] = round(similarity(fixed, moving, tx, region), 4)
-        starts[name] = start
-    best = max(scores, key=lambda n: (scores[n], n == "rot0"))
-    if best != "rot0" and scores[best] < scores["rot0"] + s.init_margin:
-        best = "rot0"
-    return best, starts[best], scores
+    with sitk_threads(s):
+        body = body_mask(fixed)
+        scores = {}
+        for name, start in in_plane_starts(fixed, moving):
+            reg = _affine_registration(s, moving_mask, s.init_iterations, s.affine_shrink[:1], s.affine_smooth_mm[:1])
+            reg.SetInitialTransform(start, inPlace=False)
+            tx = reg.Execute(fixed, moving)
+            region = body
+            if moving_mask is not None:
+                region = sitk.And(sitk.Resample(moving_mask, fixed, tx, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8),
+                                  body)
+            scores[name] = round(similarity(fixed, moving, tx, region), 4)
+    return scores
 
 
-def _affine_stage(fixed: sitk.Image, moving: sitk.Image, s: RegistrationSettings,
-                  moving_mask: sitk.Image | None = None) -> tuple[sitk.Transform, dict]:
-    start_name, start, scores = _choose_start(fixed, moving, s, moving_mask)
-    reg = _affine_registration(s, moving_mask, s.affine_iterations, s.affine_shrink, s.affine_smooth_mm)
-    reg.SetInitialTransform(start, inPlace=False)
-    tx = reg.Execute(fixed, moving)
-    return tx, {"init": start_name, "init_scores": scores, "metric": float(reg.GetMetricValue())}
+def choose_start(scores_per_support: list[dict[str, float]], margin: float) -> str:
+    """The start with the best mean score over all supports; the plain one unless another beats it by ``margin``.
+
+    One choice for the query, not one per support: a scan stored rotated or mirrored is so relative
+    to every (consistently stored) support, while one support's score alone can prefer a mirror by
+    chance where organ intensities differ between subjects (seen on CHAOS: a bright stomach where
+    the other subject's bright spleen would land).
+    """
+    scores_per_support = [sc for sc in scores_per_support if sc]
+    if not scores_per_support:
+        return "rot0"
+    mean = {n: float(np.mean([sc[n] for sc in scores_per_support])) for n in scores_per_support[0]}
+    best = max(mean, key=lambda n: (mean[n], n == "rot0"))
+    return best if best == "rot0" or mean[best] >= mean["rot0"] + margin else "rot0"
 
 
 def _bspline_stage(fixed, moving, affine: sitk.Transform, s: RegistrationSettings,
@@ -347,13 +355,34 @@ def _demons_stage(fixed, moving, affine: sitk.Transform, s: RegistrationSettings
 
 
 def affine_stage(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings,
-                 moving_mask: sitk.Image | None = None) -> tuple[sitk.Transform, dict]:
-    """Multi-start initialised affine (Mattes MI).
+                 moving_mask: sitk.Image | None = None, start: str = "rot0") -> tuple[sitk.Transform, float]:
+    """Multi-resolution affine (Mattes MI) from the named in-plane start (see :func:`in_plane_starts`).
 
-    Returns the transform and ``{"init": chosen start, "init_scores": NCC per start, "metric": MI}``.
+    Returns the transform and the final metric value.
     """
     with sitk_threads(settings):
-        return _affine_stage(fixed, moving, settings, moving_mask)
+        init = dict(in_plane_starts(fixed, moving))[start]
+        reg = _affine_registration(settings, moving_mask, settings.affine_iterations, settings.affine_shrink,
+                                   settings.affine_smooth_mm)
+        reg.SetInitialTransform(init, inPlace=False)
+        tx = reg.Execute(fixed, moving)
+        return tx, float(reg.GetMetricValue())
+
+
+def refine_affine(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform,
+                  settings: RegistrationSettings, class_mask: sitk.Image) -> sitk.Transform:
+    """The global affine refined around one organ (metric only within ``class_mask``).
+
+    Organs move relative to each other between subjects (breathing, posture); one affine for the
+    whole abdomen is a compromise that fits the liver and leaves small organs beside their place.
+    Runs on the finest affine level and the working grid.
+    """
+    s = settings
+    with sitk_threads(s):
+        reg = _affine_registration(s, class_mask, s.refine_iterations, [s.affine_shrink[-1], 1],
+                                   [s.affine_smooth_mm[-1], 0.0])
+        reg.SetInitialTransform(affine, inPlace=False)
+        return reg.Execute(fixed, moving)
 
 
 def deformable_stage(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform,

@@ -5,11 +5,27 @@ machines). Registering each labelled support onto the query and warping its labe
 weights at all, gives every user a working pseudo-labeller on day one, and is a partner for SAM2 in
 the ensemble engine whose errors are of a different kind.
 
-Each support is registered to the query (:mod:`ssl_medsam2.registration`), each of its classes is
-warped as a 0/1 image with linear interpolation (a soft per-class probability), and the supports
-are fused by their mean or by weights from the local image similarity between the warped support
-and the query (supports that match locally count more). Output: the mean probability on the query's
-full canonical grid, like every engine.
+Per query: one in-plane start (plain, or rotated by 90° steps / mirrored, when every support
+agrees it fits clearly better) and an affine for every support; the most similar supports after the
+affine (body NCC, ``atlas.max_supports``; 0 = all) then get, per class, an affine refined around that
+organ and a deformable stage (:mod:`ssl_medsam2.registration`). Each class is warped as a 0/1 image
+with linear interpolation (a soft per-class probability) and the supports are fused by their mean or
+by weights from the local image similarity between the warped support and the query (supports that
+match locally count more). Output: the mean probability on the query's full canonical grid, like
+every engine.
+
+What the case summary (``EngineResult.meta``) says about the choices:
+
+- ``atlas_init``: the in-plane start used (``rot0`` = plain; ``rot90``/``rot180``/``rot270``,
+  ``flip+rot…`` = the query was found stored rotated / mirrored in-plane);
+- ``atlas_supports``: per used support ``{"support", "init", "similarity", "seconds"}`` plus
+  ``affine_similarity`` and ``init_scores`` (NCC of every start). ``similarity`` is the NCC of the
+  query and the registered support over the query's body (Otsu foreground) on the working grid,
+  in [-1, 1], comparable between supports and queries; ``seconds`` is that support's wall time;
+- ``atlas_supports_not_used``: supports ranked out by ``max_supports`` with their ``affine_similarity``;
+- ``support_agreement``: ``{class_id: mean pairwise Dice of the supports' warped labels (at 0.5)}``,
+  ``None`` for a class fewer than two supports have (a quality signal: supports that disagree
+  about where an organ is make an unreliable pseudo label).
 """
 
 from __future__ import annotations
@@ -111,12 +127,16 @@ class AtlasEngine:
         masks = [reg.focus_mask(c.label, classes, m, s.focus_margin_mm) if s.focus_margin_mm else None
                  for c, m in zip(supports, moving)]
         # affine for every support (cheap); the deformable stage only for the most similar ones
+        t0 = time.perf_counter()
+        init_scores = [reg.start_scores(fixed, m, s, mk) for m, mk in zip(moving, masks)]
+        start = reg.choose_start(init_scores, s.init_margin)
+        init_s = (time.perf_counter() - t0) / len(supports)
         affines, affine_sim, affine_s = [], [], []
         for m, mk in zip(moving, masks):
             t0 = time.perf_counter()
-            affines.append(reg.affine_stage(fixed, m, s, mk))
+            affines.append(reg.affine_stage(fixed, m, s, mk, start))
             affine_sim.append(reg.similarity(fixed, m, affines[-1][0], body))
-            affine_s.append(time.perf_counter() - t0)
+            affine_s.append(init_s + time.perf_counter() - t0)
         ranked = sorted(range(len(supports)), key=lambda i: (-affine_sim[i], supports[i].name))
         order = ranked[: self._n_used(supports)]
         q_img = self._normalised(query.image) if self.fusion == "local_ncc" else None
@@ -128,24 +148,33 @@ class AtlasEngine:
         for i in order:
             t0 = time.perf_counter()
             sup = supports[i]
-            tx = reg.deformable_stage(fixed, moving[i], affines[i][0], s, masks[i])
-            probs = reg.warp_label_probabilities(sup.label, classes, query.image, tx)
-            if self.fusion == "local_ncc":
-                warped = reg.warp_array(self._normalised(sup.image), sup.image.affine, query.image, tx)
-                ncc = local_ncc(q_img, warped, sigma_vox)
-                weight = np.exp(self.fusion_sharpness * (ncc - 1.0)).astype(np.float32)
-            else:
-                weight = np.ones(query.image.shape, dtype=np.float32)
             present = set(np.unique(sup.label.array).tolist())
-            for k, c in enumerate(classes):
-                if c in present:  # a support without this class says nothing about it
-                    num[k] += weight * probs[k]
+            todo = [k for k, c in enumerate(classes) if c in present]  # a support without a class says nothing
+            if s.refine_margin_mm:  # one registration per class, refined around that organ
+                groups = []
+                for k in todo:
+                    cmask = reg.focus_mask(sup.label, [classes[k]], moving[i], s.refine_margin_mm)
+                    aff_k = reg.refine_affine(fixed, moving[i], affines[i][0], s, cmask)
+                    groups.append(([k], reg.deformable_stage(fixed, moving[i], aff_k, s, cmask)))
+                sim = reg.similarity(fixed, moving[i], affines[i][0], body)
+            else:
+                tx = reg.deformable_stage(fixed, moving[i], affines[i][0], s, masks[i])
+                groups = [(todo, tx)]
+                sim = reg.similarity(fixed, moving[i], tx, body)
+            for ks, tx in groups:
+                probs = reg.warp_label_probabilities(sup.label, [classes[k] for k in ks], query.image, tx)
+                if self.fusion == "local_ncc":
+                    warped = reg.warp_array(self._normalised(sup.image), sup.image.affine, query.image, tx)
+                    ncc = local_ncc(q_img, warped, sigma_vox)
+                    weight = np.exp(self.fusion_sharpness * (ncc - 1.0)).astype(np.float32)
+                else:
+                    weight = np.ones(query.image.shape, dtype=np.float32)
+                for j, k in enumerate(ks):
+                    num[k] += weight * probs[j]
                     den[k] += weight
-                    votes[k].append(np.packbits(probs[k] >= 0.5))
-            sim = reg.similarity(fixed, moving[i], tx, body)
-            per_support.append({"support": sup.name, "init": affines[i][1]["init"], "similarity": round(sim, 4),
-                                "affine_similarity": round(affine_sim[i], 4),
-                                "init_scores": affines[i][1]["init_scores"],
+                    votes[k].append(np.packbits(probs[j] >= 0.5))
+            per_support.append({"support": sup.name, "init": start, "similarity": round(sim, 4),
+                                "affine_similarity": round(affine_sim[i], 4), "init_scores": init_scores[i],
                                 "seconds": round(affine_s[i] + time.perf_counter() - t0, 2)})
             if progress is not None:
                 progress(1)
@@ -156,7 +185,8 @@ class AtlasEngine:
                                 "fusion": self.fusion, "fusion_sigma_mm": self.fusion_sigma_mm,
                                 "fusion_sharpness": self.fusion_sharpness, "max_supports": self.max_supports},
             "atlas_supports": per_support,
-            "atlas_supports_not_used": [{"support": supports[i].name, "init": affines[i][1]["init"],
+            "atlas_init": start,
+            "atlas_supports_not_used": [{"support": supports[i].name, "init": start,
                                          "affine_similarity": round(affine_sim[i], 4)}
                                         for i in ranked[len(order):]],
             "support_agreement": {c: pairwise_dice(v) for c, v in zip(classes, votes)},
