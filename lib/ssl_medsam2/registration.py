@@ -229,7 +229,16 @@ def similarity(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform,
 
 
 def _affine_registration(s: RegistrationSettings, moving_mask: sitk.Image | None, iterations: int,
-                         shrink, smooth) -> sitk.ImageRegistrationMethod:
+                         shrink, smooth, fixed: sitk.Image) -> sitk.ImageRegistrationMethod:
+    """Mattes-MI affine; shrink factors capped so a level keeps >= 32 voxels across the slice plane.
+
+    A small query (a low-resolution scan, a cropped field of view) shrunk 4x would leave a dozen
+    voxels per side, too few to tell a mirrored abdomen from a rotated one.
+    """
+    sp, size = np.array(fixed.GetSpacing()), np.array(fixed.GetSize())
+    k = int(np.flatnonzero(np.isclose(sp, sp.max(), rtol=1e-3))[-1])
+    cap = max(1, int(np.delete(size, k).min()) // 32)
+    shrink = [min(int(f), cap) for f in shrink]
     reg = _mattes_mi_registration(s, s.affine_sampling, moving_mask)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4,
                                                  numberOfIterations=int(iterations),
@@ -258,7 +267,8 @@ def start_scores(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSe
         body = body_mask(fixed)
         scores = {}
         for name, start in in_plane_starts(fixed, moving):
-            reg = _affine_registration(s, moving_mask, s.init_iterations, s.affine_shrink[:1], s.affine_smooth_mm[:1])
+            reg = _affine_registration(s, moving_mask, s.init_iterations, s.affine_shrink[:1], s.affine_smooth_mm[:1],
+                                       fixed)
             reg.SetInitialTransform(start, inPlace=False)
             tx = reg.Execute(fixed, moving)
             region = body
@@ -363,7 +373,7 @@ def affine_stage(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSe
     with sitk_threads(settings):
         init = dict(in_plane_starts(fixed, moving))[start]
         reg = _affine_registration(settings, moving_mask, settings.affine_iterations, settings.affine_shrink,
-                                   settings.affine_smooth_mm)
+                                   settings.affine_smooth_mm, fixed)
         reg.SetInitialTransform(init, inPlace=False)
         tx = reg.Execute(fixed, moving)
         return tx, float(reg.GetMetricValue())
@@ -380,7 +390,7 @@ def refine_affine(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform,
     s = settings
     with sitk_threads(s):
         reg = _affine_registration(s, class_mask, s.refine_iterations, [s.affine_shrink[-1], 1],
-                                   [s.affine_smooth_mm[-1], 0.0])
+                                   [s.affine_smooth_mm[-1], 0.0], fixed)
         reg.SetInitialTransform(affine, inPlace=False)
         return reg.Execute(fixed, moving)
 
