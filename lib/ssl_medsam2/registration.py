@@ -7,10 +7,13 @@ query's full grid afterwards):
 
 1. a multi-start initialisation: centre of mass (image moments) combined with each of the eight
    in-plane 90° rotations and flips, each refined by a short coarse affine and scored by the
-   normalised cross-correlation over the query's body; the plain moments start wins unless another
-   is clearly better (scans stored rotated or flipped are found, ordinary ones are not disturbed);
+   normalised cross-correlation over the query's body within the support's organs
+   (:func:`start_scores`); the engine picks one start per query from all supports' scores
+   (:func:`choose_start`): the plain start wins unless another is clearly better, so scans stored
+   rotated or mirrored are found and ordinary ones are not disturbed;
 2. an affine stage driven by Mattes mutual information (robust to the MRI intensity scale);
-3. a deformable stage, either a multi-resolution B-spline (Mattes MI) or diffeomorphic demons on
+3. optionally per class, the affine refined around that organ (:func:`refine_affine`);
+4. a deformable stage, either a multi-resolution B-spline (Mattes MI) or diffeomorphic demons on
    histogram-matched intensities (fast and dense; same-modality only).
 
 Everything works in the canonical (RAS) voxel order of :class:`ssl_medsam2.io.Volume`; SimpleITK
