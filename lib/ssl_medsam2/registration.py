@@ -220,10 +220,11 @@ def similarity(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform,
     Support voxels outside its field of view count as 0, so a transform that maps the body out of
     the support's image scores low. In [-1, 1]; comparable between supports and starts.
     """
-    q = sitk.GetArrayViewFromImage(fixed).astype(np.float64)
-    w = sitk.GetArrayViewFromImage(
+    # copies, not views: a view of a temporary SimpleITK image reads freed memory once it is collected
+    q = sitk.GetArrayFromImage(fixed).astype(np.float64)
+    w = sitk.GetArrayFromImage(
         sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)).astype(np.float64)
-    sel = sitk.GetArrayViewFromImage(mask).astype(bool) if mask is not None else np.ones(q.shape, bool)
+    sel = sitk.GetArrayFromImage(mask).astype(bool) if mask is not None else np.ones(q.shape, bool)
     if sel.sum() < 2:
         return -1.0
     a, b = q[sel] - q[sel].mean(), w[sel] - w[sel].mean()
