@@ -109,8 +109,14 @@ def test_evaluate_cli_and_errors(pred_gt, tmp_path, capsys):
     assert main(["evaluate", "--pred", str(pred_dir), "--gt", str(gt_dir), "--out", str(out), "--classes", "1",
                  "--no-report"]) == 0
     text = capsys.readouterr().out
-    assert "liver: Dice mean" in text and not (out / "report.png").exists()
+    # no dataset.json and no input.class_names: neutral names, never another dataset's organs
+    assert "class_1: Dice mean" in text and "liver" not in text and not (out / "report.png").exists()
     assert [r["class_id"] for r in csv.DictReader(open(out / "metrics.csv"))] == ["1", "1", "1"]
+    # the ground truth's dataset.json names the classes
+    (gt_dir / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1}}))
+    assert main(["evaluate", "--pred", str(pred_dir), "--gt", str(gt_dir), "--out", str(out), "--classes", "1",
+                 "--no-report"]) == 0
+    assert "liver: Dice mean" in capsys.readouterr().out
     # a prediction on another grid is refused with the file named
     bad = tmp_path / "bad"
     bad.mkdir()

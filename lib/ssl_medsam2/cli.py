@@ -218,9 +218,9 @@ def _run_evaluate(args) -> int:
     metrics.json and report.png to --out.
     """
     from .evaluate import evaluate_folders
-    from .preprocess import InputSettings, IntensityConfig
+    from .preprocess import InputSettings, IntensityConfig, with_dataset_class_names
 
-    cfg = _load_cfg(args)
+    cfg = with_dataset_class_names(_load_cfg(args), args.gt)  # names from the ground truth's dataset.json
     result = evaluate_folders(args.pred, args.gt, args.out, classes=args.classes or None,
                               class_names=InputSettings.from_config(cfg).class_names, images_dir=args.images,
                               report=not args.no_report, intensity=IntensityConfig.from_config(cfg))

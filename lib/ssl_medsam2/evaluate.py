@@ -31,9 +31,9 @@ CSV_FIELDS = ("case", "class_id", "class_name", "dice", "hd95_mm", "gt_voxels", 
 
 
 def _class_name(names: dict | None, c: int) -> str:
-    if not names:
-        return str(c)
-    return str(names.get(c, names.get(str(c), c)))
+    """The class's name, or the neutral ``class_<id>`` (never another dataset's organ names)."""
+    names = names or {}
+    return str(names.get(int(c), names.get(str(c), f"class_{int(c)}")))
 
 
 def evaluate_pair(pred: Volume, gt: Volume, classes: Sequence[int], class_names: dict | None = None) -> list[dict]:
