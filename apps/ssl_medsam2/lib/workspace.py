@@ -165,11 +165,35 @@ class Workspace:
         self.pseudo_tag = self.app.pseudo_tag
 
     @property
-    def label_ids(self) -> set[int]:
-        """Class ids a saved label may hold: background, ``input.class_names`` and ``input.classes``."""
+    def label_ids(self) -> set[int] | None:
+        """Class ids a saved label may hold: background, ``input.class_names`` and ``input.classes``.
+
+        Where neither the config nor the data's dataset.json names a class, the ids of the human labels
+        already in the studies folder (``labels/final``, read once) are the label set, so a stray 7 or
+        255 is still refused with neutral class names; None (any id) only while no label exists yet."""
         from ssl_medsam2.preprocess import InputSettings
 
-        return InputSettings.from_config(self.cfg).label_ids
+        ids = InputSettings.from_config(self.cfg).label_ids
+        if ids is None and not str(self.studies).startswith(("http://", "https://")):
+            if getattr(self, "_data_label_ids", None) is None:
+                self._data_label_ids = self._ids_in_final_labels()
+            ids = self._data_label_ids
+        return ids
+
+    def _ids_in_final_labels(self) -> set[int] | None:
+        import nibabel as nib
+        import numpy as np
+
+        found: set[int] = set()
+        final = Path(self.studies) / "labels" / "final"
+        for f in sorted(final.glob("*.nii*")) if final.is_dir() else ():
+            if f.is_symlink() or not f.is_file():
+                continue
+            try:
+                found |= {int(v) for v in np.unique(np.asarray(nib.load(str(f)).dataobj))}
+            except Exception:  # an unreadable label says nothing about the label set
+                continue
+        return ({0} | found) if found - {0} else None
 
     # -- folders --
     #: per-request temporary files (uploads being checked); each request removes its own folder
