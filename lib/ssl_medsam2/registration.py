@@ -274,7 +274,11 @@ def start_scores(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSe
             reg = _affine_registration(s, moving_mask, s.init_iterations, s.affine_shrink[:1], s.affine_smooth_mm[:1],
                                        fixed)
             reg.SetInitialTransform(start, inPlace=False)
-            tx = reg.Execute(fixed, moving)
+            try:
+                tx = reg.Execute(fixed, moving)
+            except RuntimeError:  # ITK: this start maps every sample outside the support: it cannot be the one
+                scores[name] = -1.0
+                continue
             region = body
             if moving_mask is not None:
                 region = sitk.And(sitk.Resample(moving_mask, fixed, tx, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8),
