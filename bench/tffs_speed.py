@@ -85,6 +85,21 @@ class PeakRSS:
         self.peak = max(self.peak, self.now())
 
 
+def timed(fn, cuda: bool):
+    """(result, wall seconds, PeakRSS) of ``fn()``; on CUDA the device is synchronised on both sides and
+    its peak-memory counter reset, so ``torch.cuda.max_memory_allocated`` afterwards is this call's."""
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    return out, seconds, rss
+
+
 def quick_z_range(label_path: Path, n: int) -> tuple[int, int]:
     """``n`` slices around the middle of the labelled (liver) z extent."""
     import nibabel as nib
@@ -268,16 +283,8 @@ def main(argv=None) -> int:
             SAM2Engine.predict(engine, supports, query, classes)
             engine.stats.update(frames_tracked=0, batched_steps=0, frames_encoded=0)
         graphs0 = dynamo_graphs()
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        with PeakRSS() as rss:
-            t0 = time.perf_counter()
-            method = engine.predict_reference if name == "reference" else engine.predict
-            results[name] = method(supports, query, classes)
-            if cuda:
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
+        method = engine.predict_reference if name == "reference" else engine.predict
+        results[name], seconds, rss = timed(lambda: method(supports, query, classes), cuda)
         tracked = int(counter["frames_tracked"])
         details[name] = {"s_per_query": round(seconds, 2), "frames_tracked": tracked,
                          "tracked_frames_per_s": round(tracked / seconds, 1),
@@ -305,15 +312,7 @@ def main(argv=None) -> int:
             engine.predict_campaign(supports, queries[:1], classes)
         engine.stats.update(frames_tracked=0, batched_steps=0, frames_encoded=0)
         graphs0 = dynamo_graphs()
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        with PeakRSS() as rss:
-            t0 = time.perf_counter()
-            out = engine.predict_campaign(supports, queries, classes)
-            if cuda:
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
+        out, seconds, rss = timed(lambda: engine.predict_campaign(supports, queries, classes), cuda)
         steps, tracked = int(engine.stats["batched_steps"]), int(engine.stats["frames_tracked"])
         campaign = {"queries": len(out), "names": campaign_names, "s_total": round(seconds, 2),
                     "s_per_query": round(seconds / len(out), 2), "queries_per_hour": round(3600 * len(out) / seconds, 1),

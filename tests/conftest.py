@@ -31,6 +31,15 @@ def outputs_on_source_grid(out: Path, case: str, source: Path, atol: float = 1e-
     return imgs
 
 
+def fewshot_model(info: dict) -> str:
+    """The few-shot model a client picks from /info: the fast atlas engine when it is available."""
+    unavailable = info.get("unavailable_models") or {}
+    for name in ("atlas_fewshot", "sam2_fewshot"):
+        if name in info["models"] and name not in unavailable:
+            return name
+    pytest.fail(f"no few-shot model available: {unavailable}")
+
+
 def load_script(name: str):
     """Import ``scripts/<name>.py`` as module ``name`` (tests reuse the scripts users run)."""
     import importlib.util

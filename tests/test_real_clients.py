@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import chaos_cases, downsample_case, load_script
+from conftest import chaos_cases, downsample_case, fewshot_model, load_script
 from test_auth import Issuer
 
 LABELLED = ["chaos_01", "chaos_02"]
@@ -104,20 +104,12 @@ def _leases(url: str, headers: dict | None = None) -> dict:
     return httpx.get(f"{url}/ssl_medsam2/leases", headers=headers or {}, timeout=30).json()
 
 
-def _model(info: dict) -> str:
-    unavailable = info.get("unavailable_models") or {}
-    for name in ("atlas_fewshot", "sam2_fewshot"):
-        if name in info["models"] and name not in unavailable:
-            return name
-    pytest.fail(f"no few-shot model available: {unavailable}")
-
-
 def _slicer_flow(url: str, studies: Path, root: Path, tmp: Path, first, second, trainer, holder_of):
     """The Slicer module's sequence through ``MONAILabelClient``; returns what it measured."""
     from monailabel.client.client import MONAILabelClientException
 
     info = first.info()
-    model = _model(info)
+    model = fewshot_model(info)
     assert "ssl_nnunet" in info["trainers"] and "random" in info["strategies"]
     # next sample, skipped 8 times: never refused, never the same image twice in a row, one lease held
     seen = [first.next_sample("random", {})["id"] for _ in range(9)]

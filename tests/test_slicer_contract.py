@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REPO, downsample_case
+from conftest import REPO, downsample_case, fewshot_model
 
 CASES = ["chaos_01", "chaos_02", "chaos_03", "chaos_05"]
 LABELLED = CASES[:2]
@@ -64,15 +64,6 @@ def client(server, tmp_path_factory):
     return MONAILabelClient(server["url"], tmpdir=str(tmp_path_factory.mktemp("slicer_client")), client_id="slicer-1")
 
 
-def _model(info: dict) -> str:
-    """Slicer lists models from /info; prefer the fast atlas engine when it is available."""
-    unavailable = info.get("unavailable_models") or {}
-    for name in ("atlas_fewshot", "sam2_fewshot"):
-        if name in info["models"] and name not in unavailable:
-            return name
-    pytest.fail(f"no few-shot model available: {unavailable}")
-
-
 def test_slicer_session(server, client, tmp_path):
     url = server["url"]
     # the app installs its MONAI Label 0.8.5 fixes (token check, DICOMweb; apps/ssl_medsam2/monailabel_085.py)
@@ -80,7 +71,7 @@ def test_slicer_session(server, client, tmp_path):
     assert "ssl_medsam2: MONAI Label 0.8.5 fixes installed" in log and "ssl_medsam2 dicomweb:" in log
     # 1. connect: /info drives the module's model, strategy and trainer lists and its label names
     info = client.info()
-    model = _model(info)
+    model = fewshot_model(info)
     assert "ssl_nnunet" in info["trainers"] and "random" in info["strategies"]
     assert info["models"][model]["type"] == "segmentation"
     assert info["models"][model]["labels"], "Slicer names segments from the model's labels"
