@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from .io import InputError, Volume, list_volumes, load_volume, write_text_atomic
+from .preprocess import class_name
 from .metrics import dice_hd95
 
 if TYPE_CHECKING:
@@ -28,12 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CSV_FIELDS = ("case", "class_id", "class_name", "dice", "hd95_mm", "gt_voxels", "pred_voxels")
-
-
-def _class_name(names: dict | None, c: int) -> str:
-    """The class's name, or the neutral ``class_<id>`` (never another dataset's organ names)."""
-    names = names or {}
-    return str(names.get(int(c), names.get(str(c), f"class_{int(c)}")))
 
 
 def evaluate_pair(pred: Volume, gt: Volume, classes: Sequence[int], class_names: dict | None = None) -> list[dict]:
@@ -47,7 +42,7 @@ def evaluate_pair(pred: Volume, gt: Volume, classes: Sequence[int], class_names:
     for c in classes:
         p, g = pred.array == c, gt.array == c
         d, hd = dice_hd95(p, g, gt.spacing)
-        rows.append({"case": gt.name, "class_id": int(c), "class_name": _class_name(class_names, c),
+        rows.append({"case": gt.name, "class_id": int(c), "class_name": class_name(class_names, c),
                      "dice": round(d, 6), "hd95_mm": None if hd is None else round(hd, 4),
                      "gt_voxels": int(g.sum()), "pred_voxels": int(p.sum())})
     return rows
@@ -100,7 +95,7 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, out
     per_class = {}
     for c in classes:
         cr = [r for r in rows if r["class_id"] == c]
-        per_class[_class_name(class_names, c)] = {"class_id": c, "dice": _stats([r["dice"] for r in cr]),
+        per_class[class_name(class_names, c)] = {"class_id": c, "dice": _stats([r["dice"] for r in cr]),
                                                   "hd95_mm": _stats([r["hd95_mm"] for r in cr])}
     per_case = {}
     for name in common:
@@ -108,7 +103,7 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, out
         per_case[name] = {"mean_dice": float(np.mean([r["dice"] for r in cr])),
                           "classes": {r["class_name"]: {"dice": r["dice"], "hd95_mm": r["hd95_mm"]} for r in cr}}
     result = {"pred_dir": str(Path(pred_dir).resolve()), "gt_dir": str(Path(gt_dir).resolve()),
-              "classes": classes, "class_names": {str(c): _class_name(class_names, c) for c in classes},
+              "classes": classes, "class_names": {str(c): class_name(class_names, c) for c in classes},
               "n_cases": len(common), "missing_predictions": missing, "predictions_without_gt": extra,
               "per_class": per_class, "per_case": per_case, "rows": rows}
     if out_dir is not None:

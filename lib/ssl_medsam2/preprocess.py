@@ -61,7 +61,7 @@ class InputSettings(Section):
 
     def class_name(self, c: int, unnamed: str | None = None) -> str:
         """The configured name of class ``c``; ``unnamed`` (default: the neutral ``class_<id>``) when it has none."""
-        return self.class_names.get(int(c), f"class_{int(c)}" if unnamed is None else unnamed)
+        return class_name(self.class_names, c) if unnamed is None else self.class_names.get(int(c), unnamed)
 
     @property
     def label_ids(self) -> set[int] | None:
@@ -70,6 +70,13 @@ class InputSettings(Section):
         if not self.class_names and not self.classes:
             return None
         return {0} | set(self.class_names) | set(self.classes or ())
+
+
+def class_name(names: dict | None, c: int) -> str:
+    """The name of class ``c`` in ``names`` (keys int or str), else the neutral ``class_<id>``: never another
+    dataset's organ names."""
+    names = names or {}
+    return str(names.get(int(c), names.get(str(c), f"class_{int(c)}")))
 
 
 def dataset_class_names(folder) -> dict[int, str]:

@@ -32,6 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from .config import Section
+from .preprocess import class_name
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def assess(probs: np.ndarray, entropy: np.ndarray, label: np.ndarray, classes: S
     per_class: dict[str, dict] = {}
     reasons: list[str] = []
     for i, c in enumerate(classes):
-        name = names.get(int(c), f"class_{c}")
+        name = class_name(names, c)
         ref = [v for v in support_volumes.get(int(c), []) if v > 0]
         ratio = volumes[int(c)] / float(np.median(ref)) if ref else None
         agreement = given.get(int(c))

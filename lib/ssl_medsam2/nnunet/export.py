@@ -125,7 +125,7 @@ def export_dataset(raw_root: str | os.PathLike, images: Mapping[str, Path], labe
         stats[name] = {"source": "ground_truth" if is_gt else "pseudo_label", "ignored_voxels": n_ignored}
     label_names = {"background": 0}
     for i, c in enumerate(classes, start=1):
-        nm = inputs.class_name(c, unnamed=f"class_{c}")
+        nm = inputs.class_name(c)
         label_names[nm if nm not in label_names else f"{nm}_{c}"] = i
     if use_ignore:
         label_names["ignore"] = ignore_value
