@@ -182,7 +182,7 @@ def test_worker_that_never_starts_is_replaced_a_bounded_number_of_times():
             return made[-1]
 
         with pytest.raises(RuntimeError, match="(?s)no Ray worker left: 10 worker start.*3 case.*simulated"):
-            cluster.run_cases(ray, make, 2, ["a", "b", "c"], lambda actor, case: actor.run.remote(case),
+            cluster.run_cases(ray, make, 2, ["a", "b", "c"], lambda actor, group: (actor.run_group.remote(group), {}),
                               lambda res: None, ccfg, "never starts", show_progress=False)
     assert len(made) == 2 + 2 * 4
 

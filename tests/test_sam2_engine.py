@@ -174,6 +174,65 @@ def test_pseudo_label_folder_multilabel_geometry_and_summary(tiny, tmp_path):
     assert not [p for p in out.rglob(".staging*")]
 
 
+def test_folder_campaign_groups_queries_writes_every_case_and_resumes(tiny, tmp_path, monkeypatch):
+    """`pseudo-label` over a folder with sam2.campaign_queries=2 hands the engine two queries per call
+    (their runs share its steps) and finalises each alone: the labels of one query per call, every case
+    written. A group whose call fails is run case by case: its good query is written, the bad one stops
+    the run."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for f in [*(tiny / "imagesTr").iterdir(), *(tiny / "extra").iterdir()]:  # 3 queries: 7, 10 and 4 slices
+        (images / f.name).write_bytes(f.read_bytes())
+    cfg = SMALL + ["sam2.n_inserts=1", "sam2.max_cond_frames_in_attn=2"]
+    calls, fail_on = [], set()
+    predict_campaign = SAM2Engine.predict_campaign
+
+    def spy(self, supports, queries, classes, progress=None):
+        calls.append([q.name for q in queries])
+        if fail_on & set(calls[-1]):
+            raise RuntimeError("simulated engine failure")
+        return predict_campaign(self, supports, queries, classes, progress)
+
+    monkeypatch.setattr(SAM2Engine, "predict_campaign", spy)
+
+    def run(out, extra=()):
+        calls.clear()
+        return pseudo_label_folder(images, tiny / "labelsTr", out, load_config(overrides=cfg + list(extra)),
+                                   show_progress=False)
+
+    one = run(tmp_path / "one")
+    names = [s["case"] for s in one]
+    assert len(names) == 3 and calls == [[n] for n in names]  # auto on CPU: one query per call
+    two = run(tmp_path / "two", ["sam2.campaign_queries=2"])
+    assert calls == [names[:2], names[2:]]
+    assert [s["case"] for s in two] == names
+    assert [s["timings"].get("campaign_queries") for s in two] == [2, 2, None]
+
+    def same(out):
+        for n in names:
+            for kind in ("labels", "probabilities"):
+                a = np.asarray(nib.load(str(tmp_path / "one" / kind / f"{n}.nii.gz")).dataobj)
+                b = np.asarray(nib.load(str(out / kind / f"{n}.nii.gz")).dataobj)
+                if kind == "labels":
+                    np.testing.assert_array_equal(a, b, err_msg=n)
+                else:
+                    assert np.abs(a - b).max() <= 1e-4, n
+
+    same(tmp_path / "two")
+    assert sorted(json.loads((tmp_path / "two" / "run.json").read_text())["queries"]) == sorted(names)
+
+    fail_on.add(names[1])  # the first group fails; run case by case, its first query is written
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(tmp_path / "three", ["sam2.campaign_queries=2"])
+    assert calls == [names[:2], names[:1], names[1:2]]
+    assert [(tmp_path / "three" / "summaries" / f"{n}.json").exists() for n in names] == [True, False, False]
+    fail_on.clear()
+    run(tmp_path / "three", ["sam2.campaign_queries=2"])  # in-process, a re-run redoes every case (Ray resumes)
+    assert calls == [names[:2], names[2:]]
+    same(tmp_path / "three")
+    assert not [p for p in (tmp_path / "three").rglob(".staging*")]
+
+
 # --- bad input: clear error naming the file, nothing partial written -------------------------------
 
 def _write(path, data, affine=np.diag([4.0, 4.0, 7.7, 1.0])):

@@ -12,7 +12,9 @@ How the work is spread:
 - **Workers are Ray actors** (``cluster.cpus_per_worker`` CPUs, ``cluster.gpus_per_worker`` GPUs each),
   each building the job's worker once and keeping it: a pseudo-label worker its few-shot engine, whose caches
   (support features, prompt memories, registered supports) serve every query it gets; an nnU-Net worker its
-  ``nnUNetPredictor``, loaded once for all its cases.
+  ``nnUNetPredictor``, loaded once for all its cases. A worker whose engine gains from several queries in
+  one call (the batched SAM2 engine, ``sam2.campaign_queries``) gets them in groups of that size after its
+  first case; every other worker gets one case at a time.
 - **Inputs and outputs travel through Ray, not through a shared filesystem.** The driver reads and
   checks every input and ships it to a worker; the worker returns the finished files (compressed
   NIfTI / JSON bytes, encoded by the same code as in-process) and the driver writes them
@@ -20,9 +22,10 @@ How the work is spread:
   nodes), a case is written exactly once by one process, and a worker that dies mid-case never
   leaves a half-written file.
 - **Fault tolerance.** A worker that dies mid-case (node lost, OOM kill) is restarted by Ray
-  (``cluster.max_restarts``) and its case is resubmitted at once to another live worker, up to
+  (``cluster.max_restarts``) and its cases are resubmitted at once to another live worker, up to
   ``cluster.max_case_attempts`` attempts. A case that fails on its input (or with any error inside
-  the engine) is reported once, with its reason, and never retried; the other cases go on.
+  the engine) is reported once, with its reason, and never retried; the other cases go on (a group
+  that fails is run again case by case on its worker, so only the bad case fails).
 - **Resumable.** Cases whose outputs are complete are skipped on a re-run.
 - **Progress.** One tqdm bar on the driver over all cases; each finished case and, at the end, each
   worker's throughput (cases, cases/min, node) are logged.
@@ -42,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Section
-from .executors import CaseJob, CasesFailed, Executor, LocalExecutor
+from .executors import CaseJob, CasesFailed, Executor, LocalExecutor, group_size, run_group
 
 __all__ = ["CasesFailed", "ClusterSettings", "RayExecutor", "cluster_address", "executor_for", "ray_session",
            "run_cases"]
@@ -163,7 +166,7 @@ def _limit_threads(cpus: float) -> None:
 
 def _failure(case: str, exc: BaseException, input_error: bool) -> dict:
     return {"ok": False, "case": case, "input_error": input_error, "worker": _worker_id(),
-            "error": f"{type(exc).__name__}: {exc}" if input_error else traceback.format_exc()}
+            "error": f"{type(exc).__name__}: {exc}" if input_error else "".join(traceback.format_exception(exc))}
 
 
 # --- the dispatcher: cases over actors, retried elsewhere when a worker dies ----------------------------
@@ -177,17 +180,21 @@ class _Stats:
 
 
 def run_cases(ray, make_actor: Callable[[], Any], n_workers: int, cases: Sequence[str],
-              submit: Callable[[Any, str], Any], on_result: Callable[[dict], None], ccfg: ClusterSettings,
-              desc: str, show_progress: bool = True, initial: int = 0) -> dict[str, str]:
-    """Run ``submit(actor, case)`` for every case on ``n_workers`` actors; returns {case: reason} of failures.
+              submit: Callable[[Any, list[str]], tuple[Any, dict[str, dict]]], on_result: Callable[[dict], None],
+              ccfg: ClusterSettings, desc: str, show_progress: bool = True, initial: int = 0) -> dict[str, str]:
+    """Run ``submit(actor, group)`` for groups of cases on ``n_workers`` actors; returns {case: reason} of failures.
 
-    Each actor has one case in flight. A result dict with ``ok`` goes to ``on_result`` (the driver
-    writes it); ``ok: False`` is a reported failure (not retried). A dead worker (``RayActorError``)
-    puts its case back at the front of the queue for the next live worker (at most
-    ``cluster.max_case_attempts`` attempts per case); the actor itself is restarted by Ray (or
-    replaced when out of restarts) and rejoins once its ``ready()`` answers. At most ``4 * n_workers``
-    actors are replaced in all (a worker that can never start, e.g. ``ssl_medsam2`` not importable on
-    the nodes, must not be replaced forever); once every worker is gone, a ``RuntimeError`` names why.
+    Each actor has one group in flight: one case until it answers, then as many as its last answer's
+    ``group_size`` asks for (a worker that batches queries), at most an even share of what is left.
+    ``submit`` returns (the actor's task ref, or None, and {case: failure result} of the group's cases it
+    could not send, e.g. bad input); the ref's value is ``{"results": [one dict per case], "group_size": n}``.
+    A case's result dict with ``ok`` goes to ``on_result`` (the driver writes it); ``ok: False`` is a
+    reported failure (not retried). A dead worker (``RayActorError``) puts its group back at the front of
+    the queue for the next live worker (at most ``cluster.max_case_attempts`` attempts per case); the actor
+    itself is restarted by Ray (or replaced when out of restarts) and rejoins once its ``ready()`` answers.
+    At most ``4 * n_workers`` actors are replaced in all (a worker that can never start, e.g.
+    ``ssl_medsam2`` not importable on the nodes, must not be replaced forever); once every worker is gone,
+    a ``RuntimeError`` names why.
     """
     from ray.exceptions import RayActorError, RayError
     from tqdm.auto import tqdm
@@ -197,9 +204,9 @@ def run_cases(ray, make_actor: Callable[[], Any], n_workers: int, cases: Sequenc
     todo = collections.deque(cases)
     attempts: dict[str, int] = collections.Counter()
     failed: dict[str, str] = {}
-    idle: list = []
+    idle: list = []  # (actor, cases per group it asked for)
     starting: dict = {}  # ready() ref -> actor
-    busy: dict = {}  # task ref -> (actor, case, t0)
+    busy: dict = {}  # task ref -> (actor, cases, t0, group size)
     stats: dict[str, _Stats] = collections.defaultdict(_Stats)
     max_replacements = n_workers * 4
     replacements = 0
@@ -214,16 +221,41 @@ def run_cases(ray, make_actor: Callable[[], Any], n_workers: int, cases: Sequenc
     last_progress = time.perf_counter()
     with tqdm(total=initial + len(cases), initial=initial, desc=desc, unit="case",
               disable=not show_progress) as bar:
+
+        def finish(case: str, result: dict, seconds: float, group: int) -> None:
+            if result.get("ok"):
+                on_result(result)
+                s = stats[result.get("worker", "?")]
+                rate = 60.0 * s.cases / max(s.last - s.first, 1e-9)
+                log.info("%s done on %s in %.1fs%s (attempt %d; this worker: %d case(s), %.2f cases/min)",
+                         case, result.get("worker"), seconds, f" (a group of {group})" if group > 1 else "",
+                         attempts[case], s.cases, rate)
+            else:
+                failed[case] = result.get("error", "unknown error")
+                log.error("%s failed on %s (%s, not retried): %s", case, result.get("worker"),
+                          "bad input" if result.get("input_error") else "error", failed[case].strip())
+            bar.update(1)
+
         while todo or busy:
             while idle and todo:
-                actor, case = idle.pop(), todo.popleft()
-                attempts[case] += 1
-                busy[submit(actor, case)] = (actor, case, time.perf_counter())
+                actor, size = idle.pop()
+                group = [todo.popleft() for _ in range(min(size, max(1, -(-len(todo) // n_workers))))]
+                for case in group:
+                    attempts[case] += 1
+                ref, unsent = submit(actor, group)
+                for case, result in unsent.items():
+                    finish(case, result, 0.0, 1)
+                if ref is None:
+                    idle.append((actor, size))
+                else:
+                    busy[ref] = (actor, [c for c in group if c not in unsent], time.perf_counter(), size)
             refs = list(busy) + list(starting)
-            if not refs:  # every worker failed to start and the replacements are spent
-                raise RuntimeError(f"no Ray worker left: {replacements} worker start(s) failed (at most "
-                                   f"{max_replacements} are replaced); {len(todo)} case(s) left; the last error: "
-                                   f"{start_error}")
+            if not refs:
+                if todo:  # every worker failed to start and the replacements are spent
+                    raise RuntimeError(f"no Ray worker left: {replacements} worker start(s) failed (at most "
+                                       f"{max_replacements} are replaced); {len(todo)} case(s) left; the last "
+                                       f"error: {start_error}")
+                break  # the last group's cases were all unsent (bad input)
             done, _ = ray.wait(refs, num_returns=1, timeout=5.0)
             if not done:
                 if not busy and time.perf_counter() - last_progress > stall_s:
@@ -237,7 +269,7 @@ def run_cases(ray, make_actor: Callable[[], Any], n_workers: int, cases: Sequenc
                 actor = starting.pop(ref)
                 try:
                     ray.get(ref)
-                    idle.append(actor)
+                    idle.append((actor, 1))
                     last_progress = time.perf_counter()
                 except RayActorError as exc:  # out of restarts: replace it, up to max_replacements in all
                     replacements += 1
@@ -247,41 +279,38 @@ def run_cases(ray, make_actor: Callable[[], Any], n_workers: int, cases: Sequenc
                     if replacements <= max_replacements:
                         start()
                 continue
-            actor, case, t0 = busy.pop(ref)
+            actor, group, t0, size = busy.pop(ref)
             try:
-                result = ray.get(ref)
+                answer = ray.get(ref)
             except RayActorError as exc:
-                n = attempts[case]
-                log.warning("worker died while on %s (attempt %d/%d): %s", case, n, max_attempts,
-                            type(exc).__name__)
-                if n >= max_attempts:
-                    failed[case] = f"worker died on each of {n} attempts ({type(exc).__name__})"
-                    log.error("%s: %s", case, failed[case])
-                    bar.update(1)
-                else:
-                    todo.appendleft(case)  # the next free worker takes it
+                for case in reversed(group):
+                    n = attempts[case]
+                    log.warning("worker died while on %s (attempt %d/%d): %s", case, n, max_attempts,
+                                type(exc).__name__)
+                    if n >= max_attempts:
+                        failed[case] = f"worker died on each of {n} attempts ({type(exc).__name__})"
+                        log.error("%s: %s", case, failed[case])
+                        bar.update(1)
+                    else:
+                        todo.appendleft(case)  # the next free worker takes it
                 start(actor)  # Ray restarts it (max_restarts); it rejoins when ready() answers
                 continue
-            except RayError as exc:  # e.g. the result could not be transferred: report, do not loop
-                result = {"ok": False, "case": case, "input_error": False, "worker": "?",
-                          "error": f"{type(exc).__name__}: {exc}"}
-            idle.append(actor)
+            except RayError as exc:  # e.g. the result could not be transferred: report each case, do not loop
+                answer = {"results": [{"ok": False, "case": c, "input_error": False, "worker": "?",
+                                       "error": f"{type(exc).__name__}: {exc}"} for c in group]}
+            idle.append((actor, max(1, int(answer.get("group_size") or size))))
             last_progress = time.perf_counter()
-            s = stats[result.get("worker", "?")]
-            s.cases += 1
-            s.busy_s += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            s = stats[answer.get("worker", "?")]
+            s.cases += len(group)
+            s.busy_s += seconds
             s.last = time.perf_counter()
-            if result.get("ok"):
-                on_result(result)
-                rate = 60.0 * s.cases / max(s.last - s.first, 1e-9)
-                log.info("%s done on %s in %.1fs (attempt %d; this worker: %d case(s), %.2f cases/min)",
-                         case, result.get("worker"), result.get("seconds", 0.0), attempts[case], s.cases, rate)
-            else:
-                failed[case] = result.get("error", "unknown error")
-                log.error("%s failed on %s (%s, not retried): %s", case, result.get("worker"),
-                          "bad input" if result.get("input_error") else "error", failed[case].strip())
-            bar.update(1)
-    for a in idle + [a for a, _, _ in busy.values()] + list(starting.values()):
+            by_case = {r["case"]: r for r in answer["results"]}
+            for case in group:
+                finish(case, by_case.get(case) or {"ok": False, "worker": answer.get("worker", "?"),
+                                                   "error": "the worker returned no result for it"},
+                       seconds, len(group))
+    for a in [a for a, _ in idle] + [b[0] for b in busy.values()] + list(starting.values()):
         with contextlib.suppress(Exception):
             ray.kill(a, no_restart=True)
     for w, s in sorted(stats.items()):
@@ -308,20 +337,23 @@ class CaseActor:
     def ready(self) -> str:
         return _worker_id()
 
-    def run(self, case: str, payload) -> dict:
+    def run_group(self, cases: list[str], *payloads) -> dict:
+        """A group of cases (one call where the worker takes groups; a failed group case by case) ->
+        ``{"results": [one dict per case], "group_size": how many the next group should hold}``."""
         from .io import InputError
 
         t0 = time.perf_counter()
         try:
             if self.worker is None:
                 self.worker = self.spec.build()
-            result = self.worker.run(payload)
-        except InputError as exc:
-            return _failure(case, exc, True)
-        except Exception as exc:  # noqa: BLE001 - any engine error is this case's failure, reported once
-            return _failure(case, exc, False)
-        return {"ok": True, "case": case, "result": result, "worker": _worker_id(),
-                "seconds": round(time.perf_counter() - t0, 3)}
+        except Exception as exc:  # noqa: BLE001 - reported for each case of the group
+            return {"results": [_failure(c, exc, isinstance(exc, InputError)) for c in cases], "worker": _worker_id()}
+        outcomes = run_group(self.worker, payloads)
+        seconds = round(time.perf_counter() - t0, 3)
+        results = [_failure(c, exc, isinstance(exc, InputError)) if exc is not None else
+                   {"ok": True, "case": c, "result": result, "worker": _worker_id(), "seconds": seconds}
+                   for c, (result, exc) in zip(cases, outcomes)]
+        return {"results": results, "group_size": group_size(self.worker), "worker": _worker_id()}
 
 
 class RayExecutor(Executor):
@@ -354,13 +386,16 @@ class RayExecutor(Executor):
             Worker = ray.remote(CaseActor).options(**_actor_options(ccfg))
             loaded: dict[str, Any] = {}  # read + checked once here; kept for a resubmission
 
-            def submit(actor, name):
-                try:
-                    if name not in loaded:
-                        loaded[name] = ray.put(job.read(name))
-                except InputError as exc:  # bad input: a failed result, never sent to a worker
-                    return ray.put(_failure(name, exc, True))
-                return actor.run.remote(name, loaded[name])
+            def submit(actor, names):
+                unsent = {}
+                for name in names:
+                    try:
+                        if name not in loaded:
+                            loaded[name] = ray.put(job.read(name))
+                    except InputError as exc:  # bad input: a failed result, never sent to a worker
+                        unsent[name] = _failure(name, exc, True)
+                sent = [n for n in names if n not in unsent]
+                return (actor.run_group.remote(sent, *[loaded[n] for n in sent]) if sent else None), unsent
 
             def on_result(res):
                 loaded.pop(res["case"], None)

@@ -10,6 +10,10 @@ A :class:`CaseJob` splits one kind of per-case work where a process boundary may
   result (the finished files as bytes);
 - ``write(case, result)`` on the driver: puts the result in place, all-or-nothing.
 
+A worker that gains from several cases in one call (a :class:`GroupWorker`: the batched SAM2 engine, whose
+queries then share its steps) gets groups of :func:`group_size` cases; every other worker gets one case at a
+time. A group that fails is run again case by case (:func:`run_group`), so one bad case fails only itself.
+
 :class:`LocalExecutor` runs everything in this process with one progress bar (every input is read and
 checked before any work; the first error stops the run). The Ray executor
 (:class:`ssl_medsam2.cluster.RayExecutor`) runs the workers as actors on a cluster with retries and a
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 class CasesFailed(ValueError):
@@ -41,6 +45,36 @@ class CaseWorker(Protocol):
 
     def run(self, payload: Any, progress: Callable[[int], None] | None = None) -> Any:
         """One case's input -> its result (picklable; what the job's ``write`` takes)."""
+
+
+@runtime_checkable
+class GroupWorker(Protocol):
+    """Optional for a :class:`CaseWorker`: several cases in one call."""
+
+    def group_size(self) -> int:
+        """How many cases the next call should get (it may change once the worker has seen a case)."""
+
+    def run_group(self, payloads: Sequence[Any], progress: Callable[[int], None] | None = None) -> list:
+        """Each case's result, in order, as :meth:`CaseWorker.run` gives it."""
+
+
+def group_size(worker: CaseWorker) -> int:
+    """Cases per call for this worker: its :meth:`GroupWorker.group_size`, else 1."""
+    return max(1, int(worker.group_size())) if isinstance(worker, GroupWorker) else 1
+
+
+def run_group(worker: CaseWorker, payloads: Sequence[Any],
+              progress: Callable[[int], None] | None = None) -> list[tuple[Any, Exception | None]]:
+    """(result, None) or (None, error) for each payload, in order: one call for the group; if that fails
+    and the group holds several cases, each case alone (its own result or its own error)."""
+    try:
+        if isinstance(worker, GroupWorker):
+            return [(r, None) for r in worker.run_group(payloads, progress=progress)]
+        return [(worker.run(p, progress=progress), None) for p in payloads]
+    except Exception as exc:  # noqa: BLE001 - the caller reports it for its case
+        if len(payloads) == 1:
+            return [(None, exc)]
+    return [o for p in payloads for o in run_group(worker, [p], progress)]
 
 
 class WorkerSpec(Protocol):
@@ -94,11 +128,12 @@ class Executor:
 
 
 class LocalExecutor(Executor):
-    """In this process, one case after the other, under one progress bar; the first error stops the run.
+    """In this process, one case (or one group of a :class:`GroupWorker`) after the other, under one progress
+    bar; the first error stops the run (after the group's other cases are written).
 
     The worker is built once, and only when a case is left. With ``job.read_ahead`` every input is read
     and checked before any work (a bad one stops the run before anything is written) and the bar counts
-    the worker's units; otherwise inputs are read one at a time and the bar counts cases.
+    the worker's units; otherwise inputs are read a group at a time and the bar counts cases.
     """
 
     def run(self, job: CaseJob, cases: Sequence[str], show_progress: bool = True, initial: int = 0) -> dict[str, str]:
@@ -106,23 +141,31 @@ class LocalExecutor(Executor):
 
         if not cases:
             return {}
+        inputs = {c: job.read(c) for c in cases} if job.read_ahead else {}
+        worker = job.worker.build() if job.read_ahead else None
         if job.read_ahead:
-            inputs = {c: job.read(c) for c in cases}
-            worker = job.worker.build()
-            with tqdm(total=sum(worker.units(p) for p in inputs.values()), desc=job.desc, unit="run",
-                      disable=not show_progress) as bar:
-                for c, payload in inputs.items():
-                    bar.set_postfix_str(c)
-                    job.write(c, worker.run(payload, progress=bar.update))
-            return {}
-        worker = None
-        with tqdm(total=initial + len(cases), initial=initial, desc=job.desc, unit="case",
-                  disable=not show_progress) as bar:
-            for c in cases:
-                bar.set_postfix_str(c)
+            bar = tqdm(total=sum(worker.units(p) for p in inputs.values()), desc=job.desc, unit="run",
+                       disable=not show_progress)
+        else:
+            bar = tqdm(total=initial + len(cases), initial=initial, desc=job.desc, unit="case",
+                       disable=not show_progress)
+        todo = list(cases)
+        with bar:
+            while todo:
                 worker = worker or job.worker.build()
-                job.write(c, worker.run(job.read(c)))
-                bar.update(1)
+                n = group_size(worker)
+                group, todo = todo[:n], todo[n:]
+                bar.set_postfix_str(group[0] if len(group) == 1 else f"{group[0]} +{len(group) - 1}")
+                payloads = [inputs.pop(c) if job.read_ahead else job.read(c) for c in group]
+                outcomes = run_group(worker, payloads, progress=bar.update if job.read_ahead else None)
+                for c, (result, exc) in zip(group, outcomes):
+                    if exc is None:
+                        job.write(c, result)
+                errors = [exc for _, exc in outcomes if exc is not None]
+                if errors:
+                    raise errors[0]
+                if not job.read_ahead:
+                    bar.update(len(group))
         return {}
 
 

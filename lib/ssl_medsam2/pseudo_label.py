@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .engines.base import Case, FewShotEngine, check_supports, classes_in
+from .engines.base import Case, FewShotEngine, campaign_size, check_supports, classes_in, predict_queries
 from .executors import LOCAL, CaseJob, CasesFailed, Executor
 from .io import (InputError, atomic_write, list_volumes, load_label_for, load_volume, save_like,
                  write_text_atomic)
@@ -206,23 +206,41 @@ def pseudo_label_case(engine: FewShotEngine, supports: Sequence[Case], query: Ca
                       out_dir: str | os.PathLike | None = None,
                       progress: Callable[[int], None] | None = None) -> dict:
     """Run ``engine`` on one query; write outputs when ``out_dir`` is given. Returns the outputs."""
+    return pseudo_label_cases(engine, supports, [query], cfg, out_dir, progress)[0]
+
+
+def pseudo_label_cases(engine: FewShotEngine, supports: Sequence[Case], queries: Sequence[Case], cfg: dict,
+                       out_dir: str | os.PathLike | None = None,
+                       progress: Callable[[int], None] | None = None) -> list[dict]:
+    """Run ``engine`` on a group of queries in one call where it takes several (a campaign of the batched
+    SAM2 engine: their runs share its steps), then finalise, gate and (with ``out_dir``) write each query
+    alone. Each summary's ``timings.total_s`` is its share of the engine call plus its own finalising."""
     classes = resolve_classes(supports, InputSettings.from_config(cfg).classes)
     check_supports(supports, classes)
     t0 = time.perf_counter()
-    result = engine.predict(supports, query, classes, progress=progress)
-    outputs = finalize(result, query, cfg)
-    add_quality(outputs, result, supports, query, cfg)
-    outputs["summary"].setdefault("timings", {})["total_s"] = round(time.perf_counter() - t0, 3)
-    outputs["summary"]["engine"] = engine.name
-    outputs["summary"]["supports"] = [s.name for s in supports]
-    if out_dir is not None:
-        outputs["paths"] = {k: str(v) for k, v in write_outputs(out_dir, query, outputs).items()}
-    return outputs
+    results = predict_queries(engine, supports, queries, classes, progress=progress)
+    share = (time.perf_counter() - t0) / len(queries)
+    all_outputs = []
+    for query, result in zip(queries, results):
+        t1 = time.perf_counter()
+        outputs = finalize(result, query, cfg)
+        add_quality(outputs, result, supports, query, cfg)
+        timings = outputs["summary"].setdefault("timings", {})
+        timings["total_s"] = round(share + time.perf_counter() - t1, 3)
+        if len(queries) > 1:
+            timings["campaign_queries"] = len(queries)
+        outputs["summary"]["engine"] = engine.name
+        outputs["summary"]["supports"] = [s.name for s in supports]
+        if out_dir is not None:
+            outputs["paths"] = {k: str(v) for k, v in write_outputs(out_dir, query, outputs).items()}
+        all_outputs.append(outputs)
+    return all_outputs
 
 
 class PseudoLabelWorker:
     """One few-shot engine, built once per worker: its caches (support features, prompt memories,
-    registered supports) serve every query it gets."""
+    registered supports) serve every query it gets. It takes queries in groups of the engine's
+    campaign size (:func:`~ssl_medsam2.engines.base.campaign_size`; 1 for most engines)."""
 
     def __init__(self, engine: FewShotEngine, supports: Sequence[Case], classes: tuple[int, ...], cfg: dict):
         self.engine, self.supports, self.classes, self.cfg = engine, supports, classes, cfg
@@ -230,13 +248,22 @@ class PseudoLabelWorker:
     def units(self, query: Case) -> int:
         return self.engine.work_units(self.supports, query, self.classes)
 
+    def group_size(self) -> int:
+        return campaign_size(self.engine)
+
     def run(self, query: Case, progress: Callable[[int], None] | None = None) -> dict:
-        """One query -> {"files": its output files as bytes, "summary": its summary}."""
-        out = pseudo_label_case(self.engine, self.supports, query, self.cfg, progress=progress)
-        log.info("%s: %s voxels labelled, mean entropy inside %.4f, %.1fs", query.name,
-                 int((out["label"] > 0).sum()), out["summary"]["mean_entropy_inside"] or float("nan"),
-                 out["summary"]["timings"]["total_s"])
-        return {"files": encode_outputs(query, out), "summary": out["summary"]}
+        return self.run_group([query], progress)[0]
+
+    def run_group(self, queries: Sequence[Case], progress: Callable[[int], None] | None = None) -> list[dict]:
+        """Queries -> for each, {"files": its output files as bytes, "summary": its summary}."""
+        results = []
+        for query, out in zip(queries, pseudo_label_cases(self.engine, self.supports, queries, self.cfg,
+                                                          progress=progress)):
+            log.info("%s: %s voxels labelled, mean entropy inside %.4f, %.1fs", query.name,
+                     int((out["label"] > 0).sum()), out["summary"]["mean_entropy_inside"] or float("nan"),
+                     out["summary"]["timings"]["total_s"])
+            results.append({"files": encode_outputs(query, out), "summary": out["summary"]})
+        return results
 
 
 @dataclass

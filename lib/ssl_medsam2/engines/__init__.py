@@ -6,7 +6,8 @@ Engine modules import heavy dependencies (sam2, SimpleITK) only when built.
 
 from __future__ import annotations
 
-from .base import Case, EngineResult, FewShotEngine, check_supports, classes_in
+from .base import (Case, CampaignEngine, EngineResult, FewShotEngine, campaign_size, check_supports, classes_in,
+                   predict_queries)
 
 import logging
 
@@ -76,5 +77,5 @@ def build_engine(name: str, cfg: dict) -> FewShotEngine:
     raise ValueError(f"unknown engine '{name}' (choose from {', '.join(ENGINE_NAMES + (AUTO,))})")
 
 
-__all__ = ["Case", "EngineResult", "FewShotEngine", "build_engine", "check_supports", "choose_engine", "classes_in",
-           "with_engine_chosen", "ENGINE_NAMES"]
+__all__ = ["Case", "CampaignEngine", "EngineResult", "FewShotEngine", "build_engine", "campaign_size",
+           "check_supports", "choose_engine", "classes_in", "predict_queries", "with_engine_chosen", "ENGINE_NAMES"]

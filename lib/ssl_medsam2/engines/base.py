@@ -59,6 +59,35 @@ class FewShotEngine(Protocol):
         ...
 
 
+@runtime_checkable
+class CampaignEngine(Protocol):
+    """An engine that gains from several queries in one call (the batched SAM2 engine: their runs share
+    its steps). Optional: the folder command and the Ray workers ask through :func:`campaign_size` and
+    :func:`predict_queries`, so any other engine runs one query per call."""
+
+    def campaign_size(self) -> int:
+        """How many queries one :meth:`predict_campaign` call should get (1: no gain)."""
+        ...
+
+    def predict_campaign(self, supports: Sequence[Case], queries: Sequence[Case], classes: Sequence[int],
+                         progress: ProgressFn | None = None) -> list[EngineResult]:
+        """Each query's result, as :meth:`FewShotEngine.predict` would give it."""
+        ...
+
+
+def campaign_size(engine: FewShotEngine) -> int:
+    """Queries per call the engine wants: its :meth:`CampaignEngine.campaign_size`, else 1."""
+    return max(1, int(engine.campaign_size())) if isinstance(engine, CampaignEngine) else 1
+
+
+def predict_queries(engine: FewShotEngine, supports: Sequence[Case], queries: Sequence[Case],
+                    classes: Sequence[int], progress: ProgressFn | None = None) -> list[EngineResult]:
+    """Every query's result: in one campaign call where the engine takes several, else one by one."""
+    if isinstance(engine, CampaignEngine):
+        return engine.predict_campaign(supports, queries, classes, progress)
+    return [engine.predict(supports, q, classes, progress=progress) for q in queries]
+
+
 def check_supports(supports: Sequence[Case], classes: Sequence[int]) -> None:
     """Every engine's input contract: at least one support, each with a non-empty label on its grid."""
     if len(supports) == 0:

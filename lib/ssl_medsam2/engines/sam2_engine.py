@@ -106,6 +106,7 @@ class SAM2Engine:
         self.feature_batch, self.batch_runs = s.feature_batch, s.batch_runs
         self.max_batch = resolve_max_batch(s.max_batch, self.device)
         self.campaign_queries = resolve_campaign_queries(s.campaign_queries, self.device)
+        self._campaign_from_memory: int | None = None  # auto on CUDA: what the last query's size allowed
         self._predictor = None
         self._tracker = None
         self.model_info: dict = {}
@@ -235,6 +236,14 @@ class SAM2Engine:
             return self.predict_campaign(supports, [query], classes, progress)[0]
         return self._protocol(supports, query, classes, self._run_support_by_run, progress, cached=True)
 
+    def campaign_size(self) -> int:
+        """Queries worth handing to one :meth:`predict_campaign` call (the folder command and the Ray
+        workers group their queries by it): 1 run by run; else ``sam2.campaign_queries``; auto on CUDA
+        from free device memory and the last query's size (1 before the first query)."""
+        if not self.batch_runs:
+            return 1
+        return self.campaign_queries or self._campaign_from_memory or 1
+
     def predict_campaign(self, supports: Sequence[Case], queries: Sequence[Case], classes: Sequence[int],
                          progress: Callable[[int], None] | None = None) -> list[EngineResult]:
         """Several queries with the same supports: their runs share the batched steps (queries of one
@@ -263,7 +272,7 @@ class SAM2Engine:
                 flush()
             pending.append((i, job))
             if per_track is None:
-                per_track = campaign_queries_for(self.device, job)
+                per_track = self._campaign_from_memory = campaign_queries_for(self.device, job)
             if len(pending) >= per_track:
                 flush()
         if pending:
@@ -445,6 +454,7 @@ def campaign_queries_for(device: torch.device, job: _QueryJob) -> int:
     if device.type != "cuda":
         return 1
     free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by torch, reusable
     frames = job.q.n_slices * max(1, sum(len(p) for _, _, _, p in job.runs)) * 2
     per_query = frames * (2 ** 17 + 4096) + job.q.n_slices * 5 * 2 ** 20
     return int(min(64, max(1, free * 0.25 // per_query)))
