@@ -147,6 +147,50 @@ def test_local_ray_equals_in_process_random_weight_sam2(chaos_dir, tmp_path):
     _assert_same(root / "in_process", out, ("chaos_03", "chaos_05"))
 
 
+def test_local_ray_campaign_groups_queries_equal_and_resume(chaos_dir, tmp_path, caplog):
+    """sam2.campaign_queries=2 on one Ray worker: its first query alone (the worker loads), then the two
+    left in one engine call; each written as by one query per call in-process; a re-run redoes only
+    the case whose outputs are incomplete."""
+    queries = ("chaos_03", "chaos_05", "chaos_08")
+    root = _folder(chaos_dir, tmp_path, queries, {**CROPS, "chaos_08": (12, 18)})
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as on the worker (cluster.cpus_per_worker = 1)
+    try:
+        pseudo_label_folder(root / "images", root / "labels", root / "in_process", load_config(overrides=SAM2),
+                            show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    out = root / "ray_out"
+    ray_cfg = load_config(overrides=SAM2 + LOCAL + ["cluster.ray_address=local", "cluster.num_workers=1",
+                                                    "sam2.campaign_queries=2"])
+
+    def run():
+        caplog.clear()
+        with caplog.at_level("INFO", logger="ssl_medsam2"):
+            pseudo_label_folder(root / "images", root / "labels", out, ray_cfg, show_progress=False,
+                                executor=cluster.executor_for(ray_cfg))
+        return [r.getMessage() for r in caplog.records if " done on " in r.getMessage()]
+
+    done = run()
+    assert sorted(m.split()[0] for m in done) == sorted(queries)
+    assert sum("(a group of 2)" in m for m in done) == 2, done
+    for c in queries:
+        a = np.asarray(nib.load(str(root / "in_process" / "labels" / f"{c}.nii.gz")).dataobj)
+        b = np.asarray(nib.load(str(out / "labels" / f"{c}.nii.gz")).dataobj)
+        np.testing.assert_array_equal(a, b, err_msg=c)
+        pa = np.asarray(nib.load(str(root / "in_process" / "probabilities" / f"{c}.nii.gz")).dataobj)
+        pb = np.asarray(nib.load(str(out / "probabilities" / f"{c}.nii.gz")).dataobj)
+        assert np.abs(pa - pb).max() <= 1e-4, c
+
+    (out / "summaries" / "chaos_05.json").unlink()  # incomplete: redone; the others are skipped
+    mtimes = {c: (out / "labels" / f"{c}.nii.gz").stat().st_mtime_ns for c in queries}
+    assert [m.split()[0] for m in run()] == ["chaos_05"]
+    assert [c for c in queries if (out / "labels" / f"{c}.nii.gz").stat().st_mtime_ns != mtimes[c]] == ["chaos_05"]
+    assert sorted(s["case"] for s in json.loads((out / "run.json").read_text())["summaries"]) == sorted(queries)
+
+
 def test_no_address_means_in_process_without_ray(atlas_data, monkeypatch):
     """No cluster.ray_address: Ray is never imported or started."""
     from ssl_medsam2 import cluster
