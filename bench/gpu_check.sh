@@ -12,7 +12,7 @@
 #   (echo /.devbundle/ >> .git/info/exclude; echo /.devdata/ >> .git/info/exclude)
 # Then, on the device:  bash bench/gpu_check.sh
 # Writes: gpu.txt, cuda_tests.log, bench_default.log, bench_paper.log, bench_compiled.log, bench_profile.log,
-# summary.json (the benches' last-line JSON objects), at most 8 files. The steps' timeouts add up to 560 s,
+# bench_folder.log, summary.json (the benches' last-line JSON objects). The steps' timeouts add up to 560 s,
 # under the device tool's 600 s per command.
 #
 # What it runs:
@@ -29,6 +29,10 @@
 #     compare its batched_s with step 3's to see whether compile pays.
 #  5. bench/tffs_speed.py --engines batched --profile, default protocol at 512 px: host and device
 #     seconds per phase of the batched engine.
+#  6. bench/folder_campaign.py, 512 px: the folder command's code (pseudo_label_folder) over 4 queries
+#     (chaos_13, chaos_15, twice each; supports chaos_01, chaos_02; 2 inserts; 4 classes) with
+#     sam2.campaign_queries auto (groups from free device memory), then 1: queries_per_hour of each, the
+#     groups the worker formed, labels identical.
 #  Dry run of the plumbing on a CPU box (no figures): GPU_CHECK_DEVICE=cpu GPU_CHECK_QUICK=1 bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,7 +50,7 @@ fi
 if [ -d .devdata/chaos_t2spir ]; then export SSL_MEDSAM2_SHARED_DATA=$PWD/.devdata; fi
 DATA=${SSL_MEDSAM2_SHARED_DATA:-$PWD/../shared/data}/chaos_t2spir
 DEV=${GPU_CHECK_DEVICE:-cuda}
-if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then SIZE=(--quick); CAMPAIGN=2; else SIZE=(--size 512); CAMPAIGN=8; fi
+if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then SIZE=(--quick); CAMPAIGN=2; FOLDER=2,1; else SIZE=(--size 512); CAMPAIGN=8; FOLDER=auto,1; fi
 
 { nvidia-smi -L; python3 -c "import torch, sys; print(sys.version.split()[0], 'torch', torch.__version__, \
   'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')"; } \
@@ -55,29 +59,32 @@ cat "$OUT/gpu.txt"
 
 SUP=chaos_01,chaos_02,chaos_03,chaos_05,chaos_08,chaos_10
 echo "== 1. CUDA tests"
-timeout 130 python3 -m pytest -q -s -p no:cacheprovider tests/test_sam2_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
+timeout 120 python3 -m pytest -q -s -p no:cacheprovider tests/test_sam2_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 echo "== 2. default protocol, reference / cached / batched"
-timeout 120 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" 2>&1 | tee "$OUT/bench_default.log"
+timeout 100 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" 2>&1 | tee "$OUT/bench_default.log"
 
 echo "== 3. paper protocol (6 supports x 5 inserts x 4 classes), batched, then a campaign of 8 queries"
-timeout 130 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" --protocol paper \
+timeout 125 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" --protocol paper \
   --query chaos_13 --supports $SUP --engines batched --campaign $CAMPAIGN 2>&1 | tee "$OUT/bench_paper.log"
 
 echo "== 4. paper protocol, batched, sam2.compile (CUDA graphs), recompiles after warm-up"
-timeout 120 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" --protocol paper \
+timeout 110 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" --protocol paper \
   --query chaos_13 --supports $SUP --engines batched --compile 2>&1 | tee "$OUT/bench_compiled.log"
 
 echo "== 5. where the batched engine's time goes (profiler), default protocol"
-timeout 60 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" --engines batched --profile \
+timeout 50 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" --engines batched --profile \
   2>&1 | tee "$OUT/bench_profile.log"
+
+echo "== 6. the folder command with campaign batching (sam2.campaign_queries $FOLDER)"
+timeout 55 python3 bench/folder_campaign.py --device $DEV "${SIZE[@]}" --settings $FOLDER 2>&1 | tee "$OUT/bench_folder.log"
 
 python3 - "$OUT" "$tests_rc" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 summary = {"cuda_tests_rc": int(sys.argv[2]), "gpu": (out / "gpu.txt").read_text().strip().splitlines()}
-for name in ("bench_default", "bench_paper", "bench_compiled", "bench_profile"):
+for name in ("bench_default", "bench_paper", "bench_compiled", "bench_profile", "bench_folder"):
     f = out / f"{name}.log"
     lines = [l for l in f.read_text().splitlines() if l.startswith("{")] if f.exists() else []
     summary[name] = json.loads(lines[-1]) if lines else None
@@ -93,4 +100,5 @@ for name in ("bench_default", "bench_paper", "bench_compiled"):
                                       "batched_max_abs_dprob", "batched_steps", "mean_batch", "recompiles",
                                       "peak_gpu_mb")})
 print("campaign", (summary["bench_paper"] or {}).get("campaign"))
+print("folder campaign", {k: (summary["bench_folder"] or {}).get(k) for k in ("queries", "settings", "ratio_first_vs_last")})
 EOF
