@@ -29,7 +29,8 @@
 #     compare its batched_s with step 3's to see whether compile pays.
 #  5. bench/tffs_speed.py --engines batched --profile, default protocol at 512 px: host and device
 #     seconds per phase of the batched engine.
-#  6. bench/folder_campaign.py, 512 px: the folder command's code (pseudo_label_folder) over 4 queries
+#  6. bench/folder_campaign.py, 512 px: after one warm-up query, the folder command's code
+#     (pseudo_label_folder) over 4 queries
 #     (chaos_13, chaos_15, twice each; supports chaos_01, chaos_02; 2 inserts; 4 classes) with
 #     sam2.campaign_queries auto (groups from free device memory), then 1: queries_per_hour of each, the
 #     groups the worker formed, labels identical.
@@ -63,7 +64,7 @@ timeout 120 python3 -m pytest -q -s -p no:cacheprovider tests/test_sam2_cuda.py 
 tests_rc=${PIPESTATUS[0]}
 
 echo "== 2. default protocol, reference / cached / batched"
-timeout 100 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" 2>&1 | tee "$OUT/bench_default.log"
+timeout 90 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" 2>&1 | tee "$OUT/bench_default.log"
 
 echo "== 3. paper protocol (6 supports x 5 inserts x 4 classes), batched, then a campaign of 8 queries"
 timeout 125 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}" --protocol paper \
@@ -78,7 +79,7 @@ timeout 50 python3 bench/tffs_speed.py --data "$DATA" --device $DEV "${SIZE[@]}"
   2>&1 | tee "$OUT/bench_profile.log"
 
 echo "== 6. the folder command with campaign batching (sam2.campaign_queries $FOLDER)"
-timeout 55 python3 bench/folder_campaign.py --device $DEV "${SIZE[@]}" --settings $FOLDER 2>&1 | tee "$OUT/bench_folder.log"
+timeout 65 python3 bench/folder_campaign.py --device $DEV "${SIZE[@]}" --settings $FOLDER 2>&1 | tee "$OUT/bench_folder.log"
 
 python3 - "$OUT" "$tests_rc" <<'EOF'
 import json, pathlib, sys
