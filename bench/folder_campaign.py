@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--inserts", type=int, default=2)
     ap.add_argument("--size", type=int, default=256, help="model input size")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: comparable on a shared box)")
     ap.add_argument("--quick", action="store_true", help="64x64 in-plane, 8-slice copies, 64 px, liver only, 1 insert")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
     ap.add_argument("--keep", help="keep the inputs and outputs in this folder (emptied first)")
@@ -80,12 +81,14 @@ def main(argv=None) -> int:
     from ssl_medsam2.config import load_config
     from ssl_medsam2.pseudo_label import pseudo_label_folder
 
+    torch.set_num_threads(args.threads)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     size, inserts, extra = (64, 1, ["input.classes=[1]"]) if args.quick else (args.size, args.inserts, [])
     base = ["protocol.engine=sam2", "sam2.checkpoint=none", f"sam2.image_size={size}", f"sam2.n_inserts={inserts}",
             f"sam2.device={args.device}", "sam2.batch_runs=true", *extra, *args.overrides]
     cuda = torch.device(args.device).type == "cuda"
-    result = {"device": args.device, "gpu": torch.cuda.get_device_name() if cuda else None, "size": size,
+    result = {"device": args.device, "gpu": torch.cuda.get_device_name() if cuda else None,
+              "threads": torch.get_num_threads(), "size": size,
               "inserts": inserts, "supports": args.supports.split(","), "random_weights": True, "settings": {}}
     with work_folder(args.keep, "folder_campaign_", fresh=True) as root:
         names = make_folder(root, args.supports.split(","), args.queries.split(","), args.repeat, args.quick)
