@@ -231,6 +231,37 @@ def test_worker_that_never_starts_is_replaced_a_bounded_number_of_times():
     assert len(made) == 2 + 2 * 4
 
 
+def test_groups_grow_to_the_workers_size_and_a_dead_workers_group_goes_back_whole(tmp_path):
+    """run_cases hands a worker one case, then groups of the size it answers with; a worker that dies on
+    a group puts every case of it back (none dropped), and a case that fails in a group fails alone."""
+    marker = tmp_path / "died"
+
+    class Grouping:
+        def ready(self):
+            return "w"
+
+        def run_group(self, cases):
+            if len(cases) > 1 and not marker.exists():  # dies once, on its first group of several
+                marker.write_text("x")
+                os._exit(1)
+            return {"results": [{"ok": c != "bad", "case": c, "worker": "w", "result": c, "error": "boom"}
+                                for c in cases], "group_size": 3, "worker": "w"}
+
+    ccfg = cluster.cluster_cfg(load_config(overrides=LOCAL + ["cluster.max_restarts=1", "cluster.max_case_attempts=2"]))
+    groups, written = [], []
+
+    def submit(actor, group):
+        groups.append(list(group))
+        return actor.run_group.remote(group), {}
+
+    with cluster.ray_session("local", ccfg) as ray:
+        Worker = ray.remote(Grouping).options(**cluster._actor_options(ccfg))
+        failed = cluster.run_cases(ray, Worker.remote, 1, ["a", "b", "bad", "c", "d"], submit,
+                                   lambda res: written.append(res["case"]), ccfg, "groups", show_progress=False)
+    assert groups == [["a"], ["b", "bad", "c"], ["b"], ["bad", "c", "d"]]
+    assert set(failed) == {"bad"} and sorted(written) == ["a", "b", "c", "d"]
+
+
 # --- two nodes on one machine ---------------------------------------------------------------------------
 
 def _free_port() -> int:
