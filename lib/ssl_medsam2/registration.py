@@ -162,6 +162,21 @@ def focus_mask(label: Volume, classes, reference: sitk.Image, margin_mm: float) 
     return mask
 
 
+def private(img: sitk.Image) -> sitk.Image:
+    """A copy of ``img`` that no other handle shares, for one pipeline to consume.
+
+    Why: an ITK filter sets the requested region of its input image, and that region stays on the
+    shared image. After ``RegionOfInterest`` (the demons crop) or ``Shrink`` on the query, every later
+    registration on it sampled its metric only inside that crop: the next support's or organ's
+    affine depended on what ran before it (measured on CHAOS: a support's kidney Dice fell from 0.65
+    to 0.0 after another support's per-organ demons). A copy taken after the damage keeps it, so the
+    query and support images must never enter a pipeline themselves.
+    """
+    copy = sitk.Image(img)
+    copy.MakeUnique()
+    return copy
+
+
 def _mattes_mi_registration(s: "RegistrationSettings", sampling: float,
                             moving_mask: sitk.Image | None = None) -> sitk.ImageRegistrationMethod:
     """Mattes MI with seeded random sampling (optionally only within the moving mask), linear interpolation."""
@@ -275,7 +290,7 @@ def start_scores(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSe
                                        fixed)
             reg.SetInitialTransform(start, inPlace=False)
             try:
-                tx = reg.Execute(fixed, moving)
+                tx = reg.Execute(private(fixed), private(moving))
             except RuntimeError:  # ITK: this start maps every sample outside the support: it cannot be the one
                 scores[name] = -1.0
                 continue
@@ -317,7 +332,7 @@ def _bspline_stage(fixed, moving, affine: sitk.Transform, s: RegistrationSetting
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     reg.SetMovingInitialTransform(affine)
     reg.SetInitialTransform(bs, inPlace=True)
-    reg.Execute(fixed, moving)
+    reg.Execute(private(fixed), private(moving))
     return sitk.CompositeTransform([affine, bs])
 
 
@@ -335,7 +350,7 @@ def _crop_to_mask(fixed: sitk.Image, affine: sitk.Transform, moving_mask: sitk.I
     size = np.array(fixed.GetSize())
     lo = np.maximum(0, np.array(bb[:3]) - pad_vox)
     hi = np.minimum(size, np.array(bb[:3]) + np.array(bb[3:]) + pad_vox)
-    return sitk.RegionOfInterest(fixed, [int(v) for v in hi - lo], [int(v) for v in lo])
+    return sitk.RegionOfInterest(private(fixed), [int(v) for v in hi - lo], [int(v) for v in lo])
 
 
 def _demons_stage(fixed, moving, affine: sitk.Transform, s: RegistrationSettings,
@@ -345,7 +360,7 @@ def _demons_stage(fixed, moving, affine: sitk.Transform, s: RegistrationSettings
     Runs inside the bounding box of the support's focus region (if any); the displacement is zero
     outside it.
     """
-    region = _crop_to_mask(fixed, affine, moving_mask)
+    region = private(_crop_to_mask(fixed, affine, moving_mask))
     moved = sitk.Resample(moving, region, affine, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     moved = sitk.HistogramMatching(moved, region, numberOfHistogramLevels=s.histogram_levels,
                                    numberOfMatchPoints=7, thresholdAtMeanIntensity=True)
@@ -353,7 +368,7 @@ def _demons_stage(fixed, moving, affine: sitk.Transform, s: RegistrationSettings
     z_ratio = region.GetSpacing()[2] / region.GetSpacing()[0]
     for shrink, iters in zip(s.demons_shrink, s.demons_iterations):
         zs = max(1, int(round(shrink / z_ratio)))  # anisotropic voxels: shrink z less
-        f = sitk.Shrink(region, [shrink, shrink, zs]) if shrink > 1 else region
+        f = sitk.Shrink(private(region), [shrink, shrink, zs]) if shrink > 1 else private(region)
         m = sitk.Resample(moved, f, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         demons = sitk.DiffeomorphicDemonsRegistrationFilter()
         demons.SetNumberOfIterations(int(iters))
@@ -383,7 +398,7 @@ def affine_stage(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSe
         reg = _affine_registration(settings, moving_mask, settings.affine_iterations, settings.affine_shrink,
                                    settings.affine_smooth_mm, fixed)
         reg.SetInitialTransform(init, inPlace=False)
-        tx = reg.Execute(fixed, moving)
+        tx = reg.Execute(private(fixed), private(moving))
         return tx, float(reg.GetMetricValue())
 
 
@@ -400,7 +415,7 @@ def refine_affine(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform,
         reg = _affine_registration(s, class_mask, s.refine_iterations, [s.affine_shrink[-1], 1],
                                    [s.affine_smooth_mm[-1], 0.0], fixed)
         reg.SetInitialTransform(affine, inPlace=False)
-        return reg.Execute(fixed, moving)
+        return reg.Execute(private(fixed), private(moving))
 
 
 def deformable_stage(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform,

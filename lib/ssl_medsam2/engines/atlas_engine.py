@@ -37,6 +37,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from .. import appearance
 from .. import registration as reg
 from ..config import section_dict
 from ..io import Volume
@@ -69,7 +70,8 @@ class AtlasEngine:
     name = "atlas"
 
     def __init__(self, settings: reg.RegistrationSettings, intensity: IntensityConfig, *, fusion: str,
-                 fusion_sigma_mm: float, fusion_sharpness: float, max_supports: int):
+                 fusion_sigma_mm: float, fusion_sharpness: float, max_supports: int, fuse_global: bool,
+                 appearance_settings: appearance.AppearanceSettings):
         if fusion not in FUSIONS:
             raise ValueError(f"unknown atlas fusion '{fusion}' (choose from {', '.join(FUSIONS)})")
         self.settings = settings
@@ -77,6 +79,8 @@ class AtlasEngine:
         self.fusion_sigma_mm = float(fusion_sigma_mm)
         self.fusion_sharpness = float(fusion_sharpness)
         self.max_supports = int(max_supports or 0)
+        self.fuse_global = bool(fuse_global)
+        self.appearance = appearance_settings
         self.intensity = intensity
 
     @classmethod
@@ -91,15 +95,18 @@ class AtlasEngine:
                 raise ValueError(f"unknown atlas preset '{preset}' (known: {', '.join(presets) or 'none'})")
             settings.update(presets[preset])
         settings.update({k: v for k, v in a.items() if v is not None})
-        own = ("fusion", "fusion_sigma_mm", "fusion_sharpness", "max_supports")
+        looks = {f"appearance_{f}": f for f in appearance.AppearanceSettings.__dataclass_fields__}
+        own = ("fusion", "fusion_sigma_mm", "fusion_sharpness", "max_supports", "fuse_global", *looks)
         unknown = sorted(set(settings) - set(reg.RegistrationSettings.__dataclass_fields__) - set(own))
         if unknown:
             raise ValueError(f"unknown atlas setting(s): {', '.join(unknown)}")
         missing = [f"atlas.{k}" for k in own if k not in settings]
         if missing:
             raise ValueError(f"{', '.join(missing)} set neither by the atlas preset nor directly")
-        engine_kw = {k: settings.pop(k) for k in own}
-        return cls(reg.RegistrationSettings.from_dict(settings), IntensityConfig.from_config(cfg), **engine_kw)
+        engine_kw = {k: settings.pop(k) for k in own if k not in looks}
+        looks_kw = appearance.AppearanceSettings(**{f: settings.pop(k) for k, f in looks.items()})
+        return cls(reg.RegistrationSettings.from_dict(settings), IntensityConfig.from_config(cfg),
+                   appearance_settings=looks_kw, **engine_kw)
 
     def _n_used(self, supports: Sequence[Case]) -> int:
         return len(supports) if self.max_supports <= 0 else min(self.max_supports, len(supports))
@@ -154,17 +161,18 @@ class AtlasEngine:
             sup = supports[i]
             present = set(np.unique(sup.label.array).tolist())
             todo = [k for k, c in enumerate(classes) if c in present]  # a support without a class says nothing
-            if s.refine_margin_mm:  # one registration per class, refined around that organ
-                groups = []
+            tx_all = None
+            if not s.refine_margin_mm or self.fuse_global:  # one registration for all the support's organs
+                tx_all = reg.deformable_stage(fixed, moving[i], affines[i][0], s, masks[i])
+            groups = [(todo, tx_all)] if tx_all is not None else []
+            if s.refine_margin_mm:  # and one per class, refined around that organ
                 for k in todo:
                     cmask = reg.focus_mask(sup.label, [classes[k]], moving[i], s.refine_margin_mm)
                     aff_k = reg.refine_affine(fixed, moving[i], affines[i][0], s, cmask)
                     groups.append(([k], reg.deformable_stage(fixed, moving[i], aff_k, s, cmask)))
-                sim = reg.similarity(fixed, moving[i], affines[i][0], body)
-            else:
-                tx = reg.deformable_stage(fixed, moving[i], affines[i][0], s, masks[i])
-                groups = [(todo, tx)]
-                sim = reg.similarity(fixed, moving[i], tx, body)
+            sim = reg.similarity(fixed, moving[i], tx_all if tx_all is not None and not s.refine_margin_mm
+                                 else affines[i][0], body)
+            own = {k: [] for k in todo}  # this support's candidate probabilities per class
             for ks, tx in groups:
                 probs = reg.warp_label_probabilities(sup.label, [classes[k] for k in ks], query.image, tx)
                 if self.fusion == "local_ncc":
@@ -176,18 +184,24 @@ class AtlasEngine:
                 for j, k in enumerate(ks):
                     num[k] += weight * probs[j]
                     den[k] += weight
-                    votes[k].append(np.packbits(probs[j] >= 0.5))
+                    own[k].append(probs[j])
+            for k, cands in own.items():  # one vote per support, whatever its number of candidates
+                votes[k].append(np.packbits(np.mean(cands, axis=0) >= 0.5))
             per_support.append({"support": sup.name, "init": start, "similarity": round(sim, 4),
                                 "affine_similarity": round(affine_sim[i], 4), "init_scores": init_scores[i],
                                 "seconds": round(affine_s[i] + time.perf_counter() - t0, 2)})
             if progress is not None:
                 progress(1)
         probs = np.where(den > 0, num / np.maximum(den, 1e-12), 0.0).astype(np.float32)
+        if self.appearance.iterations:
+            probs = appearance.refine(probs, scale_to_uint8_range(query.image.array, self.intensity),
+                                      query.image.spacing, self.appearance)
         meta = {
             "engine_settings": {"registration": {k: (list(v) if isinstance(v, tuple) else v)
                                                  for k, v in vars(s).items() if k != "extra"},
                                 "fusion": self.fusion, "fusion_sigma_mm": self.fusion_sigma_mm,
-                                "fusion_sharpness": self.fusion_sharpness, "max_supports": self.max_supports},
+                                "fusion_sharpness": self.fusion_sharpness, "max_supports": self.max_supports,
+                                "fuse_global": self.fuse_global, "appearance": vars(self.appearance)},
             "atlas_supports": per_support,
             "atlas_init": start,
             "atlas_supports_not_used": [{"support": supports[i].name, "init": start,
