@@ -163,14 +163,15 @@ def focus_mask(label: Volume, classes, reference: sitk.Image, margin_mm: float) 
 
 
 def private(img: sitk.Image) -> sitk.Image:
-    """A copy of ``img`` that no other handle shares, for one pipeline to consume.
+    """A copy of ``img`` that no other handle shares, for one filter or registration to consume.
 
     Why: an ITK filter sets the requested region of its input image, and that region stays on the
-    shared image. After ``RegionOfInterest`` (the demons crop) or ``Shrink`` on the query, every later
-    registration on it sampled its metric only inside that crop: the next support's or organ's
-    affine depended on what ran before it (measured on CHAOS: a support's kidney Dice fell from 0.65
-    to 0.0 after another support's per-organ demons). A copy taken after the damage keeps it, so the
-    query and support images must never enter a pipeline themselves.
+    shared image: ``Resample`` asks only for the part of its input that maps into the output grid,
+    ``RegionOfInterest`` and ``Shrink`` for their crop. Every later registration on that image then
+    sampled its metric inside the stale region, so a support's or organ's registration depended on
+    what had run before it (measured on CHAOS: a support's kidney Dice 0.65 -> 0.0 after another
+    registration's demons crop). A copy taken after the damage keeps it, so the prepared query,
+    support and mask images never enter a pipeline themselves: every use gets its own copy.
     """
     copy = sitk.Image(img)
     copy.MakeUnique()
@@ -182,7 +183,7 @@ def _mattes_mi_registration(s: "RegistrationSettings", sampling: float,
     """Mattes MI with seeded random sampling (optionally only within the moving mask), linear interpolation."""
     reg = sitk.ImageRegistrationMethod()
     if moving_mask is not None:
-        reg.SetMetricMovingMask(moving_mask)
+        reg.SetMetricMovingMask(private(moving_mask))
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=s.mi_bins)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(sampling, int(s.seed) + 1)  # seed 0 would mean "wall clock"
@@ -238,7 +239,7 @@ def similarity(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform,
     # copies, not views: a view of a temporary SimpleITK image reads freed memory once it is collected
     q = sitk.GetArrayFromImage(fixed).astype(np.float64)
     w = sitk.GetArrayFromImage(
-        sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)).astype(np.float64)
+        sitk.Resample(private(moving), fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)).astype(np.float64)
     sel = sitk.GetArrayFromImage(mask).astype(bool) if mask is not None else np.ones(q.shape, bool)
     if sel.sum() < 2:
         return -1.0
@@ -296,7 +297,7 @@ def start_scores(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSe
                 continue
             region = body
             if moving_mask is not None:
-                region = sitk.And(sitk.Resample(moving_mask, fixed, tx, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8),
+                region = sitk.And(sitk.Resample(private(moving_mask), fixed, tx, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8),
                                   body)
             scores[name] = round(similarity(fixed, moving, tx, region), 4)
     return scores
@@ -341,7 +342,7 @@ def _crop_to_mask(fixed: sitk.Image, affine: sitk.Transform, moving_mask: sitk.I
     """``fixed`` cropped to the bounding box of the support's focus region mapped into it (speed + focus)."""
     if moving_mask is None:
         return fixed
-    m = sitk.Resample(moving_mask, fixed, affine, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    m = sitk.Resample(private(moving_mask), fixed, affine, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(m)
     if 1 not in stats.GetLabels():
@@ -361,7 +362,7 @@ def _demons_stage(fixed, moving, affine: sitk.Transform, s: RegistrationSettings
     outside it.
     """
     region = private(_crop_to_mask(fixed, affine, moving_mask))
-    moved = sitk.Resample(moving, region, affine, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    moved = sitk.Resample(private(moving), region, affine, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     moved = sitk.HistogramMatching(moved, region, numberOfHistogramLevels=s.histogram_levels,
                                    numberOfMatchPoints=7, thresholdAtMeanIntensity=True)
     field = None
@@ -369,7 +370,7 @@ def _demons_stage(fixed, moving, affine: sitk.Transform, s: RegistrationSettings
     for shrink, iters in zip(s.demons_shrink, s.demons_iterations):
         zs = max(1, int(round(shrink / z_ratio)))  # anisotropic voxels: shrink z less
         f = sitk.Shrink(private(region), [shrink, shrink, zs]) if shrink > 1 else private(region)
-        m = sitk.Resample(moved, f, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        m = sitk.Resample(private(moved), f, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         demons = sitk.DiffeomorphicDemonsRegistrationFilter()
         demons.SetNumberOfIterations(int(iters))
         demons.SetSmoothDisplacementField(True)
