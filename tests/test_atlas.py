@@ -54,17 +54,22 @@ def _deformed_copy(case: Case) -> tuple[Case, np.ndarray]:
 
 
 def test_self_registration_recovers_liver(chaos_half):
-    """A volume registered onto an affinely moved and deformed copy of itself: liver Dice >= 0.95."""
+    """A volume registered onto an affinely moved and deformed copy of itself: liver Dice >= 0.95.
+
+    Registration alone (the appearance EM off); with it (the default) the liver stays >= 0.92: on a
+    perfect registration the EM trades a little boundary for its gain where registration is off
+    (real queries, docs/atlas.md).
+    """
     query, truth = _deformed_copy(chaos_half)
     assert (truth == 1).sum() > 1000
     # the known motion matters: the unregistered labels overlap the moved liver poorly
     before = dice(chaos_half.label.array == 1, truth == 1)
-    cfg = load_config()
-    engine = build_engine("atlas", cfg)
-    out = pseudo_label_case(engine, [chaos_half], query, cfg)
-    liver = dice(out["label"] == 1, truth == 1)
     assert before < 0.85
-    assert liver >= 0.95, f"liver Dice {liver:.3f} after registration (before: {before:.3f})"
+    for overrides, bar in ((["atlas.appearance_iterations=0"], 0.95), ([], 0.92)):
+        cfg = load_config(overrides=overrides)
+        out = pseudo_label_case(build_engine("atlas", cfg), [chaos_half], query, cfg)
+        liver = dice(out["label"] == 1, truth == 1)
+        assert liver >= bar, f"{overrides}: liver Dice {liver:.3f} after registration (before: {before:.3f})"
     assert out["probabilities"].shape == (4,) + query.image.shape
     assert out["summary"]["engine"] == "atlas" and out["summary"]["random_weights"] is False
 
