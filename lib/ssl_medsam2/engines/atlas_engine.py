@@ -7,12 +7,14 @@ the ensemble engine whose errors are of a different kind.
 
 Per query: one in-plane start (plain, or rotated by 90° steps / mirrored, when every support
 agrees it fits clearly better) and an affine for every support; the most similar supports after the
-affine (body NCC, ``atlas.max_supports``; 0 = all) then get, per class, an affine refined around that
-organ and a deformable stage (:mod:`ssl_medsam2.registration`). Each class is warped as a 0/1 image
-with linear interpolation (a soft per-class probability) and the supports are fused by their mean or
-by weights from the local image similarity between the warped support and the query (supports that
-match locally count more). Output: the mean probability on the query's full canonical grid, like
-every engine.
+affine (body NCC, ``atlas.max_supports``; 0 = all) then get a deformable stage over all their organs
+and, per class, an affine refined around that organ with its own deformable stage
+(:mod:`ssl_medsam2.registration`). Each class is warped with each of these transforms as a 0/1 image
+with linear interpolation (a soft per-class probability) and all are fused by their mean or by weights
+from the local image similarity between the warped support and the query (supports that match
+locally count more). The fused probabilities are then the spatial prior of an EM over the query's own
+intensities (:mod:`ssl_medsam2.appearance`), which moves the boundary onto the query's edges. Output:
+the probability on the query's full canonical grid, like every engine.
 
 What the case summary (``EngineResult.meta``) says about the choices:
 
