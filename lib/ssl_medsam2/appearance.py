@@ -66,4 +66,8 @@ def refine(probs: np.ndarray, intensity: np.ndarray, spacing, s: AppearanceSetti
         post = joint / np.maximum(joint.sum(0, keepdims=True), 1e-20)
         post[:, ~roi] = 0.0
         post[0, ~roi] = 1.0
-    return np.clip(post[1:], 0.0, 1.0).astype(np.float32)
+    out = np.clip(post[1:], 0.0, 1.0).astype(np.float32)
+    for k in range(out.shape[0]):  # refine, never erase: a class the EM emptied keeps its registered probability
+        if not (out[k] >= 0.5).any() and (probs[k] >= 0.5).any():
+            out[k] = probs[k]
+    return out

@@ -416,7 +416,11 @@ def refine_affine(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform,
         reg = _affine_registration(s, class_mask, s.refine_iterations, [s.affine_shrink[-1], 1],
                                    [s.affine_smooth_mm[-1], 0.0], fixed)
         reg.SetInitialTransform(affine, inPlace=False)
-        return reg.Execute(private(fixed), private(moving))
+        try:
+            return reg.Execute(private(fixed), private(moving))
+        except RuntimeError:  # ITK: the organ's region maps outside the support (a small scan): keep the global fit
+            log.warning("per-class affine refinement found no overlap; the global affine is kept for this organ")
+            return affine
 
 
 def deformable_stage(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform,

@@ -162,7 +162,14 @@ class FewShotInfer(InferTask):
         cases = []
         for k in names:
             img = load_volume(labelled[k][0], name=k)
-            cases.append(Case(img, load_label_for(img, labelled[k][1])))
+            label = load_label_for(img, labelled[k][1])
+            if not label.array.any():  # "no organ in this scan" is a valid final label, but shows no organ
+                log.warning("%s: its final label is empty; not used as a few-shot support", k)
+                continue
+            cases.append(Case(img, label))
+        if not cases:
+            raise InputError(None, "every final label is empty: save at least one label that shows an organ "
+                                   "before asking for a few-shot pseudo label")
         return cases
 
     def __call__(self, request):
