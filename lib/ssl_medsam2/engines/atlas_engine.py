@@ -175,10 +175,11 @@ class AtlasEngine:
             sim = reg.similarity(fixed, moving[i], tx_all if tx_all is not None and not s.refine_margin_mm
                                  else affines[i][0], body)
             own = {k: [] for k in todo}  # this support's candidate probabilities per class
+            sup_img = self._normalised(sup.image) if self.fusion == "local_ncc" else None
             for ks, tx in groups:
                 probs = reg.warp_label_probabilities(sup.label, [classes[k] for k in ks], query.image, tx)
                 if self.fusion == "local_ncc":
-                    warped = reg.warp_array(self._normalised(sup.image), sup.image.affine, query.image, tx)
+                    warped = reg.warp_array(sup_img, sup.image.affine, query.image, tx)
                     ncc = local_ncc(q_img, warped, sigma_vox)
                     weight = np.exp(self.fusion_sharpness * (ncc - 1.0)).astype(np.float32)
                 else:
