@@ -11,8 +11,11 @@ where histogram matching between subjects cannot.
 Model per voxel: posterior(k) ∝ prior(k) × p(intensity | k) over background and each class, with
 - prior(class) = max(P, Gaussian blur of P over ``sigma_mm``): the registered probability, widened so
   that a misplaced boundary can move; prior(background) = 1 - the classes' widened prior (floored);
-- p(intensity | k): a smoothed histogram of the query's intensities weighted by the posterior,
-  within ``roi_mm`` of any organ (outside that region everything is background).
+- p(intensity, texture | k): a smoothed joint histogram of the query's intensity and its local
+  in-plane standard deviation (``texture_sigma_vox``; 0 = intensity alone), weighted by the
+  posterior, within ``roi_mm`` of any organ (outside that region everything is background). The
+  texture axis tells a smooth parenchyma from a structure of the same mean brightness that is
+  patchy (stomach and bowel beside the liver, measured on CHAOS: local std ~8 vs ~15 grey levels);
 A light in-plane smoothing of the posterior each iteration keeps the result from speckling.
 Deterministic: no sampling.
 """
@@ -25,6 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 BACKGROUND_FLOOR = 0.02  # background prior never below this, so any voxel can leave an organ
+TEXTURE_MAX = 40.0  # local standard deviations (0..255 grey levels) above this share the last bin
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,8 @@ class AppearanceSettings:
     roi_mm: float  # region around the organs where intensities are modelled
     bins: int  # intensity histogram bins (intensities in 0..255)
     smooth_vox: float  # in-plane Gaussian smoothing of the posterior per iteration (voxels)
+    texture_sigma_vox: float  # in-plane window of the local standard deviation (voxels); 0 = intensity only
+    texture_bins: int  # bins of the local standard deviation (0..TEXTURE_MAX grey levels)
 
 
 def refine(probs: np.ndarray, intensity: np.ndarray, spacing, s: AppearanceSettings) -> np.ndarray:
@@ -51,15 +57,15 @@ def refine(probs: np.ndarray, intensity: np.ndarray, spacing, s: AppearanceSetti
     roi = ndimage.distance_transform_edt(probs.max(0) < 0.1, sampling=spacing) <= s.roi_mm
     if not roi.any():
         return probs
-    bins = np.clip((np.asarray(intensity, dtype=np.float32) * (s.bins / 256.0)).astype(np.int32), 0, s.bins - 1)
+    bins, shape = feature_bins(np.asarray(intensity, dtype=np.float32), s)
     b_roi = bins[roi]
     # start: each class where the registration says so (>= 0.5), background elsewhere
     post = np.concatenate([(probs.max(0) < 0.5)[None], probs >= 0.5]).astype(np.float32)
     for _ in range(int(s.iterations)):
         joint = np.empty_like(prior)
         for k in range(prior.shape[0]):
-            hist = np.bincount(b_roi, weights=post[k][roi], minlength=s.bins) + 1e-3
-            hist = ndimage.gaussian_filter1d(hist, 1.0)
+            hist = np.bincount(b_roi, weights=post[k][roi], minlength=int(np.prod(shape))) + 1e-3
+            hist = ndimage.gaussian_filter(hist.reshape(shape), 1.0).ravel()
             joint[k] = prior[k] * (hist / hist.sum())[bins]
         if s.smooth_vox:
             joint = np.stack([ndimage.gaussian_filter(j, [s.smooth_vox, s.smooth_vox, 0]) for j in joint])
@@ -71,3 +77,15 @@ def refine(probs: np.ndarray, intensity: np.ndarray, spacing, s: AppearanceSetti
         if not (out[k] >= 0.5).any() and (probs[k] >= 0.5).any():
             out[k] = probs[k]
     return out
+
+
+def feature_bins(intensity: np.ndarray, s: AppearanceSettings) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Each voxel's joint (intensity, local std) histogram bin, and the histogram's shape."""
+    bins = np.clip((intensity * (s.bins / 256.0)).astype(np.int32), 0, s.bins - 1)
+    if not s.texture_sigma_vox or s.texture_bins <= 1:
+        return bins, (s.bins,)
+    window = [s.texture_sigma_vox, s.texture_sigma_vox, 0]
+    mean = ndimage.gaussian_filter(intensity, window)
+    std = np.sqrt(np.maximum(ndimage.gaussian_filter(intensity * intensity, window) - mean * mean, 0.0))
+    tex = np.clip((std * (s.texture_bins / TEXTURE_MAX)).astype(np.int32), 0, s.texture_bins - 1)
+    return bins * s.texture_bins + tex, (s.bins, s.texture_bins)
