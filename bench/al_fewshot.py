@@ -16,10 +16,13 @@ Strategies (each sees only what a deployment sees, never the ground truth of unl
 - ``random``: a seeded shuffle.
 Every seed draws a different starting pair (the same for every strategy of that seed).
 
-Cost: each (support, query) pair is registered ONCE (the atlas engine with that one support) and its
-warped class probabilities cached; a labelled set's pseudo label is the MEAN of its supports' cached
-probabilities (the engine's local-NCC weighting needs the registrations' transforms and is not replayed
-here: the curve measures mean fusion). 8 volumes -> 56 registrations, then everything is array work.
+Cost: each (support, query) pair is registered ONCE (the atlas engine with that one support and its
+appearance EM off) and its fused class probabilities cached; a labelled set's pseudo label is the MEAN
+of its supports' cached probabilities followed by the engine's appearance EM over the query's
+intensities (``ssl_medsam2.appearance``, the engine's settings), as the engine does after its fusion.
+Only the engine's local-NCC weighting between supports is not replayed (it needs the registrations'
+transforms): the curve measures mean fusion + EM. 8 volumes -> 56 registrations, then array work.
+The cache folder is named by a digest of the atlas settings, so a changed setting registers again.
 
 Two curves per strategy: the mean Dice of the still-unlabelled volumes (what the pseudo labels of the
 rest are worth; picking a hard case also removes it from this mean), and the mean Dice of the whole
@@ -28,6 +31,8 @@ set where labelled volumes count their ground truth (Dice 1): the training set n
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import itertools
 import json
 import logging
@@ -57,10 +62,13 @@ def pair_cache(root: Path, cases: list[str], factor: int, cfg: dict) -> dict:
         v = load_volume(img, name=c)
         vols[c] = Case(v, load_label_for(v, lab))
     classes = (1, 2, 3, 4)
-    engine = build_engine("atlas", cfg)
+    no_em = copy.deepcopy(cfg)
+    no_em["atlas"]["appearance_iterations"] = 0  # the EM runs after the fusion of a labelled set (Oracle)
+    engine = build_engine("atlas", no_em)
+    digest = hashlib.sha256(json.dumps(no_em["atlas"], sort_keys=True, default=str).encode()).hexdigest()[:10]
     probs, cpu = {}, 0.0
     for s, q in itertools.permutations(cases, 2):
-        f = root / "pairs" / f"{s}__{q}.npy"
+        f = root / f"pairs-{digest}" / f"{s}__{q}.npy"
         if not f.exists():
             t = time.process_time()
             r = engine.predict([vols[s]], Case(vols[q].image), classes)
@@ -81,7 +89,10 @@ class Oracle:
         from ssl_medsam2.quality import QualitySettings, class_volumes_mm3, support_histograms
         from ssl_medsam2.strategies import image_embedding
 
+        from ssl_medsam2.engines import build_engine
+
         self.c, self.cfg = cache, cfg
+        self.appearance = build_engine("atlas", cfg).appearance  # the engine's EM, replayed after each fusion
         self.p = ProtocolSettings.from_config(cfg)
         self.q = QualitySettings.from_config(cfg)
         self.classes = cache["classes"]
@@ -115,7 +126,10 @@ class Oracle:
         key = (q, tuple(sorted(labelled)))
         if key in self.memo:
             return self.memo[key]
+        from ssl_medsam2 import appearance
+
         probs = np.mean([self.c["probs"][(s, q)].astype(np.float32) for s in key[1]], axis=0) / 255.0
+        probs = appearance.refine(probs, self.norm[q], self.c["vols"][q].image.spacing, self.appearance)
         label = self._label(probs)
         entropy = binary_entropy(probs)
         vols = {c: [self.vol[s][c] for s in key[1]] for c in self.classes}
@@ -183,7 +197,7 @@ def plot(result: dict, path: Path) -> None:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         c = result["conditions"]
-        fig.suptitle(f"CHAOS T2-SPIR, 8 volumes, atlas pseudo labels (mean fusion), no training; "
+        fig.suptitle(f"CHAOS T2-SPIR, 8 volumes, atlas pseudo labels (mean fusion + appearance EM), no training; "
                      f"{c['seeds']} seeds (random start pair each), mean +- std", fontsize=9)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
@@ -214,7 +228,8 @@ def run(seeds: int, factor: int, work: Path, out: Path, overrides: list[str]) ->
             agg[s][key] = {"mean": v.mean(0).round(4).tolist(), "std": v.std(0).round(4).tolist()}
     result = {"aggregate": agg, "runs": runs, "starts": starts,
               "conditions": {"cases": cases, "in_plane_factor": factor, "seeds": seeds, "engine": "atlas",
-                             "fusion": "mean of per-pair warped probabilities", "overrides": overrides,
+                             "fusion": "mean of per-pair warped probabilities, then the appearance EM",
+                             "appearance": vars(oracle.appearance), "overrides": overrides,
                              "registration_cpu_s": cache["registration_cpu_s"],
                              "pairs": len(cache["probs"])},
               "minutes_total": round((time.perf_counter() - t0) / 60, 1)}
