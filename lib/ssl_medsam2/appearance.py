@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .preprocess import through_plane_axis
+
 BACKGROUND_FLOOR = 0.02  # background prior never below this, so any voxel can leave an organ
 TEXTURE_MAX = 40.0  # local standard deviations (0..255 grey levels) above this share the last bin
 
@@ -57,7 +59,9 @@ def refine(probs: np.ndarray, intensity: np.ndarray, spacing, s: AppearanceSetti
     roi = ndimage.distance_transform_edt(probs.max(0) < 0.1, sampling=spacing) <= s.roi_mm
     if not roi.any():
         return probs
-    bins, shape = feature_bins(np.asarray(intensity, dtype=np.float32), s)
+    in_plane = np.ones(3)  # "in-plane" windows leave the through-plane axis (largest spacing) alone
+    in_plane[through_plane_axis(tuple(spacing))] = 0.0
+    bins, shape = feature_bins(np.asarray(intensity, dtype=np.float32), s, in_plane)
     b_roi = bins[roi]
     # start: each class where the registration says so (>= 0.5), background elsewhere
     post = np.concatenate([(probs.max(0) < 0.5)[None], probs >= 0.5]).astype(np.float32)
@@ -68,7 +72,7 @@ def refine(probs: np.ndarray, intensity: np.ndarray, spacing, s: AppearanceSetti
             hist = ndimage.gaussian_filter(hist.reshape(shape), 1.0).ravel()
             joint[k] = prior[k] * (hist / hist.sum())[bins]
         if s.smooth_vox:
-            joint = np.stack([ndimage.gaussian_filter(j, [s.smooth_vox, s.smooth_vox, 0]) for j in joint])
+            joint = np.stack([ndimage.gaussian_filter(j, list(s.smooth_vox * in_plane)) for j in joint])
         post = joint / np.maximum(joint.sum(0, keepdims=True), 1e-20)
         post[:, ~roi] = 0.0
         post[0, ~roi] = 1.0
@@ -79,12 +83,16 @@ def refine(probs: np.ndarray, intensity: np.ndarray, spacing, s: AppearanceSetti
     return out
 
 
-def feature_bins(intensity: np.ndarray, s: AppearanceSettings) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Each voxel's joint (intensity, local std) histogram bin, and the histogram's shape."""
+def feature_bins(intensity: np.ndarray, s: AppearanceSettings,
+                 in_plane: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Each voxel's joint (intensity, local std) histogram bin, and the histogram's shape.
+
+    ``in_plane``: per axis 1, or 0 for the through-plane axis (the local std is taken within slices).
+    """
     bins = np.clip((intensity * (s.bins / 256.0)).astype(np.int32), 0, s.bins - 1)
     if not s.texture_sigma_vox or s.texture_bins <= 1:
         return bins, (s.bins,)
-    window = [s.texture_sigma_vox, s.texture_sigma_vox, 0]
+    window = list(s.texture_sigma_vox * np.asarray(in_plane, dtype=float))
     mean = ndimage.gaussian_filter(intensity, window)
     std = np.sqrt(np.maximum(ndimage.gaussian_filter(intensity * intensity, window) - mean * mean, 0.0))
     tex = np.clip((std * (s.texture_bins / TEXTURE_MAX)).astype(np.int32), 0, s.texture_bins - 1)
