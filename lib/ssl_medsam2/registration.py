@@ -354,17 +354,60 @@ def _crop_to_mask(fixed: sitk.Image, affine: sitk.Transform, moving_mask: sitk.I
     return sitk.RegionOfInterest(private(fixed), [int(v) for v in hi - lo], [int(v) for v in lo])
 
 
+ORGAN_MATCH_PERCENTILES = (2, 10, 25, 50, 75, 90, 98)
+ORGAN_MATCH_MIN_VOXELS = 50  # an organ with fewer voxels on either side keeps the histogram match
+
+
+def match_organ_intensities(moved: sitk.Image, matched: sitk.Image, region: sitk.Image,
+                            moving_labels: sitk.Image, fixed_labels: sitk.Image, classes) -> sitk.Image:
+    """The histogram-matched support with each organ's intensities mapped onto the query's same organ.
+
+    ``moved``: the support resampled into ``region`` (the query's grid), ``matched``: the same after
+    global histogram matching, ``moving_labels`` / ``fixed_labels``: the support's label and the
+    query's first-pass label on that grid. Per class, the support's intensity percentiles inside the
+    organ are mapped piecewise-linearly onto the query's inside its first-pass organ. Why: global
+    histogram matching assumes both subjects have the same tissue proportions and brightness order;
+    where a subject's liver and spleen are as dark as muscle (CHAOS chaos_15) it hands demons a support
+    whose organs look like the wrong tissue, and a loose field then follows them off the organs.
+    """
+    m = sitk.GetArrayFromImage(moved).astype(np.float64)
+    out = sitk.GetArrayFromImage(matched).astype(np.float64)
+    f = sitk.GetArrayFromImage(region).astype(np.float64)
+    sl, ql = sitk.GetArrayFromImage(moving_labels), sitk.GetArrayFromImage(fixed_labels)
+    for c in classes:
+        sm, qm = sl == int(c), ql == int(c)
+        if sm.sum() < ORGAN_MATCH_MIN_VOXELS or qm.sum() < ORGAN_MATCH_MIN_VOXELS:
+            continue
+        src = np.percentile(m[sm], ORGAN_MATCH_PERCENTILES)
+        src = np.maximum.accumulate(src + np.arange(src.size) * 1e-6)  # strictly increasing for interp
+        dst = np.percentile(f[qm], ORGAN_MATCH_PERCENTILES)
+        x = m[sm]
+        out[sm] = np.interp(x, src, dst) + np.minimum(x - src[0], 0) + np.maximum(x - src[-1], 0)
+    img = sitk.GetImageFromArray(out.astype(np.float32))
+    img.CopyInformation(region)
+    return img
+
+
 def _demons_stage(fixed, moving, affine: sitk.Transform, s: RegistrationSettings,
-                  moving_mask: sitk.Image | None = None) -> sitk.Transform:
+                  moving_mask: sitk.Image | None = None, organ_labels=None) -> sitk.Transform:
     """Multi-resolution diffeomorphic demons on the affinely resampled, histogram-matched support.
 
     Runs inside the bounding box of the support's focus region (if any); the displacement is zero
-    outside it.
+    outside it. ``organ_labels`` = (support label, query first-pass label, classes): the organs are
+    intensity-matched one by one on top (:func:`match_organ_intensities`).
     """
     region = private(_crop_to_mask(fixed, affine, moving_mask))
     moved = sitk.Resample(private(moving), region, affine, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    moved = sitk.HistogramMatching(moved, region, numberOfHistogramLevels=s.histogram_levels,
-                                   numberOfMatchPoints=7, thresholdAtMeanIntensity=True)
+    matched = sitk.HistogramMatching(moved, region, numberOfHistogramLevels=s.histogram_levels,
+                                     numberOfMatchPoints=7, thresholdAtMeanIntensity=True)
+    if organ_labels is not None:
+        support_label, query_label, classes = organ_labels
+        matched = match_organ_intensities(
+            moved, matched, region,
+            sitk.Resample(private(support_label), region, affine, sitk.sitkNearestNeighbor, 0, sitk.sitkInt16),
+            sitk.Resample(private(query_label), region, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkInt16),
+            classes)
+    moved = matched
     field = None
     z_ratio = region.GetSpacing()[2] / region.GetSpacing()[0]
     for shrink, iters in zip(s.demons_shrink, s.demons_iterations):
@@ -424,15 +467,21 @@ def refine_affine(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform,
 
 
 def deformable_stage(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform,
-                     settings: RegistrationSettings, moving_mask: sitk.Image | None = None) -> sitk.Transform:
-    """The deformable stage on top of ``affine``; returns the full query -> support transform."""
+                     settings: RegistrationSettings, moving_mask: sitk.Image | None = None,
+                     organ_labels=None) -> sitk.Transform:
+    """The deformable stage on top of ``affine``; returns the full query -> support transform.
+
+    ``organ_labels`` (demons only; see :func:`_demons_stage`): (support label image, query first-pass
+    label image, classes).
+    """
     if settings.deformable in ("none", None, False):
         return affine
-    stage = {"bspline": _bspline_stage, "demons": _demons_stage}.get(settings.deformable)
-    if stage is None:
+    if settings.deformable not in ("bspline", "demons"):
         raise ValueError(f"unknown deformable stage '{settings.deformable}' (bspline, demons or none)")
     with sitk_threads(settings):
-        return stage(fixed, moving, affine, settings, moving_mask)
+        if settings.deformable == "bspline":
+            return _bspline_stage(fixed, moving, affine, settings, moving_mask)
+        return _demons_stage(fixed, moving, affine, settings, moving_mask, organ_labels)
 
 
 def warp_label_probabilities(label: Volume, classes, query: Volume, transform: sitk.Transform) -> np.ndarray:

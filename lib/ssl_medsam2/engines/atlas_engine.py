@@ -16,8 +16,17 @@ locally count more). The fused probabilities are then the spatial prior of an EM
 intensities (:mod:`ssl_medsam2.appearance`), which moves the boundary onto the query's edges. Output:
 the probability on the query's full canonical grid, like every engine.
 
+With ``atlas.organ_matched_pass`` (default) this runs twice: a cheap first pass (whole-abdomen votes
+only, then the EM) labels the query, and the full pass's demons then match each support organ's
+intensities onto the same organ of that label (:func:`ssl_medsam2.registration.match_organ_intensities`)
+instead of trusting the global histogram match alone, with a looser field
+(``organ_matched_field_sigma``). Why: a loose field follows whatever the histogram match hands it;
+where a subject's organs are unusually dark (CHAOS chaos_15) that was the wrong tissue, and only a
+stiff field kept the organs in place, at a cost in accuracy on every other subject.
+
 What the case summary (``EngineResult.meta``) says about the choices:
 
+- ``atlas_passes``: 2 with the organ-matched pass, else 1;
 - ``atlas_init``: the in-plane start used (``rot0`` = plain; ``rot90``/``rot180``/``rot270``,
   ``flip+rot…`` = the query was found stored rotated / mirrored in-plane);
 - ``atlas_supports``: per used support ``{"support", "init", "similarity", "seconds"}`` plus
@@ -32,6 +41,7 @@ What the case summary (``EngineResult.meta``) says about the choices:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Sequence
@@ -73,6 +83,7 @@ class AtlasEngine:
 
     def __init__(self, settings: reg.RegistrationSettings, intensity: IntensityConfig, *, fusion: str,
                  fusion_sigma_mm: float, fusion_sharpness: float, max_supports: int, fuse_global: bool,
+                 organ_matched_pass: bool, organ_matched_field_sigma: float, organ_matched_iterations,
                  appearance_settings: appearance.AppearanceSettings):
         if fusion not in FUSIONS:
             raise ValueError(f"unknown atlas fusion '{fusion}' (choose from {', '.join(FUSIONS)})")
@@ -82,6 +93,12 @@ class AtlasEngine:
         self.fusion_sharpness = float(fusion_sharpness)
         self.max_supports = int(max_supports or 0)
         self.fuse_global = bool(fuse_global)
+        self.organ_matched_pass = bool(organ_matched_pass)
+        self.organ_matched_field_sigma = float(organ_matched_field_sigma)
+        self.organ_matched_iterations = tuple(int(n) for n in organ_matched_iterations)
+        if self.organ_matched_pass and len(self.organ_matched_iterations) != len(settings.demons_shrink):
+            raise ValueError(f"atlas.organ_matched_iterations has {len(self.organ_matched_iterations)} levels, "
+                             f"atlas.demons_shrink {len(settings.demons_shrink)}: give one count per level")
         self.appearance = appearance_settings
         self.intensity = intensity
 
@@ -98,7 +115,8 @@ class AtlasEngine:
             settings.update(presets[preset])
         settings.update({k: v for k, v in a.items() if v is not None})
         looks = {f"appearance_{f}": f for f in appearance.AppearanceSettings.__dataclass_fields__}
-        own = ("fusion", "fusion_sigma_mm", "fusion_sharpness", "max_supports", "fuse_global", *looks)
+        own = ("fusion", "fusion_sigma_mm", "fusion_sharpness", "max_supports", "fuse_global", "organ_matched_pass",
+               "organ_matched_field_sigma", "organ_matched_iterations", *looks)
         unknown = sorted(set(settings) - set(reg.RegistrationSettings.__dataclass_fields__) - set(own))
         if unknown:
             raise ValueError(f"unknown atlas setting(s): {', '.join(unknown)}")
@@ -154,57 +172,87 @@ class AtlasEngine:
         order = ranked[: self._n_used(supports)]
         q_img = self._normalised(query.image) if self.fusion == "local_ncc" else None
         sigma_vox = [self.fusion_sigma_mm / sp for sp in query.image.spacing]
-        num = np.zeros((len(classes),) + query.image.shape, dtype=np.float32)
-        den = np.zeros_like(num)
-        per_support = []
-        votes: list[list[np.ndarray]] = [[] for _ in classes]  # each support's warped 0/1 mask per class
-        for i in order:
-            t0 = time.perf_counter()
-            sup = supports[i]
-            present = set(np.unique(sup.label.array).tolist())
-            todo = [k for k, c in enumerate(classes) if c in present]  # a support without a class says nothing
-            tx_all = None
-            if not s.refine_margin_mm or self.fuse_global:  # one registration for all the support's organs
-                tx_all = reg.deformable_stage(fixed, moving[i], affines[i][0], s, masks[i])
-            groups = [(todo, tx_all)] if tx_all is not None else []
-            if s.refine_margin_mm:  # and one per class, refined around that organ
-                for k in todo:
-                    cmask = reg.focus_mask(sup.label, [classes[k]], moving[i], s.refine_margin_mm)
-                    aff_k = reg.refine_affine(fixed, moving[i], affines[i][0], s, cmask)
-                    groups.append(([k], reg.deformable_stage(fixed, moving[i], aff_k, s, cmask)))
-            sim = reg.similarity(fixed, moving[i], tx_all if tx_all is not None and not s.refine_margin_mm
-                                 else affines[i][0], body)
-            own = {k: [] for k in todo}  # this support's candidate probabilities per class
-            sup_img = self._normalised(sup.image) if self.fusion == "local_ncc" else None
-            for ks, tx in groups:
-                probs = reg.warp_label_probabilities(sup.label, [classes[k] for k in ks], query.image, tx)
-                if self.fusion == "local_ncc":
-                    warped = reg.warp_array(sup_img, sup.image.affine, query.image, tx)
-                    ncc = local_ncc(q_img, warped, sigma_vox)
-                    weight = np.exp(self.fusion_sharpness * (ncc - 1.0)).astype(np.float32)
-                else:
-                    weight = np.ones(query.image.shape, dtype=np.float32)
-                for j, k in enumerate(ks):
-                    num[k] += weight * probs[j]
-                    den[k] += weight
-                    own[k].append(probs[j])
-            for k, cands in own.items():  # one vote per support, whatever its number of candidates
-                votes[k].append(np.packbits(np.mean(cands, axis=0) >= 0.5))
-            per_support.append({"support": sup.name, "init": start, "similarity": round(sim, 4),
-                                "affine_similarity": round(affine_sim[i], 4), "init_scores": init_scores[i],
-                                "seconds": round(affine_s[i] + time.perf_counter() - t0, 2)})
-            if progress is not None:
-                progress(1)
-        probs = np.where(den > 0, num / np.maximum(den, 1e-12), 0.0).astype(np.float32)
-        if self.appearance.iterations:
-            probs = appearance.refine(probs, scale_to_uint8_range(query.image.array, self.intensity),
-                                      query.image.spacing, self.appearance)
+        q_uint8 = scale_to_uint8_range(query.image.array, self.intensity)
+        refined: dict = {}  # (support, class index) -> the affine refined around that organ (same in both passes)
+        sup_imgs = {i: self._normalised(supports[i].image) for i in order} if self.fusion == "local_ncc" else {}
+
+        def fuse(settings: reg.RegistrationSettings, per_class: bool, organ_labels: dict | None, report: bool,
+                 weighted: bool = True):
+            """Every used support's votes with these demons settings, fused; (probs, per_support, votes).
+
+            ``weighted=False``: a plain mean even with local-NCC fusion (the cheap first pass).
+            """
+            num = np.zeros((len(classes),) + query.image.shape, dtype=np.float32)
+            den = np.zeros_like(num)
+            per_support = []
+            votes: list[list[np.ndarray]] = [[] for _ in classes]  # each support's warped 0/1 mask per class
+            for i in order:
+                t0 = time.perf_counter()
+                sup = supports[i]
+                present = set(np.unique(sup.label.array).tolist())
+                todo = [k for k, c in enumerate(classes) if c in present]  # a support without a class says nothing
+                labels_i = organ_labels[i] if organ_labels else None
+                tx_all = None
+                if not (per_class and s.refine_margin_mm) or self.fuse_global:  # one registration for all organs
+                    tx_all = reg.deformable_stage(fixed, moving[i], affines[i][0], settings, masks[i], labels_i)
+                groups = [(todo, tx_all)] if tx_all is not None else []
+                if per_class and s.refine_margin_mm:  # and one per class, refined around that organ
+                    for k in todo:
+                        cmask = reg.focus_mask(sup.label, [classes[k]], moving[i], s.refine_margin_mm)
+                        if (i, k) not in refined:
+                            refined[(i, k)] = reg.refine_affine(fixed, moving[i], affines[i][0], s, cmask)
+                        groups.append(([k], reg.deformable_stage(fixed, moving[i], refined[(i, k)], settings, cmask,
+                                                                 labels_i)))
+                sim = reg.similarity(fixed, moving[i], tx_all if tx_all is not None and not s.refine_margin_mm
+                                     else affines[i][0], body)
+                own = {k: [] for k in todo}  # this support's candidate probabilities per class
+                for ks, tx in groups:
+                    probs = reg.warp_label_probabilities(sup.label, [classes[k] for k in ks], query.image, tx)
+                    if self.fusion == "local_ncc" and weighted:
+                        warped = reg.warp_array(sup_imgs[i], sup.image.affine, query.image, tx)
+                        ncc = local_ncc(q_img, warped, sigma_vox)
+                        weight = np.exp(self.fusion_sharpness * (ncc - 1.0)).astype(np.float32)
+                    else:
+                        weight = np.ones(query.image.shape, dtype=np.float32)
+                    for j, k in enumerate(ks):
+                        num[k] += weight * probs[j]
+                        den[k] += weight
+                        own[k].append(probs[j])
+                for k, cands in own.items():  # one vote per support, whatever its number of candidates
+                    votes[k].append(np.packbits(np.mean(cands, axis=0) >= 0.5))
+                per_support.append({"support": sup.name, "init": start, "similarity": round(sim, 4),
+                                    "affine_similarity": round(affine_sim[i], 4), "init_scores": init_scores[i],
+                                    "seconds": round(affine_s[i] + time.perf_counter() - t0, 2)})
+                if report and progress is not None:
+                    progress(1)
+            probs = np.where(den > 0, num / np.maximum(den, 1e-12), 0.0).astype(np.float32)
+            if self.appearance.iterations:
+                probs = appearance.refine(probs, q_uint8, query.image.spacing, self.appearance)
+            return probs, per_support, votes
+
+        organ_labels, passes = None, 1
+        final_settings = s
+        if self.organ_matched_pass and s.deformable == "demons":
+            # pass 1: whole-abdomen votes only (cheap); its label tells each organ's intensities in the query
+            first, _, _ = fuse(s, per_class=False, organ_labels=None, report=False, weighted=False)
+            first_label = np.where(first.max(0) >= 0.5, np.asarray(classes)[first.argmax(0)], 0).astype(np.int16)
+            query_label = reg.to_sitk(first_label, query.image.affine)
+            organ_labels = {i: (reg.to_sitk(supports[i].label.array.astype(np.int16), supports[i].label.affine),
+                                query_label, classes) for i in order}
+            final_settings = dataclasses.replace(s, demons_field_sigma=self.organ_matched_field_sigma,
+                                                 demons_iterations=tuple(self.organ_matched_iterations))
+            passes = 2
+        probs, per_support, votes = fuse(final_settings, per_class=True, organ_labels=organ_labels, report=True)
         meta = {
             "engine_settings": {"registration": {k: (list(v) if isinstance(v, tuple) else v)
                                                  for k, v in vars(s).items() if k != "extra"},
                                 "fusion": self.fusion, "fusion_sigma_mm": self.fusion_sigma_mm,
                                 "fusion_sharpness": self.fusion_sharpness, "max_supports": self.max_supports,
-                                "fuse_global": self.fuse_global, "appearance": vars(self.appearance)},
+                                "fuse_global": self.fuse_global, "appearance": vars(self.appearance),
+                                "organ_matched_pass": self.organ_matched_pass,
+                                "organ_matched_field_sigma": self.organ_matched_field_sigma,
+                                "organ_matched_iterations": list(self.organ_matched_iterations)},
+            "atlas_passes": passes,
             "atlas_supports": per_support,
             "atlas_init": start,
             "atlas_supports_not_used": [{"support": supports[i].name, "init": start,
