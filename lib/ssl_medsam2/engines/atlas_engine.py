@@ -20,7 +20,7 @@ With ``atlas.organ_matched_pass`` (default) this runs twice: a cheap first pass 
 only, then the EM) labels the query, and the full pass's demons then match each support organ's
 intensities onto the same organ of that label (:func:`ssl_medsam2.registration.match_organ_intensities`)
 instead of trusting the global histogram match alone, with a looser field
-(``organ_matched_field_sigma``). Why: a loose field follows whatever the histogram match hands it;
+(``organ_matched_field_sigma``, ``organ_matched_iteration_scale`` × the demons iterations). Why: a loose field follows whatever the histogram match hands it;
 where a subject's organs are unusually dark (CHAOS chaos_15) that was the wrong tissue, and only a
 stiff field kept the organs in place, at a cost in accuracy on every other subject.
 
@@ -83,7 +83,7 @@ class AtlasEngine:
 
     def __init__(self, settings: reg.RegistrationSettings, intensity: IntensityConfig, *, fusion: str,
                  fusion_sigma_mm: float, fusion_sharpness: float, max_supports: int, fuse_global: bool,
-                 organ_matched_pass: bool, organ_matched_field_sigma: float, organ_matched_iterations,
+                 organ_matched_pass: bool, organ_matched_field_sigma: float, organ_matched_iteration_scale: float,
                  appearance_settings: appearance.AppearanceSettings):
         if fusion not in FUSIONS:
             raise ValueError(f"unknown atlas fusion '{fusion}' (choose from {', '.join(FUSIONS)})")
@@ -95,10 +95,7 @@ class AtlasEngine:
         self.fuse_global = bool(fuse_global)
         self.organ_matched_pass = bool(organ_matched_pass)
         self.organ_matched_field_sigma = float(organ_matched_field_sigma)
-        self.organ_matched_iterations = tuple(int(n) for n in organ_matched_iterations)
-        if self.organ_matched_pass and len(self.organ_matched_iterations) != len(settings.demons_shrink):
-            raise ValueError(f"atlas.organ_matched_iterations has {len(self.organ_matched_iterations)} levels, "
-                             f"atlas.demons_shrink {len(settings.demons_shrink)}: give one count per level")
+        self.organ_matched_iteration_scale = float(organ_matched_iteration_scale)
         self.appearance = appearance_settings
         self.intensity = intensity
 
@@ -116,7 +113,7 @@ class AtlasEngine:
         settings.update({k: v for k, v in a.items() if v is not None})
         looks = {f"appearance_{f}": f for f in appearance.AppearanceSettings.__dataclass_fields__}
         own = ("fusion", "fusion_sigma_mm", "fusion_sharpness", "max_supports", "fuse_global", "organ_matched_pass",
-               "organ_matched_field_sigma", "organ_matched_iterations", *looks)
+               "organ_matched_field_sigma", "organ_matched_iteration_scale", *looks)
         unknown = sorted(set(settings) - set(reg.RegistrationSettings.__dataclass_fields__) - set(own))
         if unknown:
             raise ValueError(f"unknown atlas setting(s): {', '.join(unknown)}")
@@ -240,7 +237,8 @@ class AtlasEngine:
             organ_labels = {i: (reg.to_sitk(supports[i].label.array.astype(np.int16), supports[i].label.affine),
                                 query_label, classes) for i in order}
             final_settings = dataclasses.replace(s, demons_field_sigma=self.organ_matched_field_sigma,
-                                                 demons_iterations=tuple(self.organ_matched_iterations))
+                                                 demons_iterations=tuple(max(1, round(n * self.organ_matched_iteration_scale))
+                                                                         for n in s.demons_iterations))
             passes = 2
         probs, per_support, votes = fuse(final_settings, per_class=True, organ_labels=organ_labels, report=True)
         meta = {
@@ -251,7 +249,7 @@ class AtlasEngine:
                                 "fuse_global": self.fuse_global, "appearance": vars(self.appearance),
                                 "organ_matched_pass": self.organ_matched_pass,
                                 "organ_matched_field_sigma": self.organ_matched_field_sigma,
-                                "organ_matched_iterations": list(self.organ_matched_iterations)},
+                                "organ_matched_iteration_scale": self.organ_matched_iteration_scale},
             "atlas_passes": passes,
             "atlas_supports": per_support,
             "atlas_init": start,
