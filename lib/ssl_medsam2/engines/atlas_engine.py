@@ -54,6 +54,7 @@ from .. import registration as reg
 from ..config import section_dict
 from ..io import Volume
 from ..preprocess import IntensityConfig, scale_to_uint8_range
+from ..protocol import probabilities_to_label
 from .base import Case, EngineResult, ProgressFn, check_supports, classes_in
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ class AtlasEngine:
         if self.organ_matched_pass and s.deformable == "demons":
             # pass 1: whole-abdomen votes only (cheap); its label tells each organ's intensities in the query
             first, _, _ = fuse(s, per_class=False, organ_labels=None, report=False, weighted=False)
-            first_label = np.where(first.max(0) >= 0.5, np.asarray(classes)[first.argmax(0)], 0).astype(np.int16)
+            first_label = probabilities_to_label(first, classes, 0.5, keep_largest_component=False).astype(np.int16)
             query_label = reg.to_sitk(first_label, query.image.affine)
             organ_labels = {i: (reg.to_sitk(supports[i].label.array.astype(np.int16), supports[i].label.affine),
                                 query_label, classes) for i in order}
