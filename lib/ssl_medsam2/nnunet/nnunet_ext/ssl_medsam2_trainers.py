@@ -13,6 +13,7 @@ is on ``nnUNet_extTrainer``.
 
 import os
 import re
+import threading
 
 import numpy as np
 import torch
@@ -75,11 +76,31 @@ class nnUNetTrainerSSL(nnUNetTrainer):
                     self.on_validation_epoch_end(val_outputs)
                 self.on_epoch_end()
         except BaseException:
-            for dl in (getattr(self, "dataloader_train", None), getattr(self, "dataloader_val", None)):
-                if hasattr(dl, "_finish"):  # stop the augmentation workers quietly (no "workers died" error)
-                    dl._finish()
+            self.stop_loaders_quietly()
             raise
         self.on_train_end()
+
+    def stop_loaders_quietly(self) -> None:
+        """Stop the augmentation workers after a stop or an error without a second message: no "workers are
+        no longer alive", and no traceback from a loader's results thread that was unpacking a batch whose
+        worker exited under it (torch's shared tensors then vanish: FileNotFoundError in resource_sharer).
+        That batch is dropped anyway; the thread's other exceptions still reach ``threading.excepthook``."""
+        loaders = [dl for dl in (getattr(self, "dataloader_train", None), getattr(self, "dataloader_val", None))
+                   if hasattr(dl, "_finish")]
+        stopping = {getattr(dl, "results_loop_thread", None) for dl in loaders} - {None}
+        previous = threading.excepthook
+
+        def quiet(args):
+            if args.thread in stopping and issubclass(args.exc_type, (OSError, EOFError)):
+                return
+            previous(args)
+
+        threading.excepthook = quiet
+        try:
+            for dl in loaders:
+                dl._finish()
+        finally:
+            threading.excepthook = previous
 
     def save_mid_epoch(self, train_outputs) -> None:
         """``checkpoint_latest.pth`` of the epoch in progress: this epoch again, from iteration len(outputs)."""
