@@ -18,7 +18,8 @@ RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "RAY_USAGE_STATS_E
 #: the atlas engine at a 64x64 in-plane size: a few seconds per query on one core; one thread, so that
 #: in-process and worker registrations sum alike (deterministic results)
 FAST_ATLAS = {"atlas.threads": "1", "atlas.demons_iterations": "[20,10]", "atlas.demons_shrink": "[2,1]",
-              "atlas.affine_iterations": "50", "atlas.affine_shrink": "[2,1]", "atlas.affine_smooth_mm": "[2.0,1.0]"}
+              "atlas.affine_iterations": "50", "atlas.affine_shrink": "[2,1]", "atlas.affine_smooth_mm": "[2.0,1.0]",
+              "atlas.organ_matched_pass": "false"}
 #: the same as config overrides, engine included
 ATLAS = ["protocol.engine=atlas", *(f"{k}={v}" for k, v in FAST_ATLAS.items())]
 

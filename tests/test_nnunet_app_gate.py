@@ -29,6 +29,7 @@ def test_app_run_that_loses_to_round0_is_not_promoted_and_info_says_why(chaos_di
     make_studies(tiny["root"] / "images", tiny["root"] / "truth", studies, 2)
     ds = LocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False)
     conf = {"protocol.engine": "atlas", "atlas.demons_iterations": "[20, 10]", "atlas.demons_shrink": "[2, 1]",
+            "atlas.organ_matched_pass": "false",
             "nnunet.epochs": "1", "nnunet.iterations_per_epoch": "2", "nnunet.val_iterations": "1",
             "nnunet.max_rounds": "2", "nnunet.min_change": "0", "nnunet.device": "cpu", "nnunet.num_workers": "0",
             "nnunet.num_processes": "1", "nnunet.cpu_threads": "1", "app.state_dir": str(tmp_path / "state")}

@@ -118,7 +118,7 @@ def test_gate_never_scores_a_label_saved_unchanged_from_its_pseudo_label(chaos_d
     shutil.copyfile(root / "labels" / f"{saved_unchanged}.nii.gz", stored / f"{saved_unchanged}.nii.gz")
     cfg = load_config(overrides=TINY_SCHEDULE + ["nnunet.quality_gate=holdout", "nnunet.max_rounds=0",
                                                  "protocol.engine=atlas", "atlas.demons_iterations=[20,10]",
-                                                 "atlas.demons_shrink=[2,1]"])
+                                                 "atlas.demons_shrink=[2,1]", "atlas.organ_matched_pass=false"])
     with caplog.at_level(logging.INFO, logger="ssl_medsam2"):
         state = run_ssl(root / "images", root / "labels", work, cfg, show_progress=False,
                         pseudo_labels_dir=root / "pseudo",
@@ -223,7 +223,8 @@ def test_round_trained_on_corrupted_pseudo_labels_is_not_deployed(chaos_dir, tmp
         nib.save(nib.Nifti1Image(swapped, img.affine), str(bad / f"{case}.nii.gz"))
     sets = [a for o in TINY_SCHEDULE + ["nnunet.quality_gate=holdout", "nnunet.max_rounds=2",
                                         "nnunet.min_change=0", "atlas.demons_iterations=[20,10]",
-                                        "atlas.demons_shrink=[2,1]"] for a in ("--set", o)]
+                                        "atlas.demons_shrink=[2,1]", "atlas.organ_matched_pass=false"]
+            for a in ("--set", o)]
     work = tmp_path / "work"
     rc = main(["run", "--images", str(root / "images"), "--labels", str(root / "labels"), "--work", str(work),
                "--pseudo-labels", str(bad), *sets])
@@ -287,7 +288,7 @@ def test_every_image_labelled_round0_still_names_the_gate_cases_engine(chaos_dir
     root, work = tiny["root"], tmp_path / "work"
     cfg = load_config(overrides=TINY_SCHEDULE + ["nnunet.quality_gate=holdout", "nnunet.max_rounds=0",
                                                  "protocol.engine=atlas", "atlas.demons_iterations=[20,10]",
-                                                 "atlas.demons_shrink=[2,1]"])
+                                                 "atlas.demons_shrink=[2,1]", "atlas.organ_matched_pass=false"])
     state = run_ssl(root / "images", root / "labels", work, cfg, show_progress=False)
     assert state["gate"]["cases"] == [tiny["labelled"][-1]] and state["settings"]["round0"] == "atlas"
     assert state["final"]["round"] == 0
