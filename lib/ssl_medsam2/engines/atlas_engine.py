@@ -69,10 +69,10 @@ def organ_fit(ncc: np.ndarray, prob: np.ndarray, floor: float) -> float:
 
     Why: whether a registration put *this* organ in the right place shows in the similarity over the
     whole organ, where the voxel-wise weight sees only a neighbourhood. On CHAOS (2 supports, 6
-    queries) a left kidney or spleen warped onto a neighbouring organ had an organ fit of 0.3-0.7 (Dice
+    queries) a left kidney or spleen warped onto a neighbouring organ had an organ fit of 0.27-0.69 (Dice
     0-0.5) while the other support's fit 0.75-0.9 (Dice 0.75-0.9), and the plain mean of the two kept
     half of the wrong one. The floor: where every registration fits badly (a subject whose organ is as
-    dark as muscle on T2, chaos_15's liver and spleen: 0.0-0.3) the fits say nothing about which is
+    dark as muscle on T2, chaos_15's liver and spleen: below 0.3) the fits say nothing about which is
     better, so they count alike.
     """
     inside = prob >= 0.5
