@@ -42,8 +42,8 @@ def test_hard_case_is_usable_or_flagged(hard_results, case):
 
 def test_clearly_usable_labels_are_not_flagged(hard_results):
     """No cry-wolf: a pseudo label whose every class reaches Dice 0.65 passes the gate. (CHAOS chaos_05
-    from chaos_01 + chaos_02, cpu_fast: the query stored rotated 90 degrees gets lowest class Dice 0.71 and
-    case score 0.24; the broken ones score 0.0, docs/atlas.md has the table). Supports that contradict each other on a class (pairwise Dice ~0) are flagged even when the
+    from chaos_01 + chaos_02, cpu_fast: the query stored rotated 90 degrees gets lowest class Dice 0.77 and
+    case score 0.29; the broken ones score 0.0, docs/atlas.md has the table). Supports that contradict each other on a class (pairwise Dice ~0) are flagged even when the
     fused label happens to be right: that case is worth a look.)"""
     clear = {k: r for k, r in hard_results.items() if r["min_dice"] >= 0.65}
     assert clear, "no hard case got a clearly usable label: the engine itself regressed"

@@ -14,7 +14,8 @@ with linear interpolation (a soft per-class probability) and all are fused by th
 from the local image similarity between the warped support and the query (supports that match
 locally count more), each registration's vote for an organ also weighted by how well it fits over that
 whole organ (:func:`organ_fit`, ``atlas.organ_weight_*``). The fused probabilities are then the spatial prior of an EM over the query's own
-intensities (:mod:`ssl_medsam2.appearance`), which moves the boundary onto the query's edges. Output:
+intensities (:mod:`ssl_medsam2.appearance`), which moves the boundary onto the query's edges, and thin
+protrusions of each organ leave its label (:mod:`ssl_medsam2.shape`, ``atlas.trim_fraction``). Output:
 the probability on the query's full canonical grid, like every engine.
 
 With ``atlas.organ_matched_pass`` (default) this runs twice: a cheap first pass (whole-abdomen votes
@@ -51,7 +52,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .. import appearance
+from .. import appearance, shape
 from .. import registration as reg
 from ..config import section_dict
 from ..io import Volume
@@ -102,7 +103,7 @@ class AtlasEngine:
     def __init__(self, settings: reg.RegistrationSettings, intensity: IntensityConfig, *, fusion: str,
                  fusion_sigma_mm: float, fusion_sharpness: float, max_supports: int, fuse_global: bool,
                  organ_matched_pass: bool, organ_matched_field_sigma: float, organ_matched_iteration_scale: float,
-                 organ_weight_sharpness: float, organ_weight_floor: float, appearance_settings: appearance.AppearanceSettings):
+                 organ_weight_sharpness: float, organ_weight_floor: float, trim_fraction: float, appearance_settings: appearance.AppearanceSettings):
         if fusion not in FUSIONS:
             raise ValueError(f"unknown atlas fusion '{fusion}' (choose from {', '.join(FUSIONS)})")
         self.settings = settings
@@ -116,6 +117,7 @@ class AtlasEngine:
         self.organ_matched_iteration_scale = float(organ_matched_iteration_scale)
         self.organ_weight_sharpness = float(organ_weight_sharpness)
         self.organ_weight_floor = float(organ_weight_floor)
+        self.trim_fraction = float(trim_fraction)
         self.appearance = appearance_settings
         self.intensity = intensity
 
@@ -134,7 +136,7 @@ class AtlasEngine:
         looks = {f"appearance_{f}": f for f in appearance.AppearanceSettings.__dataclass_fields__}
         own = ("fusion", "fusion_sigma_mm", "fusion_sharpness", "max_supports", "fuse_global", "organ_matched_pass",
                "organ_matched_field_sigma", "organ_matched_iteration_scale", "organ_weight_sharpness",
-               "organ_weight_floor", *looks)
+               "organ_weight_floor", "trim_fraction", *looks)
         unknown = sorted(set(settings) - set(reg.RegistrationSettings.__dataclass_fields__) - set(own))
         if unknown:
             raise ValueError(f"unknown atlas setting(s): {', '.join(unknown)}")
@@ -272,6 +274,7 @@ class AtlasEngine:
                                                                          for n in s.demons_iterations))
             passes = 2
         probs, per_support, votes = fuse(final_settings, per_class=True, organ_labels=organ_labels, report=True)
+        probs = shape.trim_protrusions(probs, query.image.spacing, self.trim_fraction)
         meta = {
             "engine_settings": {"registration": {k: (list(v) if isinstance(v, tuple) else v)
                                                  for k, v in vars(s).items() if k != "extra"},
@@ -282,7 +285,7 @@ class AtlasEngine:
                                 "organ_matched_field_sigma": self.organ_matched_field_sigma,
                                 "organ_matched_iteration_scale": self.organ_matched_iteration_scale,
                                 "organ_weight_sharpness": self.organ_weight_sharpness,
-                                "organ_weight_floor": self.organ_weight_floor},
+                                "organ_weight_floor": self.organ_weight_floor, "trim_fraction": self.trim_fraction},
             "atlas_passes": passes,
             "atlas_supports": per_support,
             "atlas_init": start,
