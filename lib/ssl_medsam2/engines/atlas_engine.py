@@ -13,10 +13,11 @@ and, per class, an affine refined around that organ with its own deformable stag
 with linear interpolation (a soft per-class probability) and all are fused by their mean or by weights
 from the local image similarity between the warped support and the query (supports that match
 locally count more), each registration's vote for an organ also weighted by how well it fits over that
-whole organ (:func:`organ_fit`, ``atlas.organ_weight_*``). The fused probabilities are then the spatial prior of an EM over the query's own
-intensities (:mod:`ssl_medsam2.appearance`), which moves the boundary onto the query's edges, and thin
-protrusions of each organ leave its label (:mod:`ssl_medsam2.shape`, ``atlas.trim_fraction``). Output:
-the probability on the query's full canonical grid, like every engine.
+whole organ (:func:`organ_fit`, ``atlas.organ_weight_*``). The fused probabilities are then the
+spatial prior of an EM over the query's own intensities (:mod:`ssl_medsam2.appearance`), which moves
+the boundary onto the query's edges, and thin protrusions of each organ leave its label
+(:mod:`ssl_medsam2.shape`, ``atlas.trim_fraction``). Output: the probability on the query's full
+canonical grid, like every engine.
 
 With ``atlas.organ_matched_pass`` (default) this runs twice: a cheap first pass (whole-abdomen votes
 only, then the EM) labels the query, and the full pass's demons then match each support organ's
@@ -33,9 +34,9 @@ What the case summary (``EngineResult.meta``) says about the choices:
   ``flip+rot…`` = the query was found stored rotated / mirrored in-plane);
 - ``atlas_supports``: per used support ``{"support", "init", "similarity", "seconds"}`` plus
   ``affine_similarity``, ``init_scores`` (NCC of every start) and ``organ_weight`` (per class, the
-  share of the fused vote this support's registrations carried: ``atlas.organ_weight_*``). ``similarity`` is the NCC of the
-  query and the registered support over the query's body (Otsu foreground) on the working grid,
-  in [-1, 1], comparable between supports and queries; ``seconds`` is that support's wall time;
+  share of the fused vote this support's registrations carried: ``atlas.organ_weight_*``).
+  ``similarity`` is the NCC of the query and the registered support over the query's body (Otsu
+  foreground) on the working grid, in [-1, 1], comparable between supports and queries; ``seconds`` is that support's wall time;
 - ``atlas_supports_not_used``: supports ranked out by ``max_supports`` with their ``affine_similarity``;
 - ``support_agreement``: ``{class_id: mean pairwise Dice of the supports' warped labels (at 0.5)}``,
   ``None`` for a class fewer than two supports have (a quality signal: supports that disagree
@@ -103,7 +104,8 @@ class AtlasEngine:
     def __init__(self, settings: reg.RegistrationSettings, intensity: IntensityConfig, *, fusion: str,
                  fusion_sigma_mm: float, fusion_sharpness: float, max_supports: int, fuse_global: bool,
                  organ_matched_pass: bool, organ_matched_field_sigma: float, organ_matched_iteration_scale: float,
-                 organ_weight_sharpness: float, organ_weight_floor: float, trim_fraction: float, appearance_settings: appearance.AppearanceSettings):
+                 organ_weight_sharpness: float, organ_weight_floor: float, trim_fraction: float,
+                 appearance_settings: appearance.AppearanceSettings):
         if fusion not in FUSIONS:
             raise ValueError(f"unknown atlas fusion '{fusion}' (choose from {', '.join(FUSIONS)})")
         self.settings = settings
