@@ -378,10 +378,10 @@ def match_organ_intensities(moved: sitk.Image, matched: sitk.Image, region: sitk
         sm, qm = sl == int(c), ql == int(c)
         if sm.sum() < ORGAN_MATCH_MIN_VOXELS or qm.sum() < ORGAN_MATCH_MIN_VOXELS:
             continue
-        src = np.percentile(m[sm], ORGAN_MATCH_PERCENTILES)
+        x = m[sm]
+        src = np.percentile(x, ORGAN_MATCH_PERCENTILES)
         src = np.maximum.accumulate(src + np.arange(src.size) * 1e-6)  # strictly increasing for interp
         dst = np.percentile(f[qm], ORGAN_MATCH_PERCENTILES)
-        x = m[sm]
         out[sm] = np.interp(x, src, dst) + np.minimum(x - src[0], 0) + np.maximum(x - src[-1], 0)
     img = sitk.GetImageFromArray(out.astype(np.float32))
     img.CopyInformation(region)

@@ -23,9 +23,10 @@ With ``atlas.organ_matched_pass`` (default) this runs twice: a cheap first pass 
 only, then the EM) labels the query, and the full pass's demons then match each support organ's
 intensities onto the same organ of that label (:func:`ssl_medsam2.registration.match_organ_intensities`)
 instead of trusting the global histogram match alone, with a looser field
-(``organ_matched_field_sigma``, ``organ_matched_iteration_scale`` × the demons iterations). Why: a loose field follows whatever the histogram match hands it;
-where a subject's organs are unusually dark (CHAOS chaos_15) that was the wrong tissue, and only a
-stiff field kept the organs in place, at a cost in accuracy on every other subject.
+(``organ_matched_field_sigma``, ``organ_matched_iteration_scale`` × the demons iterations). Why: a
+loose field follows whatever the histogram match hands it; where a subject's organs are unusually
+dark (CHAOS chaos_15) that was the wrong tissue, and only a stiff field kept the organs in place, at a
+cost in accuracy on every other subject.
 
 What the case summary (``EngineResult.meta``) says about the choices:
 
@@ -36,7 +37,8 @@ What the case summary (``EngineResult.meta``) says about the choices:
   ``affine_similarity``, ``init_scores`` (NCC of every start) and ``organ_weight`` (per class, the
   share of the fused vote this support's registrations carried: ``atlas.organ_weight_*``).
   ``similarity`` is the NCC of the query and the registered support over the query's body (Otsu
-  foreground) on the working grid, in [-1, 1], comparable between supports and queries; ``seconds`` is that support's wall time;
+  foreground) on the working grid, in [-1, 1], comparable between supports and queries; ``seconds`` is
+  that support's wall time;
 - ``atlas_supports_not_used``: supports ranked out by ``max_supports`` with their ``affine_similarity``;
 - ``support_agreement``: ``{class_id: mean pairwise Dice of the supports' warped labels (at 0.5)}``,
   ``None`` for a class fewer than two supports have (a quality signal: supports that disagree
@@ -175,13 +177,14 @@ class AtlasEngine:
         moving = [reg.prepare(c.image, s, self.intensity) for c in supports]
         masks = [reg.focus_mask(c.label, classes, m, s.focus_margin_mm) if s.focus_margin_mm else None
                  for c, m in zip(supports, moving)]
+        labelled = [classes_in([c]) for c in supports]  # each support's organs (once, for both passes)
         # affine for every support (cheap); the deformable stage only for the most similar ones
         t0 = time.perf_counter()
         # the start is scored over every labelled organ of a support, not only the requested ones:
         # one organ alone (the liver) can match its mirror image (measured on CHAOS at 5 mm)
-        init_scores = [reg.start_scores(fixed, m, s, reg.focus_mask(c.label, classes_in([c]), m, s.focus_margin_mm)
+        init_scores = [reg.start_scores(fixed, m, s, reg.focus_mask(c.label, own, m, s.focus_margin_mm)
                                         if s.focus_margin_mm else None)
-                       for c, m in zip(supports, moving)]
+                       for c, m, own in zip(supports, moving, labelled)]
         start = reg.choose_start(init_scores, s.init_margin)
         init_s = (time.perf_counter() - t0) / len(supports)
         affines, affine_sim, affine_s = [], [], []
@@ -212,8 +215,7 @@ class AtlasEngine:
             for n_used, i in enumerate(order):
                 t0 = time.perf_counter()
                 sup = supports[i]
-                present = set(np.unique(sup.label.array).tolist())
-                todo = [k for k, c in enumerate(classes) if c in present]  # a support without a class says nothing
+                todo = [k for k, c in enumerate(classes) if c in labelled[i]]  # a support without a class says nothing
                 labels_i = organ_labels[i] if organ_labels else None
                 tx_all = None
                 if not (per_class and s.refine_margin_mm) or self.fuse_global:  # one registration for all organs
@@ -272,8 +274,9 @@ class AtlasEngine:
             organ_labels = {i: (reg.to_sitk(supports[i].label.array.astype(np.int16), supports[i].label.affine),
                                 query_label, classes) for i in order}
             final_settings = dataclasses.replace(s, demons_field_sigma=self.organ_matched_field_sigma,
-                                                 demons_iterations=tuple(max(1, round(n * self.organ_matched_iteration_scale))
-                                                                         for n in s.demons_iterations))
+                                                 demons_iterations=tuple(
+                                                     max(1, round(n * self.organ_matched_iteration_scale))
+                                                     for n in s.demons_iterations))
             passes = 2
         probs, per_support, votes = fuse(final_settings, per_class=True, organ_labels=organ_labels, report=True)
         probs = shape.trim_protrusions(probs, query.image.spacing, self.trim_fraction)
