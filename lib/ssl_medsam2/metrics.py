@@ -1,8 +1,10 @@
 """The project's one Dice and one HD95: every comparison of two masks goes through here.
 
 Why one module: round-to-round change, labelled-case fit, active-learning scores, ensemble agreement,
-evaluation and the benches all compare masks, and they must agree on what an empty mask scores. The
-arithmetic is MONAI's (``compute_dice``, ``compute_hausdorff_distance`` with the voxel spacing).
+evaluation, the benches and the atlas engine's vote checks all compare masks, and they must agree on
+what an empty mask scores. Dice is counted exactly, 2|A∩B| / (|A| + |B|) (what MONAI's ``compute_dice``
+returns, without its float tensors: ~20x faster, and the atlas engine compares dozens of masks per
+query); HD95 is MONAI's ``compute_hausdorff_distance`` with the voxel spacing.
 
 Empty-mask rule (MONAI returns NaN / inf there): a mask empty on both sides is perfect agreement —
 Dice 1, HD95 0 mm; empty on one side only — Dice 0, HD95 None (undefined).
@@ -48,11 +50,8 @@ def _empty_scores(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float | None
     return (1.0, 0.0) if has_p == has_g else (0.0, None)
 
 
-def _monai_dice(p, g) -> float:
-    from monai.metrics import compute_dice
-
-    with _quiet():
-        return float(compute_dice(p, g, include_background=True)[0, 0])
+def _counted_dice(p: np.ndarray, g: np.ndarray) -> float:
+    return 2.0 * np.count_nonzero(p & g) / (np.count_nonzero(p) + np.count_nonzero(g))
 
 
 def _monai_hd95(p, g, spacing: Sequence[float]) -> float:
@@ -67,7 +66,7 @@ def dice(pred: np.ndarray, gt: np.ndarray) -> float:
     """Dice of two boolean masks on the same grid (empty-mask rule in the module docstring)."""
     pred, gt = _pair(pred, gt)
     empty = _empty_scores(pred, gt)
-    return empty[0] if empty else _monai_dice(*_tensors(pred, gt))
+    return empty[0] if empty else _counted_dice(pred, gt)
 
 
 def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float | None:
@@ -83,8 +82,7 @@ def dice_hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> tup
     empty = _empty_scores(pred, gt)
     if empty:
         return empty
-    p, g = _tensors(pred, gt)
-    return _monai_dice(p, g), _monai_hd95(p, g, spacing)
+    return _counted_dice(pred, gt), _monai_hd95(*_tensors(pred, gt), spacing)
 
 
 def mean_dice(a: np.ndarray, b: np.ndarray, classes: Sequence[int] | None = None) -> float | None:
