@@ -13,7 +13,9 @@ and, per class, an affine refined around that organ with its own deformable stag
 with linear interpolation (a soft per-class probability) and all are fused by their mean or by weights
 from the local image similarity between the warped support and the query (supports that match
 locally count more), each registration's vote for an organ also weighted by how well it fits over that
-whole organ (:func:`organ_fit`, ``atlas.organ_weight_*``). The fused probabilities are then the
+whole organ (:func:`organ_fit`, ``atlas.organ_weight_*``) and by how well it agrees with where the
+whole-abdomen registrations put that organ (:func:`consensus_factor`); a per-organ refinement that
+left its organ's whole-abdomen placement does not vote (``atlas.refine_min_overlap``). The fused probabilities are then the
 spatial prior of an EM over the query's own intensities (:mod:`ssl_medsam2.appearance`), which moves
 the boundary onto the query's edges, and thin protrusions of each organ leave its label
 (:mod:`ssl_medsam2.shape`, ``atlas.trim_fraction``). Output: the probability on the query's full
@@ -35,7 +37,8 @@ What the case summary (``EngineResult.meta``) says about the choices:
   ``flip+rot…`` = the query was found stored rotated / mirrored in-plane);
 - ``atlas_supports``: per used support ``{"support", "init", "similarity", "seconds"}`` plus
   ``affine_similarity``, ``init_scores`` (NCC of every start) and ``organ_weight`` (per class, the
-  share of the fused vote this support's registrations carried: ``atlas.organ_weight_*``).
+  share of the fused vote this support's registrations carried: ``atlas.organ_weight_*``), and
+  ``refinement_dropped`` (the classes whose per-organ refinement was dropped) where there are any.
   ``similarity`` is the NCC of the query and the registered support over the query's body (Otsu
   foreground) on the working grid, in [-1, 1], comparable between supports and queries; ``seconds`` is
   that support's wall time;
@@ -55,7 +58,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .. import appearance, shape
+from .. import appearance, metrics, shape
 from .. import registration as reg
 from ..config import section_dict
 from ..io import Volume
@@ -83,6 +86,24 @@ def organ_fit(ncc: np.ndarray, prob: np.ndarray, floor: float) -> float:
     return max(float(ncc[inside].mean()) if inside.any() else floor, floor)
 
 
+def consensus_factor(prob: np.ndarray, consensus: np.ndarray, sharpness: float) -> float:
+    """exp(sharpness × (Dice of a registration's warped organ with the consensus mask − 1)).
+
+    The consensus is the first pass's plain mean of every support's whole-abdomen registration
+    (before the EM): each of those is held in place by all organs at once, so their mean says
+    roughly where an organ is even where the query's organ looks unlike every support's. Why: where
+    it does (CHAOS chaos_15, a spleen as dark as muscle on T2), registrations refined around the
+    organ lock onto a bright neighbour (bowel), and those wrong placements even had the better local
+    NCC (0.45-0.55 against 0.1-0.3); a vote far from the consensus now counts little. 1 for an organ
+    the consensus does not have (nothing to compare with).
+    """
+    if not consensus.any():
+        return 1.0
+    inside = prob >= 0.5
+    agreement = metrics.dice(inside, consensus) if inside.any() else 0.0
+    return float(np.exp(sharpness * (agreement - 1.0)))
+
+
 def local_ncc(a: np.ndarray, b: np.ndarray, sigma_vox) -> np.ndarray:
     """Gaussian-windowed normalised cross-correlation of two images, in [-1, 1], voxel by voxel."""
     a = a.astype(np.float32)
@@ -106,8 +127,8 @@ class AtlasEngine:
     def __init__(self, settings: reg.RegistrationSettings, intensity: IntensityConfig, *, fusion: str,
                  fusion_sigma_mm: float, fusion_sharpness: float, max_supports: int, fuse_global: bool,
                  organ_matched_pass: bool, organ_matched_field_sigma: float, organ_matched_iteration_scale: float,
-                 organ_weight_sharpness: float, organ_weight_floor: float, trim_fraction: float,
-                 appearance_settings: appearance.AppearanceSettings):
+                 organ_weight_sharpness: float, organ_weight_floor: float, refine_min_overlap: float,
+                 consensus_sharpness: float, trim_fraction: float, appearance_settings: appearance.AppearanceSettings):
         if fusion not in FUSIONS:
             raise ValueError(f"unknown atlas fusion '{fusion}' (choose from {', '.join(FUSIONS)})")
         self.settings = settings
@@ -121,6 +142,8 @@ class AtlasEngine:
         self.organ_matched_iteration_scale = float(organ_matched_iteration_scale)
         self.organ_weight_sharpness = float(organ_weight_sharpness)
         self.organ_weight_floor = float(organ_weight_floor)
+        self.refine_min_overlap = float(refine_min_overlap)
+        self.consensus_sharpness = float(consensus_sharpness)
         self.trim_fraction = float(trim_fraction)
         self.appearance = appearance_settings
         self.intensity = intensity
@@ -140,7 +163,7 @@ class AtlasEngine:
         looks = {f"appearance_{f}": f for f in appearance.AppearanceSettings.__dataclass_fields__}
         own = ("fusion", "fusion_sigma_mm", "fusion_sharpness", "max_supports", "fuse_global", "organ_matched_pass",
                "organ_matched_field_sigma", "organ_matched_iteration_scale", "organ_weight_sharpness",
-               "organ_weight_floor", "trim_fraction", *looks)
+               "organ_weight_floor", "refine_min_overlap", "consensus_sharpness", "trim_fraction", *looks)
         unknown = sorted(set(settings) - set(reg.RegistrationSettings.__dataclass_fields__) - set(own))
         if unknown:
             raise ValueError(f"unknown atlas setting(s): {', '.join(unknown)}")
@@ -202,10 +225,12 @@ class AtlasEngine:
         sup_imgs = {i: self._normalised(supports[i].image) for i in order} if self.fusion == "local_ncc" else {}
 
         def fuse(settings: reg.RegistrationSettings, per_class: bool, organ_labels: dict | None, report: bool,
-                 weighted: bool = True):
-            """Every used support's votes with these demons settings, fused; (probs, per_support, votes).
+                 weighted: bool = True, consensus: np.ndarray | None = None):
+            """Every used support's votes with these demons settings, fused; (probs, prior, per_support, votes).
 
-            ``weighted=False``: a plain mean even with local-NCC fusion (the cheap first pass).
+            ``prior``: the fused votes before the EM. ``weighted=False``: a plain mean even with local-NCC
+            fusion (the cheap first pass). ``consensus``: per class, the first pass's whole-abdomen
+            mask each registration's organ is compared with (:func:`consensus_factor`).
             """
             num = np.zeros((len(classes),) + query.image.shape, dtype=np.float32)
             den = np.zeros_like(num)
@@ -231,8 +256,12 @@ class AtlasEngine:
                 sim = reg.similarity(fixed, moving[i], tx_all if tx_all is not None and not s.refine_margin_mm
                                      else affines[i][0], body)
                 own = {k: [] for k in todo}  # this support's candidate probabilities per class
+                dropped = []
                 for ks, tx in groups:
                     probs = reg.warp_label_probabilities(sup.label, [classes[k] for k in ks], query.image, tx)
+                    if tx is not tx_all and tx_all is not None and not left_its_place(own[ks[0]][0], probs[0]):
+                        dropped.append(classes[ks[0]])  # the organ's whole-abdomen vote stands alone
+                        continue
                     ncc = None
                     if self.fusion == "local_ncc" and weighted:
                         warped = reg.warp_array(sup_imgs[i], sup.image.affine, query.image, tx)
@@ -245,6 +274,8 @@ class AtlasEngine:
                         if ncc is not None and self.organ_weight_sharpness:
                             fit = organ_fit(ncc, probs[j], self.organ_weight_floor)
                             factor = float(np.exp(self.organ_weight_sharpness * (fit - 1.0)))
+                        if consensus is not None:
+                            factor *= consensus_factor(probs[j], consensus[k], self.consensus_sharpness)
                         organ_weight[n_used, k] += factor
                         num[k] += np.float32(factor) * weight * probs[j]
                         den[k] += np.float32(factor) * weight
@@ -254,21 +285,33 @@ class AtlasEngine:
                 per_support.append({"support": sup.name, "init": start, "similarity": round(sim, 4),
                                     "affine_similarity": round(affine_sim[i], 4), "init_scores": init_scores[i],
                                     "seconds": round(affine_s[i] + time.perf_counter() - t0, 2)})
+                if dropped:
+                    per_support[-1]["refinement_dropped"] = dropped
                 if report and progress is not None:
                     progress(1)
             share = organ_weight / np.maximum(organ_weight.sum(0, keepdims=True), 1e-300)
             for entry, row in zip(per_support, share):  # how much each support counted, per class it has
                 entry["organ_weight"] = {c: round(float(row[k]), 3) for k, c in enumerate(classes) if row[k] > 0}
-            probs = np.where(den > 0, num / np.maximum(den, 1e-30), 0.0).astype(np.float32)
+            prior = np.where(den > 0, num / np.maximum(den, 1e-30), 0.0).astype(np.float32)
+            probs = prior
             if self.appearance.iterations:
-                probs = appearance.refine(probs, q_uint8, query.image.spacing, self.appearance)
-            return probs, per_support, votes
+                probs = appearance.refine(prior, q_uint8, query.image.spacing, self.appearance)
+            return probs, prior, per_support, votes
 
-        organ_labels, passes = None, 1
+        def left_its_place(whole_abdomen: np.ndarray, refined: np.ndarray) -> bool:
+            """False when an organ's refinement overlaps its whole-abdomen placement less than allowed."""
+            if not self.refine_min_overlap:
+                return True
+            a, b = whole_abdomen >= 0.5, refined >= 0.5
+            return not (a.any() and b.any()) or metrics.dice(a, b) >= self.refine_min_overlap
+
+        organ_labels, passes, consensus = None, 1, None
         final_settings = s
         if self.organ_matched_pass and s.deformable == "demons":
             # pass 1: whole-abdomen votes only (cheap); its label tells each organ's intensities in the query
-            first, _, _ = fuse(s, per_class=False, organ_labels=None, report=False, weighted=False)
+            first, first_prior, _, _ = fuse(s, per_class=False, organ_labels=None, report=False, weighted=False)
+            if self.consensus_sharpness:
+                consensus = first_prior >= 0.5
             first_label = probabilities_to_label(first, classes, 0.5, keep_largest_component=False).astype(np.int16)
             query_label = reg.to_sitk(first_label, query.image.affine)
             organ_labels = {i: (reg.to_sitk(supports[i].label.array.astype(np.int16), supports[i].label.affine),
@@ -278,7 +321,8 @@ class AtlasEngine:
                                                      max(1, round(n * self.organ_matched_iteration_scale))
                                                      for n in s.demons_iterations))
             passes = 2
-        probs, per_support, votes = fuse(final_settings, per_class=True, organ_labels=organ_labels, report=True)
+        probs, _, per_support, votes = fuse(final_settings, per_class=True, organ_labels=organ_labels, report=True,
+                                            consensus=consensus)
         probs = shape.trim_protrusions(probs, query.image.spacing, self.trim_fraction)
         meta = {
             "engine_settings": {"registration": {k: (list(v) if isinstance(v, tuple) else v)
@@ -290,7 +334,9 @@ class AtlasEngine:
                                 "organ_matched_field_sigma": self.organ_matched_field_sigma,
                                 "organ_matched_iteration_scale": self.organ_matched_iteration_scale,
                                 "organ_weight_sharpness": self.organ_weight_sharpness,
-                                "organ_weight_floor": self.organ_weight_floor, "trim_fraction": self.trim_fraction},
+                                "organ_weight_floor": self.organ_weight_floor,
+                                "refine_min_overlap": self.refine_min_overlap,
+                                "consensus_sharpness": self.consensus_sharpness, "trim_fraction": self.trim_fraction},
             "atlas_passes": passes,
             "atlas_supports": per_support,
             "atlas_init": start,
@@ -308,11 +354,6 @@ def pairwise_dice(packed_masks: Sequence[np.ndarray]) -> float | None:
     """Mean Dice over every pair of (bit-packed, same-grid) masks; None with fewer than two masks."""
     if len(packed_masks) < 2:
         return None
-    counts = [int(np.unpackbits(m).sum()) for m in packed_masks]
-    scores = []
-    for a in range(len(packed_masks)):
-        for b in range(a + 1, len(packed_masks)):
-            total = counts[a] + counts[b]
-            inter = int(np.unpackbits(packed_masks[a] & packed_masks[b]).sum())
-            scores.append(1.0 if total == 0 else 2.0 * inter / total)
+    masks = [np.unpackbits(m).astype(bool) for m in packed_masks]
+    scores = [metrics.dice(masks[a], masks[b]) for a in range(len(masks)) for b in range(a + 1, len(masks))]
     return round(float(np.mean(scores)), 4)
