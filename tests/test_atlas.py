@@ -339,7 +339,8 @@ def test_an_organ_that_looks_unlike_every_support_stays_where_the_whole_abdomen_
                           if setting == "off" else [])
         out = pseudo_label_case(build_engine("atlas", cfg), supports, Case(query.image), cfg)
         spleen[setting] = dice(out["label"] == 4, query.label.array == 4)
-        summaries[setting] = {s["support"]: s.get("refinement_dropped", []) for s in out["summary"]["atlas_supports"]}
+        summaries[setting] = {entry["support"]: entry.get("refinement_dropped", [])
+                              for entry in out["summary"]["atlas_supports"]}
         assert out["summary"]["failed"], setting
     assert spleen["off"] < 0.45 and spleen["default"] >= 0.5, spleen
     assert summaries["off"] == {"chaos_01": [], "chaos_02": []}

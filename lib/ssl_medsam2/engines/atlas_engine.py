@@ -15,11 +15,11 @@ from the local image similarity between the warped support and the query (suppor
 locally count more), each registration's vote for an organ also weighted by how well it fits over that
 whole organ (:func:`organ_fit`, ``atlas.organ_weight_*``) and by how well it agrees with where the
 whole-abdomen registrations put that organ (:func:`consensus_factor`); a per-organ refinement that
-left its organ's whole-abdomen placement does not vote (``atlas.refine_min_overlap``). The fused probabilities are then the
-spatial prior of an EM over the query's own intensities (:mod:`ssl_medsam2.appearance`), which moves
-the boundary onto the query's edges, and thin protrusions of each organ leave its label
-(:mod:`ssl_medsam2.shape`, ``atlas.trim_fraction``). Output: the probability on the query's full
-canonical grid, like every engine.
+left its organ's whole-abdomen placement does not vote (``atlas.refine_min_overlap``). The fused
+probabilities are then the spatial prior of an EM over the query's own intensities
+(:mod:`ssl_medsam2.appearance`), which moves the boundary onto the query's edges, and thin
+protrusions of each organ leave its label (:mod:`ssl_medsam2.shape`, ``atlas.trim_fraction``).
+Output: the probability on the query's full canonical grid, like every engine.
 
 With ``atlas.organ_matched_pass`` (default) this runs twice: a cheap first pass (whole-abdomen votes
 only, then the EM) labels the query, and the full pass's demons then match each support organ's
