@@ -285,18 +285,23 @@ def test_organ_matching_maps_each_support_organ_onto_the_query_organs_intensitie
     assert np.allclose(out, support * 0.5, atol=1e-3)
 
 
+def _two_supports_and_query_at_half_resolution(chaos_dir, tmp_path, query: str) -> tuple[list[Case], Case]:
+    """chaos_01 + chaos_02 as supports and ``query``, all real CHAOS downsampled 2x in-plane (2.5 mm)."""
+    cases = {}
+    for name in ("chaos_01", "chaos_02", query):
+        downsample_case(chaos_dir / "imagesTr" / f"{name}_0000.nii.gz", chaos_dir / "labelsTr" / f"{name}.nii.gz",
+                        tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_label.nii.gz", factor=2)
+        image = load_volume(tmp_path / f"{name}.nii.gz", name=name)
+        cases[name] = Case(image, load_label_for(image, tmp_path / f"{name}_label.nii.gz"))
+    return [cases["chaos_01"], cases["chaos_02"]], cases[query]
+
+
 def test_a_registration_that_put_an_organ_on_its_neighbour_hardly_counts(chaos_dir, tmp_path):
     """Organ-fit weighting (``atlas.organ_weight_*``), real CHAOS at 2.5 mm: chaos_01's left kidney lands on
     chaos_03's spleen, chaos_02's on the kidney. A plain local-NCC mean keeps half of the wrong one (left
     kidney Dice 0.65 measured); weighted by the mean local NCC over the warped organ, chaos_01 carries
     under a tenth of that vote (0.03 measured), the kidney reaches 0.92, and the summary says so."""
-    cases = {}
-    for name in ("chaos_01", "chaos_02", "chaos_03"):
-        downsample_case(chaos_dir / "imagesTr" / f"{name}_0000.nii.gz", chaos_dir / "labelsTr" / f"{name}.nii.gz",
-                        tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_label.nii.gz", factor=2)
-        image = load_volume(tmp_path / f"{name}.nii.gz", name=name)
-        cases[name] = Case(image, load_label_for(image, tmp_path / f"{name}_label.nii.gz"))
-    supports, query = [cases["chaos_01"], cases["chaos_02"]], cases["chaos_03"]
+    supports, query = _two_supports_and_query_at_half_resolution(chaos_dir, tmp_path, "chaos_03")
     left_kidney = {}
     for sharpness in (0, None):  # off, then the default
         cfg = load_config(overrides=[f"atlas.organ_weight_sharpness={sharpness}"] if sharpness is not None else [])
@@ -326,13 +331,7 @@ def test_an_organ_that_looks_unlike_every_support_stays_where_the_whole_abdomen_
     without the two, spleen Dice 0.39 (measured), with them 0.55: chaos_01's spleen refinement left its
     whole-abdomen placement and is dropped, and the summary says so. The case stays flagged: 0.55 is
     not a pseudo label to train on."""
-    cases = {}
-    for name in ("chaos_01", "chaos_02", "chaos_15"):
-        downsample_case(chaos_dir / "imagesTr" / f"{name}_0000.nii.gz", chaos_dir / "labelsTr" / f"{name}.nii.gz",
-                        tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_label.nii.gz", factor=2)
-        image = load_volume(tmp_path / f"{name}.nii.gz", name=name)
-        cases[name] = Case(image, load_label_for(image, tmp_path / f"{name}_label.nii.gz"))
-    supports, query = [cases["chaos_01"], cases["chaos_02"]], cases["chaos_15"]
+    supports, query = _two_supports_and_query_at_half_resolution(chaos_dir, tmp_path, "chaos_15")
     spleen, summaries = {}, {}
     for setting in ("off", "default"):
         cfg = load_config(overrides=["atlas.consensus_sharpness=0", "atlas.refine_min_overlap=0"]
