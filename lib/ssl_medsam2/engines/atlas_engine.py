@@ -99,9 +99,7 @@ def consensus_factor(prob: np.ndarray, consensus: np.ndarray, sharpness: float) 
     """
     if not consensus.any():
         return 1.0
-    inside = prob >= 0.5
-    agreement = metrics.dice(inside, consensus) if inside.any() else 0.0
-    return float(np.exp(sharpness * (agreement - 1.0)))
+    return float(np.exp(sharpness * (metrics.dice(prob >= 0.5, consensus) - 1.0)))
 
 
 def local_ncc(a: np.ndarray, b: np.ndarray, sigma_vox) -> np.ndarray:
@@ -259,7 +257,7 @@ class AtlasEngine:
                 dropped = []
                 for ks, tx in groups:
                     probs = reg.warp_label_probabilities(sup.label, [classes[k] for k in ks], query.image, tx)
-                    if tx is not tx_all and tx_all is not None and not left_its_place(own[ks[0]][0], probs[0]):
+                    if tx is not tx_all and tx_all is not None and not stays_in_place(own[ks[0]][0], probs[0]):
                         dropped.append(classes[ks[0]])  # the organ's whole-abdomen vote stands alone
                         continue
                     ncc = None
@@ -298,8 +296,9 @@ class AtlasEngine:
                 probs = appearance.refine(prior, q_uint8, query.image.spacing, self.appearance)
             return probs, prior, per_support, votes
 
-        def left_its_place(whole_abdomen: np.ndarray, refined: np.ndarray) -> bool:
-            """False when an organ's refinement overlaps its whole-abdomen placement less than allowed."""
+        def stays_in_place(whole_abdomen: np.ndarray, refined: np.ndarray) -> bool:
+            """Whether an organ's refinement overlaps its whole-abdomen placement as much as required
+            (``atlas.refine_min_overlap``; an empty side leaves nothing to compare: kept)."""
             if not self.refine_min_overlap:
                 return True
             a, b = whole_abdomen >= 0.5, refined >= 0.5
