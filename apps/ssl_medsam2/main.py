@@ -36,6 +36,7 @@ TRAINER = "ssl_nnunet"
 class SSLMedSAM2App(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.workspace: Workspace | None = None
+        self.pseudo_ahead = None  # the server's pseudo-label store + queue (lib/pseudo_ahead.py), set at start
         self.datastore_recovery: str | None = None
         self._pre_conf = dict(conf or {})
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="SSL-MedSAM2",
@@ -108,7 +109,8 @@ class SSLMedSAM2App(MONAILabelApp):
                                "lease_hours": self.workspace.leases.ttl_s / 3600,
                                "datastore_recovery": self.datastore_recovery,
                                "startup_warnings": getattr(self, "startup_warnings", []),
-                               "retrain": self.retrain.state() if hasattr(self, "retrain") else None}
+                               "retrain": self.retrain.state() if hasattr(self, "retrain") else None,
+                               "pseudo_labels": self.pseudo_ahead.status() if self.pseudo_ahead else None}
         return meta
 
     def infer(self, request, datastore=None):
@@ -117,7 +119,10 @@ class SSLMedSAM2App(MONAILabelApp):
         ds = datastore or self.datastore()
         if isinstance(image, str) and image in set(ds.list_images()):
             request["image_id"] = image
-        return super().infer(request, datastore)
+        if self.pseudo_ahead is None:
+            return super().infer(request, datastore)
+        with self.pseudo_ahead.interactive():  # background pseudo labels wait while a client's request runs
+            return super().infer(request, datastore)
 
     def batch_defaults(self, model: str, params: dict) -> dict:
         """Batch infer that works on CPU: one device, no multi-GPU split; few-shot results go to the pseudo tag."""
@@ -152,6 +157,8 @@ class SSLMedSAM2App(MONAILabelApp):
         res = {"lease_released": released}
         if tag == FINAL_TAG:
             res.update(self.retrain.label_saved(image_id))
+            if self.pseudo_ahead is not None:  # new supports: every stored pseudo label is recomputed
+                self.pseudo_ahead.queue.refresh(f"final label saved for {image_id}")
         log.info("label saved: %s (%s) by %s", image_id, tag, user)
         return res
 
@@ -168,6 +175,10 @@ class SSLMedSAM2App(MONAILabelApp):
                 log.warning("removed what a stopped server left behind: %d scratch folders, %d datastore temp "
                             "files", removed["scratch"], removed["datastore_temp"])
             install_routes(server.app, self)
+            from lib.pseudo_ahead import PseudoAhead, PseudoStoreSettings
+
+            if PseudoStoreSettings.from_config(self.workspace.cfg).enabled:
+                self.pseudo_ahead = self.workspace.pseudo_ahead = PseudoAhead(self).start()
 
 
 def create_app(app_dir: str, studies: str, conf: dict | None = None) -> SSLMedSAM2App:

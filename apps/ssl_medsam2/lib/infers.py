@@ -172,12 +172,13 @@ class FewShotInfer(InferTask):
                                    "before asking for a few-shot pseudo label")
         return cases
 
-    def __call__(self, request):
+    def compute(self, query: Volume, image_id: str | None, top_k: int) -> tuple[dict, float | None]:
+        """One pseudo label from the current supports: (outputs, uncertainty). A datastore image gets its
+        few-shot outputs (``<state>/fewshot``) and scores stored."""
         from ssl_medsam2.engines import Case
         from ssl_medsam2.pseudo_label import pseudo_label_case
 
-        t0, query, image_id = _start(self, f"{self.engine_name} few-shot task", request)
-        supports = self.supports(query, image_id, int(request.get("top_k", self.config()["top_k"]) or 0))
+        supports = self.supports(query, image_id, top_k)
         out_dir = self.ws.fewshot_dir if image_id else None
         outputs = pseudo_label_case(self.engine(), supports, Case(query), self.ws.cfg, out_dir=out_dir)
         s = outputs["summary"]
@@ -186,20 +187,33 @@ class FewShotInfer(InferTask):
             self.ws.set_scores(image_id, {"ssl_uncertainty": u, "ssl_fewshot_engine": self.engine_name,
                                           "ssl_fewshot_random_weights": bool(s.get("random_weights", False)),
                                           **self.ws.quality_scores(s)})
+        return outputs, u
+
+    def describe(self, summary: dict, uncertainty: float | None) -> dict:
+        """The response fields of one pseudo label (also what the pseudo-label store keeps with it)."""
+        return {"engine": self.engine_name, "supports": summary.get("supports"), "uncertainty": uncertainty,
+                "quality": (summary.get("quality") or {}).get("score"), "failed": bool(summary.get("failed", False)),
+                "mean_entropy_inside": summary.get("mean_entropy_inside"),
+                "mean_entropy_boundary": summary.get("mean_entropy_boundary"),
+                "random_weights": bool(summary.get("random_weights", False))}
+
+    def __call__(self, request):
+        t0, query, image_id = _start(self, f"{self.engine_name} few-shot task", request)
+        top_k = int(request.get("top_k", self.config()["top_k"]) or 0)
+        ahead = getattr(self.ws, "pseudo_ahead", None)  # the server's store + queue (None in child processes)
+        if ahead is not None and image_id and ahead.serves(self, top_k):
+            label, meta = ahead.answer(self, image_id, fresh=str(request.get("fresh", "")).lower() in ("true", "1", "yes"))
+            return write_result(label_on(query, label), query, request), {
+                "label_names": label_names(self.ws.cfg), **meta, "latencies": {"total": round(time.time() - t0, 3)}}
+        outputs, u = self.compute(query, image_id, top_k)
         result = write_result(outputs["label"], query, request)
-        return result, {
-            "label_names": label_names(self.ws.cfg),
-            "engine": self.engine_name,
-            "supports": s.get("supports"),
-            "uncertainty": u,
-            "quality": (s.get("quality") or {}).get("score"),
-            "failed": bool(s.get("failed", False)),
-            "mean_entropy_inside": s.get("mean_entropy_inside"),
-            "mean_entropy_boundary": s.get("mean_entropy_boundary"),
-            "random_weights": bool(s.get("random_weights", False)),
-            "stored": outputs.get("paths", {}),
-            "latencies": {"total": round(time.time() - t0, 3)},
-        }
+        return result, {"label_names": label_names(self.ws.cfg), **self.describe(outputs["summary"], u),
+                        "stored": outputs.get("paths", {}), "latencies": {"total": round(time.time() - t0, 3)}}
+
+
+def label_on(image: Volume, label_path: str) -> np.ndarray:
+    """A stored label file as a canonical-order array on ``image``'s grid (geometry checked)."""
+    return load_label_for(image, label_path).array
 
 
 class NnUNetInfer(InferTask):

@@ -79,7 +79,7 @@ def any_json(key, value):
 # (.nrrd.gz: SimpleITK has no writer for it; result_compress=true gives a gzip-encoded .nrrd)
 SINGLE_FILE = tuple(e for e in RESULT_EXTENSIONS if e not in (".mhd", ".nrrd.gz"))
 CLIENT = {"client_id": optional(text()), "user": optional(text())}
-INFER = {**CLIENT, "top_k": integer(0, 10_000),
+INFER = {**CLIENT, "top_k": integer(0, 10_000), "fresh": boolean,
          "result_extension": one_of(*SINGLE_FILE, *(e.lstrip(".") for e in SINGLE_FILE)),
          "result_dtype": one_of(*RESULT_DTYPES), "result_compress": boolean, "restore_label_idx": boolean,
          "label_prompt": scalar_list(), "foreground": scalar_list(1000, 2), "background": scalar_list(1000, 2),

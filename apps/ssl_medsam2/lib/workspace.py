@@ -163,6 +163,7 @@ class Workspace:
         self.registry = ModelRegistry(self.state_dir / "models")
         self.leases = LeaseBook(self.state_dir / "leases.json", ttl_s=self.app.lease_hours * 3600)
         self.pseudo_tag = self.app.pseudo_tag
+        self.pseudo_ahead = None  # set by the server process (lib/pseudo_ahead.py): the pseudo-label store + queue
 
     @property
     def label_ids(self) -> set[int] | None:
@@ -201,6 +202,22 @@ class Workspace:
     #: few-shot outputs (labels/, probabilities/, entropy/, summaries/) of the latest few-shot infer
     fewshot_dir = Under("state_dir", "fewshot")
     train_stats_path = Under("state_dir", "train_stats.json")
+
+    pseudo_store_dir = Under("state_dir", "pseudo_store")
+
+    def stored_pseudo_label(self, image_id: str) -> dict | None:
+        """The image's stored few-shot pseudo label, the base for interactive corrections: ``path`` (uint8
+        NIfTI on the image's grid), ``engine``, ``supports``, ``computed_at``, ``digest`` and ``current``
+        (True / False; None where this process cannot tell: child processes). None when there is none."""
+        from ssl_medsam2.pseudo_store import stored_pseudo_label
+
+        ahead = self.pseudo_ahead
+        if ahead is not None:
+            task = ahead.task()
+            rec = ahead.store.record(task.engine_name, image_id) if task else None
+            return {**rec, "current": ahead.is_current(task, image_id)} if rec else None
+        rec = stored_pseudo_label(self.pseudo_store_dir, image_id)
+        return {**rec, "current": None} if rec else None
 
     def predictions_dir(self, version: str) -> Path:
         return self.state_dir / "predictions" / version
