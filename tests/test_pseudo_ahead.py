@@ -23,7 +23,7 @@ from conftest import chaos_cases, downsample_case, load_script
 
 LABELLED = ["chaos_01", "chaos_02"]
 CASES = 6
-CONF = {"app.retrain_after_labels": 0, "input.classes": "[1]", "pseudo_store.model": "atlas_fewshot",
+CONF = {"app.retrain_after_labels": 0, "pseudo_store.model": "atlas_fewshot",
         "pseudo_store.idle_s": 0.5, "pseudo_store.relist_s": 2}
 
 
@@ -111,14 +111,14 @@ def test_new_final_label_makes_stored_labels_not_current(team, tmp_path):
     wait_queue_done(url)
     c = client(url, tmp_path, "ann2")
     saved = "chaos_03"
-    old = infer(c, "chaos_04")["pseudo_label"]
+    old = infer(c, "chaos_05")["pseudo_label"]
     c.save_label(saved, str(root / "truth" / f"{saved}.nii.gz"), tag="final")
-    res = infer(c, "chaos_04")["pseudo_label"]  # right after the save: still the old result, said so
+    res = infer(c, "chaos_05")["pseudo_label"]  # right after the save: still the old result, said so
     if res["digest"] == old["digest"]:
         assert res["current"] is False and res["newer_supports_pending"] is True, res
     status = wait_queue_done(url)
     assert status["unlabelled"] == CASES - len(LABELLED) - 1
-    res = infer(c, "chaos_04")["pseudo_label"]
+    res = infer(c, "chaos_05")["pseudo_label"]
     assert res["current"] is True and res["digest"] != old["digest"] and saved in res["supports"], res
 
 
@@ -126,8 +126,8 @@ def test_disconnected_client_hands_its_result_to_the_store(team, chaos_dir, tmp_
     url, server = team["url"], team["state"]["server"]
     wait_queue_done(url)
     scan = tmp_path / "new_scan.nii.gz"
-    z = nib.load(str(chaos_dir / "imagesTr" / "chaos_08_0000.nii.gz")).shape[2]
-    downsample_case(chaos_dir / "imagesTr" / "chaos_08_0000.nii.gz", None, scan, None, factor=8,
+    z = nib.load(str(chaos_dir / "imagesTr" / "chaos_13_0000.nii.gz")).shape[2]
+    downsample_case(chaos_dir / "imagesTr" / "chaos_13_0000.nii.gz", None, scan, None, factor=8,
                     z_range=(z // 2 - 5, z // 2 + 5))
     c = client(url, tmp_path, "ann3")
     c.upload_image(str(scan), "new_scan")
@@ -149,7 +149,7 @@ def test_sigterm_with_work_in_flight_exits_fast_and_restart_resumes(team, tmp_pa
     url, root, studies = team["url"], team["root"], team["studies"]
     wait_queue_done(url)
     c = client(url, tmp_path, "ann4")
-    c.save_label("chaos_04", str(root / "truth" / "chaos_04.nii.gz"), tag="final")  # every result is stale now
+    c.save_label("chaos_08", str(root / "truth" / "chaos_08.nii.gz"), tag="final")  # every result is stale now
     deadline = time.time() + 60
     while time.time() < deadline and not info(url)["ssl_medsam2"]["pseudo_labels"]["running"]:
         time.sleep(0.05)
