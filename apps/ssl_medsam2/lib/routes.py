@@ -240,7 +240,7 @@ def build_router(app) -> APIRouter:
             except InputError as exc:
                 raise reject(422, str(exc)) from exc
             p.update({"user": saver, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                      "source_file": label.filename})
+                      "source_file": os.path.basename((label.filename or "").replace("\\", "/"))})  # never a client path
             label_id = ws.datastore.save_label(image, checked, tag, p)
         res = app.on_label_saved(image, tag, saver) or {}
         res.update({"image": image, "label": label_id, "tag": tag, "user": saver})

@@ -55,6 +55,31 @@ def should_promote(new_dice: float | None, deployed_dice: float | None, toleranc
     return new_dice >= deployed_dice - tolerance
 
 
+def _started(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _alive(pid, started) -> bool:
+    """The process that wrote a RUNNING status is still running (not gone, not a zombie, not a reused pid).
+    Without a pid (a status written before pids were recorded) it is taken as alive."""
+    import psutil
+
+    if not pid:
+        return True
+    try:
+        proc = psutil.Process(int(pid))
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or abs(proc.create_time() - float(started)) < 1.0
+    except psutil.Error:
+        return False
+
+
 class SSLNnUNetTrain(TrainTask):
     def __init__(self, ws: Workspace):
         super().__init__("FSL-nnUNet: nnU-Net rounds on final labels + refined pseudo labels (SSL-MedSAM2)")
@@ -73,10 +98,30 @@ class SSLNnUNetTrain(TrainTask):
                 stats = json.loads(p.read_text())
             except json.JSONDecodeError:
                 stats = {}
+        if stats.get("status") == "RUNNING" and not _alive(stats.get("pid"), stats.get("pid_started")):
+            stats = self._mark_stopped(stats)
         cur = self.ws.registry.current()
         stats["current_version"] = cur["id"] if cur else None
         stats["current_dice"] = cur.get("dice") if cur else None
         stats["current_quality_gate"] = cur.get("quality_gate") if cur else None
+        return stats
+
+    def _mark_stopped(self, stats: dict) -> dict:
+        """A run whose process is gone without writing its end (``DELETE /train/`` kills it; so can the OOM
+        killer): say so, and remove its version folder unless the registry lists it."""
+        version = stats.get("version")
+        removed = False
+        if version and version not in {v["id"] for v in self.ws.registry.state().get("versions", [])}:
+            folder = self.ws.registry.root / str(version)
+            if folder.is_dir() and folder.parent == self.ws.registry.root:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed = True
+        stats = {**stats, "status": "STOPPED", "stage": "stopped", "stopped_at": time.time(),
+                 "reason": f"the training process (pid {stats.get('pid')}) ended without finishing: stopped "
+                           f"(DELETE /train/) or killed; no model version was kept"
+                           + (f" (its folder {version} was removed)" if removed else "")}
+        self._write_stats(stats)
+        log.warning("ssl_nnunet %s: %s", version, stats["reason"])
         return stats
 
     # -- helpers --
@@ -150,7 +195,8 @@ class SSLNnUNetTrain(TrainTask):
         images, labels, pseudo, final = self._inputs(work, datastore)
         # same fields as the CLI's progress line: round k/K, epoch e/E, it/s, ETA, train loss, pseudo Dice
         tracker = RunProgress()
-        stats = {"status": "RUNNING", "version": version, **tracker.fields, "max_rounds": max_rounds,
+        stats = {"status": "RUNNING", "version": version, "pid": os.getpid(), "pid_started": _started(os.getpid()),
+                 **tracker.fields, "max_rounds": max_rounds,
                  "best_metric": None, "start_ts": t0, "total_time": "0s", "labelled": sorted(final)}
         self._write_stats(stats)
 

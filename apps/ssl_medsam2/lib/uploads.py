@@ -148,8 +148,38 @@ def read_itk(path: str, shown_name: str, what: str):
         raise InputError(shown_name, f"unreadable {what} file ({str(exc).strip().splitlines()[-1]})") from exc
 
 
+REAL_KINDS = "biuf"  # numpy dtype kinds of real-valued voxels: bool, signed, unsigned, floating point
+
+
+def check_voxel_type(path: str, shown_name: str, what: str) -> None:
+    """Only real-valued scalar voxels, read from the header (no voxel decoded): complex, RGB / vector and
+    other types are refused with the type they declare (an image or label of them has no meaning here)."""
+    try:
+        if path.endswith(NIFTI):
+            dtype = nib.load(path).header.get_data_dtype()
+            ok, name = dtype.kind in REAL_KINDS and dtype.fields is None, str(dtype)
+        else:
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(path)
+            reader.SetImageIO(itk_io(path, shown_name))
+            reader.ReadImageInformation()
+            pid = reader.GetPixelID()
+            name = sitk.GetPixelIDValueAsString(pid)
+            ok = reader.GetNumberOfComponents() == 1 and pid not in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(shown_name, f"unreadable {what} header ({type(exc).__name__})") from exc
+    if not ok:
+        raise InputError(shown_name, f"{what} voxel type '{name}' is not real-valued scalar: send integer or "
+                                     f"floating-point voxels (complex, RGB and vector types are not accepted)")
+
+
 def check_image(path: str, shown_name: str) -> None:
-    """A readable 3D image (NIfTI via nibabel, anything else via SimpleITK), or InputError."""
+    """A readable 3D image of real-valued voxels (NIfTI via nibabel, anything else via SimpleITK), or InputError."""
+    check_voxel_type(path, shown_name, "image")
     if path.endswith(NIFTI):
         try:
             vol = load_volume(path)
@@ -191,6 +221,7 @@ def prepare_label(image_path: str, upload: str, shown_name: str, allowed: set[in
             shape = check_declared_size(upload, shown_name, int(np.prod(image.source_shape)))
             if tuple(shape[:3]) != tuple(image.source_shape) or any(s > 1 for s in shape[3:]):
                 raise InputError(shown_name, f"label shape {shape} does not match image shape {image.source_shape}")
+            check_voxel_type(upload, shown_name, "label")
             if ext in NIFTI:
                 label = load_label_for(image, upload)
             else:

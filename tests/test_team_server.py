@@ -1,7 +1,10 @@
-"""Pseudo labels computed ahead of the annotators, over HTTP with MONAI Label's own client: stored results are
-served at once with their provenance, a new final label makes them not current (and the queue recomputes
-them), a client that goes away hands its result to the store, SIGTERM with work in flight ends the server
-within 10 s and a restart resumes the queue.
+"""A server a team can rely on, over HTTP with MONAI Label's own client (issue 27).
+
+Pseudo labels computed ahead of the annotators: stored results are served at once with their provenance,
+a new final label makes them not current (and the queue recomputes them), a client that goes away hands
+its result to the store, SIGTERM with work in flight ends the server within 10 s and a restart resumes
+the queue. Status that stays true: a stopped training shows stopped in /info and leaves no unlisted
+version folder; a saved label's source_file is a base name. Only real-valued voxel types are accepted.
 
 Real CHAOS MRI: 6 cases at 32x32 in-plane, 10 slices (2 with final labels); the atlas engine.
 """
@@ -143,6 +146,72 @@ def test_disconnected_client_hands_its_result_to_the_store(team, chaos_dir, tmp_
     res = infer(c, "new_scan")["pseudo_label"]
     assert res["source"] == "store" and res["current"] is True
     assert computations(server, "new_scan") == 1
+
+
+def test_saved_label_source_file_is_a_base_name(team, tmp_path):
+    import requests
+
+    url, root = team["url"], team["root"]
+    with open(root / "truth" / "chaos_10.nii.gz", "rb") as fh:  # MONAILabelClient sends its local path
+        r = requests.put(f"{url}/datastore/label", params={"image": "chaos_10", "tag": "draft"},
+                         files={"label": ("C:\\Users\\alice\\tmp/x/label_chaos_10.nii.gz", fh)},
+                         data={"params": "{}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    info = requests.get(f"{url}/datastore/label/info", params={"label": "chaos_10", "tag": "draft"}, timeout=30).json()
+    assert info["source_file"] == "label_chaos_10.nii.gz", info
+    everything = requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).text
+    assert "alice" not in everything and str(root) not in everything
+
+
+@pytest.mark.parametrize("what", ["image", "label"])
+def test_complex_voxels_get_422_with_a_reason(team, tmp_path, what):
+    import requests
+
+    url, studies = team["url"], team["studies"]
+    ref = nib.load(str(studies / "chaos_10.nii.gz"))
+    data = (np.asarray(ref.dataobj) + 1j).astype(np.complex64)
+    path = tmp_path / "complex.nii.gz"
+    nib.save(nib.Nifti1Image(data, ref.affine), str(path))
+    before = requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).json()
+    with open(path, "rb") as fh:
+        if what == "image":
+            r = requests.put(f"{url}/datastore/image", params={"image": "complex_scan"},
+                             files={"file": ("complex.nii.gz", fh)}, data={"params": "{}"}, timeout=60)
+        else:
+            r = requests.put(f"{url}/datastore/label", params={"image": "chaos_10", "tag": "final"},
+                             files={"label": ("complex.nii.gz", fh)}, data={"params": "{}"}, timeout=60)
+    assert r.status_code == 422, r.text
+    assert "complex" in r.json()["detail"] and "real-valued" in r.json()["detail"], r.text
+    assert requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).json() == before
+
+
+def test_stopped_training_shows_stopped_and_leaves_no_version_folder(team):
+    import requests
+
+    url, root = team["url"], team["root"]
+    r = requests.post(f"{url}/train/ssl_nnunet", json={"epochs": 1, "iterations_per_epoch": 2, "val_iterations": 1,
+                                                       "quality_gate": "off"}, timeout=30)
+    assert r.status_code == 200, r.text
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        stats = info(url)["train_stats"]["ssl_nnunet"]
+        if stats.get("status") == "RUNNING":
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"training never reported RUNNING: {stats}")
+    assert requests.delete(f"{url}/train/", timeout=30).status_code == 200
+    t0 = time.time()
+    while time.time() - t0 < 5:
+        stats = info(url)["train_stats"]["ssl_nnunet"]
+        if stats.get("status") != "RUNNING":
+            break
+        time.sleep(0.2)
+    assert stats["status"] == "STOPPED" and "stopped" in stats["reason"], stats
+    assert requests.get(f"{url}/train/", timeout=30).json()["status"] == "STOPPED"
+    models = root / "work" / "state" / "models"
+    listed = {v["id"] for v in requests.get(f"{url}/ssl_medsam2/models", timeout=30).json()["versions"]}
+    assert {p.name for p in models.glob("v[0-9]*") if p.is_dir()} <= listed
 
 
 def test_sigterm_with_work_in_flight_exits_fast_and_restart_resumes(team, tmp_path):
