@@ -131,10 +131,15 @@ class LocalExecutor(Executor):
     """In this process, one case (or one group of a :class:`GroupWorker`) after the other, under one progress
     bar; the first error stops the run (after the group's other cases are written).
 
+    A re-run skips the cases whose outputs are complete and made by the same engine, settings and supports
+    (``skips_finished``), as the Ray executor does: a stopped run resumes where it stopped.
+
     The worker is built once, and only when a case is left. With ``job.read_ahead`` every input is read
     and checked before any work (a bad one stops the run before anything is written) and the bar counts
     the worker's units; otherwise inputs are read a group at a time and the bar counts cases.
     """
+
+    skips_finished = True
 
     def run(self, job: CaseJob, cases: Sequence[str], show_progress: bool = True, initial: int = 0) -> dict[str, str]:
         from tqdm.auto import tqdm

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -134,9 +135,32 @@ def case_paths(out_dir: str | os.PathLike, name: str) -> dict[str, Path]:
             for k in OUTPUT_KINDS}
 
 
-def is_finished(out_dir: str | os.PathLike, name: str) -> bool:
-    """All of a case's outputs are in place (the summary is moved in last)."""
-    return all(p.exists() for p in case_paths(out_dir, name).values())
+def is_finished(out_dir: str | os.PathLike, name: str, producer: str | None = None) -> bool:
+    """All of a case's outputs are in place (the summary is moved in last) and, with ``producer``, were
+    made by it (the summary's ``producer``: engine, settings and supports, see :func:`run_producer`)."""
+    paths = case_paths(out_dir, name)
+    if not all(p.exists() for p in paths.values()):
+        return False
+    if producer is None:
+        return True
+    try:
+        return json.loads(paths["summaries"].read_text()).get("producer") == producer
+    except (OSError, ValueError):
+        return False
+
+
+def run_producer(cfg: dict, engine_name: str, supports: Sequence[Case], classes) -> str:
+    """The digest of what makes a folder run's pseudo labels (engine, the settings that change them, the
+    classes and each support's label content): a resumed run skips only cases made by the same."""
+    from .pseudo_store import file_fingerprint, producer_digest, producer_settings
+
+    def fingerprint(case: Case) -> str:
+        if case.label.path and os.path.exists(case.label.path):
+            return file_fingerprint(case.label.path)
+        return hashlib.sha1(np.ascontiguousarray(case.label.array).tobytes()).hexdigest()
+
+    return producer_digest(engine_name, {**producer_settings(cfg), "classes": [int(c) for c in classes]},
+                           {s.name: fingerprint(s) for s in supports})
 
 
 @contextlib.contextmanager
@@ -242,8 +266,10 @@ class PseudoLabelWorker:
     registered supports) serve every query it gets. It takes queries in groups of the engine's
     campaign size (:func:`~ssl_medsam2.engines.base.campaign_size`; 1 for most engines)."""
 
-    def __init__(self, engine: FewShotEngine, supports: Sequence[Case], classes: tuple[int, ...], cfg: dict):
+    def __init__(self, engine: FewShotEngine, supports: Sequence[Case], classes: tuple[int, ...], cfg: dict,
+                 producer: str | None = None):
         self.engine, self.supports, self.classes, self.cfg = engine, supports, classes, cfg
+        self.producer = producer
 
     def units(self, query: Case) -> int:
         return self.engine.work_units(self.supports, query, self.classes)
@@ -259,6 +285,8 @@ class PseudoLabelWorker:
         results = []
         for query, out in zip(queries, pseudo_label_cases(self.engine, self.supports, queries, self.cfg,
                                                           progress=progress)):
+            if self.producer:
+                out["summary"]["producer"] = self.producer
             log.info("%s: %s voxels labelled, mean entropy inside %.4f, %.1fs", query.name,
                      int((out["label"] > 0).sum()), out["summary"]["mean_entropy_inside"] or float("nan"),
                      out["summary"]["timings"]["total_s"])
@@ -276,12 +304,13 @@ class PseudoLabelSpec:
     supports: list[Case]
     classes: tuple[int, ...]
     engine: FewShotEngine | None = None
+    producer: str | None = None  # :func:`run_producer`, written into every summary
 
     def build(self) -> PseudoLabelWorker:
         from .engines import build_engine
 
         engine = self.engine if self.engine is not None else build_engine(self.engine_name, self.cfg)
-        return PseudoLabelWorker(engine, self.supports, self.classes, self.cfg)
+        return PseudoLabelWorker(engine, self.supports, self.classes, self.cfg, self.producer)
 
     def portable(self) -> "PseudoLabelSpec":
         return dataclasses.replace(self, engine=None)  # another machine builds its own by name
@@ -316,10 +345,16 @@ def pseudo_label_folder(images_dir, labels_dir, out_dir, cfg: dict, engine: FewS
     if not queries:
         log.warning("every image in %s has a label: nothing to pseudo-label", images_dir)
         return []
-    todo = [n for n in queries if not (executor.skips_finished and is_finished(out_dir, n))]
-    if len(todo) < len(queries):
-        log.info("resuming: %d of %d case(s) already finished in %s", len(queries) - len(todo), len(queries),
-                 out_dir)
+    producer = run_producer(cfg, engine_name, supports, classes)
+    skipped = [n for n in queries if executor.skips_finished and is_finished(out_dir, n, producer)]
+    todo = [n for n in queries if n not in skipped]
+    if skipped:
+        log.info("resuming: %d of %d case(s) already finished in %s with the same engine, settings and supports, "
+                 "skipped: %s", len(skipped), len(queries), out_dir, ", ".join(skipped))
+    redo = [n for n in todo if is_finished(out_dir, n)]
+    if redo and executor.skips_finished:
+        log.info("%d case(s) in %s were made with other settings or supports and are made again: %s",
+                 len(redo), out_dir, ", ".join(redo))
     done: dict[str, dict] = {}
 
     def write(name: str, result: dict) -> None:
@@ -327,7 +362,7 @@ def pseudo_label_folder(images_dir, labels_dir, out_dir, cfg: dict, engine: FewS
         done[name] = result["summary"]
 
     job = CaseJob(desc=f"pseudo-label ({engine_name})", doing=f"{engine_name}: pseudo-labelling",
-                  worker=PseudoLabelSpec(cfg, engine_name, supports, classes, engine),
+                  worker=PseudoLabelSpec(cfg, engine_name, supports, classes, engine, producer),
                   read=lambda name: Case(load_volume(images[name], name=name)), write=write, read_ahead=True)
     failed = executor.run(job, todo, show_progress=show_progress, initial=len(queries) - len(todo))
     summaries = []
@@ -337,7 +372,8 @@ def pseudo_label_folder(images_dir, labels_dir, out_dir, cfg: dict, engine: FewS
             summaries.append(done[n])
         elif n not in failed and p.exists():
             summaries.append(json.loads(p.read_text()))
-    write_run_json(out_dir, engine_name, supports, queries, classes, summaries, failed=failed, **executor.run_info())
+    write_run_json(out_dir, engine_name, supports, queries, classes, summaries, failed=failed, skipped=skipped,
+                   producer=producer, **executor.run_info())
     if failed:
         raise CasesFailed(failed, len(summaries))
     return summaries

@@ -31,13 +31,11 @@ import numpy as np
 
 from ssl_medsam2.config import Section
 from ssl_medsam2.io import load_volume, save_like
-from ssl_medsam2.pseudo_store import PseudoQueue, PseudoStore, file_fingerprint, producer_digest
+from ssl_medsam2.pseudo_store import PseudoQueue, PseudoStore, file_fingerprint, producer_digest, producer_settings
 
 from .infers import FewShotInfer
 
 log = logging.getLogger(__name__)
-
-SETTINGS_SECTIONS = ("input", "protocol", "quality", "sam2", "atlas")  # what a few-shot result depends on
 
 
 @dataclass(frozen=True)
@@ -91,8 +89,7 @@ class PseudoAhead:
         return int(task.config()["top_k"] or 0)
 
     def _supports_digest(self, task: FewShotInfer) -> str:
-        cfg = self.ws.cfg
-        settings = {k: cfg.get(k) for k in SETTINGS_SECTIONS} | {"top_k": self._top_k(task)}
+        settings = producer_settings(self.ws.cfg) | {"top_k": self._top_k(task)}
         finals = {i: file_fingerprint(lab) for i, (_, lab) in self.ws.final_labelled().items()}
         return producer_digest(task.engine_name, settings, finals)
 

@@ -3,6 +3,6 @@ them (:mod:`.store`) and the background queue that keeps them current (:mod:`.qu
 here: the app supplies what to compute, in which order, and when a background job may start."""
 
 from .queue import PseudoQueue
-from .store import PseudoStore, file_fingerprint, producer_digest, stored_pseudo_label
+from .store import PseudoStore, file_fingerprint, producer_digest, producer_settings, stored_pseudo_label
 
-__all__ = ["PseudoQueue", "PseudoStore", "file_fingerprint", "producer_digest", "stored_pseudo_label"]
+__all__ = ["PseudoQueue", "PseudoStore", "file_fingerprint", "producer_digest", "producer_settings", "stored_pseudo_label"]

@@ -43,6 +43,15 @@ def file_fingerprint(path: str | os.PathLike) -> str:
     return _fingerprints[key]
 
 
+#: config sections a few-shot pseudo label depends on (the others: the app, serving, nnU-Net, the cluster)
+PRODUCER_SECTIONS = ("input", "protocol", "sam2", "quality", "atlas")
+
+
+def producer_settings(cfg: Mapping) -> dict:
+    """The part of the config that can change a few-shot pseudo label."""
+    return {k: cfg.get(k) for k in PRODUCER_SECTIONS}
+
+
 def producer_digest(engine: str, settings: Mapping, supports: Mapping[str, str]) -> str:
     """What produces a pseudo label, as one short digest: the engine, its settings (any JSON-able mapping)
     and the supports (image id -> fingerprint of its final label, see :func:`file_fingerprint`)."""
