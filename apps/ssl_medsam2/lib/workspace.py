@@ -160,21 +160,37 @@ class Workspace:
         self.state_dir = Path(os.path.expanduser(str(state))).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.datastore = datastore
+        if datastore is not None and self.dicomweb:  # how the PACS's SEGs are read onto their images' grids
+            from ssl_medsam2.preprocess import InputSettings
+
+            configured = InputSettings.from_config(self.cfg).label_ids
+            datastore.ssl_medsam2_segment_ids = lambda segs, name: self.segment_ids(segs, name, configured)
         self.registry = ModelRegistry(self.state_dir / "models")
         self.leases = LeaseBook(self.state_dir / "leases.json", ttl_s=self.app.lease_hours * 3600)
         self.pseudo_tag = self.app.pseudo_tag
+
+    @property
+    def dicomweb(self) -> bool:
+        return str(self.studies).startswith(("http://", "https://"))
+
+    @property
+    def class_names(self) -> dict[int, str]:
+        from ssl_medsam2.preprocess import InputSettings
+
+        return InputSettings.from_config(self.cfg).class_names
 
     @property
     def label_ids(self) -> set[int] | None:
         """Class ids a saved label may hold: background, ``input.class_names`` and ``input.classes``.
 
         Where neither the config nor the data's dataset.json names a class, the ids of the human labels
-        already in the studies folder (``labels/final``, read once) are the label set, so a stray 7 or
-        255 is still refused with neutral class names; None (any id) only while no label exists yet."""
+        already in the datastore (``labels/final``, or the DICOM-SEGs of the PACS, read once) are the
+        label set, so a stray 7 or 255 is still refused with neutral class names; None (any id) only
+        while no label exists yet."""
         from ssl_medsam2.preprocess import InputSettings
 
         ids = InputSettings.from_config(self.cfg).label_ids
-        if ids is None and not str(self.studies).startswith(("http://", "https://")):
+        if ids is None:
             if getattr(self, "_data_label_ids", None) is None:
                 self._data_label_ids = self._ids_in_final_labels()
             ids = self._data_label_ids
@@ -185,8 +201,12 @@ class Workspace:
         import numpy as np
 
         found: set[int] = set()
-        final = Path(self.studies) / "labels" / "final"
-        for f in sorted(final.glob("*.nii*")) if final.is_dir() else ():
+        if self.dicomweb:  # the PACS's SEGs, each converted onto its image's grid
+            files = [Path(lab) for _, lab in self.final_labelled().values()]
+        else:
+            final = Path(self.studies) / "labels" / "final"
+            files = sorted(final.glob("*.nii*")) if final.is_dir() else []
+        for f in files:
             if f.is_symlink() or not f.is_file():
                 continue
             try:
@@ -194,6 +214,23 @@ class Workspace:
             except Exception:  # an unreadable label says nothing about the label set
                 continue
         return ({0} | found) if found - {0} else None
+
+    def segment_ids(self, segments: dict[int, str], shown_name: str = "DICOM-SEG",
+                    allowed: set[int] | None | str = "label set") -> dict[int, int]:
+        """A DICOM-SEG's segment numbers -> the app's class ids, by segment name (InputError otherwise)."""
+        from ssl_medsam2.dicom_seg import segment_label_ids
+
+        return segment_label_ids(segments, self.class_names, self.label_ids if allowed == "label set" else allowed,
+                                 shown_name)
+
+    def segment_info(self, label_path: str) -> list[dict]:
+        """``label_info`` for a DICOM-SEG of this label: one entry per class id present, named by the app."""
+        import nibabel as nib
+        import numpy as np
+        from ssl_medsam2.preprocess import class_name
+
+        ids = sorted(int(v) for v in np.unique(np.asarray(nib.load(label_path).dataobj)) if v > 0)
+        return [{"name": class_name(self.class_names, c), "idx": c} for c in ids]
 
     # -- folders --
     #: per-request temporary files (uploads being checked); each request removes its own folder
