@@ -492,10 +492,10 @@ def auth_stack(stack):
     issuer = Issuer()
     server = None
     try:
-        server = _pacs_demo().start_monailabel(
-            stack["orthanc"].dicomweb_url, stack["root"] / "work_auth",
-            conf={"input.classes": "[1]", "app.retrain_after_labels": 0, "sam2.checkpoint": "none",
-                  "sam2.image_size": 128, "sam2.device": "cpu"},
+        server = _pacs_demo().start_monailabel(  # no class names or ids configured: the label set is the seeds'
+            f"{stack['recorder'].url}/dicom-web", stack["root"] / "work_auth",
+            conf={"app.retrain_after_labels": 0, "sam2.checkpoint": "none", "sam2.image_size": 128,
+                  "sam2.device": "cpu"},
             env={"MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "MR"}),
                  "MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": issuer.realm})
         yield {**stack, "url": server.url, "server": server, "issuer": issuer}
@@ -562,3 +562,33 @@ def test_ohif_with_auth_logs_in_and_sends_the_token(auth_stack):
             browser.close()
     assert saved["status"] == 200, saved
     assert json.loads(saved["body"])["user"] == "annotator", "the save records the token's user, not the body's"
+
+
+def test_viewer_cannot_store_through_the_proxy(auth_stack):
+    """Auth on: a viewer's STOW is refused (403) on every route, even a valid SEG; an annotator's bad SEG
+    is still checked (4xx with a reason); nothing new in Orthanc."""
+    url, orthanc, issuer = auth_stack["url"], auth_stack["orthanc"], auth_stack["issuer"]
+    viewer = {"Authorization": f"Bearer {issuer.token('viewer')}"}
+    annotator = {"Authorization": f"Bearer {issuer.token('annotator')}"}
+    objects = {"valid SEG": _seg_bytes(auth_stack, REST_QUERY, name="viewer_try"), **_bad_objects(auth_stack)}
+    before = _instances(orthanc)
+    for route in ROUTES:
+        for what, data in objects.items():
+            r = _stow(url, data, route, headers=viewer)
+            assert r.status_code == 403, (route, what, r.status_code, r.text)
+        r = _stow(url, objects["wrong grid"], route, headers=annotator)
+        assert r.status_code == 422 and "grid" in r.json()["detail"], r.text
+    assert _instances(orthanc) == before, "a refused object reached the PACS"
+
+
+def test_label_set_on_dicomweb_comes_from_the_first_labels(auth_stack):
+    """No class names or ids configured: on DICOMweb the seeds' classes (1-4) are the label set, so a
+    label holding class 7 is refused, naming it (before: any id was accepted)."""
+    url, series = auth_stack["url"], auth_stack["series"]
+    shape = nib.load(str(auth_stack["root"] / "images" / f"{REST_QUERY}_0000.nii.gz")).shape
+    label = np.zeros(int(np.prod(shape)), np.uint8)
+    label[:50] = 7
+    r = httpx.put(f"{url}/datastore/label", params={"image": series[REST_QUERY], "tag": "final"},
+                  files={"label": ("label.bin", label.tobytes())}, timeout=120,
+                  headers={"Authorization": f"Bearer {auth_stack['issuer'].token('annotator')}"})
+    assert r.status_code == 422 and "[7]" in r.json()["detail"], r.text

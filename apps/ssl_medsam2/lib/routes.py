@@ -252,6 +252,7 @@ def build_router(app) -> APIRouter:
             if "label_info" in p:
                 p["client_label_info"] = p.pop("label_info")
             p["label_info"] = ws.segment_info(checked)
+            p["ssl_segment_names"] = {str(s["idx"]): s["name"] for s in p["label_info"]}
         label_id = ws.datastore.save_label(image, checked, tag, p)
         res = app.on_label_saved(image, tag, saver) or {}
         res.update({"image": image, "label": label_id, "tag": tag, "user": saver})
