@@ -28,10 +28,61 @@ from ssl_medsam2 import dicom, dicom_seg, metrics, pacs
 
 ARTIFACTS = REPO / "tests" / "artifacts" / "ohif"
 CHROMIUM = "/usr/bin/chromium"
-CASES = ["chaos_01", "chaos_02", "chaos_03", "chaos_05"]
+CASES = ["chaos_01", "chaos_02", "chaos_03", "chaos_05", "chaos_08"]
 LABELLED = ["chaos_01", "chaos_02"]
 QUERY = "chaos_03"  # saved from the browser
 REST_QUERY = "chaos_05"  # saved over REST (the DICOMweb path without a browser)
+STOW_QUERY = "chaos_08"  # a DICOM-SEG stored through the proxy (STOW-RS) without a browser
+CHAOS_NAMES = {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"}
+CLASS_CONF = {"input.class_names": json.dumps(CHAOS_NAMES), "input.classes": "[1]"}
+EMPTY_SLICES = 3  # chaos_02's seed SEG leaves its first slices out (a SEG holds only frames with a segment)
+
+
+class RecordingPacs:
+    """Stands between the app and Orthanc as "the PACS": forwards every request and records the
+    method, path and headers it received (what the app lets through to a PACS)."""
+
+    def __init__(self, target: str):
+        import http.client
+        import threading
+        import urllib.parse
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        seen = self.requests = []
+        host = urllib.parse.urlparse(target)
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+                seen.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
+                conn = http.client.HTTPConnection(host.hostname, host.port, timeout=120)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_POST = do_PUT = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", pacs.free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def _pacs_demo():
@@ -51,22 +102,196 @@ def stack(chaos_dir, tmp_path_factory):
         downsample_case(img, chaos_dir / "labelsTr" / f"{case}.nii.gz", root / "images" / f"{case}_0000.nii.gz",
                         root / "labels" / f"{case}.nii.gz", factor=2, z_range=((z - 12) // 2, (z - 12) // 2 + 12))
     orthanc = pacs.Orthanc.start(root / "orthanc")
+    recorder = RecordingPacs(orthanc.url)
     server = None
     try:
         series = pacs.upload_folder(orthanc, root / "images", root / "dicom")
+        blank = root / "labels" / "chaos_02.nii.gz"  # its truth without the first slices, as its SEG holds it
+        img = nib.load(str(blank))
+        arr = np.asarray(img.dataobj).copy()
+        arr[:, :, :EMPTY_SLICES] = 0
+        nib.save(nib.Nifti1Image(arr, img.affine, img.header), str(blank))
         for case in LABELLED:
             orthanc.upload([dicom_seg.label_to_dicom_seg(root / "labels" / f"{case}.nii.gz", root / "dicom" / case,
-                                                     root / "dicom" / f"{case}_seg.dcm", class_names={1: "liver"})])
+                                                     root / "dicom" / f"{case}_seg.dcm", class_names=CHAOS_NAMES)])
         server = _pacs_demo().start_monailabel(
-            orthanc.dicomweb_url, root / "work",
-            conf={"input.classes": "[1]", "app.retrain_after_labels": 0, "sam2.checkpoint": "none",
+            f"{recorder.url}/dicom-web", root / "work",
+            conf={**CLASS_CONF, "app.retrain_after_labels": 0, "sam2.checkpoint": "none",
                   "sam2.image_size": 128, "sam2.n_inserts": 1, "sam2.n_supports": 1, "sam2.device": "cpu"},
             env={"MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "MR"})})
-        yield {"orthanc": orthanc, "url": server.url, "series": series, "root": root, "server": server}
+        yield {"orthanc": orthanc, "url": server.url, "series": series, "root": root, "server": server,
+               "recorder": recorder}
     finally:
         if server is not None:
             server.stop()
+        recorder.close()
         orthanc.stop()
+
+
+def _instances(orthanc) -> int:
+    return int(orthanc.get_json("/statistics")["CountInstances"])
+
+
+def _stow(url: str, dicom_bytes: bytes, route: str = "wado", headers: dict | None = None) -> httpx.Response:
+    """OHIF's STOW-RS request (dicomweb-client storeInstances): multipart/related, one application/dicom part."""
+    boundary = "ssl-medsam2-test-boundary"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + dicom_bytes
+            + f"\r\n--{boundary}--\r\n".encode())
+    path = f"/proxy/dicom/{route}/studies" if route else "/proxy/dicom/studies"
+    return httpx.post(url + path, content=body, timeout=120, headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}', **(headers or {})})
+
+
+def _seg_bytes(stack, case: str, label: np.ndarray | None = None, name: str = "seg") -> bytes:
+    """A DICOM-SEG of ``case`` (its expert label, or ``label`` on its grid) made by dcmqi, as bytes."""
+    root = stack["root"]
+    src = root / "labels" / f"{case}.nii.gz"
+    if label is not None:
+        img = nib.load(str(src))
+        src = root / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(label.astype(np.uint8), img.affine, img.header), str(src))
+    return dicom_seg.label_to_dicom_seg(src, root / "dicom" / case, root / f"{name}.dcm",
+                                        class_names=CHAOS_NAMES).read_bytes()
+
+
+def _bad_objects(stack) -> dict[str, bytes]:
+    """What the proxy must refuse: a SEG of an unknown series, on another grid, with a segment that is no
+    class of the app, and an object that is no SEG (an MR slice of a new series)."""
+    import io
+
+    import pydicom
+
+    good = _seg_bytes(stack, STOW_QUERY, name="good")
+
+    def edited(fn) -> bytes:
+        ds = pydicom.dcmread(io.BytesIO(good))
+        fn(ds)
+        out = io.BytesIO()
+        ds.save_as(out, write_like_original=False)
+        return out.getvalue()
+
+    def unknown_series(ds):
+        ds.ReferencedSeriesSequence[0].SeriesInstanceUID = "1.2.826.0.1.3680043.10.1467.999.1"
+
+    def wrong_grid(ds):  # half a voxel off in-plane: every frame between the image's voxels
+        for frame in ds.PerFrameFunctionalGroupsSequence:
+            pos = frame.PlanePositionSequence[0]
+            pos.ImagePositionPatient = [float(pos.ImagePositionPatient[0]) + 1.2, *pos.ImagePositionPatient[1:]]
+
+    def unknown_segment(ds):
+        ds.SegmentSequence[0].SegmentLabel = "tumour"
+
+    files = sorted((stack["root"] / "dicom" / STOW_QUERY).glob("*.dcm"))
+    mr = pydicom.dcmread(str(files[0]))
+    mr.SeriesInstanceUID = mr.SOPInstanceUID = "1.2.826.0.1.3680043.10.1467.999.2"
+    buf = io.BytesIO()
+    mr.save_as(buf, write_like_original=False)
+    return {"unknown series": edited(unknown_series), "wrong grid": edited(wrong_grid),
+            "unknown segment": edited(unknown_segment), "not a SEG": buf.getvalue()}
+
+
+ROUTES = ("wado", "stow", "qido", "")
+REASONS = {"unknown series": "unknown image", "wrong grid": "grid", "unknown segment": "tumour",
+           "not a SEG": "only a DICOM-SEG"}
+
+
+def test_datastore_lists_every_pacs_image(stack):
+    """``/datastore/?output=all`` lists the PACS's images, not only those the server downloaded so far."""
+    listed = httpx.get(f"{stack['url']}/datastore/", params={"output": "all"}, timeout=60).json()["objects"]
+    assert set(stack["series"].values()) <= set(listed), listed.keys()
+
+
+def test_seed_labels_are_served_on_their_images_grid(stack):
+    """A seed label read back from its DICOM-SEG has its image's grid (all slices, same affine) and the
+    expert's values, though the SEG holds only the frames with a segment."""
+    import SimpleITK as sitk
+
+    url, series, root = stack["url"], stack["series"], stack["root"]
+    for case in LABELLED:
+        img_path, lab_path = root / f"served_{case}_image.nii.gz", root / f"served_{case}_label.nii.gz"
+        img_path.write_bytes(httpx.get(f"{url}/datastore/image", params={"image": series[case]}, timeout=120).content)
+        r = httpx.get(f"{url}/datastore/label", params={"label": series[case], "tag": "final"}, timeout=120)
+        assert r.status_code == 200, r.text
+        lab_path.write_bytes(r.content)
+        image, label = nib.load(str(img_path)), nib.load(str(lab_path))
+        assert label.shape == image.shape, (case, label.shape, image.shape)
+        np.testing.assert_allclose(label.affine, image.affine, atol=1e-4)
+        served = sitk.ReadImage(str(lab_path))
+        truth = sitk.Resample(sitk.ReadImage(str(root / "labels" / f"{case}.nii.gz")), served, sitk.Transform(),
+                              sitk.sitkNearestNeighbor, 0)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(served), sitk.GetArrayFromImage(truth),
+                                      err_msg=f"{case}: the served label is not the expert label on the image grid")
+        info = httpx.get(f"{url}/datastore/label/info", params={"label": series[case], "tag": "final"}, timeout=60)
+        assert "RetrieveURL" not in info.json() and stack["recorder"].url.split("//")[1] not in info.text
+
+
+def test_proxy_refuses_every_object_but_a_checked_seg(stack):
+    """Auth off (MONAI Label: everyone is admin): on every POST route, a SEG of an unknown series, on
+    another grid, with a segment outside the label set, and a non-SEG are each a 4xx with a reason;
+    nothing new in Orthanc, nothing new labelled."""
+    url, orthanc = stack["url"], stack["orthanc"]
+    bad = _bad_objects(stack)
+    before, stats = _instances(orthanc), httpx.get(f"{url}/datastore/?output=stats", timeout=60).json()
+    for route in ROUTES:
+        for what, data in bad.items():
+            r = _stow(url, data, route)
+            assert 400 <= r.status_code < 500 and REASONS[what] in r.json()["detail"], (route, what, r.text)
+        r = httpx.post(f"{url}/proxy/dicom/{route + '/' if route else ''}studies", content=b"{}", timeout=30,
+                       headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and "multipart/related" in r.json()["detail"], r.text
+    assert _instances(orthanc) == before, "a refused object reached the PACS"
+    assert httpx.get(f"{url}/datastore/?output=stats", timeout=60).json()["completed"] == stats["completed"]
+
+
+def test_proxy_sends_the_pacs_only_what_it_needs_and_hides_its_address(stack):
+    """Reads: the PACS receives no Authorization / Cookie / other client headers; answers name the proxy,
+    never the PACS's address."""
+    url, recorder = stack["url"], stack["recorder"]
+    study = dicom.stable_uid(QUERY, "study")
+    n = len(recorder.requests)
+    secrets = {"Authorization": "Bearer user-secret-token", "Cookie": "session=user-cookie",
+               "X-Api-Key": "user-key", "Accept": "application/dicom+json"}
+    for path in ("qido/studies", f"qido/studies/{study}/series", f"wado/studies/{study}/series/"
+                 f"{stack['series'][QUERY]}/metadata"):
+        r = httpx.get(f"{url}/proxy/dicom/{path}", headers=secrets, timeout=60)
+        assert r.status_code == 200, (path, r.text[:300])
+        for pacs_address in (recorder.url.split("//")[1], stack["orthanc"].url.split("//")[1]):
+            assert pacs_address not in r.text, f"{path}: the answer shows the PACS's address"
+    sent = recorder.requests[n:]
+    assert len(sent) == 3
+    for method, path, headers in sent:
+        assert "authorization" not in headers and "cookie" not in headers and "x-api-key" not in headers, headers
+        assert headers.get("accept") == "application/dicom+json"
+    assert "RetrieveURL" not in httpx.get(f"{url}/datastore/image/info", params={"image": stack["series"][QUERY]},
+                                          timeout=60).json()
+
+
+def test_stow_of_a_seg_becomes_the_final_label(stack):
+    """OHIF's Export DICOM SEG, as a request: the SEG becomes the image's final label at once, through the
+    same save path as PUT /datastore/label (saver, grid, label values; the app writes the SEG itself)."""
+    import SimpleITK as sitk
+
+    url, orthanc, series, root = stack["url"], stack["orthanc"], stack["series"], stack["root"]
+    image = series[STOW_QUERY]
+    truth = nib.load(str(root / "labels" / f"{STOW_QUERY}.nii.gz"))
+    edited = np.asarray(truth.dataobj).astype(np.uint8)
+    edited[edited == 3] = 0  # a person's correction: one organ removed
+    before = httpx.get(f"{url}/datastore/?output=stats", timeout=60).json()["completed"]
+    n_instances = _instances(orthanc)
+    r = _stow(url, _seg_bytes(stack, STOW_QUERY, edited, name="edited"))
+    assert r.status_code == 200, r.text
+    assert r.json()["user"].startswith("anonymous@") and r.json()["image"] == image
+    assert httpx.get(f"{url}/datastore/?output=stats", timeout=60).json()["completed"] == before + 1
+    assert _instances(orthanc) == n_instances + 1, "the app's own SEG of the saved label is in the PACS"
+    lab = root / "stowed_label.nii.gz"
+    lab.write_bytes(httpx.get(f"{url}/datastore/label", params={"label": image, "tag": "final"}, timeout=120).content)
+    info = httpx.get(f"{url}/datastore/label/info", params={"label": image, "tag": "final"}, timeout=60).json()
+    assert info["user"] == r.json()["user"]
+    served = sitk.ReadImage(str(lab))
+    ref = root / "edited.nii.gz"
+    sent = sitk.Resample(sitk.ReadImage(str(ref)), served, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(served), sitk.GetArrayFromImage(sent))
+    assert set(np.unique(sitk.GetArrayFromImage(served))) == set(np.unique(edited)) and 3 not in np.unique(edited)
 
 
 def _overlay_pixels(before: Path, after: Path, box: dict) -> int:
@@ -267,10 +492,10 @@ def auth_stack(stack):
     issuer = Issuer()
     server = None
     try:
-        server = _pacs_demo().start_monailabel(
-            stack["orthanc"].dicomweb_url, stack["root"] / "work_auth",
-            conf={"input.classes": "[1]", "app.retrain_after_labels": 0, "sam2.checkpoint": "none",
-                  "sam2.image_size": 128, "sam2.device": "cpu"},
+        server = _pacs_demo().start_monailabel(  # no class names or ids configured: the label set is the seeds'
+            f"{stack['recorder'].url}/dicom-web", stack["root"] / "work_auth",
+            conf={"app.retrain_after_labels": 0, "sam2.checkpoint": "none", "sam2.image_size": 128,
+                  "sam2.device": "cpu"},
             env={"MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "MR"}),
                  "MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": issuer.realm})
         yield {**stack, "url": server.url, "server": server, "issuer": issuer}
@@ -337,3 +562,33 @@ def test_ohif_with_auth_logs_in_and_sends_the_token(auth_stack):
             browser.close()
     assert saved["status"] == 200, saved
     assert json.loads(saved["body"])["user"] == "annotator", "the save records the token's user, not the body's"
+
+
+def test_viewer_cannot_store_through_the_proxy(auth_stack):
+    """Auth on: a viewer's STOW is refused (403) on every route, even a valid SEG; an annotator's bad SEG
+    is still checked (4xx with a reason); nothing new in Orthanc."""
+    url, orthanc, issuer = auth_stack["url"], auth_stack["orthanc"], auth_stack["issuer"]
+    viewer = {"Authorization": f"Bearer {issuer.token('viewer')}"}
+    annotator = {"Authorization": f"Bearer {issuer.token('annotator')}"}
+    objects = {"valid SEG": _seg_bytes(auth_stack, REST_QUERY, name="viewer_try"), **_bad_objects(auth_stack)}
+    before = _instances(orthanc)
+    for route in ROUTES:
+        for what, data in objects.items():
+            r = _stow(url, data, route, headers=viewer)
+            assert r.status_code == 403, (route, what, r.status_code, r.text)
+        r = _stow(url, objects["wrong grid"], route, headers=annotator)
+        assert r.status_code == 422 and "grid" in r.json()["detail"], r.text
+    assert _instances(orthanc) == before, "a refused object reached the PACS"
+
+
+def test_label_set_on_dicomweb_comes_from_the_first_labels(auth_stack):
+    """No class names or ids configured: on DICOMweb the seeds' classes (1-4) are the label set, so a
+    label holding class 7 is refused, naming it (before: any id was accepted)."""
+    url, series = auth_stack["url"], auth_stack["series"]
+    shape = nib.load(str(auth_stack["root"] / "images" / f"{REST_QUERY}_0000.nii.gz")).shape
+    label = np.zeros(int(np.prod(shape)), np.uint8)
+    label[:50] = 7
+    r = httpx.put(f"{url}/datastore/label", params={"image": series[REST_QUERY], "tag": "final"},
+                  files={"label": ("label.bin", label.tobytes())}, timeout=120,
+                  headers={"Authorization": f"Bearer {auth_stack['issuer'].token('annotator')}"})
+    assert r.status_code == 422 and "[7]" in r.json()["detail"], r.text

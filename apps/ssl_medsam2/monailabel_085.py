@@ -33,7 +33,9 @@ What and why:
 5. **DICOMweb** (``DICOMWebDatastore``): dcmqi from the PyPI wheel (upstream downloads it at start);
    the image list / labelled set caches (2 h by default) are cleared after every save and upload;
    ``get_label_uri(image_id, "final")`` finds the DICOM-SEG referencing the image; SEGs are converted
-   to NIfTI (the app reads and geometry-checks NIfTI). Uses the datastore's private ``_client``.
+   to NIfTI on the image's own grid (``final_label_on_grid``; 0.8.5 cuts them to the slices they
+   cover); image / label info leaves out the PACS's ``RetrieveURL``. Uses the datastore's private
+   ``_client``, ``_fetch_by_frame`` and ``_dicom_info``.
 6. **Routes** (``install_in_front``): upstream's endpoints answer bad names with 500 and trust the
    request; the app's guarded routes are put in front of them on the same paths (FastAPI matches in
    order), so every client keeps the same API.
@@ -462,6 +464,44 @@ def seg_series_by_image(ds) -> dict[str, str]:
     return _seg_cache[key]
 
 
+def final_label_on_grid(ds, image_id: str, seg_series: str) -> str:
+    """The local NIfTI of ``image_id``'s final label, converted from the DICOM-SEG ``seg_series`` onto the
+    image's own grid (every slice, the image's affine), kept until another SEG becomes the final one.
+
+    Why: 0.8.5 converts a SEG on its own extent (only the slices it covers), so a label read back from the
+    PACS had another grid than its image. '' when the SEG cannot be placed on the image (logged)."""
+    from monailabel.datastore.local import LocalDatastore
+    from monailabel.datastore.utils.dicom import dicom_web_download_series
+
+    from ssl_medsam2.dicom_seg import read_seg, seg_to_nifti
+    from ssl_medsam2.io import InputError
+
+    image = ds.get_image_uri(image_id)
+    local = LocalDatastore.get_label_uri(ds, image_id, "final")
+    if local and os.path.exists(local) and \
+            (LocalDatastore.get_label_info(ds, image_id, "final") or {}).get("SeriesInstanceUID") == seg_series:
+        return local
+    label_dir = os.path.realpath(os.path.join(ds._datastore.label_path("final"), seg_series))
+    if not os.path.isdir(label_dir) or not os.listdir(label_dir):
+        dicom_web_download_series(None, seg_series, label_dir, ds._client, ds._fetch_by_frame)
+    files = sorted(Path(label_dir).iterdir())
+    out = Path(label_dir + ".on_grid.nii.gz")
+    try:
+        seg = read_seg(files[0].read_bytes(), f"SEG {seg_series}")
+        mapping = getattr(ds, "ssl_medsam2_segment_ids", None)
+        ids = mapping(seg.segments, f"SEG {seg_series}") if mapping else {n: n for n in seg.segments}
+        seg_to_nifti(seg, image, out, ids, f"SEG {seg_series}")
+        names = {str(ids[n]): label for n, label in seg.segments.items() if label}
+        LocalDatastore.save_label(ds, image_id, str(out), "final", {**ds._dicom_info(seg_series),
+                                                                      "ssl_segment_names": names})
+    except (InputError, IndexError) as exc:
+        logger.warning("final label of %s: DICOM-SEG %s is not usable: %s", image_id, seg_series, exc)
+        return ""
+    finally:
+        out.unlink(missing_ok=True)
+    return LocalDatastore.get_label_uri(ds, image_id, "final")
+
+
 def _install_dicomweb() -> None:
     from ssl_medsam2.dicom_seg import dcmqi_bin_dir
 
@@ -498,14 +538,23 @@ def _install_dicomweb() -> None:
         def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
             if label_tag == "final" and not image_id and label_id in set(self.list_images()):
                 seg = seg_series_by_image(self).get(label_id)
-                if seg is None:
-                    return ""
-                self.get_image_uri(label_id)  # the local index must know the image before its label
-                return original_get_label_uri(self, seg, label_tag, image_id=label_id)
+                return final_label_on_grid(self, label_id, seg) if seg else ""
+            if label_tag == "final" and image_id:
+                return final_label_on_grid(self, image_id, label_id)
             return original_get_label_uri(self, label_id, label_tag, image_id)
 
         get_label_uri._ssl_medsam2_by_image = True
         DICOMWebDatastore.get_label_uri = get_label_uri
+
+    original_dicom_info = DICOMWebDatastore._dicom_info
+    if not getattr(original_dicom_info, "_ssl_medsam2_no_address", False):
+        @functools.wraps(original_dicom_info)
+        def dicom_info(self, series_id):
+            """Image / label info without the PACS's RetrieveURL (its internal address)."""
+            return {k: v for k, v in original_dicom_info(self, series_id).items() if k != "RetrieveURL"}
+
+        dicom_info._ssl_medsam2_no_address = True
+        DICOMWebDatastore._dicom_info = dicom_info
 
     DICOMWebDatastore._update_datastore_file = _update_datastore_file  # its local cache index, same fix (4)
     for name in ("save_label", "add_image", "remove_image", "remove_label"):

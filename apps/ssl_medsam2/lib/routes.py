@@ -225,23 +225,35 @@ def build_router(app) -> APIRouter:
         tag = check_tag(tag or DefaultLabelTag.FINAL.value)
         p = parse_params(params)
         saver, _ = who(p, user, request)
-        if not str(ws.studies).startswith(("http://", "https://")):
+        with scratch(ws.scratch_root) as tmp:
+            upload = receive(label, tmp, "upload" + suffix_of(label.filename), max_bytes)
+            return store_label(image, str(upload), label.filename or "label", tag, p, saver, tmp)
+
+    def store_label(image: str, upload: str, shown_name: str, tag: str, p: dict, saver: str, tmp: Path) -> dict:
+        """The one save path (REST, Slicer, OHIF's raw label, a DICOM-SEG stored through the proxy): checked
+        against its image (grid, label set), saver and time recorded, then the save's effects (lease,
+        retraining, caches)."""
+        dicomweb = str(ws.studies).startswith(("http://", "https://"))
+        if not dicomweb:
             tag_dir = Path(ws.studies) / "labels" / tag
             studies_file(str(tag_dir), f"label folder '{tag}'")
             current = ws.datastore.get_label_uri(image, tag)
             studies_file(current, f"the '{tag}' label of '{image}'")
             for existing in tag_dir.glob(f"{image}.*") if tag_dir.is_dir() else ():
                 studies_file(str(existing), f"the '{tag}' label of '{image}'")
-        with scratch(ws.scratch_root) as tmp:
-            upload = receive(label, tmp, "upload" + suffix_of(label.filename), max_bytes)
-            try:
-                checked = prepare_label(ws.datastore.get_image_uri(image), str(upload), label.filename or "label",
-                                        allowed=ws.label_ids, work_dir=tmp)
-            except InputError as exc:
-                raise reject(422, str(exc)) from exc
-            p.update({"user": saver, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                      "source_file": os.path.basename((label.filename or "").replace("\\", "/"))})  # never a client path
-            label_id = ws.datastore.save_label(image, checked, tag, p)
+        try:
+            checked = prepare_label(ws.datastore.get_image_uri(image), upload, shown_name,
+                                    allowed=ws.label_ids, work_dir=tmp)
+        except InputError as exc:
+            raise reject(422, str(exc)) from exc
+        p.update({"user": saver, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "source_file": os.path.basename((shown_name or "").replace("\\", "/"))})  # never a client path
+        if dicomweb:  # MONAI Label names the SEG's segments by position in label_info: one entry per id, in order
+            if "label_info" in p:
+                p["client_label_info"] = p.pop("label_info")
+            p["label_info"] = ws.segment_info(checked)
+            p["ssl_segment_names"] = {str(s["idx"]): s["name"] for s in p["label_info"]}
+        label_id = ws.datastore.save_label(image, checked, tag, p)
         res = app.on_label_saved(image, tag, saver) or {}
         res.update({"image": image, "label": label_id, "tag": tag, "user": saver})
         return res
@@ -346,6 +358,18 @@ def build_router(app) -> APIRouter:
                 raise reject(422, f"{file.filename}: new images are stored as NIfTI (.nii.gz or .nii) here: "
                                   f"labels, the few-shot engines and the strategies read NIfTI; convert it first")
             return {"image": ws.datastore.add_image(image_id, upload, p)}
+
+    @r.get("/datastore/", summary="The datastore: stats (default), the training list or every image")
+    def datastore_listing(output: Optional[ds_ep.ResultType] = None, user: User = Depends(RBAC(USER))):
+        """As MONAI Label's, except that on DICOMweb ``output=all`` lists every image of the PACS (0.8.5
+        lists only the images this server has downloaded so far; those not yet have ``downloaded: false``)."""
+        res = ds_ep.datastore(output)
+        if output == ds_ep.ResultType.all and ws.dicomweb and isinstance(res, dict):
+            objects = res.setdefault("objects", {})
+            for image_id in ws.image_ids():
+                objects.setdefault(image_id, {"image": {"ext": "", "info": {"SeriesInstanceUID": image_id,
+                                                                            "downloaded": False}}, "labels": {}})
+        return res
 
     @r.get("/datastore/image/info", summary="Image info (404 for an unknown image)")
     def image_info(image: str, user: User = Depends(RBAC(USER))):
@@ -523,6 +547,10 @@ def build_router(app) -> APIRouter:
         def proxy_off(path: str, user: User = Depends(RBAC(USER))):
             """MONAI Label's DICOMweb proxy would send requests to the studies *folder* as a URL (500)."""
             raise reject(404, "no DICOMweb proxy: this server's studies are a local folder, not a DICOMweb server")
+    else:
+        from .proxy import add_proxy_routes
+
+        add_proxy_routes(r, app, store_label, who, check_image_id)
 
     # ---------------------------------------------------------------- extra routes
     @r.get("/ssl_medsam2/models", summary="nnU-Net model versions and the deployed one")

@@ -160,41 +160,93 @@ class Workspace:
         self.state_dir = Path(os.path.expanduser(str(state))).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.datastore = datastore
+        if datastore is not None and self.dicomweb:  # how the PACS's SEGs are read onto their images' grids
+            from ssl_medsam2.preprocess import InputSettings
+
+            from ssl_medsam2.dicom_seg import segment_label_ids
+
+            inputs = InputSettings.from_config(self.cfg)  # the configured set only: the found one is read through this
+            datastore.ssl_medsam2_segment_ids = \
+                lambda segs, name: segment_label_ids(segs, inputs.class_names, inputs.label_ids, name)
         self.registry = ModelRegistry(self.state_dir / "models")
         self.leases = LeaseBook(self.state_dir / "leases.json", ttl_s=self.app.lease_hours * 3600)
         self.pseudo_tag = self.app.pseudo_tag
         self.pseudo_ahead = None  # set by the server process (lib/pseudo_ahead.py): the pseudo-label store + queue
 
     @property
+    def dicomweb(self) -> bool:
+        return str(self.studies).startswith(("http://", "https://"))
+
+    @property
+    def class_names(self) -> dict[int, str]:
+        """id -> name: ``input.class_names`` (or the studies' dataset.json); on DICOMweb without them, the
+        segment names of the PACS's DICOM-SEGs (the first labels)."""
+        from ssl_medsam2.preprocess import InputSettings
+
+        names = InputSettings.from_config(self.cfg).class_names
+        if not names and self.dicomweb:
+            names = self._labels_found()[1]
+        return names
+
+    @property
     def label_ids(self) -> set[int] | None:
         """Class ids a saved label may hold: background, ``input.class_names`` and ``input.classes``.
 
         Where neither the config nor the data's dataset.json names a class, the ids of the human labels
-        already in the studies folder (``labels/final``, read once) are the label set, so a stray 7 or
-        255 is still refused with neutral class names; None (any id) only while no label exists yet."""
+        already in the datastore (``labels/final``, or the DICOM-SEGs of the PACS, read once) are the
+        label set, so a stray 7 or 255 is still refused with neutral class names; None (any id) only
+        while no label exists yet."""
         from ssl_medsam2.preprocess import InputSettings
 
         ids = InputSettings.from_config(self.cfg).label_ids
-        if ids is None and not str(self.studies).startswith(("http://", "https://")):
-            if getattr(self, "_data_label_ids", None) is None:
-                self._data_label_ids = self._ids_in_final_labels()
-            ids = self._data_label_ids
-        return ids
+        return self._labels_found()[0] if ids is None else ids
 
-    def _ids_in_final_labels(self) -> set[int] | None:
+    def _labels_found(self) -> tuple[set[int] | None, dict[int, str]]:
+        """(class ids, names from the SEGs' segments) of the final labels in the datastore, read once."""
+        found = getattr(self, "_found", None)
+        if found is None:  # kept once a label exists (until then every call looks again: cheap, no label)
+            found = self._read_final_labels()
+            self._found = found if found[0] is not None else None
+        return found
+
+    def _read_final_labels(self) -> tuple[set[int] | None, dict[int, str]]:
         import nibabel as nib
         import numpy as np
 
         found: set[int] = set()
-        final = Path(self.studies) / "labels" / "final"
-        for f in sorted(final.glob("*.nii*")) if final.is_dir() else ():
+        names: dict[int, str] = {}
+        if self.dicomweb:  # the PACS's SEGs, each converted onto its image's grid
+            files = []
+            for image_id, (_, lab) in self.final_labelled().items():
+                files.append(Path(lab))
+                info = self.datastore.get_label_info(image_id, FINAL_TAG) or {}
+                names.update({int(k): str(v) for k, v in (info.get("ssl_segment_names") or {}).items()})
+        else:
+            final = Path(self.studies) / "labels" / "final"
+            files = sorted(final.glob("*.nii*")) if final.is_dir() else []
+        for f in files:
             if f.is_symlink() or not f.is_file():
                 continue
             try:
                 found |= {int(v) for v in np.unique(np.asarray(nib.load(str(f)).dataobj))}
             except Exception:  # an unreadable label says nothing about the label set
                 continue
-        return ({0} | found) if found - {0} else None
+        return (({0} | found) if found - {0} else None), {c: n for c, n in names.items() if c in found}
+
+    def segment_ids(self, segments: dict[int, str], shown_name: str = "DICOM-SEG") -> dict[int, int]:
+        """A DICOM-SEG's segment numbers -> the app's class ids, by segment name (InputError otherwise)."""
+        from ssl_medsam2.dicom_seg import segment_label_ids
+
+        return segment_label_ids(segments, self.class_names, self.label_ids, shown_name)
+
+    def segment_info(self, label_path: str) -> list[dict]:
+        """``label_info`` for a DICOM-SEG of this label: one entry per class id present, named by the app."""
+        import nibabel as nib
+        import numpy as np
+        from ssl_medsam2.preprocess import class_name
+
+        ids = sorted(int(v) for v in np.unique(np.asarray(nib.load(label_path).dataobj)) if v > 0)
+        return [{"name": class_name(self.class_names, c), "idx": c} for c in ids]
 
     # -- folders --
     #: per-request temporary files (uploads being checked); each request removes its own folder
