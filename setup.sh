@@ -8,13 +8,7 @@ cd "$(dirname "$0")"
 export SAM2_BUILD_CUDA="${SAM2_BUILD_CUDA:-0}"
 python -m pip install --upgrade "pip>=23" setuptools wheel
 # The pins of torch, torchvision and sam2, read from pyproject.toml (the one list of versions).
-mapfile -t FIRST < <(python - <<'PY'
-import re, tomllib
-deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
-for name in ("torch", "torchvision", "sam2"):
-    print(next(d for d in deps if re.match(rf"{name}\s*[=<>!~]", d)))
-PY
-)
+mapfile -t FIRST < <(python scripts/pins.py torch torchvision sam2)
 # torch first so sam2's build (no isolation: no second multi-GB torch download) can see it.
 python -m pip install "${FIRST[0]}" "${FIRST[1]}"
 python -m pip install --no-build-isolation "${FIRST[2]}"

@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -237,7 +238,11 @@ def _run_evaluate(args) -> int:
 # --- serve ----------------------------------------------------------------------------------------
 
 def _options_serve(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--studies", required=True, help="MONAI Label studies folder (make-studies) or a DICOMweb URL")
+    from .server import STUDIES_ENV
+
+    studies = os.environ.get(STUDIES_ENV) or None
+    p.add_argument("--studies", required=studies is None, default=studies,
+                   help=f"MONAI Label studies folder (make-studies) or a DICOMweb URL (default: ${STUDIES_ENV})")
     p.add_argument("--host", help="address to listen on (config: serve.host)")
     p.add_argument("--port", type=int, help="port (config: serve.port)")
     p.add_argument("--app-dir", help="writable folder for the app's files (config: serve.app_dir; "
@@ -250,12 +255,15 @@ def _run_serve(args) -> int:
     """start the MONAI Label app (shipped with this package) on a studies folder
 
     Copies the app's files to a writable folder and runs MONAI Label's start_server on them; --conf
-    options go to the app. Stop it with Ctrl-C.
+    options go to the app, after those of $SSL_MEDSAM2_CONF_FILE and $SSL_MEDSAM2__SECTION__KEY
+    (docs/deploy.md). Stop it with Ctrl-C.
     """
-    from .server import ServeSettings, serve
+    from .server import ServeSettings, serve, site_conf
 
+    site = site_conf(os.environ)  # a deployment's settings; the command line's --set / --conf win
+    args.overrides = [f"{k}={v}" for k, v in site if "." in k] + args.overrides
     cfg = _load_cfg(args, {"host": "serve.host", "port": "serve.port", "app_dir": "serve.app_dir"})
-    serve(args.studies, ServeSettings.from_config(cfg), args.conf)
+    serve(args.studies, ServeSettings.from_config(cfg), site + [tuple(c) for c in args.conf])
     return 0  # not reached: serve() becomes the server process
 
 

@@ -9,12 +9,15 @@ MONAI Label: the library stays free of it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
+
+import yaml
 
 from .config import PACKAGE_DIR, Section
 
@@ -33,6 +36,36 @@ class ServeSettings(Section):
 
     def __post_init__(self):
         self._set(host=str(self.host), port=int(self.port))
+
+
+#: a deployment's settings (deploy/Containerfile, docs/deploy.md): the studies folder or DICOMweb URL, a
+#: mounted YAML of config sections, and single keys as SSL_MEDSAM2__SECTION__KEY=value
+STUDIES_ENV = "SSL_MEDSAM2_STUDIES"
+CONF_FILE_ENV = "SSL_MEDSAM2_CONF_FILE"
+CONF_ENV_PREFIX = "SSL_MEDSAM2__"
+
+
+def _conf_text(value) -> str:
+    """A config value as ``--conf`` text (parsed back as YAML by the app; JSON is YAML)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def site_conf(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The ``--conf`` pairs a deployment sets without a command line, in order: the YAML file named by
+    ``SSL_MEDSAM2_CONF_FILE`` (``section: {key: value}``, as in configs/ssl_medsam2.yaml), then each
+    ``SSL_MEDSAM2__SECTION__KEY=value`` (``section.key``; a later pair wins, and the command line's own
+    ``--conf`` come after these). Why: a container is configured by its environment or a mounted file."""
+    pairs: list[tuple[str, str]] = []
+    path = environ.get(CONF_FILE_ENV)
+    if path:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, Mapping) or not all(isinstance(v, Mapping) for v in data.values()):
+            raise ValueError(f"{CONF_FILE_ENV}={path}: expected config sections (section: {{key: value}})")
+        pairs += [(f"{section}.{key}", _conf_text(value)) for section, keys in data.items()
+                  for key, value in keys.items()]
+    pairs += [(name[len(CONF_ENV_PREFIX):].lower().replace("__", "."), environ[name])
+              for name in sorted(environ) if name.startswith(CONF_ENV_PREFIX) and name != CONF_ENV_PREFIX]
+    return pairs
 
 
 def app_source_dir() -> Path:
