@@ -298,3 +298,20 @@ def test_two_clients_on_two_images_never_see_each_others_state(server, tmp_path)
 
 def test_nothing_is_saved_until_the_annotator_saves(server):
     assert _snapshot(server["studies"]) == server["snapshot"]
+
+
+def test_slicer_deepedit_sends_every_label_and_reads_the_answer_by_position(server, tmp_path):
+    """Slicer's Smart Edit on a deepedit model: one key per /info label (its segments' points, the
+    'background' segment's too) plus 'label'; the answer's value n is the n-th non-background name."""
+    slicer = _client(server["url"], tmp_path, "slicer-de")
+    info = slicer.info()
+    p = _spleen_point(server)
+    params = {name: [] for name in info["labels"]}
+    params.update({SPLEEN: [p], "label": SPLEEN, **_slicer_config(info, "point_prompts")})
+    out, answer = slicer.infer("point_prompts", "chaos_03", params)
+    names = [k for k, _ in sorted(answer["label_names"].items(), key=lambda kv: kv[1]) if k != "background"]
+    got, pseudo = _file_order(out), _pseudo(server, "chaos_03")
+    assert names[got[tuple(p)] - 1] == SPLEEN
+    for i, name in enumerate(names, start=1):  # every other organ comes back as the base has it
+        if name != SPLEEN:
+            assert np.array_equal(got == i, pseudo == int(name.split("_")[1])), name
