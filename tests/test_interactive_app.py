@@ -278,6 +278,10 @@ def test_a_label_file_for_a_click_model_is_refused(server, tmp_path):
         r = _post(server["url"], "smart_edit", "chaos_03", {"label": SPLEEN, "foreground": [[1, 1, 1]]},
                   files={"label": ("l.nii.gz", fh)})
     assert r.status_code == 422 and "takes no label file" in r.text, r.text
+    with open(path, "rb") as fh:
+        r = _post(server["url"], "scribbles", "chaos_03", {"selected_label_name": "pancreas", "label_info": []},
+                  files={"label": ("l.nii.gz", fh)})
+    assert r.status_code == 422 and "unknown selected_label_name 'pancreas'" in r.text, r.text
 
 
 def test_two_clients_on_two_images_never_see_each_others_state(server, tmp_path):

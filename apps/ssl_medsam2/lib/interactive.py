@@ -158,6 +158,13 @@ class InteractiveInfer(InferTask):
         if not label_file and self.kind == SCRIBBLES:
             raise reject(422, "scribbles need the segmentation with the 'foreground_scribbles' / "
                               "'background_scribbles' segments uploaded as the label file (as 3D Slicer sends it)")
+        if self.kind == DEEPGROW and not p.get("label"):
+            raise reject(422, rq.DEEPGROW_NEEDS_A_NAME)
+        try:  # the organ named by Slicer's scribbles, before any work
+            if self.kind == SCRIBBLES:
+                self.organs.class_id(p.get("selected_label_name") or "", "selected_label_name")
+        except InputError as exc:
+            raise reject(422, str(exc)) from exc
         p = dict(p)
         if "label" in p:
             name = p.pop("label")

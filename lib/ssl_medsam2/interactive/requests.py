@@ -37,9 +37,9 @@ class Organs:
         pairs = sorted(((int(i), str(n)) for n, i in name_to_id.items() if int(i) != 0 and n != BACKGROUND))
         return cls(tuple(n for _, n in pairs), tuple(i for i, _ in pairs))
 
-    def class_id(self, name: str, what: str = "label") -> int:
+    def class_id(self, name: str, what: str = "label name") -> int:
         if name not in self.names:
-            raise InputError(None, f"unknown {what} name {str(name)[:100]!r}; this server's organs: "
+            raise InputError(None, f"unknown {what} {str(name)[:100]!r}; this server's organs: "
                                    f"{', '.join(self.names) or 'none (name them with input.class_names)'}")
         return self.ids[self.names.index(name)]
 
@@ -112,12 +112,15 @@ def canonical_box(volume: Volume, roi) -> tuple[slice, slice, slice] | None:
     return tuple(slice(int(min(c[:, d])), int(max(c[:, d])) + 1) for d in range(3))  # type: ignore[return-value]
 
 
+DEEPGROW_NEEDS_A_NAME = ("this model (type deepgrow) needs the organ's name in 'label', as 3D Slicer's Smart Edit "
+                         "sends it; OHIF's Point Prompts send none: choose the point_prompts model there (it names "
+                         "each organ's points)")
+
+
 def deepgrow_edit(name: str | None, params: Mapping[str, Any], organs: Organs, volume: Volume) -> Edit:
     """Slicer's Smart Edit: ``name`` (the segment name it sends as ``label``), ``foreground`` / ``background``."""
     if not name:
-        raise InputError(None, "this model (type deepgrow) needs the organ's name in 'label', as 3D Slicer's "
-                               "Smart Edit sends it; OHIF's Point Prompts send none: choose the point_prompts "
-                               "model there (it names each organ's points)")
+        raise InputError(None, DEEPGROW_NEEDS_A_NAME)
     return Edit(organs.class_id(name), canonical_points(volume, params.get("foreground"), "foreground"),
                 canonical_points(volume, params.get("background"), "background"))
 
