@@ -241,3 +241,34 @@ def test_sigterm_with_work_in_flight_exits_fast_and_restart_resumes(team, tmp_pa
     assert p["resumed_from_last_run"] >= 1, p
     done = wait_queue_done(restarted.url)
     assert done["current"] == done["unlabelled"] == 3, done
+
+
+def test_current_pseudo_label_path_is_the_base_of_a_correction_only_while_current(chaos_dir, tmp_path, monkeypatch):
+    """In-process (what an interactive model calls): the stored label's path while it is current, else None."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "apps" / "ssl_medsam2"))
+    from lib.pseudo_ahead import PseudoAhead
+    from main import create_app
+
+    studies = build_studies(chaos_dir, tmp_path, cases=4)
+    app = create_app(str(REPO / "apps" / "ssl_medsam2"), str(studies), CONF)
+    ws, image = app.workspace, "chaos_03"
+    assert ws.current_pseudo_label_path(image) is None  # nothing stored yet
+    ahead = ws.pseudo_ahead = PseudoAhead(app)  # the server's store and queue (the queue is not started)
+    task = ahead.task()
+    monkeypatch.setattr(task, "compute", lambda query, image_id, top_k: (  # a stand-in engine: the store is tested
+        {"label": (query.array > np.percentile(query.array, 90)).astype(np.uint8), "summary": {"supports": LABELLED}},
+        None))
+    ahead._compute(image)  # what the queue runs for one image
+    path = ws.current_pseudo_label_path(image)
+    assert path and path == ws.stored_pseudo_label(image)["path"] and nib.load(path).get_fdata().any()
+    assert np.allclose(nib.load(path).affine, nib.load(str(studies / f"{image}.nii.gz")).affine)
+    # a new final label: the stored result is not current any more, so it is not a base
+    app.datastore().save_label("chaos_05", str(tmp_path / "truth" / "chaos_05.nii.gz"), "final", {})
+    assert ws.current_pseudo_label_path(image) is None and ws.stored_pseudo_label(image)["current"] is False
+    # a child process (no queue) cannot tell: None, while stored_pseudo_label still finds the file
+    ws.pseudo_ahead = None
+    assert ws.current_pseudo_label_path(image) is None and ws.stored_pseudo_label(image)["path"] == path
