@@ -115,11 +115,15 @@ def test_new_final_label_makes_stored_labels_not_current(team, tmp_path):
     c = client(url, tmp_path, "ann2")
     saved = "chaos_03"
     old = infer(c, "chaos_05")["pseudo_label"]
+    before = computations(team["state"]["server"], saved)
     c.save_label(saved, str(root / "truth" / f"{saved}.nii.gz"), tag="final")
     res = infer(c, "chaos_05")["pseudo_label"]  # right after the save: still the old result, said so
     if res["digest"] == old["digest"]:
         assert res["current"] is False and res["newer_supports_pending"] is True, res
+    # the saved image's own old result is served said so, and not recomputed (it is labelled now)
+    assert infer(c, saved)["pseudo_label"]["current"] is False
     status = wait_queue_done(url)
+    assert computations(team["state"]["server"], saved) == before
     assert status["unlabelled"] == CASES - len(LABELLED) - 1
     res = infer(c, "chaos_05")["pseudo_label"]
     assert res["current"] is True and res["digest"] != old["digest"] and saved in res["supports"], res

@@ -171,7 +171,7 @@ class PseudoAhead:
                 raise RuntimeError(f"the pseudo label of '{image_id}' was computed but is not in the store")
         self._request.from_store = not waited
         current = rec.get("digest") == self._digest(self._supports_digest(task), image_id)
-        if not current:
+        if not current and image_id not in self.ws.final_labelled():  # a labelled image needs none any more
             self.queue.request(image_id)  # served as it is (said so), recomputed first
         fields = {k: rec.get(k) for k in ("engine", "supports", "uncertainty", "quality", "failed",
                                           "mean_entropy_inside", "mean_entropy_boundary", "random_weights")}
