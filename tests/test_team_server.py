@@ -115,11 +115,15 @@ def test_new_final_label_makes_stored_labels_not_current(team, tmp_path):
     c = client(url, tmp_path, "ann2")
     saved = "chaos_03"
     old = infer(c, "chaos_05")["pseudo_label"]
+    before = computations(team["state"]["server"], saved)
     c.save_label(saved, str(root / "truth" / f"{saved}.nii.gz"), tag="final")
     res = infer(c, "chaos_05")["pseudo_label"]  # right after the save: still the old result, said so
     if res["digest"] == old["digest"]:
         assert res["current"] is False and res["newer_supports_pending"] is True, res
+    # the saved image's own old result is served said so, and not recomputed (it is labelled now)
+    assert infer(c, saved)["pseudo_label"]["current"] is False
     status = wait_queue_done(url)
+    assert computations(team["state"]["server"], saved) == before
     assert status["unlabelled"] == CASES - len(LABELLED) - 1
     res = infer(c, "chaos_05")["pseudo_label"]
     assert res["current"] is True and res["digest"] != old["digest"] and saved in res["supports"], res
@@ -241,3 +245,34 @@ def test_sigterm_with_work_in_flight_exits_fast_and_restart_resumes(team, tmp_pa
     assert p["resumed_from_last_run"] >= 1, p
     done = wait_queue_done(restarted.url)
     assert done["current"] == done["unlabelled"] == 3, done
+
+
+def test_current_pseudo_label_path_is_the_base_of_a_correction_only_while_current(chaos_dir, tmp_path, monkeypatch):
+    """In-process (what an interactive model calls): the stored label's path while it is current, else None."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "apps" / "ssl_medsam2"))
+    from lib.pseudo_ahead import PseudoAhead
+    from main import create_app
+
+    studies = build_studies(chaos_dir, tmp_path, cases=4)
+    app = create_app(str(REPO / "apps" / "ssl_medsam2"), str(studies), CONF)
+    ws, image = app.workspace, "chaos_03"
+    assert ws.current_pseudo_label_path(image) is None  # nothing stored yet
+    ahead = ws.pseudo_ahead = PseudoAhead(app)  # the server's store and queue (the queue is not started)
+    task = ahead.task()
+    monkeypatch.setattr(task, "compute", lambda query, image_id, top_k: (  # a stand-in engine: the store is tested
+        {"label": (query.array > np.percentile(query.array, 90)).astype(np.uint8), "summary": {"supports": LABELLED}},
+        None))
+    ahead._compute(image)  # what the queue runs for one image
+    path = ws.current_pseudo_label_path(image)
+    assert path and path == ws.stored_pseudo_label(image)["path"] and nib.load(path).get_fdata().any()
+    assert np.allclose(nib.load(path).affine, nib.load(str(studies / f"{image}.nii.gz")).affine)
+    # a new final label: the stored result is not current any more, so it is not a base
+    app.datastore().save_label("chaos_05", str(tmp_path / "truth" / "chaos_05.nii.gz"), "final", {})
+    assert ws.current_pseudo_label_path(image) is None and ws.stored_pseudo_label(image)["current"] is False
+    # a child process (no queue) cannot tell: None, while stored_pseudo_label still finds the file
+    ws.pseudo_ahead = None
+    assert ws.current_pseudo_label_path(image) is None and ws.stored_pseudo_label(image)["path"] == path

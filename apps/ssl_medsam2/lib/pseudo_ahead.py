@@ -69,6 +69,7 @@ class PseudoAhead:
         self._lock = threading.Lock()
         self._interactive = 0
         self._last_interactive = 0.0
+        self._request = threading.local()  # per request thread: was it only served from the store?
 
     # ---------------------------------------------------------------- which model, what is current
     def task(self) -> FewShotInfer | None:
@@ -142,7 +143,9 @@ class PseudoAhead:
     # ---------------------------------------------------------------- requests
     @contextlib.contextmanager
     def interactive(self):
-        """Around every client request that computes: background jobs wait until it is over."""
+        """Around every client infer: background jobs wait until it is over, and for ``idle_s`` after one
+        that computed (one only served from the store takes milliseconds and does not hold them back)."""
+        self._request.from_store = False
         with self._lock:
             self._interactive += 1
         try:
@@ -150,7 +153,8 @@ class PseudoAhead:
         finally:
             with self._lock:
                 self._interactive -= 1
-                self._last_interactive = time.time()
+                if not self._request.from_store:
+                    self._last_interactive = time.time()
 
     def answer(self, task: FewShotInfer, image_id: str, fresh: bool = False) -> tuple[str, dict]:
         """(stored label path, response fields) for ``image_id``: the stored result, or (none yet, or
@@ -165,8 +169,9 @@ class PseudoAhead:
             rec, waited = self.store.record(task.engine_name, image_id), True
             if rec is None:
                 raise RuntimeError(f"the pseudo label of '{image_id}' was computed but is not in the store")
+        self._request.from_store = not waited
         current = rec.get("digest") == self._digest(self._supports_digest(task), image_id)
-        if not current:
+        if not current and image_id not in self.ws.final_labelled():  # a labelled image needs none any more
             self.queue.request(image_id)  # served as it is (said so), recomputed first
         fields = {k: rec.get(k) for k in ("engine", "supports", "uncertainty", "quality", "failed",
                                           "mean_entropy_inside", "mean_entropy_boundary", "random_weights")}

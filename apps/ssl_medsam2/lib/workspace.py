@@ -271,6 +271,14 @@ class Workspace:
         rec = stored_pseudo_label(self.pseudo_store_dir, image_id)
         return {**rec, "current": None} if rec else None
 
+    def current_pseudo_label_path(self, image_id: str) -> str | None:
+        """Path of the image's stored few-shot pseudo label (uint8 NIfTI on the image's grid) while it is
+        current, i.e. made from today's final labels, settings and image file: the base label an
+        interactive correction starts from. None when there is none, it is not current (its recomputation
+        is queued), or this process cannot tell (child processes: use :meth:`stored_pseudo_label`)."""
+        rec = self.stored_pseudo_label(image_id)
+        return rec["path"] if rec and rec["current"] is True else None
+
     def predictions_dir(self, version: str) -> Path:
         return self.state_dir / "predictions" / version
 
