@@ -115,7 +115,7 @@ def stack(chaos_dir, tmp_path_factory):
                                                      root / "dicom" / f"{case}_seg.dcm", class_names=CHAOS_NAMES)])
         server = _pacs_demo().start_monailabel(
             f"{recorder.url}/dicom-web", root / "work",
-            conf={**CLASS_CONF, "app.retrain_after_labels": 0, "sam2.checkpoint": "none",
+            conf={**CLASS_CONF, "app.retrain_after_labels": 100, "sam2.checkpoint": "none",  # counted, never due
                   "sam2.image_size": 128, "sam2.n_inserts": 1, "sam2.n_supports": 1, "sam2.device": "cpu"},
             env={"MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "MR"})})
         yield {"orthanc": orthanc, "url": server.url, "series": series, "root": root, "server": server,
@@ -265,6 +265,32 @@ def test_proxy_sends_the_pacs_only_what_it_needs_and_hides_its_address(stack):
                                           timeout=60).json()
 
 
+def _retrain_pending(url: str, headers: dict | None = None) -> list[str]:
+    return httpx.get(f"{url}/info/", timeout=30, headers=headers).json()["ssl_medsam2"]["retrain"]["pending"]
+
+
+def _lease(url: str, image: str, holder: str) -> None:
+    """Lease ``image`` to ``holder`` through the strategy an annotator uses: stand-ins take the images
+    handed out before it, then give them back."""
+    def ask(name: str) -> str:
+        return httpx.post(f"{url}/activelearning/first", json={"client_id": name}, timeout=60).json().get("id")
+
+    def give_back(name: str, what: str) -> None:
+        httpx.delete(f"{url}/ssl_medsam2/leases/{what}", params={"client_id": name}, timeout=30)
+
+    held = []
+    for k in range(len(CASES)):
+        got = ask(f"{holder}-stand-in-{k}")
+        if got == image:
+            give_back(f"{holder}-stand-in-{k}", got)
+            break
+        held.append((f"{holder}-stand-in-{k}", got))
+    assert ask(holder) == image, f"{image} was not handed out"
+    for name, what in held:
+        give_back(name, what)
+    assert httpx.get(f"{url}/ssl_medsam2/leases", timeout=30).json()[image]["holder"] == holder
+
+
 def test_stow_of_a_seg_becomes_the_final_label(stack):
     """OHIF's Export DICOM SEG, as a request: the SEG becomes the image's final label at once, through the
     same save path as PUT /datastore/label (saver, grid, label values; the app writes the SEG itself)."""
@@ -275,12 +301,17 @@ def test_stow_of_a_seg_becomes_the_final_label(stack):
     truth = nib.load(str(root / "labels" / f"{STOW_QUERY}.nii.gz"))
     edited = np.asarray(truth.dataobj).astype(np.uint8)
     edited[edited == 3] = 0  # a person's correction: one organ removed
+    _lease(url, image, "alice")
     before = httpx.get(f"{url}/datastore/?output=stats", timeout=60).json()["completed"]
+    pending = _retrain_pending(url)
     n_instances = _instances(orthanc)
     r = _stow(url, _seg_bytes(stack, STOW_QUERY, edited, name="edited"))
     assert r.status_code == 200, r.text
-    assert r.json()["user"].startswith("anonymous@") and r.json()["image"] == image
+    assert r.json()["user"] == "anonymous@127.0.0.1" and r.json()["image"] == image  # auth off: the client
+    # at once: counted as labelled, the lease ended (a final label ends anyone's), retraining counted
     assert httpx.get(f"{url}/datastore/?output=stats", timeout=60).json()["completed"] == before + 1
+    assert r.json()["lease_released"] and image not in httpx.get(f"{url}/ssl_medsam2/leases", timeout=30).json()
+    assert _retrain_pending(url) == pending + [image] and r.json()["retrain_pending"] == len(pending) + 1
     assert _instances(orthanc) == n_instances + 1, "the app's own SEG of the saved label is in the PACS"
     lab = root / "stowed_label.nii.gz"
     lab.write_bytes(httpx.get(f"{url}/datastore/label", params={"label": image, "tag": "final"}, timeout=120).content)
@@ -618,6 +649,43 @@ def test_ohif_with_auth_logs_in_and_sends_the_token(auth_stack):
     assert json.loads(saved["body"])["user"] == "annotator", "the save records the token's user, not the body's"
 
 
+def _login(page, url: str, user: str) -> None:
+    page.goto(f"{url}/ohif/", wait_until="load", timeout=120_000)
+    page.locator("#ssl-medsam2-login-user").wait_for(timeout=60_000)
+    page.fill("#ssl-medsam2-login-user", user)
+    page.fill("#ssl-medsam2-login-password", f"{user}-pw")
+    page.click("#ssl-medsam2-login-submit")
+    page.get_by_text(QUERY, exact=True).first.wait_for(timeout=90_000)
+
+
+def test_ohif_viewer_cannot_save_a_label(auth_stack):
+    """Auth on, a viewer (role monailabel-user) in OHIF: may look and run a model, but Save label (OHIF's
+    Export DICOM SEG through the proxy) is refused with the reason shown; nothing new in Orthanc, the image
+    stays unlabelled."""
+    url, orthanc, series = auth_stack["url"], auth_stack["orthanc"], auth_stack["series"]
+    token = {"Authorization": f"Bearer {auth_stack['issuer'].token('viewer')}"}
+    model = _model(url, token)
+    before = _instances(orthanc)
+    labelled = httpx.get(f"{url}/datastore/?output=stats", timeout=60, headers=token).json()["completed"]
+    logs: list[str] = []
+    with _browser() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.on("console", lambda m: logs.append(m.text + " " + " ".join(str(a) for a in m.args)))
+            _login(page, url, "viewer")
+            _open_monai_label(page, url, dicom.stable_uid(REST_QUERY, "study"))
+            _run_model(page, model, logs)
+            status = _save_from_ohif(page, "viewer's try")
+            page.screenshot(path=str(ARTIFACTS / "auth_3_viewer_refused.png"))
+        finally:
+            browser.close()
+    assert status.startswith("not saved: 403") and "monailabel-annotator" in status, \
+        (status, [m for m in logs if "ssl-medsam2" in m])
+    assert _instances(orthanc) == before, "a viewer's SEG reached the PACS"
+    assert httpx.get(f"{url}/datastore/?output=stats", timeout=60, headers=token).json()["completed"] == labelled
+
+
 def test_viewer_cannot_store_through_the_proxy(auth_stack):
     """Auth on: a viewer's STOW is refused (403) on every route, even a valid SEG; an annotator's bad SEG
     is still checked (4xx with a reason); nothing new in Orthanc."""
@@ -633,6 +701,16 @@ def test_viewer_cannot_store_through_the_proxy(auth_stack):
         r = _stow(url, objects["wrong grid"], route, headers=annotator)
         assert r.status_code == 422 and "grid" in r.json()["detail"], r.text
     assert _instances(orthanc) == before, "a refused object reached the PACS"
+    # an annotator's valid SEG is saved as the token's user; the PACS never sees the user's token
+    recorder = auth_stack["recorder"]
+    n = len(recorder.requests)
+    r = _stow(url, objects["valid SEG"], headers=annotator)
+    assert r.status_code == 200 and r.json()["user"] == "annotator", r.text
+    assert _instances(orthanc) == before + 1
+    sent = recorder.requests[n:]
+    assert any(method == "POST" for method, _, _ in sent), "the app did not write its SEG to the PACS"
+    for method, path, headers in sent:
+        assert annotator["Authorization"].split()[1] not in json.dumps(headers), (method, path)
 
 
 def test_label_set_on_dicomweb_comes_from_the_first_labels(auth_stack):

@@ -92,7 +92,7 @@
     say('saving...');
     Promise.resolve(managers.commandsManager.runCommand('storeSegmentation', { segmentationId: id, dataSource: dataSource }))
       .then(function (report) { say(report ? 'saved as the final label' : 'not saved (cancelled)'); })
-      .catch(function (e) { say('not saved: ' + reason(e)); });
+      .catch(function (e) { console.error('ssl-medsam2: not saved', e, e && e.stack); say('not saved: ' + reason(e)); });
   }
 
   function button(id, text, onClick) {
