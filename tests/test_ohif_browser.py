@@ -466,11 +466,11 @@ def _brush_stroke(page, box: dict, segment: str) -> None:
     page.wait_for_timeout(1000)
 
 
-def _save_from_ohif(page, name: str) -> str:
+def _save_from_ohif(page, name: str, shot: str) -> str:
     """The app's Save label button: OHIF's own Export DICOM SEG (its report dialog), then the status line."""
     page.click("#ssl-medsam2-save")
     page.get_by_text("Create Report").wait_for(timeout=30_000)
-    page.screenshot(path=str(ARTIFACTS / "loop_4_save_dialog.png"))
+    page.screenshot(path=str(ARTIFACTS / f"{shot}_save_dialog.png"))
     page.get_by_text("Enter the report name").locator("xpath=following::input[1]").fill(name)
     page.get_by_role("button", name="Save", exact=True).click()
     page.wait_for_function("() => /saved as|not saved/.test(document.getElementById('ssl-medsam2-status')"
@@ -533,7 +533,7 @@ def test_ohif_annotator_loop_next_sample_model_brush_save(stack):
             assert edited_counts["liver"] > model_counts["liver"], (model_counts, edited_counts)
             # 4. Save label: OHIF's Export DICOM SEG through the proxy
             t0 = time.time()
-            status = _save_from_ohif(page, "liver corrected")
+            status = _save_from_ohif(page, "liver corrected", "loop_4")
             save_s = time.time() - t0
             page.screenshot(path=str(ARTIFACTS / "loop_4_saved.png"))
         finally:
@@ -676,7 +676,7 @@ def test_ohif_viewer_cannot_save_a_label(auth_stack):
             _login(page, url, "viewer")
             _open_monai_label(page, url, dicom.stable_uid(REST_QUERY, "study"))
             _run_model(page, model, logs)
-            status = _save_from_ohif(page, "viewer's try")
+            status = _save_from_ohif(page, "viewer's try", "auth_3")
             page.screenshot(path=str(ARTIFACTS / "auth_3_viewer_refused.png"))
         finally:
             browser.close()
