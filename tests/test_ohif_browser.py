@@ -1,14 +1,13 @@
 """OHIF + Orthanc + the app, end to end in a real headless Chromium (Debian's, never a downloaded one).
 
-Orthanc (started here) holds three CHAOS MRI studies (128x128 in-plane, 12 slices) and two of them
-have a DICOM-SEG (the labelled supports). The app runs on ``--studies http://127.0.0.1:PORT/dicom-web``.
-The browser opens ``/ohif/``, sees the studies, opens the unlabelled one in the MONAI Label mode,
-connects the panel, runs the few-shot model and we check from the screenshot's pixels that the
-overlay appeared. OHIF 3.10's MONAI Label panel has a client ``save_label`` but no button wired to
-it, so the page calls that same request (``PUT /datastore/label``, ``label.bin`` raw uint8, as the
-panel's client builds it) with the labelmap OHIF holds; then a DICOM-SEG referencing the image
-series must be in Orthanc, with the same voxels, and the image must count as labelled at once.
-Screenshots go to tests/artifacts/ohif/.
+Orthanc (started here) holds five CHAOS MRI studies (128x128 in-plane, 12 slices) and two of them
+have a DICOM-SEG (the labelled supports). The app runs on ``--studies <PACS>/dicom-web`` behind a
+recording stand-in PACS (what the app lets through). The browser goes through an annotator's loop:
+Next Sample in the MONAI Label panel, a few-shot model, a brush stroke and *Save label* (the app's
+tools, ``apps/ssl_medsam2/ohif/ssl_medsam2_tools.js``: OHIF's own Export DICOM SEG, a STOW-RS through
+the app's guarded proxy); the final label must be in the datastore at once, saver recorded, on the
+image's grid. Without a browser: every object but a checked SEG is refused on every proxy POST route,
+the PACS sees no client header it does not need. Screenshots go to tests/artifacts/ohif/.
 """
 
 from __future__ import annotations
@@ -116,7 +115,7 @@ def stack(chaos_dir, tmp_path_factory):
                                                      root / "dicom" / f"{case}_seg.dcm", class_names=CHAOS_NAMES)])
         server = _pacs_demo().start_monailabel(
             f"{recorder.url}/dicom-web", root / "work",
-            conf={**CLASS_CONF, "app.retrain_after_labels": 0, "sam2.checkpoint": "none",
+            conf={**CLASS_CONF, "app.retrain_after_labels": 100, "sam2.checkpoint": "none",  # counted, never due
                   "sam2.image_size": 128, "sam2.n_inserts": 1, "sam2.n_supports": 1, "sam2.device": "cpu"},
             env={"MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "MR"})})
         yield {"orthanc": orthanc, "url": server.url, "series": series, "root": root, "server": server,
@@ -266,6 +265,32 @@ def test_proxy_sends_the_pacs_only_what_it_needs_and_hides_its_address(stack):
                                           timeout=60).json()
 
 
+def _retrain_pending(url: str, headers: dict | None = None) -> list[str]:
+    return httpx.get(f"{url}/info/", timeout=30, headers=headers).json()["ssl_medsam2"]["retrain"]["pending"]
+
+
+def _lease(url: str, image: str, holder: str) -> None:
+    """Lease ``image`` to ``holder`` through the strategy an annotator uses: stand-ins take the images
+    handed out before it, then give them back."""
+    def ask(name: str) -> str:
+        return httpx.post(f"{url}/activelearning/first", json={"client_id": name}, timeout=60).json().get("id")
+
+    def give_back(name: str, what: str) -> None:
+        httpx.delete(f"{url}/ssl_medsam2/leases/{what}", params={"client_id": name}, timeout=30)
+
+    held = []
+    for k in range(len(CASES)):
+        got = ask(f"{holder}-stand-in-{k}")
+        if got == image:
+            give_back(f"{holder}-stand-in-{k}", got)
+            break
+        held.append((f"{holder}-stand-in-{k}", got))
+    assert ask(holder) == image, f"{image} was not handed out"
+    for name, what in held:
+        give_back(name, what)
+    assert httpx.get(f"{url}/ssl_medsam2/leases", timeout=30).json()[image]["holder"] == holder
+
+
 def test_stow_of_a_seg_becomes_the_final_label(stack):
     """OHIF's Export DICOM SEG, as a request: the SEG becomes the image's final label at once, through the
     same save path as PUT /datastore/label (saver, grid, label values; the app writes the SEG itself)."""
@@ -276,12 +301,17 @@ def test_stow_of_a_seg_becomes_the_final_label(stack):
     truth = nib.load(str(root / "labels" / f"{STOW_QUERY}.nii.gz"))
     edited = np.asarray(truth.dataobj).astype(np.uint8)
     edited[edited == 3] = 0  # a person's correction: one organ removed
+    _lease(url, image, "alice")
     before = httpx.get(f"{url}/datastore/?output=stats", timeout=60).json()["completed"]
+    pending = _retrain_pending(url)
     n_instances = _instances(orthanc)
     r = _stow(url, _seg_bytes(stack, STOW_QUERY, edited, name="edited"))
     assert r.status_code == 200, r.text
-    assert r.json()["user"].startswith("anonymous@") and r.json()["image"] == image
+    assert r.json()["user"] == "anonymous@127.0.0.1" and r.json()["image"] == image  # auth off: the client
+    # at once: counted as labelled, the lease ended (a final label ends anyone's), retraining counted
     assert httpx.get(f"{url}/datastore/?output=stats", timeout=60).json()["completed"] == before + 1
+    assert r.json()["lease_released"] and image not in httpx.get(f"{url}/ssl_medsam2/leases", timeout=30).json()
+    assert _retrain_pending(url) == pending + [image] and r.json()["retrain_pending"] == len(pending) + 1
     assert _instances(orthanc) == n_instances + 1, "the app's own SEG of the saved label is in the PACS"
     lab = root / "stowed_label.nii.gz"
     lab.write_bytes(httpx.get(f"{url}/datastore/label", params={"label": image, "tag": "final"}, timeout=120).content)
@@ -304,37 +334,6 @@ def _overlay_pixels(before: Path, after: Path, box: dict) -> int:
     changed = np.abs(b - a).sum(axis=2) > 60
     tinted = (b.max(axis=2) - b.min(axis=2)) > 60
     return int((changed & tinted).sum())
-
-
-SAVE_JS = """
-async ([image, clientId]) => {
-  // find the MONAI Label panel's props (servicesManager) through React's fiber of its server input
-  const input = [...document.querySelectorAll('input')].find(i => (i.value || '').includes('127.0.0.1'));
-  const key = Object.keys(input).find(k => k.startsWith('__reactFiber$'));
-  let fiber = input[key];
-  while (fiber && !(fiber.memoizedProps && fiber.memoizedProps.servicesManager)) fiber = fiber.return;
-  const { segmentationService } = fiber.memoizedProps.servicesManager.services;
-  const volume = segmentationService.getLabelmapVolume('1');
-  const data = volume.voxelManager.getCompleteScalarDataArray();
-  const label = new Uint8Array(data.length);
-  label.set(data);
-  const seg = segmentationService.getSegmentation('1');
-  const labelInfo = Object.values(seg.segments || {}).filter(s => s && s.segmentIndex)
-      .map(s => ({ name: s.label, idx: s.segmentIndex }));
-  const counts = {};
-  for (const v of label) if (v) counts[v] = (counts[v] || 0) + 1;
-  // exactly what MonaiLabelClient.save_label sends: params + label.bin (raw uint8)
-  const form = new FormData();
-  form.append('params', JSON.stringify({ label_info: labelInfo, client_id: clientId }));
-  form.append('label', new Blob([label]), 'label.bin');
-  const url = new URL('datastore/label', window.location.origin + '/');
-  url.searchParams.append('image', image);
-  const r = await fetch(url.toString(), { method: 'PUT', body: form, headers: { accept: 'application/json' } });
-  let bin = '';
-  for (let i = 0; i < label.length; i += 8192) bin += String.fromCharCode.apply(null, label.subarray(i, i + 8192));
-  return { status: r.status, body: await r.text(), counts, labelInfo, n: label.length, b64: btoa(bin) };
-}
-"""
 
 
 def _seg_referencing(orthanc, image_series: str) -> list[dict]:
@@ -392,95 +391,181 @@ def test_dicomweb_rest_infer_and_save_label_as_dicom_seg(stack):
     print(json.dumps({"rest_model": model, "rest_dice_vs_expert_liver": round(dice, 3)}))
 
 
-def test_ohif_runs_the_model_on_an_orthanc_study_and_saves_a_dicom_seg(stack):
+LABELMAP_JS = """
+() => {
+  // voxels per segment name of the labelmap OHIF holds (OHIF's own services: window.sslMedsam2)
+  const { segmentationService } = window.sslMedsam2.servicesManager.services;
+  const segs = segmentationService.getSegmentations() || [];
+  if (!segs.length) return null;
+  const seg = segs[segs.length - 1];
+  const data = segmentationService.getLabelmapVolume(seg.segmentationId).voxelManager.getCompleteScalarDataArray();
+  const counts = {};
+  for (const v of data) if (v) counts[v] = (counts[v] || 0) + 1;
+  const named = {};
+  for (const [i, n] of Object.entries(counts)) named[seg.segments[i].label] = n;
+  return named;
+}
+"""
+
+
+def _browser():
     if not Path(CHROMIUM).exists() or importlib.util.find_spec("playwright") is None:
         pytest.skip(f"needs Chromium at {CHROMIUM} (apt: chromium) and playwright (pip: playwright)")
     from playwright.sync_api import sync_playwright
 
-    url, orthanc, series = stack["url"], stack["orthanc"], stack["series"]
-    study_uid = dicom.stable_uid(QUERY, "study")
+    return sync_playwright()
+
+
+def _open_monai_label(page, url: str, study_uid: str) -> None:
+    """The study in OHIF's MONAI Label mode, its panel connected to this server (as a person does it)."""
+    page.goto(f"{url}/ohif/monai-label?StudyInstanceUIDs={study_uid}", wait_until="load", timeout=120_000)
+    _connect_panel(page, url)
+
+
+def _connect_panel(page, url: str, first_visit: bool = True) -> None:
+    if first_visit:  # OHIF's "investigational use" notice, once per browser session
+        page.get_by_text("Confirm and Hide").click(timeout=60_000)
+    page.wait_for_function("() => [...document.querySelectorAll('canvas')].some(c => c.width > 100)", timeout=60_000)
+    server_input = page.locator("input[value*='127.0.0.1']").first
+    server_input.fill(url + "/")
+    server_input.press("Tab")
+    server_input.locator("xpath=following::button[1]").click()
+    page.get_by_text("SSL-MedSAM2", exact=True).first.wait_for(timeout=60_000)
+    page.locator("#ssl-medsam2-save").wait_for(timeout=30_000)  # the app's tools are on the page
+    page.wait_for_timeout(2000)
+
+
+def _run_model(page, model: str, logs: list[str]) -> float:
+    """Auto-Segmentation: pick the model, press its Run button, wait until OHIF shows the result."""
+    seen = len(logs)
+    models = page.locator("select:visible", has=page.locator(f"option:text-is('{model}')")).first
+    models.select_option(label=model)
+    t0 = time.time()
+    models.locator("xpath=following::button[1]").click()  # its Run button
+    deadline = time.time() + 300
+    while not any("updated the segmentation's scalar data" in m for m in logs[seen:]):
+        assert not any("Failed to Run Segmentation" in m for m in logs[seen:]), logs[-20:]
+        assert time.time() < deadline, "no segmentation after 300 s:\n" + "\n".join(logs[-20:])
+        page.wait_for_timeout(500)
+    page.wait_for_timeout(2000)
+    return time.time() - t0
+
+
+def _brush_stroke(page, box: dict, segment: str) -> None:
+    """The app's segment picker and Brush button, then one stroke with the left mouse button in the axial
+    viewport, from inside the liver outwards."""
+    page.select_option("#ssl-medsam2-segment", label=segment)
+    page.click("#ssl-medsam2-brush")
+    page.get_by_text("brush: paint with the left button").wait_for(timeout=10_000)
+    x, y = box["x"] + box["width"] * 0.25, box["y"] + box["height"] * 0.50
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for k in range(1, 9):
+        page.mouse.move(x + k * box["width"] * 0.025, y, steps=2)
+    page.mouse.up()
+    page.wait_for_timeout(1000)
+
+
+def _save_from_ohif(page, name: str, shot: str) -> str:
+    """The app's Save label button: OHIF's own Export DICOM SEG (its report dialog), then the status line."""
+    page.click("#ssl-medsam2-save")
+    page.get_by_text("Create Report").wait_for(timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / f"{shot}_save_dialog.png"))
+    page.get_by_text("Enter the report name").locator("xpath=following::input[1]").fill(name)
+    page.get_by_role("button", name="Save", exact=True).click()
+    page.wait_for_function("() => /saved as|not saved/.test(document.getElementById('ssl-medsam2-status')"
+                           ".textContent)", timeout=120_000)
+    return page.locator("#ssl-medsam2-status").text_content()
+
+
+def _model(url: str, headers: dict | None = None) -> str:
+    info = httpx.get(f"{url}/info/", timeout=30, headers=headers).json()
+    unavailable = info.get("unavailable_models") or {}
+    return next(m for m in ("atlas_fewshot", "sam2_fewshot") if m in info["models"] and m not in unavailable)
+
+
+def test_ohif_annotator_loop_next_sample_model_brush_save(stack):
+    """A person's loop in OHIF on Orthanc, in a real Chromium: Next Sample (MONAI Label panel), a few-shot
+    model (Auto-Segmentation), a brush stroke (the app's Brush), Save label (the app's button: OHIF's own
+    Export DICOM SEG, STOW through the proxy). The final label is in the datastore at once: the client
+    recorded as saver, on the image's grid, CHAOS's liver id, OHIF's voxels, the lease ended."""
+    import SimpleITK as sitk
+
+    url, orthanc, series, root = stack["url"], stack["orthanc"], stack["series"], stack["root"]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS.parent / ".gitignore").write_text("*\n")
-    info = httpx.get(f"{url}/info/", timeout=30).json()
-    unavailable = info.get("unavailable_models") or {}
-    model = next(m for m in ("atlas_fewshot", "sam2_fewshot") if m in info["models"] and m not in unavailable)
+    model = _model(url)
     completed = httpx.get(f"{url}/datastore/?output=stats", timeout=60).json()["completed"]
-    assert completed >= len(LABELLED)
-
+    study_case = {dicom.stable_uid(c, "study"): c for c in CASES}
     logs: list[str] = []
-    with sync_playwright() as p:
+    with _browser() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.on("console", lambda m: logs.append(m.text))
-            # 1. the study list, served by OHIF through MONAI Label's DICOMweb proxy from Orthanc
-            page.goto(f"{url}/ohif/", wait_until="load", timeout=120_000)
-            for case in CASES:
-                page.get_by_text(case, exact=True).first.wait_for(timeout=60_000)
-            page.screenshot(path=str(ARTIFACTS / "1_study_list.png"))
-            # 2. the unlabelled study in the MONAI Label mode
-            page.goto(f"{url}/ohif/monai-label?StudyInstanceUIDs={study_uid}", wait_until="load", timeout=120_000)
-            page.get_by_text("Confirm and Hide").click(timeout=60_000)
-            page.wait_for_function("() => [...document.querySelectorAll('canvas')].some(c => c.width > 100)",
-                                   timeout=60_000)
-            page.wait_for_timeout(3000)
+            page.on("dialog", lambda d: d.accept())  # Next Sample's "This action will reload current page"
+            # 1. a labelled study open in the MONAI Label mode; Next Sample hands out an unlabelled one
+            _open_monai_label(page, url, dicom.stable_uid(LABELLED[0], "study"))
+            page.get_by_role("button", name="Next Sample").click()
+            page.get_by_text("Active Learning - Next Sample").wait_for(timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "loop_1_next_sample.png"))
+            page.get_by_role("button", name="OK", exact=True).click()
+            page.wait_for_url(lambda u: dicom.stable_uid(LABELLED[0], "study") not in u, timeout=60_000)
+            case = study_case[page.url.rsplit("=", 1)[1]]
+            image = series[case]
+            assert case not in LABELLED, case
+            lease = httpx.get(f"{url}/ssl_medsam2/leases", timeout=30).json().get(image)
+            assert lease, f"Next Sample did not lease {case}"
+            _connect_panel(page, url, first_visit=False)
             axial = page.locator("canvas").first.bounding_box()
-            before = ARTIFACTS / "2_study_loaded.png"
+            before = ARTIFACTS / "loop_0_study.png"
             page.screenshot(path=str(before))
-            # 3. connect the panel to this server
-            server_input = page.locator("input[value*='127.0.0.1']").first
-            server_input.fill(url + "/")
-            server_input.press("Tab")
-            server_input.locator("xpath=following::button[1]").click()
-            page.get_by_text("SSL-MedSAM2", exact=True).first.wait_for(timeout=60_000)
-            # 4. run the model from the Auto-Segmentation section
-            models = page.locator("select:visible", has=page.locator(f"option:text-is('{model}')")).first
-            models.select_option(label=model)
+            # 2. the few-shot model
+            infer_s = _run_model(page, model, logs)
+            page.screenshot(path=str(ARTIFACTS / "loop_2_model.png"))
+            overlay_px = _overlay_pixels(before, ARTIFACTS / "loop_2_model.png", axial)
+            assert overlay_px > 300, f"overlay not visible: {overlay_px} pixels turned colour in the axial view"
+            model_counts = page.evaluate(LABELMAP_JS)
+            # 3. a correction with the brush
+            _brush_stroke(page, axial, "liver")
+            edited_counts = page.evaluate(LABELMAP_JS)
+            page.screenshot(path=str(ARTIFACTS / "loop_3_brush.png"))
+            assert edited_counts["liver"] > model_counts["liver"], (model_counts, edited_counts)
+            # 4. Save label: OHIF's Export DICOM SEG through the proxy
             t0 = time.time()
-            models.locator("xpath=following::button[1]").click()  # its Run button
-            deadline = time.time() + 300
-            while not any("updated the segmentation's scalar data" in m for m in logs):
-                assert not any("Failed to Run Segmentation" in m for m in logs), logs[-20:]
-                assert time.time() < deadline, "no segmentation after 300 s:\n" + "\n".join(logs[-20:])
-                page.wait_for_timeout(500)
-            infer_s = time.time() - t0
-            page.wait_for_timeout(2000)
-            after = ARTIFACTS / "3_overlay.png"
-            page.screenshot(path=str(after))
-            tinted_after = _overlay_pixels(before, after, axial)
-            assert tinted_after > 300, f"overlay not visible: {tinted_after} pixels turned colour in the axial view"
-            # 5. save the label OHIF holds, as the panel's client does
-            saved = page.evaluate(SAVE_JS, [series[QUERY], "ohif-test"])
-            page.screenshot(path=str(ARTIFACTS / "4_saved.png"))
+            status = _save_from_ohif(page, "liver corrected", "loop_4")
+            save_s = time.time() - t0
+            page.screenshot(path=str(ARTIFACTS / "loop_4_saved.png"))
         finally:
             browser.close()
-    assert saved["status"] == 200, saved
-    assert saved["counts"], "OHIF's labelmap is empty"
+    assert status == "saved as the final label", (status, logs[-20:])
 
-    # 6. a DICOM-SEG referencing the image series is in Orthanc, with the voxels OHIF held
-    import SimpleITK as sitk
-
-    new = _seg_referencing(orthanc, series[QUERY])
-    assert len(new) == 1, "no DICOM-SEG references the saved image"
-    seg_img = _read_seg(orthanc, new[0], stack["root"] / "saved_seg.dcm")
-    seg_mask = sitk.GetArrayFromImage(seg_img) > 0  # (slices, rows, columns) in ITK's slice order
-    assert int(seg_mask.sum()) == sum(saved["counts"].values())
-    import base64
-
-    ohif_mask = np.frombuffer(base64.b64decode(saved["b64"]), np.uint8) > 0  # columns fastest, then rows, slices
-    assert ohif_mask.size == seg_mask.size
-    np.testing.assert_array_equal(ohif_mask, seg_mask.ravel(), err_msg="the SEG in Orthanc is not OHIF's labelmap")
-    # and it lies on the patient: overlap with the expert liver label of this case
-    dice = _dice_with_truth(seg_img, stack["root"] / "labels" / f"{QUERY}.nii.gz")
-    # 7. the labelled state changed at once (no 2 h DICOMweb cache), and the image is not handed out again
+    # 5. at once: the final label, who saved it, on the image's grid, OHIF's voxels with CHAOS's ids
     stats = httpx.get(f"{url}/datastore/?output=stats", timeout=60).json()
     assert stats["completed"] == completed + 1, stats
-    nxt = httpx.post(f"{url}/activelearning/first", json={"client_id": "someone-else"}, timeout=60).json()
-    assert nxt.get("id") != series[QUERY]
-    print(json.dumps({"model": model, "infer_s": round(infer_s, 1), "overlay_px": tinted_after,
-                      "saved_voxels": saved["counts"], "dice_vs_expert_liver": round(float(dice), 3)}))
+    info = httpx.get(f"{url}/datastore/label/info", params={"label": image, "tag": "final"}, timeout=60).json()
+    assert info["user"] == lease["holder"] == "anonymous@127.0.0.1", (info, lease)
+    assert info["source"] == "DICOM-SEG (STOW)"
+    assert image not in httpx.get(f"{url}/ssl_medsam2/leases", timeout=30).json(), "the lease did not end"
+    img_path, lab_path = root / f"loop_{case}_image.nii.gz", root / f"loop_{case}_label.nii.gz"
+    img_path.write_bytes(httpx.get(f"{url}/datastore/image", params={"image": image}, timeout=120).content)
+    lab_path.write_bytes(httpx.get(f"{url}/datastore/label", params={"label": image, "tag": "final"},
+                                   timeout=120).content)
+    img, lab = nib.load(str(img_path)), nib.load(str(lab_path))
+    assert lab.shape == img.shape
+    np.testing.assert_allclose(lab.affine, img.affine, atol=1e-4)
+    values, counts = np.unique(np.asarray(lab.dataobj), return_counts=True)
+    saved = {int(v): int(n) for v, n in zip(values, counts) if v}
+    chaos_id = {name: i for i, name in CHAOS_NAMES.items()}  # OHIF numbers its segments its own way:
+    assert saved == {chaos_id[name]: n for name, n in edited_counts.items()}, (saved, edited_counts)  # by name
+    dice = _dice_with_truth(sitk.ReadImage(str(lab_path)), root / "labels" / f"{case}.nii.gz")
+    print(json.dumps({"case": case, "model": model, "infer_s": round(infer_s, 1), "save_s": round(save_s, 1),
+                      "overlay_px": overlay_px, "model_voxels": model_counts, "saved_voxels": saved,
+                      "dice_vs_expert_liver": round(float(dice), 3)}))
     if model == "atlas_fewshot":  # a real segmentation: it must sit on the liver (not mirrored or shifted)
-        assert dice > 0.4, f"saved SEG does not overlap the liver (Dice {dice:.2f}): geometry lost on the way"
+        assert dice > 0.4, f"saved label does not overlap the liver (Dice {dice:.2f}): geometry lost on the way"
+    nxt = httpx.post(f"{url}/activelearning/first", json={"client_id": "someone-else"}, timeout=60).json()
+    assert nxt.get("id") != image, "a labelled image was handed out again"
 
 
 # ------------------------------------------------------------------------------- OHIF with auth on
@@ -564,6 +649,43 @@ def test_ohif_with_auth_logs_in_and_sends_the_token(auth_stack):
     assert json.loads(saved["body"])["user"] == "annotator", "the save records the token's user, not the body's"
 
 
+def _login(page, url: str, user: str) -> None:
+    page.goto(f"{url}/ohif/", wait_until="load", timeout=120_000)
+    page.locator("#ssl-medsam2-login-user").wait_for(timeout=60_000)
+    page.fill("#ssl-medsam2-login-user", user)
+    page.fill("#ssl-medsam2-login-password", f"{user}-pw")
+    page.click("#ssl-medsam2-login-submit")
+    page.get_by_text(QUERY, exact=True).first.wait_for(timeout=90_000)
+
+
+def test_ohif_viewer_cannot_save_a_label(auth_stack):
+    """Auth on, a viewer (role monailabel-user) in OHIF: may look and run a model, but Save label (OHIF's
+    Export DICOM SEG through the proxy) is refused with the reason shown; nothing new in Orthanc, the image
+    stays unlabelled."""
+    url, orthanc, series = auth_stack["url"], auth_stack["orthanc"], auth_stack["series"]
+    token = {"Authorization": f"Bearer {auth_stack['issuer'].token('viewer')}"}
+    model = _model(url, token)
+    before = _instances(orthanc)
+    labelled = httpx.get(f"{url}/datastore/?output=stats", timeout=60, headers=token).json()["completed"]
+    logs: list[str] = []
+    with _browser() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.on("console", lambda m: logs.append(m.text + " " + " ".join(str(a) for a in m.args)))
+            _login(page, url, "viewer")
+            _open_monai_label(page, url, dicom.stable_uid(REST_QUERY, "study"))
+            _run_model(page, model, logs)
+            status = _save_from_ohif(page, "viewer's try", "auth_3")
+            page.screenshot(path=str(ARTIFACTS / "auth_3_viewer_refused.png"))
+        finally:
+            browser.close()
+    assert status.startswith("not saved: 403") and "monailabel-annotator" in status, \
+        (status, [m for m in logs if "ssl-medsam2" in m])
+    assert _instances(orthanc) == before, "a viewer's SEG reached the PACS"
+    assert httpx.get(f"{url}/datastore/?output=stats", timeout=60, headers=token).json()["completed"] == labelled
+
+
 def test_viewer_cannot_store_through_the_proxy(auth_stack):
     """Auth on: a viewer's STOW is refused (403) on every route, even a valid SEG; an annotator's bad SEG
     is still checked (4xx with a reason); nothing new in Orthanc."""
@@ -579,6 +701,16 @@ def test_viewer_cannot_store_through_the_proxy(auth_stack):
         r = _stow(url, objects["wrong grid"], route, headers=annotator)
         assert r.status_code == 422 and "grid" in r.json()["detail"], r.text
     assert _instances(orthanc) == before, "a refused object reached the PACS"
+    # an annotator's valid SEG is saved as the token's user; the PACS never sees the user's token
+    recorder = auth_stack["recorder"]
+    n = len(recorder.requests)
+    r = _stow(url, objects["valid SEG"], headers=annotator)
+    assert r.status_code == 200 and r.json()["user"] == "annotator", r.text
+    assert _instances(orthanc) == before + 1
+    sent = recorder.requests[n:]
+    assert any(method == "POST" for method, _, _ in sent), "the app did not write its SEG to the PACS"
+    for method, path, headers in sent:
+        assert annotator["Authorization"].split()[1] not in json.dumps(headers), (method, path)
 
 
 def test_label_set_on_dicomweb_comes_from_the_first_labels(auth_stack):

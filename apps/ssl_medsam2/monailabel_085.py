@@ -293,6 +293,9 @@ def _serve_ohif(path: str):
         return Response(TOKEN_JS, media_type="application/javascript")
     if path == "ssl_medsam2_login.html":
         return HTMLResponse(LOGIN_HTML)
+    if path == "ssl_medsam2_tools.js":  # the app's Brush / Eraser / Save label for the MONAI Label mode
+        return FileResponse(str(Path(__file__).resolve().parent / "ohif" / "ssl_medsam2_tools.js"),
+                            media_type="application/javascript", headers={"Cache-Control": "no-store"})
     root = ohif_dir()
     if any(ord(c) < 32 or ord(c) == 127 for c in path):  # e.g. %00: no file has such a name (was a 500)
         raise HTTPException(status_code=404, detail="Resource NOT Found")
@@ -303,7 +306,8 @@ def _serve_ohif(path: str):
         target = root / "index.html"  # the viewer's client-side routes (e.g. /ohif/viewer?...)
     if target.name == "index.html" and target.parent == root:
         html = target.read_text()
-        html = html.replace("<head>", '<head><script src="/ohif/ssl_medsam2_auth.js"></script>', 1)
+        html = html.replace("<head>", '<head><script src="/ohif/ssl_medsam2_auth.js"></script>'
+                                      '<script src="/ohif/ssl_medsam2_tools.js"></script>', 1)
         return HTMLResponse(html, headers={"Cache-Control": "no-store"})
     media = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
     if target.suffix == ".wasm":

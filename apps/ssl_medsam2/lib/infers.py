@@ -39,6 +39,17 @@ def label_names(cfg: dict) -> dict[str, int]:
     return {inputs.class_name(c): c for c in ids}
 
 
+def served_labels(ws: Workspace) -> dict[str, int]:
+    """Name -> id the models announce in /info/ (OHIF's panel makes one segment per entry): the configured
+    classes, else the label set found in the first labels (DICOMweb: their SEGs' segment names), else
+    nothing. Why: with none announced, OHIF holds every class in one segment and cannot export it."""
+    configured = label_names(ws.cfg)
+    if configured:
+        return configured
+    names, ids = ws.class_names, ws.label_ids or set()
+    return {names.get(c) or f"class_{c}": c for c in sorted(set(names) | set(ids)) if c}
+
+
 RESULT_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 
 
@@ -109,7 +120,14 @@ def sam2_missing_reason(missing: dict) -> str:
               "the atlas_fewshot model makes few-shot pseudo labels without any weights")
 
 
-class FewShotInfer(InferTask):
+class _ServedLabels:
+    def info(self):
+        meta = super().info()
+        meta["labels"] = served_labels(self.ws)
+        return meta
+
+
+class FewShotInfer(_ServedLabels, InferTask):
     """Few-shot pseudo label of one image; supports = datastore images with final labels."""
 
     def __init__(self, ws: Workspace, engine: str, description: str):
@@ -216,7 +234,7 @@ def label_on(image: Volume, label_path: str) -> np.ndarray:
     return load_label_for(image, label_path).array
 
 
-class NnUNetInfer(InferTask):
+class NnUNetInfer(_ServedLabels, InferTask):
     """The deployed nnU-Net version; a newly promoted (or rolled back) version is used on the next request."""
 
     def __init__(self, ws: Workspace):
