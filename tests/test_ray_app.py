@@ -65,13 +65,14 @@ def test_batch_fewshot_goes_to_ray_and_lands_like_the_per_image_task(small_chaos
     assert not (ws.state_dir / "batch").exists() or not any((ws.state_dir / "batch").iterdir())
 
 
-def test_pseudo_label_queue_job_runs_on_ray_and_lands_only_in_the_store(chaos_dir, tmp_path, caplog):
+def test_pseudo_label_queue_job_runs_on_ray_and_lands_only_in_the_store(chaos_dir, tmp_path, caplog, monkeypatch):
     """With ``cluster.ray_address`` the background queue's job (lib/pseudo_ahead.py) runs on a Ray worker with
     the supports the in-process path picks; its label equals the in-process one and goes only to the
     pseudo-label store (the datastore's pseudo tag, where the trainer publishes refined labels, is untouched).
     Real CHAOS, 4 cases at 32x32 in-plane, 10 slices, 2 final labels."""
     from lib.pseudo_ahead import PseudoAhead
     from main import create_app
+    from ssl_medsam2.cluster import cluster_cfg, ray_session
     from ssl_medsam2.io import load_label_for, load_volume
     from ssl_medsam2.metrics import dice
     from test_team_server import CONF, build_studies
@@ -82,8 +83,14 @@ def test_pseudo_label_queue_job_runs_on_ray_and_lands_only_in_the_store(chaos_di
     app = create_app(str(REPO / "apps" / "ssl_medsam2"), str(studies), conf)
     ws, ds, image = app.workspace, app.datastore(), "chaos_03"
     ahead = ws.pseudo_ahead = PseudoAhead(app)  # the server's store and queue (the queue is not started)
+    task = ahead.task()
     try:
-        with caplog.at_level("INFO", logger="ssl_medsam2"):
+        with ray_session("local", cluster_cfg(ws.cfg)), caplog.at_level("INFO", logger="ssl_medsam2"):
+            with monkeypatch.context() as m:  # a job that fails on the worker: its reason reaches the queue
+                m.setattr(task, "engine_name", "no_such_engine")
+                with pytest.raises(RuntimeError, match="no_such_engine"):
+                    ahead._compute(image)
+            assert ws.stored_pseudo_label(image) is None
             ahead._compute(image)  # what the queue runs for one image
         rec = ws.stored_pseudo_label(image)
         assert rec and rec["ran_on"] == "ray" and rec["ray_address"] == "local" and rec["current"] is True, rec
@@ -92,7 +99,6 @@ def test_pseudo_label_queue_job_runs_on_ray_and_lands_only_in_the_store(chaos_di
         assert not ds.get_label_uri(image, ws.pseudo_tag)  # the datastore's pseudo tag is untouched
         assert ws.image_info(image).get("ssl_uncertainty") is not None  # scores as in-process
 
-        task = ahead.task()
         query = load_volume(ds.get_image_uri(image), name=image)
         here, _ = task.compute(query, image, ahead._top_k(task))  # in this process, the same inputs
         stored = load_label_for(query, rec["path"]).array
