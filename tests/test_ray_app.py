@@ -13,6 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO
 from ray_helpers import ATLAS, FAST_ATLAS, ray_env  # noqa: F401 - ray_env: autouse, applies to this module
@@ -62,3 +63,46 @@ def test_batch_fewshot_goes_to_ray_and_lands_like_the_per_image_task(small_chaos
         assert (ws.fewshot_dir / "summaries" / f"{c}.json").exists()
         assert ws.image_info(c).get("ssl_uncertainty") is not None
     assert not (ws.state_dir / "batch").exists() or not any((ws.state_dir / "batch").iterdir())
+
+
+def test_pseudo_label_queue_job_runs_on_ray_and_lands_only_in_the_store(chaos_dir, tmp_path, caplog, monkeypatch):
+    """With ``cluster.ray_address`` the background queue's job (lib/pseudo_ahead.py) runs on a Ray worker with
+    the supports the in-process path picks; its label equals the in-process one and goes only to the
+    pseudo-label store (the datastore's pseudo tag, where the trainer publishes refined labels, is untouched).
+    Real CHAOS, 4 cases at 32x32 in-plane, 10 slices, 2 final labels."""
+    from lib.pseudo_ahead import PseudoAhead
+    from main import create_app
+    from ssl_medsam2.cluster import cluster_cfg, ray_session
+    from ssl_medsam2.io import load_label_for, load_volume
+    from ssl_medsam2.metrics import dice
+    from test_team_server import CONF, build_studies
+
+    studies = build_studies(chaos_dir, tmp_path, cases=4)
+    conf = {**CONF, **FAST_ATLAS, "cluster.ray_address": "local", "cluster.local_num_cpus": "1",
+            "cluster.object_store_mb": "100"}
+    app = create_app(str(REPO / "apps" / "ssl_medsam2"), str(studies), conf)
+    ws, ds, image = app.workspace, app.datastore(), "chaos_03"
+    ahead = ws.pseudo_ahead = PseudoAhead(app)  # the server's store and queue (the queue is not started)
+    task = ahead.task()
+    try:
+        with ray_session("local", cluster_cfg(ws.cfg)), caplog.at_level("INFO", logger="ssl_medsam2"):
+            with monkeypatch.context() as m:  # a job that fails on the worker: its reason reaches the queue
+                m.setattr(task, "engine_name", "no_such_engine")
+                with pytest.raises(RuntimeError, match="no_such_engine"):
+                    ahead._compute(image)
+            assert ws.stored_pseudo_label(image) is None
+            ahead._compute(image)  # what the queue runs for one image
+        rec = ws.stored_pseudo_label(image)
+        assert rec and rec["ran_on"] == "ray" and rec["ray_address"] == "local" and rec["current"] is True, rec
+        done = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{image} done on ")]
+        assert done and f":{os.getpid()} " not in done[0], done  # a Ray worker's process, not this one
+        assert not ds.get_label_uri(image, ws.pseudo_tag)  # the datastore's pseudo tag is untouched
+        assert ws.image_info(image).get("ssl_uncertainty") is not None  # scores as in-process
+
+        query = load_volume(ds.get_image_uri(image), name=image)
+        here, _ = task.compute(query, image, ahead._top_k(task))  # in this process, the same inputs
+        stored = load_label_for(query, rec["path"]).array
+        assert stored.any() and dice(stored > 0, here["label"] > 0) >= 0.99
+        assert np.array_equal(stored, here["label"])
+    finally:
+        ws.pseudo_ahead = None

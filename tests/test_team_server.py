@@ -263,7 +263,7 @@ def test_current_pseudo_label_path_is_the_base_of_a_correction_only_while_curren
     assert ws.current_pseudo_label_path(image) is None  # nothing stored yet
     ahead = ws.pseudo_ahead = PseudoAhead(app)  # the server's store and queue (the queue is not started)
     task = ahead.task()
-    monkeypatch.setattr(task, "compute", lambda query, image_id, top_k: (  # a stand-in engine: the store is tested
+    monkeypatch.setattr(task, "compute", lambda query, image_id, top_k, executor=None: (  # a stand-in engine
         {"label": (query.array > np.percentile(query.array, 90)).astype(np.uint8), "summary": {"supports": LABELLED}},
         None))
     ahead._compute(image)  # what the queue runs for one image

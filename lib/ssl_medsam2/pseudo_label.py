@@ -316,6 +316,31 @@ class PseudoLabelSpec:
         return dataclasses.replace(self, engine=None)  # another machine builds its own by name
 
 
+def pseudo_label_case_on(executor: Executor, engine_name: str, supports: Sequence[Case], query: Case, cfg: dict,
+                         out_dir: str | os.PathLike) -> dict:
+    """:func:`pseudo_label_case` of one query where ``executor`` runs cases (on Ray: a worker builds the
+    engine by name and gets the supports with the job), its files written all-or-nothing into ``out_dir``.
+    Returns the outputs as :func:`pseudo_label_case` does (label and entropy in canonical order, summary,
+    paths); a failed case raises RuntimeError with the executor's reason."""
+    import nibabel as nib
+
+    classes = resolve_classes(supports, InputSettings.from_config(cfg).classes)
+    check_supports(supports, classes)
+    results: dict[str, dict] = {}
+    job = CaseJob(desc=f"pseudo-label ({engine_name})", doing=f"{engine_name}: pseudo-labelling",
+                  worker=PseudoLabelSpec(cfg, engine_name, list(supports), classes),
+                  read=lambda _name: query, write=results.__setitem__)
+    failed = executor.run(job, [query.name], show_progress=False)
+    if query.name not in results:
+        reason = (failed.get(query.name) or "the executor returned no result").strip().splitlines()
+        raise RuntimeError(f"{query.name}: {reason[-1] if reason else 'failed'}")
+    paths = write_encoded(out_dir, query.name, results[query.name]["files"])
+    entropy = np.moveaxis(np.asarray(nib.load(str(paths["entropy"])).dataobj), -1, 0)
+    return {"label": load_label_for(query.image, paths["labels"]).array,
+            "entropy": query.image.in_canonical_order(entropy), "summary": results[query.name]["summary"],
+            "paths": {k: str(v) for k, v in paths.items()}}
+
+
 def pseudo_label_folder(images_dir, labels_dir, out_dir, cfg: dict, engine: FewShotEngine | None = None,
                         show_progress: bool = True, names: Sequence[str] | None = None,
                         executor: Executor | None = None) -> list[dict]:

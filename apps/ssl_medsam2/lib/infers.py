@@ -190,15 +190,19 @@ class FewShotInfer(_ServedLabels, InferTask):
                                    "before asking for a few-shot pseudo label")
         return cases
 
-    def compute(self, query: Volume, image_id: str | None, top_k: int) -> tuple[dict, float | None]:
+    def compute(self, query: Volume, image_id: str | None, top_k: int, executor=None) -> tuple[dict, float | None]:
         """One pseudo label from the current supports: (outputs, uncertainty). A datastore image gets its
-        few-shot outputs (``<state>/fewshot``) and scores stored."""
+        few-shot outputs (``<state>/fewshot``) and scores stored. With ``executor`` (the pseudo-label queue's
+        Ray executor; a datastore image only) the engine runs there, on the same supports and settings."""
         from ssl_medsam2.engines import Case
-        from ssl_medsam2.pseudo_label import pseudo_label_case
+        from ssl_medsam2.pseudo_label import pseudo_label_case, pseudo_label_case_on
 
         supports = self.supports(query, image_id, top_k)
         out_dir = self.ws.fewshot_dir if image_id else None
-        outputs = pseudo_label_case(self.engine(), supports, Case(query), self.ws.cfg, out_dir=out_dir)
+        if executor is not None:
+            outputs = pseudo_label_case_on(executor, self.engine_name, supports, Case(query), self.ws.cfg, out_dir)
+        else:
+            outputs = pseudo_label_case(self.engine(), supports, Case(query), self.ws.cfg, out_dir=out_dir)
         s = outputs["summary"]
         u = _uncertainty(self.ws, outputs["entropy"], outputs["label"], s["classes"])
         if image_id:

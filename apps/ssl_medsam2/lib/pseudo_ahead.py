@@ -10,7 +10,9 @@ shutdown. Only in the server process (child processes rebuild the app and leave 
 - A result is current when its digest equals the digest of the engine, its settings, the content of every
   final label and the image file now (``ssl_medsam2.pseudo_store.producer_digest``).
 - Background jobs run one at a time, only when no interactive request ran for ``pseudo_store.idle_s``,
-  images leased to someone first, then in the order ``pseudo_store.strategy`` hands them out.
+  images leased to someone first, then in the order ``pseudo_store.strategy`` hands them out. With
+  ``cluster.ray_address`` each job's engine runs on a Ray worker (same supports and settings); its label
+  goes only to this store (``ran_on: ray``), never to the datastore's pseudo tag.
 - SIGTERM: the queue takes no new job and the process exits within ``pseudo_store.shutdown_grace_s``
   even when a computation or a request is still running (all writes are atomic, so nothing is partial;
   the restarted queue recomputes what was not stored).
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ssl_medsam2.cluster import RayExecutor, cluster_address
 from ssl_medsam2.config import Section
 from ssl_medsam2.io import load_volume, save_like
 from ssl_medsam2.pseudo_store import PseudoQueue, PseudoStore, file_fingerprint, producer_digest, producer_settings
@@ -131,14 +134,17 @@ class PseudoAhead:
         digest = self._digest(self._supports_digest(task), image_id)  # before the supports are read
         t0 = time.time()
         query = load_volume(self.ws.datastore.get_image_uri(image_id), name=image_id)
-        outputs, u = task.compute(query, image_id, self._top_k(task))
+        executor = RayExecutor(self.ws.cfg) if cluster_address(self.ws.cfg) else None  # one job, one image
+        outputs, u = task.compute(query, image_id, self._top_k(task), executor=executor)
         label = np.asarray(outputs["label"], dtype=np.uint8)
+        ran_on = {"ran_on": "ray", **executor.run_info()} if executor else {"ran_on": "server"}
         self.store.put(task.engine_name, image_id,
                        lambda tmp: save_like(label, query, tmp, dtype=np.uint8,
                                              description=f"ssl-medsam2 {task.engine_name} pseudo label"),
-                       {"digest": digest, "seconds": round(time.time() - t0, 2),
+                       {"digest": digest, "seconds": round(time.time() - t0, 2), **ran_on,
                         **task.describe(outputs["summary"], u)})
-        log.info("pseudo label of %s stored (%s, %.1f s)", image_id, task.engine_name, time.time() - t0)
+        log.info("pseudo label of %s stored (%s on %s, %.1f s)", image_id, task.engine_name, ran_on["ran_on"],
+                 time.time() - t0)
 
     # ---------------------------------------------------------------- requests
     @contextlib.contextmanager
@@ -178,6 +184,7 @@ class PseudoAhead:
         fields["pseudo_label"] = {"source": "computed" if waited else "store", "current": current,
                                   "newer_supports_pending": not current, "computed_at": _when(rec.get("computed_at")),
                                   "computed_s": rec.get("seconds"), "supports": rec.get("supports"),
+                                  "ran_on": rec.get("ran_on", "server"),
                                   "digest": rec.get("digest")}
         return rec["path"], fields
 
