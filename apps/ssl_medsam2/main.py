@@ -21,6 +21,7 @@ from ssl_medsam2.cluster import cluster_address
 import monailabel_085  # every MONAI Label 0.8.5 workaround (token check, DICOMweb, datastore file, routes)
 from lib.activelearning import LeasedStrategy
 from lib.infers import FewShotInfer, NnUNetInfer
+from lib.interactive import interactive_tasks
 from lib.retrain import RetrainScheduler
 from lib.scoring import DisagreementScoring, UncertaintyScoring
 from lib.trainers import SSLNnUNetTrain
@@ -74,6 +75,7 @@ class SSLMedSAM2App(MONAILabelApp):
                                                      "the labelled images (supports)"),
             "atlas_fewshot": FewShotInfer(ws, "atlas", "Few-shot atlas registration from the labelled images"),
             "nnunet": NnUNetInfer(ws),
+            **interactive_tasks(ws),  # smart_edit, point_prompts, point_prompts_vista, scribbles
         }
         return self.infer_tasks
 

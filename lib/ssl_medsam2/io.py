@@ -74,6 +74,16 @@ class Volume:
         """Put a source-order array (3D, or 4D channels first) as stored on disk into canonical order."""
         return _reorient(array, _ornt_to_canonical(self.source_affine))
 
+    def index_to_canonical(self, points) -> np.ndarray:
+        """Voxel indices of the file on disk (``(n, 3)`` integers, e.g. a client's clicks) as indices into
+        :attr:`array`: the same axis permutation and flips as :meth:`in_canonical_order`."""
+        pts = np.asarray(points, dtype=np.int64).reshape(-1, 3)
+        out = np.empty_like(pts)
+        for src_axis, (axis, flip) in enumerate(_ornt_to_canonical(self.source_affine)):
+            col = pts[:, src_axis]
+            out[:, int(axis)] = self.source_shape[src_axis] - 1 - col if flip < 0 else col
+        return out
+
 
 def _ornt_to_canonical(affine: np.ndarray) -> np.ndarray:
     return nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),

@@ -128,9 +128,9 @@ def build_router(app) -> APIRouter:
 
     # ---------------------------------------------------------------- infer / train / strategies
     @r.post("/infer/{model}", summary="Run inference (checked: model, image, params, input file)")
-    def infer(background_tasks: BackgroundTasks, model: str, image: str = "", session_id: str = "",
-              params: str = Form("{}"), file: UploadFile = File(None), label: UploadFile = File(None),
-              output: Optional[ResultType] = None, user: User = Depends(RBAC(USER))):
+    def infer(request: Request, background_tasks: BackgroundTasks, model: str, image: str = "",
+              session_id: str = "", params: str = Form("{}"), file: UploadFile = File(None),
+              label: UploadFile = File(None), output: Optional[ResultType] = None, user: User = Depends(RBAC(USER))):
         check_model(model)
         if session_id:
             check_name(session_id, "session id")
@@ -142,11 +142,16 @@ def build_router(app) -> APIRouter:
                 raise reject(422, "give an image id of the datastore, a session id or upload a file")
             check_image_id(image)
         p = parse_params(params)
-        fixed = sorted(k for k in p if k in SERVER_SET)
-        if fixed:
-            raise reject(422, f"params may not set {', '.join(fixed)}: the image is the request's 'image' "
-                              f"query parameter (or an uploaded file)")
-        check_params(p, INFER, "infer")
+        interactive = getattr(app.infer_tasks[model], "checked_params", None)  # lib/interactive.py
+        if interactive is not None:  # clicks: `label` names a segment there, never a file
+            p = interactive(p, SERVER_SET, label_file=label is not None, owner=who(p, user, request)[0])
+            params = json.dumps(p)
+        else:
+            fixed = sorted(k for k in p if k in SERVER_SET)
+            if fixed:
+                raise reject(422, f"params may not set {', '.join(fixed)}: the image is the request's 'image' "
+                                  f"query parameter (or an uploaded file)")
+            check_params(p, INFER, "infer")
         if label and suffix_of(label.filename) == ".bin" and not image:
             raise reject(422, "a raw label (.bin) needs the datastore image it belongs to ('image')")
         if output == ResultType.dicom_seg and not str(ws.studies).startswith(("http://", "https://")):
