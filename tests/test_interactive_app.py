@@ -57,7 +57,7 @@ def server(chaos_dir, tmp_path_factory):
     nib.save(nib.Nifti1Image(pseudo, t.affine), str(studies / "labels" / "pseudo" / "chaos_03.nii.gz"))
     _odd(studies / "chaos_03.nii.gz", studies / "labels" / "pseudo" / "chaos_03.nii.gz",
          studies / "odd_03.nii.gz", studies / "labels" / "pseudo" / "odd_03.nii.gz")
-    conf = {"app.retrain_after_labels": 0, "app.interactive_max_points": 20}
+    conf = {"app.retrain_after_labels": 0, "interactive.max_points": 20}
     srv = load_script("pacs_demo").start_monailabel(str(studies), root / "work", conf=conf)
     snapshot = _snapshot(studies)
     try:
@@ -255,7 +255,7 @@ def test_ohif_point_prompts_answer_a_label_map_and_keep_other_organs(server, tmp
     ("smart_edit", {"label": SPLEEN, "foreground": [[1.5, 1, 1]], "background": []}, "whole voxel"),
     ("smart_edit", '{"label": "class_4", "foreground": [[NaN, 1, 1]]}', "not valid JSON"),
     ("smart_edit", '{"label": "class_4", "foreground": [[1e400, 1, 1]]}', "not valid JSON"),
-    ("smart_edit", {"label": SPLEEN, "foreground": [[1, 1, 1]] * 21, "background": []}, "app.interactive_max_points"),
+    ("smart_edit", {"label": SPLEEN, "foreground": [[1, 1, 1]] * 21, "background": []}, "interactive.max_points"),
     ("smart_edit", {"label": "pancreas", "foreground": [[1, 1, 1]]}, "unknown label name 'pancreas'"),
     ("smart_edit", {"label": "/etc/passwd", "foreground": [[1, 1, 1]]}, "unknown label name"),
     ("smart_edit", {"label": SPLEEN, "image": "/etc/passwd"}, "may not set image"),

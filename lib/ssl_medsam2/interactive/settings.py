@@ -30,7 +30,8 @@ class InteractiveSettings(Section):
     smoothness: float                # graph cut: pairwise weight (numpymaxflow lamda)
     edge_sigma: float                # graph cut: intensity difference that halves an edge (numpymaxflow sigma)
     rw_beta: float                   # random walker: skimage beta
-    max_points: int                  # more clicks than this in one request is refused (ValueError)
+    max_points: int                  # more clicks than this in one request is refused (ValueError; the server: 422)
+    cache_mb: float                  # the server's per-(client, image) cache of prepared images and base labels
 
     def __post_init__(self):
         if self.engine not in ENGINES:
