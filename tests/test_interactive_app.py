@@ -21,12 +21,13 @@ import pytest
 import requests
 
 from conftest import downsample_case, load_script
+from ssl_medsam2.config import load_config
 from ssl_medsam2.io import load_volume
 
 SPLEEN, LIVER = "class_4", "class_1"
-# the region a correction may change: the clicks' box grown by this many mm (the engine's ROI margin is
-# 60 x 60 x 25 mm; the placeholder's balls are far smaller)
-MARGIN_MM = np.array([65.0, 65.0, 31.0])
+# the region a correction may change: the clicks' box grown by the engine's interactive.roi_margin_mm (mm),
+# plus a voxel of these 5 x 5 x 7.7 mm volumes
+MARGIN_MM = np.array(load_config()["interactive"]["roi_margin_mm"], float) + [5.0, 5.0, 7.7]
 
 
 def _odd(src_img: Path, src_lab: Path, dst_img: Path, dst_lab: Path) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .cache import nbytes
 from .engine import click_roi, correct_mask
 from .settings import ENGINES, InteractiveSettings
 
@@ -54,23 +55,25 @@ def prepare(image: np.ndarray, spacing: Sequence[float], *, intensity=None) -> P
         raise ValueError(f"spacing must be 3 positive numbers, got {spacing}")
     cfg = intensity if intensity is not None else IntensityConfig.from_config(load_config())
     norm = (scale_to_uint8_range(arr, cfg) / np.float32(255.0)).astype(np.float32)
-    return PreparedVolume(norm, spacing, {"memo": BoundedMemo(MEMO_ENTRIES)})  # type: ignore[arg-type]
+    return PreparedVolume(norm, spacing, {"influence": BoundedMemo(MEMO_BYTES),  # type: ignore[arg-type]
+                                          "shape": BoundedMemo(MEMO_BYTES)})
 
 
-MEMO_ENTRIES = 64  # clicks whose geodesic influence (~0.2-1 MB each) a prepared volume remembers
+MEMO_BYTES = 48 << 20  # per prepared image and kind: clicks' geodesic influences (~0.5-2 MB each), base masks'
+# signed distances (4 bytes a voxel); beyond the server's interactive.cache_mb, which counts them as built
 
 
 class BoundedMemo(dict):
-    """A dict that forgets its oldest entries past ``size`` (a prepared volume's per-click results)."""
+    """A dict of array results that forgets its oldest entries past ``max_bytes`` (keeps at least one)."""
 
-    def __init__(self, size: int):
+    def __init__(self, max_bytes: int):
         super().__init__()
-        self.size = size
+        self.max_bytes = int(max_bytes)
 
     def __setitem__(self, key, value) -> None:
-        while len(self) >= self.size:
-            del self[next(iter(self))]
         super().__setitem__(key, value)
+        while len(self) > 1 and sum(nbytes(v) for v in self.values()) > self.max_bytes:
+            del self[next(iter(self))]
 
 
 def _points(points: Sequence[Point], shape: Sequence[int], what: str) -> np.ndarray:
@@ -108,4 +111,4 @@ def correct(volume: PreparedVolume, base: np.ndarray, foreground: Sequence[Point
     return correct_mask(volume.image, volume.spacing, base.astype(bool), fg, bg,
                         None if fg_scribble is None else np.asarray(fg_scribble, bool),
                         None if bg_scribble is None else np.asarray(bg_scribble, bool), s,
-                        memo=extra.get("memo"))
+                        memo=extra)

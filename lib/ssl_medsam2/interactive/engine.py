@@ -19,6 +19,8 @@ Why this shape (docs/interactive.md has the measurements):
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
@@ -50,25 +52,49 @@ def signed_distance_mm(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray
     return (inside - outside).astype(np.float32)
 
 
+def organ_scaled(s: InteractiveSettings, base: np.ndarray, spacing: Sequence[float]) -> InteractiveSettings:
+    """``s`` with the click range set to ``click_range_fraction`` x the base organ's equivalent-sphere radius
+    (clipped to ``click_range_min_mm``..``click_range_mm``): a click on a kidney should not reach as far as
+    one on the liver. An empty base (nothing known of the organ's size) keeps ``click_range_mm``."""
+    if s.click_range_fraction <= 0 or not base.any():
+        return s
+    radius = (3.0 * float(base.sum()) * float(np.prod(spacing)) / (4.0 * np.pi)) ** (1.0 / 3.0)
+    reach = float(np.clip(s.click_range_fraction * radius, s.click_range_min_mm, s.click_range_mm))
+    return replace(s, click_range_mm=round(reach, 1))
+
+
+def _base_distance(base: np.ndarray, spacing: Sequence[float], memo: dict | None) -> np.ndarray:
+    """:func:`signed_distance_mm` of the whole base mask, remembered by its content (every click on an organ
+    starts from the same base)."""
+    key = (hashlib.blake2b(np.packbits(base).tobytes(), digest_size=16).hexdigest(), base.shape, tuple(spacing))
+    got = memo.get(key) if memo is not None else None
+    if got is None:
+        got = signed_distance_mm(base, spacing)
+        if memo is not None:
+            memo[key] = got
+    return got
+
+
 def _patch_stats(img: np.ndarray, p: Sequence[int]) -> float:
     sl = tuple(slice(max(0, c - r), c + r + 1) for c, r in zip(p, (2, 2, 0)))
     return float(np.median(img[sl]))
 
 
-def geodesic_influence(image: np.ndarray, spacing: Sequence[float], p: Sequence[int], s: InteractiveSettings) -> tuple[tuple[slice, ...], np.ndarray]:
-    """(box, exp(-geodesic distance / range) within it) from one click: the cost per mm grows with the
+def geodesic_influence(image: np.ndarray, spacing: Sequence[float], p: Sequence[int], s: InteractiveSettings,
+                       range_mm: float) -> tuple[tuple[slice, ...], np.ndarray]:
+    """(box, exp(-geodesic distance / ``range_mm``) within it) from one click: the cost per mm grows with the
     intensity difference to the click's neighbourhood, so the influence fills the click's own region and
     stops at its edges. Depends only on the image, the click and the settings (memoised per prepared volume)."""
     from skimage.graph import MCP_Geometric
 
     ref = _patch_stats(image, p)
-    reach = 3.0 * s.click_range_mm  # beyond this the influence is < 5 %: the search stops there
+    reach = 3.0 * range_mm  # beyond this the influence is < 5 %: the search stops there
     box = tuple(slice(max(0, int(c) - int(np.ceil(reach / sp))), int(c) + int(np.ceil(reach / sp)) + 1)
                 for c, sp in zip(p, spacing))
     cost = 1.0 + s.intensity_contrast * ((image[box] - ref) / s.intensity_tolerance) ** 2
     local = tuple(int(c) - b.start for c, b in zip(p, box))
     dist, _ = MCP_Geometric(cost, sampling=tuple(spacing)).find_costs([local])
-    return box, np.exp(-dist / s.click_range_mm).astype(np.float32)
+    return box, np.exp(-dist / range_mm).astype(np.float32)
 
 
 def _seed_discs(shape: Sequence[int], spacing: Sequence[float], points: np.ndarray, radius_mm: float) -> np.ndarray:
@@ -77,7 +103,7 @@ def _seed_discs(shape: Sequence[int], spacing: Sequence[float], points: np.ndarr
     through = int(np.argmax(spacing))
     r = [0 if a == through else int(np.floor(radius_mm / sp)) for a, sp in enumerate(spacing)]
     for p in points:
-        sl = tuple(slice(max(0, c - ri), c + ri + 1) for c, ri in zip(p, r))
+        sl = tuple(slice(max(0, c - ri), min(n, c + ri + 1)) for c, ri, n in zip(p, r, shape))
         grid = np.indices([b.stop - b.start for b in sl], dtype=np.float32)
         d2 = sum(((g + b.start - c) * sp) ** 2 for g, b, c, sp in zip(grid, sl, p, spacing))
         out[sl] |= d2 <= radius_mm ** 2 + EPS
@@ -108,14 +134,20 @@ def change_region(shape: Sequence[int], spacing: Sequence[float], marks: Sequenc
     return crop, region  # type: ignore[return-value]
 
 
-def _influences(image, spacing, points, roi, s: InteractiveSettings, memo: dict | None) -> np.ndarray:
-    """The largest influence of any of ``points`` at each voxel of the crop ``roi``."""
+def _click_range(s: InteractiveSettings, looks_other: float) -> float:
+    """A click's range: ``click_range_mm`` shrunk by ``click_similar_shrink`` x how much the click's intensity
+    looks like the other side (0..1), rounded so that the memo finds it again."""
+    return round(s.click_range_mm * (1.0 - s.click_similar_shrink * float(looks_other)), 1)
+
+
+def _influences(image, spacing, points, ranges, roi, s: InteractiveSettings, memo: dict | None) -> np.ndarray:
+    """The largest influence of any of ``points`` (each with its range, mm) at each voxel of the crop ``roi``."""
     out = np.zeros([r.stop - r.start for r in roi], np.float32)
-    for p in points:
-        key = (tuple(int(c) for c in p), s.click_range_mm, s.intensity_contrast, s.intensity_tolerance)
+    for p, reach in zip(points, ranges):
+        key = (tuple(int(c) for c in p), float(reach), s.intensity_contrast, s.intensity_tolerance)
         got = memo.get(key) if memo is not None else None
         if got is None:
-            got = geodesic_influence(image, spacing, p, s)
+            got = geodesic_influence(image, spacing, p, s, float(reach))
             if memo is not None:
                 memo[key] = got
         box, g = got
@@ -132,7 +164,8 @@ def correct_mask(image: np.ndarray, spacing: Sequence[float], base: np.ndarray, 
                  bg_points: np.ndarray, fg_scribble: np.ndarray | None, bg_scribble: np.ndarray | None,
                  s: InteractiveSettings, *, memo: dict | None = None) -> np.ndarray:
     """The corrected mask (see the module docstring); ``image`` normalised to 0..1, points (N, 3) int.
-    ``memo``: a dict kept with the prepared image, where each click's geodesic influence is remembered."""
+    ``memo``: dicts kept with the prepared image (``influence``: each click's geodesic influence; ``shape``: the
+    base mask's signed distance), so that the next click on the same image only pays for what is new."""
     spacing = tuple(float(v) for v in spacing)
     marks = [np.asarray(p) for p in fg_points] + [np.asarray(p) for p in bg_points]
     marks += [np.argwhere(m) for m in (fg_scribble, bg_scribble) if m is not None and m.any()]
@@ -145,13 +178,20 @@ def correct_mask(image: np.ndarray, spacing: Sequence[float], base: np.ndarray, 
     fg_sc = np.zeros(b.shape, bool) if fg_scribble is None else fg_scribble[roi].astype(bool)
     bg_sc = np.zeros(b.shape, bool) if bg_scribble is None else bg_scribble[roi].astype(bool)
 
-    infl_fg = _influences(image, spacing, fg_points, roi, s, memo)
-    infl_bg = _influences(image, spacing, bg_points, roi, s, memo)
+    memo = memo or {}
+    s = organ_scaled(s, base, spacing)
+    # a click whose intensity looks like the other side says "not here" rather than "this whole region":
+    # its range shrinks (e.g. a background click on a false part as bright as the kidney itself)
+    looks_fg = 1.0 / (1.0 + np.exp(-_intensity_llr(img, b, ~b, s.intensity_bins)))
+    ranges_fg = [_click_range(s, 1.0 - looks_fg[tuple(p)]) for p in fg]
+    ranges_bg = [_click_range(s, looks_fg[tuple(p)]) for p in bg]
+    infl_fg = _influences(image, spacing, fg_points, ranges_fg, roi, s, memo.get("influence"))
+    infl_bg = _influences(image, spacing, bg_points, ranges_bg, roi, s, memo.get("influence"))
     seeds_fg = _seed_discs(b.shape, spacing, fg, s.click_seed_radius_mm) | fg_sc
     seeds_bg = _seed_discs(b.shape, spacing, bg, s.click_seed_radius_mm) | bg_sc
     seeds_fg &= ~seeds_bg  # a voxel marked both ways: the background mark wins
 
-    shape = np.clip(signed_distance_mm(b, spacing) / s.shape_scale_mm, -s.shape_cap, s.shape_cap)
+    shape = np.clip(_base_distance(base, spacing, memo.get("shape"))[roi] / s.shape_scale_mm, -s.shape_cap, s.shape_cap)
     llr = _intensity_llr(img, (b & (infl_bg < 0.5)) | (infl_fg > 0.5) | seeds_fg,
                          (~b & (infl_fg < 0.5)) | (infl_bg > 0.5) | seeds_bg, s.intensity_bins)
     influence = np.maximum(infl_fg, infl_bg)

@@ -19,7 +19,10 @@ class InteractiveSettings(Section):
     roi_margin_mm: tuple[float, float, float]   # the region that may change: the clicks' bounding box grown by this
     shape_scale_mm: float            # base label as a prior: log-odds = signed distance to its border / this
     shape_cap: float                 # ... clipped to +- this (far inside / outside count alike)
-    click_range_mm: float            # a click's influence decays as exp(-geodesic distance / this)
+    click_range_mm: float            # a click's influence decays as exp(-geodesic distance / range); the largest range
+    click_range_fraction: float      # range = this x the base organ's equivalent-sphere radius (0: always click_range_mm)
+    click_range_min_mm: float        # ... but at least this
+    click_similar_shrink: float      # a click whose intensity looks like the other side (fg / bg histograms of the base) reaches (1 - this x that likelihood) as far
     click_weight: float              # log-odds a click adds where its influence is 1
     click_seed_radius_mm: float      # in-plane disc around each click that is a hard seed
     intensity_contrast: float        # geodesic cost per mm = 1 + this x ((intensity - the click's) / tolerance)^2

@@ -9,6 +9,7 @@ organ, else a background click. No error left: no click.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,3 +48,57 @@ def next_click(prediction: np.ndarray, truth: np.ndarray, rng: np.random.Generat
     p = best[rng.integers(len(best))] if len(best) > 1 else best[0]
     point = tuple(int(c + b.start) for c, b in zip(p, box))
     return Click(point, bool(np.asarray(truth, bool)[point]))  # type: ignore[arg-type]
+
+
+HARMFUL_DROP = 0.005  # a click that lowers Dice by more than this counts as harmful (the issue's measure)
+
+
+@dataclass
+class Session:
+    """One organ clicked by the simulated annotator: Dice after 0, 1, ... clicks, where each click went and
+    how long the engine (or server) took to answer it."""
+
+    dice: list[float]
+    clicks: list[Click]
+    latency_s: list[float]
+
+    def dice_at(self, k: int) -> float:
+        """Dice after ``k`` clicks (the last one reached when the errors ran out earlier)."""
+        return self.dice[min(k, len(self.dice) - 1)]
+
+    def clicks_to(self, target: float, max_clicks: int) -> int:
+        """Number of clicks until Dice >= ``target`` (``max_clicks`` when never reached: the NoC rule)."""
+        for k, d in enumerate(self.dice):
+            if d >= target:
+                return k
+        return max_clicks
+
+    def harmful(self) -> int:
+        return sum(1 for a, b in zip(self.dice, self.dice[1:]) if b < a - HARMFUL_DROP)
+
+
+def click_session(predict, start: np.ndarray, truth: np.ndarray, max_clicks: int, seed: int = 0,
+                  stop_at: float | None = None) -> Session:
+    """Click one organ with :func:`next_click` until ``max_clicks`` (or Dice >= ``stop_at``, or no error).
+
+    ``predict(foreground, background) -> mask``: the correction of ``start`` by every click so far (lists of
+    voxel indices), as a client resends its full point list on each click."""
+    from ..metrics import dice
+
+    rng = np.random.default_rng(seed)
+    truth = np.asarray(truth, bool)
+    pred = np.asarray(start, bool)
+    out = Session([dice(pred, truth)], [], [])
+    fg: list[list[int]] = []
+    bg: list[list[int]] = []
+    while len(out.clicks) < max_clicks and not (stop_at is not None and out.dice[-1] >= stop_at):
+        click = next_click(pred, truth, rng)
+        if click is None:
+            break
+        (fg if click.foreground else bg).append(list(click.point))
+        t0 = time.perf_counter()
+        pred = np.asarray(predict(list(fg), list(bg)), bool)
+        out.latency_s.append(time.perf_counter() - t0)
+        out.clicks.append(click)
+        out.dice.append(dice(pred, truth))
+    return out
