@@ -21,12 +21,13 @@ import pytest
 import requests
 
 from conftest import downsample_case, load_script
+from ssl_medsam2.config import load_config
 from ssl_medsam2.io import load_volume
 
 SPLEEN, LIVER = "class_4", "class_1"
-# the region a correction may change: the clicks' box grown by this many mm (the engine's ROI margin is
-# 60 x 60 x 25 mm; the placeholder's balls are far smaller)
-MARGIN_MM = np.array([65.0, 65.0, 31.0])
+# the region a correction may change: the clicks' box grown by the engine's interactive.roi_margin_mm (mm),
+# plus a voxel of these 5 x 5 x 7.7 mm volumes
+MARGIN_MM = np.array(load_config()["interactive"]["roi_margin_mm"], float) + [5.0, 5.0, 7.7]
 
 
 def _odd(src_img: Path, src_lab: Path, dst_img: Path, dst_lab: Path) -> None:
@@ -57,7 +58,7 @@ def server(chaos_dir, tmp_path_factory):
     nib.save(nib.Nifti1Image(pseudo, t.affine), str(studies / "labels" / "pseudo" / "chaos_03.nii.gz"))
     _odd(studies / "chaos_03.nii.gz", studies / "labels" / "pseudo" / "chaos_03.nii.gz",
          studies / "odd_03.nii.gz", studies / "labels" / "pseudo" / "odd_03.nii.gz")
-    conf = {"app.retrain_after_labels": 0, "app.interactive_max_points": 20}
+    conf = {"app.retrain_after_labels": 0, "interactive.max_points": 20}
     srv = load_script("pacs_demo").start_monailabel(str(studies), root / "work", conf=conf)
     snapshot = _snapshot(studies)
     try:
@@ -255,7 +256,7 @@ def test_ohif_point_prompts_answer_a_label_map_and_keep_other_organs(server, tmp
     ("smart_edit", {"label": SPLEEN, "foreground": [[1.5, 1, 1]], "background": []}, "whole voxel"),
     ("smart_edit", '{"label": "class_4", "foreground": [[NaN, 1, 1]]}', "not valid JSON"),
     ("smart_edit", '{"label": "class_4", "foreground": [[1e400, 1, 1]]}', "not valid JSON"),
-    ("smart_edit", {"label": SPLEEN, "foreground": [[1, 1, 1]] * 21, "background": []}, "app.interactive_max_points"),
+    ("smart_edit", {"label": SPLEEN, "foreground": [[1, 1, 1]] * 21, "background": []}, "interactive.max_points"),
     ("smart_edit", {"label": "pancreas", "foreground": [[1, 1, 1]]}, "unknown label name 'pancreas'"),
     ("smart_edit", {"label": "/etc/passwd", "foreground": [[1, 1, 1]]}, "unknown label name"),
     ("smart_edit", {"label": SPLEEN, "image": "/etc/passwd"}, "may not set image"),

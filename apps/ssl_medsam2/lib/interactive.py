@@ -25,10 +25,10 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 from ssl_medsam2 import interactive
-from ssl_medsam2.config import Section
 from ssl_medsam2.interactive import requests as rq
 from ssl_medsam2.interactive.cache import ClientCache
 from ssl_medsam2.interactive.compose import corrected_label, organ_mask
+from ssl_medsam2.interactive.settings import InteractiveSettings
 from ssl_medsam2.io import InputError, Volume, load_label_for, load_volume
 from ssl_medsam2.preprocess import class_name
 
@@ -42,19 +42,6 @@ log = logging.getLogger(__name__)
 DEEPGROW, DEEPEDIT, VISTA3D, SCRIBBLES = "deepgrow", "deepedit", "vista3d", "scribbles"
 #: request keys the route sets after its checks (clients cannot send them: they are in no schema)
 LABEL_NAME, OWNER = "ssl_label_name", "ssl_owner"
-
-
-@dataclass(frozen=True)
-class InteractiveAppSettings(Section):
-    """``app.interactive_*`` (what each key means: configs/ssl_medsam2.yaml)."""
-
-    SECTION = "app"
-    interactive_max_points: int
-    interactive_cache_mb: float
-
-    def __post_init__(self):
-        self._set(interactive_max_points=int(self.interactive_max_points),
-                  interactive_cache_mb=float(self.interactive_cache_mb))
 
 
 def organ_names(ws: Workspace) -> dict[str, int]:
@@ -113,7 +100,7 @@ class InteractiveInfer(InferTask):
     def __init__(self, ws: Workspace, kind: str, description: str, cache: ClientCache):
         self.ws, self.kind, self.cache = ws, kind, cache
         self.organs = rq.Organs.from_map(organ_names(ws))
-        self.settings = InteractiveAppSettings.from_config(ws.cfg)
+        self.settings = InteractiveSettings.from_config(ws.cfg)
         labels = self.organs.positions()
         if kind in (DEEPEDIT, VISTA3D):  # background clicks: Slicer deepedit and OHIF need a 'background' label;
             labels[rq.BACKGROUND] = len(labels) + 1  # not 0: OHIF maps a falsy id onto another organ's value
@@ -149,9 +136,9 @@ class InteractiveInfer(InferTask):
                               f"{', '.join(self.organs.names) or 'none'} (and '{rq.BACKGROUND}')")
         check_params(p, schema, "infer")
         n = rq.count_points(p, point_keys)
-        if n > self.settings.interactive_max_points:
+        if n > self.settings.max_points:
             raise reject(422, f"{n} points in one request; this server takes at most "
-                              f"{self.settings.interactive_max_points} (app.interactive_max_points)")
+                              f"{self.settings.max_points} (interactive.max_points)")
         if label_file and self.kind != SCRIBBLES:
             raise reject(422, f"model type {self.kind} takes no label file: the organ is named in 'label' and "
                               f"the base label is the server's")
@@ -249,8 +236,8 @@ class InteractiveInfer(InferTask):
 
 
 def interactive_tasks(ws: Workspace) -> dict[str, InteractiveInfer]:
-    """The four interactive models, sharing one per-client cache bounded by ``app.interactive_cache_mb``."""
-    cache = ClientCache(int(InteractiveAppSettings.from_config(ws.cfg).interactive_cache_mb * (1 << 20)))
+    """The four interactive models, sharing one per-client cache bounded by ``interactive.cache_mb``."""
+    cache = ClientCache(int(InteractiveSettings.from_config(ws.cfg).cache_mb * (1 << 20)))
     return {
         "smart_edit": InteractiveInfer(ws, DEEPGROW, "Correct one organ with foreground / background clicks "
                                                      "(3D Slicer Smart Edit); starts from the image's final or "

@@ -1,0 +1,62 @@
+"""The ``interactive:`` section: how clicks and scribbles correct a label (defaults in the YAML only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from ..config import Section, load_config
+
+ENGINES = ("graphcut", "random_walker", "geodesic")
+
+
+@dataclass(frozen=True)
+class InteractiveSettings(Section):
+    """Typed view of ``interactive:``; :meth:`resolve` lays a request's overrides over the config's values."""
+
+    SECTION = "interactive"
+    engine: str                      # graphcut | random_walker | geodesic (see docs/interactive.md)
+    roi_margin_mm: tuple[float, float, float]   # the region that may change: the clicks' bounding box grown by this
+    shape_scale_mm: float            # base label as a prior: log-odds = signed distance to its border / this
+    shape_cap: float                 # ... clipped to +- this (far inside / outside count alike)
+    click_range_mm: float            # a click's influence decays as exp(-geodesic distance / range); the largest range
+    click_range_fraction: float      # range = this x the base organ's equivalent-sphere radius (0: always click_range_mm)
+    click_range_min_mm: float        # ... but at least this
+    click_similar_shrink: float      # a click whose intensity looks like the other side (fg / bg histograms of the base) reaches (1 - this x that likelihood) as far
+    click_weight: float              # log-odds a click adds where its influence is 1
+    click_seed_radius_mm: float      # in-plane disc around each click that is a hard seed
+    intensity_contrast: float        # geodesic cost per mm = 1 + this x ((intensity - the click's) / tolerance)^2
+    intensity_tolerance: float       # intensity difference (0..1 scale) a click's region tolerates
+    intensity_weight: float          # weight of the intensity log-likelihood ratio (fg / bg histograms in the ROI) where a click has full influence
+    region_intensity_weight: float   # ... and everywhere else in the region (the base label's boundary snaps to the image)
+    intensity_bins: int
+    smoothness: float                # graph cut: pairwise weight (numpymaxflow lamda)
+    edge_sigma: float                # graph cut: intensity difference that halves an edge (numpymaxflow sigma)
+    rw_beta: float                   # random walker: skimage beta
+    max_points: int                  # more clicks than this in one request is refused (ValueError; the server: 422)
+    cache_mb: float                  # the server's per-(client, image) cache of prepared images and base labels
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"interactive.engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        margin = tuple(float(m) for m in self.roi_margin_mm)
+        if len(margin) != 3 or min(margin) < 0:
+            raise ValueError(f"interactive.roi_margin_mm must be 3 non-negative numbers, got {self.roi_margin_mm!r}")
+        self._set(roi_margin_mm=margin, max_points=int(self.max_points), intensity_bins=int(self.intensity_bins),
+                  **{f.name: float(getattr(self, f.name)) for f in fields(self)
+                     if f.name not in ("engine", "roi_margin_mm", "max_points", "intensity_bins")})
+
+    @classmethod
+    def resolve(cls, settings: "InteractiveSettings | Mapping[str, Any] | None") -> "InteractiveSettings":
+        """``settings`` as given (a typed section), or the config's section with a mapping's keys laid over it
+        (a whole loaded config, with an ``interactive:`` key, is taken as that config)."""
+        if isinstance(settings, cls):
+            return settings
+        settings = dict(settings or {})
+        if isinstance(settings.get(cls.SECTION), Mapping):
+            return cls.from_config(settings)
+        cfg = load_config()
+        unknown = sorted(set(settings) - set(cfg[cls.SECTION]))
+        if unknown:
+            raise ValueError(f"unknown interactive setting(s): {', '.join(unknown)}")
+        return cls.from_config({cls.SECTION: {**cfg[cls.SECTION], **settings}})
