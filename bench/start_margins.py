@@ -13,7 +13,10 @@ volumes (at 2.5 mm in-plane, the working grid) for queries as stored and changed
 - ``longer_fov``: the support cropped in z to its organs (1 slice either side), the query full:
   the right start is ``rot0``.
 
-    python bench/start_margins.py [--cases chaos_01 chaos_02 ...] [--work DIR]
+    python bench/start_margins.py [--cases chaos_01 chaos_02 ...] [--queries chaos_01 ...] [--work DIR]
+
+``--cases``: the volumes (default: every shared CHAOS volume); ``--queries``: the ones used as queries
+(default: all of them), each with every other volume of ``--cases`` as a support.
 
 Prints one line per pair and variant, then the summary; the LAST line is JSON.
 """
@@ -39,6 +42,7 @@ VARIANTS = {"as_stored": (lambda a: a, "rot0"), "rot90": (lambda a: np.rot90(a, 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="*", default=None)
+    ap.add_argument("--queries", nargs="*", default=None, help="default: every case")
     ap.add_argument("--work", default=None)
     ap.add_argument("--variants", nargs="*", default=None, help="of: as_stored rot90 flipped longer_fov")
     args = ap.parse_args(argv)
@@ -70,7 +74,7 @@ def main(argv=None) -> dict:
             cv = load_volume(ci, name=n)
             cropped[n] = (cv, load_label_for(cv, cl))
         with reg.sitk_threads(s):
-            for q in names:
+            for q in args.queries or names:
                 for variant, (change, right) in list(VARIANTS.items()) + [("longer_fov", (lambda a: a, "rot0"))]:
                     if args.variants and variant not in args.variants:
                         continue
