@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
 
 
 #: (init_margin, init_doubt_margin) pairs replayed by :func:`engine_choices`
-MARGINS = ((0.0, 0.0), (0.01, 0.01), (0.02, 0.02), (0.03, 0.03), (0.05, 0.05), (0.03, 0.0), (0.0, 0.03))
+MARGINS = ((0.0, 0.0), (0.03, 0.03), (0.05, 0.05), (0.1, 0.03), (0.15, 0.03), (0.2, 0.03), (0.1, 0.0), (0.15, 0.0), (0.2, 0.0))
 
 
 def engine_choices(rows: list[dict], margin: float, doubt_margin: float) -> dict:
