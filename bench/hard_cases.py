@@ -2,8 +2,10 @@
 
 Why: a pseudo label must be usable or flagged ``failed``, never a silent Dice near 0. The cases are the
 ones seen on unseen data: a query stored rotated 90 degrees in-plane, mirrored, with thick slices
-(every second slice dropped), cropped to a smaller field of view, with another intensity scale; and
-a deliberately corrupted support (its classes permuted, or its labels shifted off the organs).
+(every second slice dropped), cropped to a smaller field of view, with another intensity scale, the
+same voxels stored in another orientation (header and array both changed: must come out right), a
+longer field of view than the supports (supports cropped in z, bench only); and a deliberately
+corrupted support (its classes permuted, or its labels shifted off the organs).
 Each transformed query keeps a consistent header (the image moved in the array, the affine kept,
 as a scanner or a converter that mislabels orientation does); its ground truth moves with it.
 
@@ -11,7 +13,10 @@ Shared by the test (tests/test_quality_gate.py) and the calibration printout::
 
     python bench/hard_cases.py            # every case at 128x128 in-plane (2.5 mm): Dice, quality, verdict
 
-The LAST line printed is a JSON summary (per case: mean Dice, lowest class Dice, score, failed).
+Per case it prints the start chosen (``atlas_start``: the lead over the next start, what the best
+rotated / mirrored start scores over the header's, each support's own best) and whether it was flagged.
+The LAST line printed is a JSON summary (per case: mean Dice, lowest class Dice, score, failed, start,
+its lead, whether the start was in doubt).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from shared_data import CHAOS, chaos_cases, downsample_case, work_folder
+from shared_data import CHAOS, chaos_cases, downsample_case, organ_slab, work_folder
 
 CHAOS_CLASS_NAMES = {1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
 SUPPORTS = ("chaos_01", "chaos_02")
@@ -48,6 +53,14 @@ def _thick(a, aff):
     return np.ascontiguousarray(a[:, :, ::2]), aff
 
 
+def _reoriented(a, aff, codes=("P", "R", "I")):
+    """The same voxels stored in another axis order and direction, the affine saying so (a scanner or
+    converter that writes another orientation): in canonical order nothing changed."""
+    t = nib.orientations.ornt_transform(nib.orientations.io_orientation(aff), nib.orientations.axcodes2ornt(codes))
+    return (np.ascontiguousarray(nib.orientations.apply_orientation(a, t)),
+            aff @ nib.orientations.inv_ornt_aff(t, a.shape))
+
+
 def _crop(a, aff):
     m0, m1 = a.shape[0] // 8, a.shape[1] // 8
     aff = aff.copy()
@@ -58,6 +71,8 @@ def _crop(a, aff):
 #: query transforms: (image array, affine) -> (array, affine), applied the same way to the ground truth
 QUERY_CASES = {"good": lambda a, aff: (a, aff), "rotated_90": _rot90, "flipped": _flip,
                "thick_slices": _thick, "cropped": _crop}
+#: the bench's query cases beyond the gate test's (tests/test_atlas_hard_cases.py has a cheaper copy)
+BENCH_QUERY_CASES = {"header_reoriented": _reoriented}
 #: intensity-only change of the query (the label is untouched)
 INTENSITY_CASES = {"intensity_rescaled": lambda a: a * 0.05 + 300.0}
 
@@ -73,7 +88,19 @@ def _shift(lab):
 
 #: corruptions of the second support's label
 SUPPORT_CASES = {"support_classes_permuted": _permute, "support_labels_shifted": _shift}
+
+
+def crop_z(a, aff, z: tuple[int, int]):
+    """Slices z[0]:z[1] of a volume, the affine's origin moved so the anatomy stays where it was."""
+    aff = aff.copy()
+    aff[:3, 3] += aff[:3, 2] * z[0]
+    return np.ascontiguousarray(a[:, :, z[0]:z[1]]), aff
+
+
+#: every support cropped in z to its organs (1 slice either side): the query has the longer field of view
+SUPPORT_FOV_CASES = ("longer_fov_query",)
 ALL_CASES = tuple(QUERY_CASES) + tuple(INTENSITY_CASES) + tuple(SUPPORT_CASES)
+BENCH_CASES = ALL_CASES + tuple(BENCH_QUERY_CASES) + SUPPORT_FOV_CASES
 
 
 def _save(arr, aff, path: Path, dtype):
@@ -96,13 +123,17 @@ def build(root: Path, cases=ALL_CASES, factor: int = 2, data: Path = CHAOS) -> d
         for s in SUPPORTS:
             img, lab = nib.load(str(base / f"{s}.nii.gz")), nib.load(str(base / f"{s}_label.nii.gz"))
             larr = np.asarray(lab.dataobj).astype(np.uint8)
+            iarr, aff = np.asarray(img.dataobj), img.affine
             if case in SUPPORT_CASES and s == SUPPORTS[1]:
                 larr = SUPPORT_CASES[case](larr)
-            _save(np.asarray(img.dataobj), img.affine, d / "images" / f"{s}.nii.gz", np.float32)
-            _save(larr, lab.affine, d / "labels" / f"{s}.nii.gz", np.uint8)
+            if case in SUPPORT_FOV_CASES:
+                z = organ_slab(larr)
+                (iarr, aff), (larr, _) = crop_z(iarr, aff, z), crop_z(larr, aff, z)
+            _save(iarr, aff, d / "images" / f"{s}.nii.gz", np.float32)
+            _save(larr, aff, d / "labels" / f"{s}.nii.gz", np.uint8)
         img, lab = nib.load(str(base / f"{QUERY}.nii.gz")), nib.load(str(base / f"{QUERY}_label.nii.gz"))
         a, la = np.asarray(img.dataobj).astype(np.float32), np.asarray(lab.dataobj).astype(np.uint8)
-        fn = QUERY_CASES.get(case, QUERY_CASES["good"])
+        fn = {**QUERY_CASES, **BENCH_QUERY_CASES}.get(case, QUERY_CASES["good"])
         a2, aff = fn(a, img.affine)
         la2, _ = fn(la, img.affine)
         if case in INTENSITY_CASES:
@@ -130,6 +161,7 @@ def run_case(paths: dict, cfg: dict, engine=None) -> dict:
     q = out["summary"]["quality"]
     return {"dice": d, "mean_dice": round(float(np.mean(list(d.values()))), 4), "min_dice": min(d.values()),
             "score": q["score"], "failed": out["summary"]["failed"], "reasons": q["reasons"],
+            "start": out["summary"].get("atlas_start"),
             "per_class": {k: {kk: v[kk] for kk in ("score", "agreement", "entropy", "appearance", "volume_ratio")}
                           for k, v in q["per_class"].items()},
             "cpu_s": round(time.process_time() - t0, 1)}
@@ -137,7 +169,7 @@ def run_case(paths: dict, cfg: dict, engine=None) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", nargs="*", default=list(ALL_CASES), choices=ALL_CASES)
+    ap.add_argument("--cases", nargs="*", default=list(BENCH_CASES), choices=BENCH_CASES)
     ap.add_argument("--factor", type=int, default=2, help="in-plane downsampling of the CHAOS volumes (2: 2.5 mm)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--work", default=None, help="keep the cases here (default: a temp dir, removed)")
@@ -151,10 +183,15 @@ def main(argv=None) -> dict:
         for case, paths in build(root, args.cases, args.factor).items():
             r = run_case(paths, cfg)
             result[case] = r
+            st = r["start"] or {}
             print(f"{case:26s} Dice {r['dice']}  score {r['score']}  failed {r['failed']}  {r['reasons']}  "
                   f"{r['cpu_s']} CPU-s", flush=True)
+            print(f"    start {st.get('start')} (lead {st.get('lead')} over {st.get('runner_up')}, best other "
+                  f"{st.get('over_header')} over the header's; per support {st.get('per_support')})", flush=True)
             print("    " + json.dumps(r["per_class"]), flush=True)
-    summary = {k: {"mean_dice": v["mean_dice"], "min_dice": v["min_dice"], "score": v["score"], "failed": v["failed"]}
+    summary = {k: {"mean_dice": v["mean_dice"], "min_dice": v["min_dice"], "score": v["score"], "failed": v["failed"],
+                   "start": (v["start"] or {}).get("start"), "start_lead": (v["start"] or {}).get("lead"),
+                   "start_in_doubt": bool((v["start"] or {}).get("doubt"))}
                for k, v in result.items()}
     print(json.dumps(summary))
     return summary

@@ -47,6 +47,12 @@ def downsample_case(src_img: Path, src_lab: Path | None, dst_img: Path, dst_lab:
         nib.save(nib.Nifti1Image(lab, aff), str(dst_lab))
 
 
+def organ_slab(label: np.ndarray, pad: int = 1) -> tuple[int, int]:
+    """The z range (start, stop) of a label's organs, ``pad`` slices either side (a scan cropped to them)."""
+    zs = np.flatnonzero(np.asarray(label).any(axis=(0, 1)))
+    return max(0, int(zs[0]) - pad), min(label.shape[2], int(zs[-1]) + 1 + pad)
+
+
 @contextmanager
 def work_folder(keep: str | os.PathLike | None, prefix: str, fresh: bool = False) -> Iterator[Path]:
     """A bench's working folder: ``keep`` if given (emptied first with ``fresh``), else a temp dir removed after."""

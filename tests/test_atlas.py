@@ -344,3 +344,43 @@ def test_an_organ_that_looks_unlike_every_support_stays_where_the_whole_abdomen_
     assert spleen["off"] < 0.45 and spleen["default"] >= 0.5, spleen
     assert summaries["off"] == {"chaos_01": [], "chaos_02": []}
     assert 4 in summaries["default"]["chaos_01"], summaries
+
+
+def _scores(**over):
+    """A support's start scores: every start 0.1, the named ones as given (flip+rot0 as flip_rot0)."""
+    names = [f"{f}rot{q}" for f in ("", "flip+") for q in (0, 90, 180, 270)]
+    return {n: over.get(n.replace("+", "_"), 0.1) for n in names}
+
+
+def test_start_choice_trusts_the_header_unless_every_support_clearly_prefers_another():
+    """The header's start (rot0) stays unless another beats it by the margin for every support; a start in
+    doubt (supports disagree, a better start not taken, a small lead) says why."""
+    clear = reg.choose_start([_scores(rot0=0.3), _scores(rot0=0.25)], 0.03, 0.03)
+    assert clear.start == "rot0" and clear.doubt is None and clear.per_support == ["rot0", "rot0"]
+    assert clear.lead == pytest.approx(0.175)
+    mirrored = reg.choose_start([_scores(flip_rot0=0.3), _scores(flip_rot0=0.25)], 0.03, 0.03)
+    assert mirrored.start == "flip+rot0" and mirrored.doubt is None and mirrored.over_header == pytest.approx(0.175)
+    # one support alone prefers a mirror: the mean says mirror, the supports do not agree: header, in doubt
+    split = reg.choose_start([_scores(flip_rot0=0.6), _scores(rot0=0.3)], 0.03, 0.03)
+    assert split.start == "rot0" and "differ" in split.doubt and "not taken" in split.doubt
+    # both prefer the mirror, by less than the margin: header, in doubt
+    close = reg.choose_start([_scores(rot0=0.3, flip_rot0=0.32), _scores(rot0=0.3, flip_rot0=0.31)], 0.03, 0.03)
+    assert close.start == "rot0" and "not taken" in close.doubt
+    # the header wins, by less than the doubt margin
+    narrow = reg.choose_start([_scores(rot0=0.3, rot180=0.29), _scores(rot0=0.3, rot180=0.29)], 0.03, 0.03)
+    assert narrow.start == "rot0" and narrow.runner_up == "rot180" and "only 0.010" in narrow.doubt
+    assert reg.choose_start([{}, {}], 0.03, 0.03).start == "rot0"  # init_starts: moments
+
+
+def test_an_engine_doubt_fails_the_case():
+    from ssl_medsam2.quality import QualitySettings, assess
+
+    a = np.zeros((1, 20, 20, 4), np.float32)
+    a[0, 2:10, 2:10] = 1.0
+    label = (a[0] > 0.5).astype(np.uint8)
+    q = QualitySettings.from_config(load_config())
+    ok = assess(a, np.zeros_like(a), label, (1,), (1.0, 1.0, 1.0), {1: [256.0]}, {"support_agreement": {1: 1.0}}, q)
+    assert not ok["failed"]
+    doubt = assess(a, np.zeros_like(a), label, (1,), (1.0, 1.0, 1.0), {1: [256.0]},
+                   {"support_agreement": {1: 1.0}, "doubts": ["start in doubt: x"]}, q)
+    assert doubt["failed"] and doubt["reasons"] == ["start in doubt: x"]

@@ -48,7 +48,10 @@ def test_clearly_usable_labels_are_not_flagged(hard_results):
     clear = {k: r for k, r in hard_results.items() if r["min_dice"] >= 0.65}
     assert clear, "no hard case got a clearly usable label: the engine itself regressed"
     for case, r in clear.items():
-        assert not r["failed"], f"{case}: a usable label (Dice {r['dice']}) was flagged: {r['reasons']}"
+        # the one false alarm allowed: a start in doubt (a wrong start makes every organ wrong at once and no
+        # class score can tell; how often a correctly stored CHAOS query is flagged so: docs/atlas.md)
+        other = [x for x in r["reasons"] if not x.startswith("start in doubt")]
+        assert not other, f"{case}: a usable label (Dice {r['dice']}) was flagged: {r['reasons']}"
 
 
 def test_corrupted_support_is_flagged(hard_results):

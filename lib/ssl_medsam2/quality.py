@@ -17,10 +17,13 @@ ground truth:
   An organ that vanished or shrank to a sliver is not a usable pseudo label.
 - ``similarity``: the engine's post-registration image similarity per support (higher = better), when
   it reports one (``meta["atlas_supports"][i]["similarity"]``); gated only when a bar is set.
+- ``doubts``: what the engine says it doubts itself (``meta["doubts"]``: the atlas engine's in-plane
+  start in doubt). Each is a reason: a start that may be mirrored makes every organ wrong at once, and
+  no class score can tell, since the supports then agree on the mirrored place.
 
 The class score is ``agreement * (1 - entropy) * appearance`` (each in [0, 1]; 0 for an empty class), the case score
 is its lowest class score. A case is ``failed`` when its score, a volume ratio or the similarity is below
-the bars of the ``quality:`` section (configs/ssl_medsam2.yaml).
+the bars of the ``quality:`` section (configs/ssl_medsam2.yaml), or when the engine doubts its output.
 """
 
 from __future__ import annotations
@@ -147,6 +150,7 @@ def assess(probs: np.ndarray, entropy: np.ndarray, label: np.ndarray, classes: S
     similarity = float(np.mean(sims)) if sims else None
     if settings.min_similarity is not None and similarity is not None and similarity < settings.min_similarity:
         reasons.append(f"post-registration similarity {similarity:.3f} < {settings.min_similarity}")
+    reasons.extend(str(d) for d in meta.get("doubts") or [])  # what the engine itself doubts (a start in doubt)
     scores = [v["score"] for v in per_class.values()]
     return {"score": min(scores) if scores else None, "similarity": similarity, "per_class": per_class,
             "failed": bool(settings.gate and reasons), "reasons": reasons,

@@ -6,11 +6,13 @@ downsampled working copy for speed (the transform is resolution-free, so labels 
 query's full grid afterwards):
 
 1. a multi-start initialisation: centre of mass (image moments) combined with each of the eight
-   in-plane 90° rotations and flips, each refined by a short coarse affine and scored by the
+   in-plane 90° rotations and flips (and, where the fields of view differ in length, with the
+   support's slab flush with either end of the query's: :func:`slab_shifts`), each refined by a short coarse affine and scored by the
    normalised cross-correlation over the query's body within the support's organs
    (:func:`start_scores`); the engine picks one start per query from all supports' scores
-   (:func:`choose_start`): the plain start wins unless another is clearly better, so scans stored
-   rotated or mirrored are found and ordinary ones are not disturbed;
+   (:func:`choose_start`): the header's orientation (the plain start) wins unless another is
+   clearly better for every support, so scans stored rotated or mirrored are found, ordinary ones
+   are not disturbed, and a start in doubt is said (the case is then flagged);
 2. an affine stage driven by Mattes mutual information (robust to the MRI intensity scale);
 3. optionally per class, the affine refined around that organ (:func:`refine_affine`);
 4. a deformable stage, either a multi-resolution B-spline (Mattes MI) or diffeomorphic demons on
@@ -87,7 +89,8 @@ class RegistrationSettings:
     # multi-start initialisation
     init_starts: str  # moments (one start) | dihedral (moments x the 8 in-plane 90° rotations/flips)
     init_iterations: int  # coarse affine iterations per start
-    init_margin: float  # a start other than plain moments must beat it by this much NCC
+    init_margin: float  # a start other than the header's must beat it by this much mean NCC (and be every support's best)
+    init_doubt_margin: float  # the chosen start leading the next by less than this puts the case in doubt
     # per-class refinement
     refine_margin_mm: float | None  # per class: affine + deformable again within this margin of the organ (None/0 = off)
     refine_iterations: int
@@ -208,7 +211,7 @@ def in_plane_starts(fixed: sitk.Image, moving: sitk.Image) -> list[tuple[str, si
     d = np.array(fixed.GetDirection()).reshape(3, 3)
     sp = np.array(fixed.GetSpacing())
     k = int(np.flatnonzero(np.isclose(sp, sp.max(), rtol=1e-3))[-1])
-    n = d[:, k] / np.linalg.norm(d[:, k])
+    n = _slice_normal(fixed)
     u = d[:, (k + 1) % 3] / np.linalg.norm(d[:, (k + 1) % 3])
     cross = np.array([[0, -n[2], n[1]], [n[2], 0, -n[0]], [-n[1], n[0], 0]])
     flip = np.eye(3) - 2 * np.outer(u, u)  # mirror one in-plane axis
@@ -270,53 +273,169 @@ def _affine_registration(s: RegistrationSettings, moving_mask: sitk.Image | None
     return reg
 
 
+def _slice_normal(img: sitk.Image) -> np.ndarray:
+    """World direction of the image's largest-spacing voxel axis (the slice normal; the last of equals)."""
+    d = np.array(img.GetDirection()).reshape(3, 3)
+    sp = np.array(img.GetSpacing())
+    k = int(np.flatnonzero(np.isclose(sp, sp.max(), rtol=1e-3))[-1])
+    return d[:, k] / np.linalg.norm(d[:, k])
+
+
+def _extent_along(img: sitk.Image, n: np.ndarray) -> tuple[float, float]:
+    """The image's extent (voxel centres) projected on the world direction ``n``: (low, high) in mm."""
+    size = np.array(img.GetSize()) - 1
+    corners = [img.TransformContinuousIndexToPhysicalPoint([float(c) for c in np.array(ix) * size])
+               for ix in np.ndindex(2, 2, 2)]
+    proj = [float(np.dot(c, n)) for c in corners]
+    return min(proj), max(proj)
+
+
+SLAB_STEP_MM = 20.0  # the start scoring's short affine recovers about ±10 mm along the slice normal (CHAOS)
+SLAB_MAX_SHIFTS = 9
+
+
+def slab_shifts(fixed: sitk.Image, moving: sitk.Image, start: sitk.AffineTransform) -> list[float]:
+    """Shifts (mm, along the query's slice normal) to try on top of a start: 0 (the centres of mass
+    aligned) and a grid every <= 20 mm from the support's slab flush with one end of the query's to
+    flush with the other.
+
+    Why: with fields of view of different length the centre of mass is no anatomical landmark (a
+    query reaching further into the chest or pelvis than its supports moves it), and the short affine
+    of the start scoring does not recover tens of millimetres: measured on CHAOS at 5 mm (a support
+    cropped in z to its organs, the query whole) the header's start scored 0.28 from the centres of
+    mass, 0.47 40 mm lower, and a mirrored start won (0.37).
+    """
+    n = _slice_normal(fixed)
+    qa, qb = _extent_along(fixed, n)
+    sa, sb = _extent_along(moving, n)
+    t = float(np.dot(np.array(start.GetTranslation()), n))
+    lo, hi = sorted((sb - qb - t, sa - qa - t))  # support's top on the query's top .. bottoms together
+    count = min(SLAB_MAX_SHIFTS, int(np.ceil((hi - lo) / SLAB_STEP_MM)) + 1)
+    grid = np.linspace(lo, hi, count) if count > 1 else np.array([])
+    return [0.0] + [round(float(g), 2) for g in grid if abs(g) >= SLAB_STEP_MM / 2]
+
+
+def shifted(start: sitk.AffineTransform, fixed: sitk.Image, shift_mm: float) -> sitk.AffineTransform:
+    """``start`` with its translation moved by ``shift_mm`` along the query's slice normal."""
+    tx = sitk.AffineTransform(start)
+    if shift_mm:
+        tx.SetTranslation(tuple(float(v) for v in np.array(tx.GetTranslation()) + shift_mm * _slice_normal(fixed)))
+    return tx
+
+
 def start_scores(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings,
-                 moving_mask: sitk.Image | None = None) -> dict[str, float]:
-    """NCC of each in-plane start after a short affine on the coarsest level (empty with one start).
+                 moving_mask: sitk.Image | None = None, slabs: bool = False) -> list[dict]:
+    """NCC of each in-plane start after a short affine on the coarsest level, from the centres of mass
+    aligned or (``slabs``) at each of the :func:`slab_shifts` too: rows ``{"start", "shift_mm", "score"}``
+    (empty with one start).
 
     The score is measured on the working grid over the query's body within the support's focus
     region mapped onto the query (the organs, where a mirrored abdomen differs; the body outline is
-    nearly symmetric).
+    nearly symmetric). :func:`best_shifts` keeps each start's best shift.
     """
     s = settings
     if s.init_starts == "moments":
-        return {}
+        return []
     if s.init_starts != "dihedral":
         raise ValueError(f"unknown atlas.init_starts '{s.init_starts}' (moments or dihedral)")
     with sitk_threads(s):
         body = body_mask(fixed)
-        scores = {}
-        for name, start in in_plane_starts(fixed, moving):
-            reg = _affine_registration(s, moving_mask, s.init_iterations, s.affine_shrink[:1], s.affine_smooth_mm[:1],
-                                       fixed)
-            reg.SetInitialTransform(start, inPlace=False)
-            try:
-                tx = reg.Execute(private(fixed), private(moving))
-            except RuntimeError:  # ITK: this start maps every sample outside the support: it cannot be the one
-                scores[name] = -1.0
-                continue
-            region = body
-            if moving_mask is not None:
-                region = sitk.And(sitk.Resample(private(moving_mask), fixed, tx, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8),
-                                  body)
-            scores[name] = round(similarity(fixed, moving, tx, region), 4)
-    return scores
+        rows = []
+        starts = in_plane_starts(fixed, moving)
+        shifts = slab_shifts(fixed, moving, starts[0][1]) if slabs else [0.0]
+        for name, start in starts:
+            for shift in shifts:
+                reg = _affine_registration(s, moving_mask, s.init_iterations, s.affine_shrink[:1],
+                                           s.affine_smooth_mm[:1], fixed)
+                reg.SetInitialTransform(shifted(start, fixed, shift), inPlace=False)
+                try:
+                    tx = reg.Execute(private(fixed), private(moving))
+                except RuntimeError:  # ITK: this start maps every sample outside the support: it cannot be the one
+                    rows.append({"start": name, "shift_mm": shift, "score": -1.0})
+                    continue
+                region = body
+                if moving_mask is not None:
+                    region = sitk.And(sitk.Resample(private(moving_mask), fixed, tx, sitk.sitkNearestNeighbor, 0,
+                                                    sitk.sitkUInt8), body)
+                rows.append({"start": name, "shift_mm": shift, "score": round(similarity(fixed, moving, tx, region), 4)})
+    return rows
 
 
-def choose_start(scores_per_support: list[dict[str, float]], margin: float) -> str:
-    """The start with the best mean score over all supports; the plain one unless another beats it by ``margin``.
+def best_shifts(rows: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
+    """(score, shift) of each start at its best shift (the smaller shift on a tie): what :func:`choose_start`
+    compares and where :func:`affine_stage` then starts."""
+    scores: dict[str, float] = {}
+    shifts: dict[str, float] = {}
+    for r in sorted(rows, key=lambda r: abs(r["shift_mm"])):
+        if r["start"] not in scores or r["score"] > scores[r["start"]]:
+            scores[r["start"]], shifts[r["start"]] = r["score"], r["shift_mm"]
+    return scores, shifts
 
-    One choice for the query, not one per support: a scan stored rotated or mirrored is so relative
-    to every (consistently stored) support, while one support's score alone can prefer a mirror by
-    chance where organ intensities differ between subjects (seen on CHAOS: a bright stomach where
-    the other subject's bright spleen would land).
+
+HEADER_START = "rot0"  # the query as its header says it is oriented (volumes are in canonical RAS)
+
+
+@dataclass
+class StartChoice:
+    """The in-plane start of one query, why, and whether it is in doubt (see :func:`choose_start`).
+
+    ``lead``: mean score of the chosen start minus that of the best other start (how clearly it won);
+    ``over_header``: mean score of the best other start minus the header's (what a rotated or mirrored
+    start claims); ``per_support``: each support's own best start; ``doubt``: why the start, and so the
+    case, is in doubt (None when it is not).
+    """
+
+    start: str
+    lead: float
+    runner_up: str | None
+    over_header: float | None
+    per_support: list[str]
+    doubt: str | None
+
+    def summary(self) -> dict:
+        return {"start": self.start, "lead": round(self.lead, 4), "runner_up": self.runner_up,
+                "over_header": None if self.over_header is None else round(self.over_header, 4),
+                "per_support": list(self.per_support), "doubt": self.doubt}
+
+
+def _best(scores: dict[str, float]) -> str:
+    return max(scores, key=lambda n: (scores[n], n == HEADER_START))
+
+
+def choose_start(scores_per_support: list[dict[str, float]], margin: float, doubt_margin: float) -> StartChoice:
+    """The header's start unless another is clearly better for every support; in doubt when that is unclear.
+
+    The header (the image affine, ``rot0``) says how a scan is oriented; the rotated and mirrored starts
+    exist for scans stored wrongly. Another start is taken only when its mean score over the supports
+    beats the header's by ``margin`` AND it is every support's own best: a scan stored rotated or
+    mirrored is so relative to every (consistently stored) support, while one support can prefer a
+    mirror by chance where organ intensities differ between subjects (CHAOS: a bright stomach where the
+    other subject's bright spleen would land). The start is in doubt when the supports' own bests
+    differ, when a rotated or mirrored start was better than the header's but not taken, or when the
+    chosen start leads the next by less than ``doubt_margin`` (``bench/start_margins.py`` measures
+    both margins on the shared CHAOS volumes; docs/atlas.md).
     """
     scores_per_support = [sc for sc in scores_per_support if sc]
     if not scores_per_support:
-        return "rot0"
+        return StartChoice(HEADER_START, 0.0, None, None, [], None)
     mean = {n: float(np.mean([sc[n] for sc in scores_per_support])) for n in scores_per_support[0]}
-    best = max(mean, key=lambda n: (mean[n], n == "rot0"))
-    return best if best == "rot0" or mean[best] >= mean["rot0"] + margin else "rot0"
+    own = [_best(sc) for sc in scores_per_support]
+    best = _best(mean)
+    header = mean[HEADER_START]
+    other = max((n for n in mean if n != HEADER_START), key=lambda n: mean[n])
+    over_header = mean[other] - header
+    agreed = len(set(own)) == 1
+    start = best if best != HEADER_START and over_header >= margin and agreed and own[0] == best else HEADER_START
+    runner_up = max((n for n in mean if n != start), key=lambda n: mean[n])
+    lead = mean[start] - mean[runner_up]
+    doubts = []
+    if not agreed:
+        doubts.append(f"the supports' best starts differ ({', '.join(own)})")
+    if start == HEADER_START and best != HEADER_START:
+        doubts.append(f"{best} scores {over_header:.3f} over the header's start, not taken")
+    elif lead < doubt_margin:
+        doubts.append(f"{start} leads {runner_up} by only {lead:.3f} (< {doubt_margin})")
+    return StartChoice(start, lead, runner_up, over_header, own, "; ".join(doubts) or None)
 
 
 def _bspline_stage(fixed, moving, affine: sitk.Transform, s: RegistrationSettings,
@@ -432,13 +551,15 @@ def _demons_stage(fixed, moving, affine: sitk.Transform, s: RegistrationSettings
 
 
 def affine_stage(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings,
-                 moving_mask: sitk.Image | None = None, start: str = "rot0") -> tuple[sitk.Transform, float]:
-    """Multi-resolution affine (Mattes MI) from the named in-plane start (see :func:`in_plane_starts`).
+                 moving_mask: sitk.Image | None = None, start: str = "rot0",
+                 shift_mm: float = 0.0) -> tuple[sitk.Transform, float]:
+    """Multi-resolution affine (Mattes MI) from the named in-plane start (see :func:`in_plane_starts`),
+    shifted along the slice normal by ``shift_mm`` (:func:`slab_shifts`).
 
     Returns the transform and the final metric value.
     """
     with sitk_threads(settings):
-        init = dict(in_plane_starts(fixed, moving))[start]
+        init = shifted(dict(in_plane_starts(fixed, moving))[start], fixed, shift_mm)
         reg = _affine_registration(settings, moving_mask, settings.affine_iterations, settings.affine_shrink,
                                    settings.affine_smooth_mm, fixed)
         reg.SetInitialTransform(init, inPlace=False)

@@ -33,10 +33,15 @@ cost in accuracy on every other subject.
 What the case summary (``EngineResult.meta``) says about the choices:
 
 - ``atlas_passes``: 2 with the organ-matched pass, else 1;
-- ``atlas_init``: the in-plane start used (``rot0`` = plain; ``rot90``/``rot180``/``rot270``,
-  ``flip+rot…`` = the query was found stored rotated / mirrored in-plane);
+- ``atlas_init``: the in-plane start used (``rot0`` = the header's orientation; ``rot90``/``rot180``/
+  ``rot270``, ``flip+rot…`` = the query was found stored rotated / mirrored in-plane);
+- ``atlas_start``: how it was chosen (:class:`ssl_medsam2.registration.StartChoice`): ``lead`` over the
+  next start, ``over_header`` (what the best rotated / mirrored start scores over the header's),
+  ``per_support`` (each support's own best start) and ``doubt``;
+- ``doubts``: why the engine doubts its own output (a start in doubt); the quality gate fails the case;
 - ``atlas_supports``: per used support ``{"support", "init", "similarity", "seconds"}`` plus
-  ``affine_similarity``, ``init_scores`` (NCC of every start) and ``organ_weight`` (per class, the
+  ``affine_similarity``, ``init_scores`` (NCC of every start at its best slab shift), ``init_choice``
+  (its own best start), ``init_shift_mm`` (the slab shift it started from) and ``organ_weight`` (per class, the
   share of the fused vote this support's registrations carried: ``atlas.organ_weight_*``), and
   ``refinement_dropped`` (the classes whose per-organ refinement was dropped) where there are any.
   ``similarity`` is the NCC of the query and the registered support over the query's body (Otsu
@@ -203,15 +208,22 @@ class AtlasEngine:
         t0 = time.perf_counter()
         # the start is scored over every labelled organ of a support, not only the requested ones:
         # one organ alone (the liver) can match its mirror image (measured on CHAOS at 5 mm)
-        init_scores = [reg.start_scores(fixed, m, s, reg.focus_mask(c.label, own, m, s.focus_margin_mm)
-                                        if s.focus_margin_mm else None)
-                       for c, m, own in zip(supports, moving, labelled)]
-        start = reg.choose_start(init_scores, s.init_margin)
+        focus = [reg.focus_mask(c.label, own, m, s.focus_margin_mm) if s.focus_margin_mm else None
+                 for c, m, own in zip(supports, moving, labelled)]
+        scored = [reg.best_shifts(reg.start_scores(fixed, m, s, f)) for m, f in zip(moving, focus)]
+        choice = reg.choose_start([sc for sc, _ in scored], s.init_margin, s.init_doubt_margin)
+        slab_search = bool(choice.doubt or choice.start != reg.HEADER_START)
+        if slab_search:  # a start in doubt, or not the header's: look again with the slabs shifted along z
+            scored = [reg.best_shifts(reg.start_scores(fixed, m, s, f, slabs=True)) for m, f in zip(moving, focus)]
+            choice = reg.choose_start([sc for sc, _ in scored], s.init_margin, s.init_doubt_margin)
+        init_scores = [sc for sc, _ in scored]
+        start = choice.start
+        init_shift = [sh.get(start, 0.0) for _, sh in scored]  # where along the slice normal each support starts
         init_s = (time.perf_counter() - t0) / len(supports)
         affines, affine_sim, affine_s = [], [], []
-        for m, mk in zip(moving, masks):
+        for m, mk, shift in zip(moving, masks, init_shift):
             t0 = time.perf_counter()
-            affines.append(reg.affine_stage(fixed, m, s, mk, start))
+            affines.append(reg.affine_stage(fixed, m, s, mk, start, shift))
             affine_sim.append(reg.similarity(fixed, m, affines[-1][0], body))
             affine_s.append(init_s + time.perf_counter() - t0)
         ranked = sorted(range(len(supports)), key=lambda i: (-affine_sim[i], supports[i].name))
@@ -282,6 +294,8 @@ class AtlasEngine:
                     votes[k].append(np.packbits(np.mean(cands, axis=0) >= 0.5))
                 per_support.append({"support": sup.name, "init": start, "similarity": round(sim, 4),
                                     "affine_similarity": round(affine_sim[i], 4), "init_scores": init_scores[i],
+                                    "init_choice": choice.per_support[i] if choice.per_support else start,
+                                    "init_shift_mm": init_shift[i],
                                     "seconds": round(affine_s[i] + time.perf_counter() - t0, 2)})
                 if dropped:
                     per_support[-1]["refinement_dropped"] = dropped
@@ -339,6 +353,8 @@ class AtlasEngine:
             "atlas_passes": passes,
             "atlas_supports": per_support,
             "atlas_init": start,
+            "atlas_start": {**choice.summary(), "slab_search": slab_search},
+            "doubts": [f"start in doubt: {choice.doubt}"] if choice.doubt else [],
             "atlas_supports_not_used": [{"support": supports[i].name, "init": start,
                                          "affine_similarity": round(affine_sim[i], 4)}
                                         for i in ranked[len(order):]],

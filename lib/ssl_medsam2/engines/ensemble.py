@@ -61,6 +61,7 @@ class EnsembleEngine:
             "members": {e.name: {"n_runs": r.n_runs, "weight": float(w), **r.meta}
                         for e, r, w in zip(self.engines, results, self.weights)},
             "member_agreement_dice": agreement,
+            "doubts": [f"{e.name}: {d}" for e, r in zip(self.engines, results) for d in r.meta.get("doubts") or []],
             "random_weights": any(bool(r.meta.get("random_weights", False)) for r in results),
             "timings": timings,
         }
