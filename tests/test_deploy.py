@@ -40,8 +40,8 @@ CASES = ["chaos_01", "chaos_02", "chaos_03", "chaos_05"]
 LABELLED = ["chaos_01", "chaos_02"]
 SAVED = "chaos_03"  # pseudo label, then saved as final: acknowledged before the kill
 KILLED = "chaos_05"  # saved while the app container is killed
+#: added to deploy/site.env (the shipped settings are the ones tested)
 SITE_ENV = {
-    "MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "MR"}),
     "SSL_MEDSAM2__INPUT__CLASSES": "[1]",
     "SSL_MEDSAM2__PROTOCOL__ENGINE": "atlas",
     "SSL_MEDSAM2__APP__RETRAIN_AFTER_LABELS": "0",
@@ -93,6 +93,7 @@ def images():
     _run(["bash", DEPLOY / "ci" / "build.sh", IMAGE], timeout=3600)
     inspect = json.loads(_run(["podman", "image", "inspect", IMAGE], 60).stdout)[0]
     return {"build_s": round(time.monotonic() - start, 1), "inspect": inspect,
+            "base": os.environ.get("BASE_IMAGE", "localhost/bookworm-base"),
             "size_gb": round(inspect["Size"] / 1e9, 2)}
 
 
@@ -103,7 +104,7 @@ class Stack:
         self.project = f"sslmedsam2test{os.getpid()}"
         self.port, self.orthanc_port, dicom_port = pacs.free_port(), pacs.free_port(), pacs.free_port()
         site = root / "site.env"
-        site.write_text("".join(f"{k}={v}\n" for k, v in SITE_ENV.items()))
+        site.write_text((DEPLOY / "site.env").read_text() + "".join(f"{k}={v}\n" for k, v in SITE_ENV.items()))
         self.env = {**_env(), "SSL_MEDSAM2_SITE_ENV": str(site), "SSL_MEDSAM2_PORT": str(self.port),
                     "ORTHANC_PORT": str(self.orthanc_port), "ORTHANC_DICOM_PORT": str(dicom_port),
                     "SSL_MEDSAM2_IMAGE": IMAGE}
@@ -154,12 +155,16 @@ def stack(images, chaos_dir, tmp_path_factory):
                         root / "labels" / f"{case}.nii.gz", factor=2, z_range=((z - 12) // 2, (z - 12) // 2 + 12))
     st = Stack(root)
     try:
-        start_s = st.up()
+        # the PACS holds the expert-labelled supports before the app starts; the other studies arrive
+        # while it runs (a study sent later must be found when a request names it)
+        st.compose("up", "-d", "--no-build", "orthanc")
         orthanc = pacs.Orthanc.connect(f"http://127.0.0.1:{st.orthanc_port}", timeout=60)
-        series = pacs.upload_folder(orthanc, root / "images", root / "dicom")
+        series = pacs.upload_folder(orthanc, root / "images", root / "dicom", cases=LABELLED)
         for case in LABELLED:
             orthanc.upload([dicom_seg.label_to_dicom_seg(root / "labels" / f"{case}.nii.gz", root / "dicom" / case,
                                                      root / "dicom" / f"{case}_seg.dcm", class_names={1: "liver"})])
+        start_s = st.up()
+        series |= pacs.upload_folder(orthanc, root / "images", root / "dicom", cases=[SAVED, KILLED])
         yield {"st": st, "orthanc": orthanc, "series": series, "root": root, "figures": {"start_s": start_s}}
     finally:
         st.down(volumes=True)
@@ -180,6 +185,28 @@ def _same_voxels(label_path: Path, seg_img) -> None:
     sent = sitk.Resample(sitk.ReadImage(str(label_path)), seg_img, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sent) > 0, sitk.GetArrayFromImage(seg_img) > 0,
                                   err_msg="the SEG in Orthanc is not the label that was saved")
+
+
+def test_layer_scan_sees_a_key_deleted_in_a_later_layer(images, tmp_path):
+    """The scan's own check: a key and a .crt copied in and deleted in the next step stay in a lower
+    layer, and the scan must say so (else its silence about the real image means nothing)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    (tmp_path / "site.pem").write_bytes(key)
+    (tmp_path / "site.crt").write_text("not a real certificate\n")
+    (tmp_path / "Containerfile").write_text(f"FROM {images['base']}\nCOPY site.pem site.crt /opt/\n"
+                                            "RUN rm /opt/site.pem /opt/site.crt\n")
+    probe = f"localhost/ssl-medsam2-scan-probe:{os.getpid()}"
+    _run(["podman", "build", "-t", probe, tmp_path], 300)
+    try:
+        found = scan_layers(probe)
+    finally:
+        _run(["podman", "rmi", "-f", probe], 60, check=False)
+    assert any("/opt/site.pem (a private key)" in f for f in found), found
+    assert any("/opt/site.crt (certificate or key file)" in f for f in found), found
 
 
 def test_image_is_non_root_has_a_healthcheck_and_no_secret_in_any_layer(images, stack):
