@@ -28,11 +28,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REPO, downsample_case
+from conftest import REPO
 from ssl_medsam2 import dicom_seg, pacs
 from ssl_medsam2.server import site_conf
 from test_app_server import NNUNET_TINY, _wait_task
-from test_ohif_browser import _dice_with_truth, _read_seg, _seg_referencing
+from test_ohif_browser import _dice_with_truth, _read_seg, _seg_referencing, small_cases
 
 DEPLOY = REPO / "deploy"
 IMAGE = "localhost/ssl-medsam2:latest"
@@ -148,11 +148,7 @@ def stack(images, chaos_dir, tmp_path_factory):
     if not dicom_seg.dcmqi_tool():
         pytest.skip("dcmqi not installed (pip: dcmqi): labels go to Orthanc as DICOM-SEG")
     root = tmp_path_factory.mktemp("deploy")
-    for case in CASES:
-        img = chaos_dir / "imagesTr" / f"{case}_0000.nii.gz"
-        z = nib.load(str(img)).shape[2]
-        downsample_case(img, chaos_dir / "labelsTr" / f"{case}.nii.gz", root / "images" / f"{case}_0000.nii.gz",
-                        root / "labels" / f"{case}.nii.gz", factor=2, z_range=((z - 12) // 2, (z - 12) // 2 + 12))
+    small_cases(chaos_dir, root, CASES)
     st = Stack(root)
     try:
         # the PACS holds the expert-labelled supports before the app starts; the other studies arrive
