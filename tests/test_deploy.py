@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import httpx
-import nibabel as nib
 import numpy as np
 import pytest
 
@@ -175,6 +174,15 @@ def _save(url: str, image: str, path: Path, timeout: float = 300) -> httpx.Respo
                          timeout=timeout)
 
 
+def _liver_on_grid(label_path: Path, image_path: Path, out: Path) -> None:
+    """Class 1 of ``label_path`` resampled (nearest) onto the grid of ``image_path``, as uint8 NIfTI."""
+    import SimpleITK as sitk
+
+    liver = sitk.ReadImage(str(label_path)) == 1
+    grid = sitk.Resample(liver, sitk.ReadImage(str(image_path)), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    sitk.WriteImage(sitk.Cast(grid, sitk.sitkUInt8), str(out))
+
+
 def _same_voxels(label_path: Path, seg_img) -> None:
     import SimpleITK as sitk
 
@@ -253,14 +261,17 @@ def test_pseudo_label_save_kill_mid_save_restart_keeps_every_acknowledged_label(
     # 4. the app container killed in the middle of a second save (at half the first save's time), of a
     #    study sent after training (training would pseudo-label it first: a minute of CPU for nothing)
     series |= pacs.upload_folder(orthanc, root / "images", root / "dicom", cases=[KILLED])
-    other = root / f"{KILLED}_label.nii.gz"  # the expert's liver (the app's classes: [1])
-    expert = nib.load(str(root / "labels" / f"{KILLED}.nii.gz"))
-    nib.save(nib.Nifti1Image((np.asarray(expert.dataobj) == 1).astype(np.uint8), expert.affine), str(other))
+    other = root / f"{KILLED}_label.nii.gz"  # the expert's liver (the app's classes: [1]) on the app's grid
+    r = httpx.get(f"{url}/datastore/image", params={"image": series[KILLED]}, timeout=300)
+    assert r.status_code == 200, r.text[:500]
+    (root / f"{KILLED}_image.nii.gz").write_bytes(r.content)
+    _liver_on_grid(root / "labels" / f"{KILLED}.nii.gz", root / f"{KILLED}_image.nii.gz", other)
     outcome: dict = {}
 
     def save_other():
         try:
-            outcome["status"] = _save(url, series[KILLED], other, timeout=120).status_code
+            answer = _save(url, series[KILLED], other, timeout=120)
+            outcome.update(status=answer.status_code, **({} if answer.status_code == 200 else {"body": answer.text}))
         except httpx.HTTPError as exc:
             outcome["error"] = repr(exc)
 
