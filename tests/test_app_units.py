@@ -333,3 +333,26 @@ def test_cluster_batch_removes_its_work_folder_when_the_run_fails(case, tmp_path
     with pytest.raises(RuntimeError, match="cluster gone"):
         cb.batch_fewshot_on_cluster(ws, "atlas", {"images": ["chaos_02"]}, datastore)
     assert (tmp_path / "state" / "batch").is_dir() and not any((tmp_path / "state" / "batch").iterdir())
+
+
+def test_a_study_missing_from_the_cached_list_is_looked_up_afresh():
+    """A PACS datastore's series list is cached (MONAI Label: 2 h): a study sent after it was read must
+    be found when a request names it, and an unknown one still is not."""
+    from lib.workspace import Workspace
+
+    class Pacs:
+        def __init__(self):
+            self.cached, self.live, self.refreshed = ["old"], ["old", "new"], 0
+
+        def list_images(self):
+            return self.cached
+
+        def refresh_image_list(self):
+            self.cached, self.refreshed = list(self.live), self.refreshed + 1
+
+    ws = type("W", (), {"datastore": Pacs(), "has_image": Workspace.has_image})()
+    assert ws.has_image("old") and ws.datastore.refreshed == 0  # a hit asks nothing
+    assert ws.has_image("new") and ws.datastore.refreshed == 1
+    assert not ws.has_image("ghost") and ws.datastore.refreshed == 2
+    local = type("Local", (), {"list_images": lambda self: ["a"]})()  # a folder: its list is never stale
+    assert not type("W", (), {"datastore": local, "has_image": Workspace.has_image})().has_image("b")

@@ -2,8 +2,8 @@
 
 One stack, in order: build the base (debootstrap) and the images (deploy/ci/build.sh: this machine's
 local wheels and its CA bundle as a build secret), `podman-compose up` on 127.0.0.1 with free ports,
-CHAOS cases (128x128, 12 slices) sent to Orthanc as DICOM (two with a DICOM-SEG: the supports), an
-atlas pseudo label over HTTP (Dice against the expert label), a final label saved through the app and
+CHAOS cases (128x128, 12 slices) sent to Orthanc as DICOM (two with a DICOM-SEG, the supports, before the
+app starts; the others while it runs), an atlas pseudo label over HTTP (Dice against the expert label), a final label saved through the app and
 found in Orthanc as a DICOM-SEG with the same voxels, a tiny nnU-Net run (a model version), then the
 app container killed (`podman kill`) in the middle of a second save, the stack down and up again:
 every acknowledged label, the model versions, a readable datastore and /info must be there. The image
@@ -24,15 +24,14 @@ import time
 from pathlib import Path
 
 import httpx
-import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REPO, downsample_case
+from conftest import REPO
 from ssl_medsam2 import dicom_seg, pacs
 from ssl_medsam2.server import site_conf
 from test_app_server import NNUNET_TINY, _wait_task
-from test_ohif_browser import _dice_with_truth, _read_seg, _seg_referencing
+from test_ohif_browser import _dice_with_truth, _read_seg, _seg_referencing, small_cases
 
 DEPLOY = REPO / "deploy"
 IMAGE = "localhost/ssl-medsam2:latest"
@@ -40,8 +39,8 @@ CASES = ["chaos_01", "chaos_02", "chaos_03", "chaos_05"]
 LABELLED = ["chaos_01", "chaos_02"]
 SAVED = "chaos_03"  # pseudo label, then saved as final: acknowledged before the kill
 KILLED = "chaos_05"  # saved while the app container is killed
+#: added to deploy/site.env (the shipped settings are the ones tested)
 SITE_ENV = {
-    "MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "MR"}),
     "SSL_MEDSAM2__INPUT__CLASSES": "[1]",
     "SSL_MEDSAM2__PROTOCOL__ENGINE": "atlas",
     "SSL_MEDSAM2__APP__RETRAIN_AFTER_LABELS": "0",
@@ -93,6 +92,7 @@ def images():
     _run(["bash", DEPLOY / "ci" / "build.sh", IMAGE], timeout=3600)
     inspect = json.loads(_run(["podman", "image", "inspect", IMAGE], 60).stdout)[0]
     return {"build_s": round(time.monotonic() - start, 1), "inspect": inspect,
+            "base": os.environ.get("BASE_IMAGE", "localhost/bookworm-base"),
             "size_gb": round(inspect["Size"] / 1e9, 2)}
 
 
@@ -103,12 +103,12 @@ class Stack:
         self.project = f"sslmedsam2test{os.getpid()}"
         self.port, self.orthanc_port, dicom_port = pacs.free_port(), pacs.free_port(), pacs.free_port()
         site = root / "site.env"
-        site.write_text("".join(f"{k}={v}\n" for k, v in SITE_ENV.items()))
+        site.write_text((DEPLOY / "site.env").read_text() + "".join(f"{k}={v}\n" for k, v in SITE_ENV.items()))
         self.env = {**_env(), "SSL_MEDSAM2_SITE_ENV": str(site), "SSL_MEDSAM2_PORT": str(self.port),
                     "ORTHANC_PORT": str(self.orthanc_port), "ORTHANC_DICOM_PORT": str(dicom_port),
                     "SSL_MEDSAM2_IMAGE": IMAGE}
         self.url = f"http://127.0.0.1:{self.port}"
-        self.app = f"{self.project}_app_1"
+        self.app, self.orthanc = f"{self.project}_app_1", f"{self.project}_orthanc_1"
 
     def compose(self, *args, timeout: float = 300, check: bool = True):
         return _run(["podman-compose", "-p", self.project, "-f", DEPLOY / "compose.yaml", *args], timeout,
@@ -117,9 +117,18 @@ class Stack:
     def up(self, timeout: float = 600) -> float:
         """Start the stack; seconds until the app's /info/ answers 200."""
         start = time.monotonic()
-        self.compose("up", "-d", "--no-build")
+        up = self.compose("up", "-d", "--no-build")
         deadline = start + timeout
         while time.monotonic() < deadline:
+            running = _run(["podman", "ps", "--filter", f"label=io.podman.compose.project={self.project}",
+                            "--format", "{{.Names}}"], 60).stdout.split()
+            if sorted(running) != sorted([self.app, self.orthanc]):  # podman-compose exits 0 regardless
+                time.sleep(3)  # a container restarting under `restart: unless-stopped` is gone briefly
+                running = _run(["podman", "ps", "--filter", f"label=io.podman.compose.project={self.project}",
+                                "--format", "{{.Names}}"], 60).stdout.split()
+                if sorted(running) != sorted([self.app, self.orthanc]):
+                    pytest.fail(f"running {running}, expected {self.app} and {self.orthanc}:\n"
+                                f"{up.stdout[-3000:]}\n{up.stderr[-3000:]}")
             try:
                 if httpx.get(f"{self.url}/info/", timeout=10).status_code == 200:
                     return round(time.monotonic() - start, 1)
@@ -138,19 +147,19 @@ def stack(images, chaos_dir, tmp_path_factory):
     if not dicom_seg.dcmqi_tool():
         pytest.skip("dcmqi not installed (pip: dcmqi): labels go to Orthanc as DICOM-SEG")
     root = tmp_path_factory.mktemp("deploy")
-    for case in CASES:
-        img = chaos_dir / "imagesTr" / f"{case}_0000.nii.gz"
-        z = nib.load(str(img)).shape[2]
-        downsample_case(img, chaos_dir / "labelsTr" / f"{case}.nii.gz", root / "images" / f"{case}_0000.nii.gz",
-                        root / "labels" / f"{case}.nii.gz", factor=2, z_range=((z - 12) // 2, (z - 12) // 2 + 12))
+    small_cases(chaos_dir, root, CASES)
     st = Stack(root)
     try:
-        start_s = st.up()
+        # the PACS holds the expert-labelled supports before the app starts; the other studies arrive
+        # while it runs (a study sent later must be found when a request names it)
+        st.compose("up", "-d", "--no-build", "orthanc")
         orthanc = pacs.Orthanc.connect(f"http://127.0.0.1:{st.orthanc_port}", timeout=60)
-        series = pacs.upload_folder(orthanc, root / "images", root / "dicom")
+        series = pacs.upload_folder(orthanc, root / "images", root / "dicom", cases=LABELLED)
         for case in LABELLED:
             orthanc.upload([dicom_seg.label_to_dicom_seg(root / "labels" / f"{case}.nii.gz", root / "dicom" / case,
                                                      root / "dicom" / f"{case}_seg.dcm", class_names={1: "liver"})])
+        start_s = st.up()
+        series |= pacs.upload_folder(orthanc, root / "images", root / "dicom", cases=[SAVED])
         yield {"st": st, "orthanc": orthanc, "series": series, "root": root, "figures": {"start_s": start_s}}
     finally:
         st.down(volumes=True)
@@ -165,6 +174,15 @@ def _save(url: str, image: str, path: Path, timeout: float = 300) -> httpx.Respo
                          timeout=timeout)
 
 
+def _liver_on_grid(label_path: Path, image_path: Path, out: Path) -> None:
+    """Class 1 of ``label_path`` resampled (nearest) onto the grid of ``image_path``, as uint8 NIfTI."""
+    import SimpleITK as sitk
+
+    liver = sitk.ReadImage(str(label_path)) == 1
+    grid = sitk.Resample(liver, sitk.ReadImage(str(image_path)), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    sitk.WriteImage(sitk.Cast(grid, sitk.sitkUInt8), str(out))
+
+
 def _same_voxels(label_path: Path, seg_img) -> None:
     import SimpleITK as sitk
 
@@ -173,11 +191,33 @@ def _same_voxels(label_path: Path, seg_img) -> None:
                                   err_msg="the SEG in Orthanc is not the label that was saved")
 
 
+def test_layer_scan_sees_a_key_deleted_in_a_later_layer(images, tmp_path):
+    """The scan's own check: a key and a .crt copied in and deleted in the next step stay in a lower
+    layer, and the scan must say so (else its silence about the real image means nothing)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    (tmp_path / "site.pem").write_bytes(key)
+    (tmp_path / "site.crt").write_text("not a real certificate\n")
+    (tmp_path / "Containerfile").write_text(f"FROM {images['base']}\nCOPY site.pem site.crt /opt/\n"
+                                            "RUN rm /opt/site.pem /opt/site.crt\n")
+    probe = f"localhost/ssl-medsam2-scan-probe:{os.getpid()}"
+    _run(["podman", "build", "-t", probe, tmp_path], 300)
+    try:
+        found = scan_layers(probe)
+    finally:
+        _run(["podman", "rmi", "-f", probe], 60, check=False)
+    assert any("/opt/site.pem (a private key)" in f for f in found), found
+    assert any("/opt/site.crt (certificate or key file)" in f for f in found), found
+
+
 def test_image_is_non_root_has_a_healthcheck_and_no_secret_in_any_layer(images, stack):
     config = images["inspect"]["Config"]
     assert config["User"] == "app"
     assert _run(["podman", "exec", stack["st"].app, "id", "-u"], 60).stdout.strip() == "10001"
-    assert "ssl-medsam2-healthcheck" in " ".join(images["inspect"].get("HealthCheck", {}).get("Test", []))
+    assert "ssl-medsam2-healthcheck" in " ".join(images["inspect"].get("Healthcheck", {}).get("Test", []))
     assert _run(["podman", "healthcheck", "run", stack["st"].app], 60, check=False).returncode == 0
     env_secrets = [e for e in config.get("Env", []) if re.search(r"(TOKEN|SECRET|PASSWORD|PASSWD)=", e.upper())]
     assert not env_secrets, env_secrets
@@ -218,14 +258,20 @@ def test_pseudo_label_save_kill_mid_save_restart_keeps_every_acknowledged_label(
     assert task["status"] == "DONE", "\n".join(task.get("details", [])[-30:])
     models = httpx.get(f"{url}/ssl_medsam2/models", timeout=30).json()
     assert models["current"] == "v001" and len(models["versions"]) == 1
-    # 4. the app container killed in the middle of a second save (at half the first save's time)
-    other = root / f"{KILLED}_label.nii.gz"
-    shutil.copyfile(root / "labels" / f"{KILLED}.nii.gz", other)
+    # 4. the app container killed in the middle of a second save (at half the first save's time), of a
+    #    study sent after training (training would pseudo-label it first: a minute of CPU for nothing)
+    series |= pacs.upload_folder(orthanc, root / "images", root / "dicom", cases=[KILLED])
+    other = root / f"{KILLED}_label.nii.gz"  # the expert's liver (the app's classes: [1]) on the app's grid
+    r = httpx.get(f"{url}/datastore/image", params={"image": series[KILLED]}, timeout=300)
+    assert r.status_code == 200, r.text[:500]
+    (root / f"{KILLED}_image.nii.gz").write_bytes(r.content)
+    _liver_on_grid(root / "labels" / f"{KILLED}.nii.gz", root / f"{KILLED}_image.nii.gz", other)
     outcome: dict = {}
 
     def save_other():
         try:
-            outcome["status"] = _save(url, series[KILLED], other, timeout=120).status_code
+            answer = _save(url, series[KILLED], other, timeout=120)
+            outcome.update(status=answer.status_code, **({} if answer.status_code == 200 else {"body": answer.text}))
         except httpx.HTTPError as exc:
             outcome["error"] = repr(exc)
 
@@ -234,6 +280,7 @@ def test_pseudo_label_save_kill_mid_save_restart_keeps_every_acknowledged_label(
     time.sleep(save_s / 2)
     _run(["podman", "kill", st.app], 60)
     saver.join(180)
+    assert outcome.get("status") in (None, 200), outcome  # answered before the kill: it must be a valid save
     acknowledged = [SAVED] + ([KILLED] if outcome.get("status") == 200 else [])
     # 5. down and up again: same volumes
     st.down()
@@ -259,7 +306,10 @@ def test_pseudo_label_save_kill_mid_save_restart_keeps_every_acknowledged_label(
 
 #: the public root CAs of Debian's ca-certificates package (and its bundle, links) are expected
 _PUBLIC_CERTS = ("usr/share/ca-certificates/mozilla/", "etc/ssl/certs/")
-_PRIVATE_KEY = re.compile(rb"-----BEGIN (?:RSA |EC |DSA |OPENSSH |ENCRYPTED )?PRIVATE KEY-----")
+#: a PEM private key with its body (header lines such as Proc-Type allowed), not the bare marker text
+#: that key parsers (cryptography, google-auth, GnuTLS) hold as a constant
+_PRIVATE_KEY = re.compile(rb"-----BEGIN (?:RSA |EC |DSA |OPENSSH |ENCRYPTED )?PRIVATE KEY-----\r?\n"
+                          rb"(?:[\w-]+: [^\n]*\n)*\r?\n?[A-Za-z0-9+/=]{40,}")
 
 
 def _machine_ca_markers() -> list[bytes]:
@@ -287,8 +337,9 @@ def _layer_dirs(image: str) -> list[Path]:
 
 def scan_layers(image: str, small: int = 4 << 20) -> list[str]:
     """What must not be in any layer: a certificate file outside Debian's public CA set, anything in
-    the local CA folder, a private key, this machine's extra CA (by content, in any file up to
-    ``small`` bytes: a CA bundle would carry it), pip or netrc credentials files."""
+    the local CA folder, a PEM private key (outside compiled libraries), this machine's extra CA (by
+    content, in any file up to ``small`` bytes: a CA bundle would carry it), pip or netrc credentials
+    files, pip's build cache."""
     markers = _machine_ca_markers()
     found = []
     for n, layer in enumerate(_layer_dirs(image)):
@@ -308,7 +359,8 @@ def scan_layers(image: str, small: int = 4 << 20) -> list[str]:
                     continue
                 with open(path, "rb") as fh:
                     data = fh.read()
-                if _PRIVATE_KEY.search(data):
+                # compiled libraries carry their self-test keys (GnuTLS's FIPS known-answer tests)
+                if not data.startswith(b"\x7fELF") and _PRIVATE_KEY.search(data):
                     found.append(f"{where} (a private key)")
                 if any(m in data for m in markers):
                     found.append(f"{where} (this machine's extra CA certificate)")

@@ -88,6 +88,15 @@ def _pacs_demo():
     return load_script("pacs_demo")
 
 
+def small_cases(chaos_dir: Path, root: Path, cases) -> None:
+    """CHAOS cases at half resolution, their 12 middle slices, into ``root``/images and ``root``/labels."""
+    for case in cases:
+        img = chaos_dir / "imagesTr" / f"{case}_0000.nii.gz"
+        z = nib.load(str(img)).shape[2]
+        downsample_case(img, chaos_dir / "labelsTr" / f"{case}.nii.gz", root / "images" / f"{case}_0000.nii.gz",
+                        root / "labels" / f"{case}.nii.gz", factor=2, z_range=((z - 12) // 2, (z - 12) // 2 + 12))
+
+
 @pytest.fixture(scope="module")
 def stack(chaos_dir, tmp_path_factory):
     missing = [what for what, ok in (("Orthanc (apt: orthanc orthanc-dicomweb)", pacs.orthanc_binary()),
@@ -95,11 +104,7 @@ def stack(chaos_dir, tmp_path_factory):
     if missing:
         pytest.skip("missing: " + ", ".join(missing))
     root = tmp_path_factory.mktemp("ohif")
-    for case in CASES:
-        img = chaos_dir / "imagesTr" / f"{case}_0000.nii.gz"
-        z = nib.load(str(img)).shape[2]
-        downsample_case(img, chaos_dir / "labelsTr" / f"{case}.nii.gz", root / "images" / f"{case}_0000.nii.gz",
-                        root / "labels" / f"{case}.nii.gz", factor=2, z_range=((z - 12) // 2, (z - 12) // 2 + 12))
+    small_cases(chaos_dir, root, CASES)
     orthanc = pacs.Orthanc.start(root / "orthanc")
     recorder = RecordingPacs(orthanc.url)
     server = None

@@ -431,17 +431,24 @@ def local_datastore(studies: str, **kwargs):
 _seg_cache: dict = {}
 
 
-def clear_listing_caches() -> None:
+def clear_listing_caches(names=("list_images", "get_labeled_images")) -> None:
     """Forget the cached image list and labelled set of every DICOMweb datastore in this process."""
     from monailabel.datastore.dicom import DICOMWebDatastore
 
-    for name in ("list_images", "get_labeled_images"):
+    for name in names:
         fn = getattr(DICOMWebDatastore, name)
         if hasattr(fn, "cache_clear"):
             fn.cache_clear()
         elif hasattr(fn, "cache"):
             fn.cache.clear()
-    _seg_cache.clear()
+    if "get_labeled_images" in names:
+        _seg_cache.clear()
+
+
+def _refresh_image_list(self) -> None:
+    """Forget the cached series list (MONAI Label keeps it for MONAI_LABEL_DICOMWEB_CACHE_EXPIRY, 2 h):
+    a study sent to the PACS after the list was read is found when a request names it."""
+    clear_listing_caches(("list_images",))
 
 
 def seg_series_by_image(ds) -> dict[str, str]:
@@ -561,6 +568,7 @@ def _install_dicomweb() -> None:
         DICOMWebDatastore._dicom_info = dicom_info
 
     DICOMWebDatastore._update_datastore_file = _update_datastore_file  # its local cache index, same fix (4)
+    DICOMWebDatastore.refresh_image_list = _refresh_image_list
     for name in ("save_label", "add_image", "remove_image", "remove_label"):
         method = getattr(DICOMWebDatastore, name, None)
         if method is not None and not getattr(method, "_ssl_medsam2_fresh", False):

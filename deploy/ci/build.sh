@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# Build the base and the server image on this project's own machines, where no container registry
-# can be reached, outbound TLS is intercepted and torch lies in local package indexes:
+# Build the base, the Orthanc image and the server image on this project's own machines, where no
+# container registry can be reached, outbound TLS is intercepted and torch lies in local package indexes:
 #   bash deploy/ci/build.sh [IMAGE]        (default localhost/ssl-medsam2:latest)
-# A normal site needs none of this: docs/deploy.md. Prints the build's wall time on its last line.
+# ORTHANC_IMAGE names the Orthanc image (default localhost/ssl-medsam2-orthanc:latest).
+# A normal site needs none of this: docs/deploy.md. Prints each build's wall time.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CONTAINERS_CONF="${CONTAINERS_CONF:-$PWD/deploy/ci/containers.conf}"
 IMAGE="${1:-localhost/ssl-medsam2:latest}"
 BASE="${BASE_IMAGE:-localhost/bookworm-base}"
 bash deploy/base.sh "$BASE"
+ORTHANC="${ORTHANC_IMAGE:-localhost/ssl-medsam2-orthanc:latest}"
+start=$(date +%s)
+podman build --format docker -f deploy/orthanc/Containerfile -t "$ORTHANC" --build-arg "BASE_IMAGE=$BASE" .
+echo "built $ORTHANC in $(( $(date +%s) - start )) s"
 args=(--format docker -f deploy/Containerfile -t "$IMAGE" --build-arg "BASE_IMAGE=$BASE"
       # the pinned torch here is PyPI's (CUDA) build, served from local disk: PyTorch's CPU index is
       # out of reach of these machines (docs/deploy.md says what a CPU site gets instead)

@@ -301,6 +301,12 @@ class Workspace:
         return sorted(self.datastore.list_images())
 
     def has_image(self, image_id: str) -> bool:
+        if image_id in set(self.datastore.list_images()):
+            return True
+        refresh = getattr(self.datastore, "refresh_image_list", None)  # a PACS: the list may be stale
+        if refresh is None:
+            return False
+        refresh()
         return image_id in set(self.datastore.list_images())
 
     def set_scores(self, image_id: str, scores: dict) -> None:
