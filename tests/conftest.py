@@ -16,6 +16,11 @@ for _k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
     os.environ.setdefault(_k, str(Path(os.environ.get("TMPDIR", "/tmp")) / "ssl_medsam2_tests" / _k))
 os.environ.setdefault("nnUNet_compile", "false")
 
+#: Servers of tests that are not about it run without the background pseudo-label queue
+#: (tests/test_team_server.py tests it): its jobs would compete for the 2 CPU cores and set uncertainty
+#: scores that change which image a strategy hands out while a test runs.
+NO_QUEUE = {"pseudo_store.enabled": "false"}
+
 
 def outputs_on_source_grid(out: Path, case: str, source: Path, atol: float = 1e-5) -> tuple:
     """(label, probabilities, entropy) images a pseudo-label run wrote for ``case``, each checked to

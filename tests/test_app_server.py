@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import REPO, chaos_cases, downsample_case
+from conftest import NO_QUEUE, REPO, chaos_cases, downsample_case
 
 APP = REPO / "apps" / "ssl_medsam2"
 CASES = 5  # first 2 get final labels, the other 3 are unlabelled
@@ -35,6 +35,7 @@ CONF = {
     "nnunet.epochs": "1", "nnunet.iterations_per_epoch": "2", "nnunet.val_iterations": "1", "nnunet.max_rounds": "1",
     "nnunet.configuration": "2d", "nnunet.device": "cpu", "nnunet.num_workers": "0", "nnunet.num_processes": "1",
     "nnunet.quality_gate": "off",  # plumbing: a 2-iteration model would (rightly) fail the run's quality gate
+    **NO_QUEUE,
 }
 NNUNET_TINY = {"epochs": 1, "iterations_per_epoch": 2, "val_iterations": 1, "max_rounds": 1,
                "configuration": "2d", "device": "cpu", "num_workers": 0, "num_processes": 1,

@@ -24,7 +24,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from conftest import REPO, downsample_case, load_script
+from conftest import NO_QUEUE, REPO, downsample_case, load_script
 
 APP_FIXES = REPO / "apps" / "ssl_medsam2" / "monailabel_085.py"
 ROLES = {"admin": ["monailabel-admin", "monailabel-reviewer", "monailabel-annotator", "monailabel-user"],
@@ -165,7 +165,7 @@ def server(tmp_path_factory, chaos_dir):
     srv = None
     try:
         srv = _pacs_demo().start_monailabel(
-            str(studies), root / "work", conf={"app.retrain_after_labels": 0},
+            str(studies), root / "work", conf={"app.retrain_after_labels": 0, **NO_QUEUE},
             env={"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": issuer.realm})
         yield {"url": srv.url, "issuer": issuer, "label": root / "label_chaos_01.nii.gz", "log": srv.log_path}
     finally:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import downsample_case, load_script
+from conftest import NO_QUEUE, downsample_case, load_script
 from ssl_medsam2.config import load_config
 from ssl_medsam2.io import load_volume
 
@@ -58,7 +58,7 @@ def server(chaos_dir, tmp_path_factory):
     nib.save(nib.Nifti1Image(pseudo, t.affine), str(studies / "labels" / "pseudo" / "chaos_03.nii.gz"))
     _odd(studies / "chaos_03.nii.gz", studies / "labels" / "pseudo" / "chaos_03.nii.gz",
          studies / "odd_03.nii.gz", studies / "labels" / "pseudo" / "odd_03.nii.gz")
-    conf = {"app.retrain_after_labels": 0, "interactive.max_points": 20}
+    conf = {"app.retrain_after_labels": 0, "interactive.max_points": 20, **NO_QUEUE}
     srv = load_script("pacs_demo").start_monailabel(str(studies), root / "work", conf=conf)
     snapshot = _snapshot(studies)
     try:

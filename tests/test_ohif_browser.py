@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REPO, downsample_case, load_script
+from conftest import NO_QUEUE, REPO, downsample_case, load_script
 from ssl_medsam2 import dicom, dicom_seg, metrics, pacs
 
 ARTIFACTS = REPO / "tests" / "artifacts" / "ohif"
@@ -33,7 +33,7 @@ QUERY = "chaos_03"  # saved from the browser
 REST_QUERY = "chaos_05"  # saved over REST (the DICOMweb path without a browser)
 STOW_QUERY = "chaos_08"  # a DICOM-SEG stored through the proxy (STOW-RS) without a browser
 CHAOS_NAMES = {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"}
-CLASS_CONF = {"input.class_names": json.dumps(CHAOS_NAMES), "input.classes": "[1]"}
+CLASS_CONF = {"input.class_names": json.dumps(CHAOS_NAMES), "input.classes": "[1]", **NO_QUEUE}
 EMPTY_SLICES = 3  # chaos_02's seed SEG leaves its first slices out (a SEG holds only frames with a segment)
 
 
@@ -585,7 +585,7 @@ def auth_stack(stack):
         server = _pacs_demo().start_monailabel(  # no class names or ids configured: the label set is the seeds'
             f"{stack['recorder'].url}/dicom-web", stack["root"] / "work_auth",
             conf={"app.retrain_after_labels": 0, "sam2.checkpoint": "none", "sam2.image_size": 128,
-                  "sam2.device": "cpu"},
+                  "sam2.device": "cpu", **NO_QUEUE},
             env={"MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "MR"}),
                  "MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": issuer.realm})
         yield {**stack, "url": server.url, "server": server, "issuer": issuer}

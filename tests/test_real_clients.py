@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import chaos_cases, downsample_case, fewshot_model, load_script
+from conftest import NO_QUEUE, chaos_cases, downsample_case, fewshot_model, load_script
 from test_auth import Issuer
 
 LABELLED = ["chaos_01", "chaos_02"]
@@ -41,7 +41,7 @@ def _build(chaos_dir: Path, root: Path) -> Path:
 
 def _start(chaos_dir, root: Path, env: dict | None = None):
     studies = _build(chaos_dir, root)
-    conf = {"app.retrain_after_labels": 0, "app.anonymous_leases": 4, "input.classes": "[1]"}
+    conf = {"app.retrain_after_labels": 0, "app.anonymous_leases": 4, "input.classes": "[1]", **NO_QUEUE}
     return studies, load_script("pacs_demo").start_monailabel(str(studies), root / "work", conf=conf, env=env)
 
 

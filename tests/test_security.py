@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import downsample_case, load_script
+from conftest import NO_QUEUE, downsample_case, load_script
 from test_auth import ROLES, Issuer
 
 CASES = ["chaos_01", "chaos_02", "chaos_03", "chaos_05", "chaos_08"]
@@ -49,7 +49,7 @@ def _build(chaos_dir: Path, root: Path) -> Path:
 
 
 def _start(studies: Path, work: Path, root: Path, conf: dict, env: dict | None = None):
-    conf = {"app.retrain_after_labels": 0, "app.max_upload_mb": 4, **conf}
+    conf = {"app.retrain_after_labels": 0, "app.max_upload_mb": 4, **NO_QUEUE, **conf}
     return load_script("pacs_demo").start_monailabel(str(studies), work, conf=conf,
                                                      env={"TMPDIR": str(root / "tmp"), **(env or {})})
 

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REPO, downsample_case, fewshot_model
+from conftest import NO_QUEUE, REPO, downsample_case, fewshot_model
 
 CASES = ["chaos_01", "chaos_02", "chaos_03", "chaos_05"]
 LABELLED = CASES[:2]
@@ -51,7 +51,7 @@ def server(chaos_dir, tmp_path_factory):
     conf = {"sam2.checkpoint": "none", "sam2.image_size": 128, "sam2.n_inserts": 1, "sam2.n_supports": 1,
             "sam2.device": "cpu", "input.classes": "[1]", "app.retrain_after_labels": 0,
             "nnunet.epochs": 1, "nnunet.iterations_per_epoch": 2, "nnunet.val_iterations": 1,
-            "nnunet.quality_gate": "off"}  # plumbing: a 2-iteration model would (rightly) fail the gate
+            "nnunet.quality_gate": "off", **NO_QUEUE}  # plumbing: a 2-iteration model would (rightly) fail the gate
     srv = _pacs_demo().start_monailabel(str(studies), root / "work", conf=conf)
     yield {"url": srv.url, "studies": studies, "root": root, "server": srv, "chaos": chaos_dir}
     srv.stop()

@@ -55,15 +55,21 @@ def organ_names(ws: Workspace) -> dict[str, int]:
 
 
 def base_label_path(ws: Workspace, image_id: str | None) -> str | None:
-    """The label a correction starts from: the image's latest final label, else its pseudo label (the
-    datastore's pseudo tag, else the latest few-shot output), else None (an empty label). The one place
-    that decides it."""
+    """The label a correction starts from: the image's latest final label, else its pseudo label, else
+    None (an empty label). The pseudo label is the one a client's auto segment gets by default: the stored
+    few-shot result while it is current (lib/pseudo_ahead.py), else the datastore's pseudo tag (nnU-Net
+    rounds), else the latest few-shot output. The one place that decides it."""
     if not image_id:
         return None
-    for tag in (FINAL_TAG, ws.pseudo_tag):
-        uri = ws.datastore.get_label_uri(image_id, tag)
-        if uri and os.path.isfile(uri):
-            return uri
+    final = ws.datastore.get_label_uri(image_id, FINAL_TAG)
+    if final and os.path.isfile(final):
+        return final
+    stored = ws.current_pseudo_label_path(image_id)
+    if stored and os.path.isfile(stored):
+        return stored
+    uri = ws.datastore.get_label_uri(image_id, ws.pseudo_tag)
+    if uri and os.path.isfile(uri):
+        return uri
     few = ws.fewshot_dir / "labels" / f"{image_id}.nii.gz"
     return str(few) if few.is_file() else None
 
