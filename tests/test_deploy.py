@@ -140,6 +140,8 @@ class Stack:
 
     def down(self, volumes: bool = False):
         self.compose("down", *(["-v"] if volumes else []), check=not volumes)
+        if volumes:  # the end: podman-compose 1.0 leaves the project's network behind
+            _run(["podman", "network", "rm", "-f", f"{self.project}_default"], 60, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -339,7 +341,7 @@ def scan_layers(image: str, small: int = 4 << 20) -> list[str]:
     """What must not be in any layer: a certificate file outside Debian's public CA set, anything in
     the local CA folder, a PEM private key (outside compiled libraries), this machine's extra CA (by
     content, in any file up to ``small`` bytes: a CA bundle would carry it), pip or netrc credentials
-    files, pip's build cache."""
+    files, pip's build cache, what a server run left in the checkout's app folder."""
     markers = _machine_ca_markers()
     found = []
     for n, layer in enumerate(_layer_dirs(image)):
@@ -355,6 +357,8 @@ def scan_layers(image: str, small: int = 4 << 20) -> list[str]:
                     found.append(f"{where} (certificate or key file)")
                 if name in (".netrc", "pip.conf", ".pypirc") or rel.startswith(("run/secrets/", "root/.cache/pip")):
                     found.append(f"{where} (credentials or build cache)")
+                if rel.startswith(tuple(f"opt/src/apps/ssl_medsam2/{d}/" for d in ("bin", "logs", "model", "state"))):
+                    found.append(f"{where} (a server run's files from the build machine's checkout)")
                 if os.path.islink(path) or not os.path.isfile(path) or os.path.getsize(path) > small:
                     continue
                 with open(path, "rb") as fh:
