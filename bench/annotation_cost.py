@@ -151,6 +151,7 @@ def plot(result: dict, path: Path) -> None:
                 label=f"{strategy} (pseudo labels)")
         ax.plot([0] + [s["step"] for s in steps], np.cumsum([0] + [empty[s["volume"]] for s in steps]),
                 linestyle=":", color="grey", label="empty label" if strategy == "uncertainty" else None)
+    ax.set_xticks(range(len(next(iter(result["campaigns"].values()), [])) + 1))
     ax.set_xlabel("volumes annotated")
     ax.set_ylabel("clicks so far")
     ax.set_title(f"Clicks until every organ >= {result['target']} Dice (max {result['max_clicks']} per organ)",
