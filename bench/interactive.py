@@ -91,7 +91,10 @@ class Http:
             shutil.copy(CHAOS / "labelsTr" / f"{c}.nii.gz", studies / "labels" / "final" / f"{c}.nii.gz")
         for c in cases:
             shutil.copy(pseudo / "labels" / f"{c}.nii.gz", studies / "labels" / "pseudo" / f"{c}.nii.gz")
-        self.server = start_monailabel(str(studies), root / "work", conf={"app.retrain_after_labels": 0, **conf})
+        # the bench's base labels are the given pseudo labels (pseudo tag): no background queue recomputing them
+        # meanwhile (bench/team_load.py measures the queue)
+        self.server = start_monailabel(str(studies), root / "work",
+                                       conf={"app.retrain_after_labels": 0, "pseudo_store.enabled": "false", **conf})
         self.tmp = root / "answers"
         self.tmp.mkdir()
         self.slicer = MONAILabelClient(self.server.url, tmpdir=str(self.tmp), client_id="bench-slicer")
