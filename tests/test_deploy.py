@@ -138,6 +138,11 @@ class Stack:
         logs = _run(["podman", "logs", "--tail", "60", self.app], 60, check=False)
         pytest.fail(f"the app did not answer /info/ within {timeout} s:\n{logs.stdout}{logs.stderr}")
 
+    def logs(self, tail: int = 80) -> str:
+        """The app container's last log lines (for a failure message)."""
+        out = _run(["podman", "logs", "--tail", str(tail), self.app], 60, check=False)
+        return f"\n--- app log ---\n{out.stdout[-6000:]}{out.stderr[-6000:]}"
+
     def down(self, volumes: bool = False):
         self.compose("down", *(["-v"] if volumes else []), check=not volumes)
         if volumes:  # the end: podman-compose 1.0 leaves the project's network behind
@@ -239,7 +244,7 @@ def test_pseudo_label_save_kill_mid_save_restart_keeps_every_acknowledged_label(
     # 1. a pseudo label of a study that came into Orthanc as DICOM, over HTTP
     r = httpx.post(f"{url}/infer/atlas_fewshot", params={"image": series[SAVED], "output": "image"},
                    data={"params": "{}"}, timeout=600)
-    assert r.status_code == 200, r.text[:500]
+    assert r.status_code == 200, r.text[:500] + st.logs()
     label = root / f"{SAVED}_pseudo.nii.gz"
     label.write_bytes(r.content)
     # 2. saved as final through the app: a DICOM-SEG in Orthanc on that series, the same voxels

@@ -119,6 +119,20 @@ def test_dicom_seg_refuses_bad_label_values_naming_the_file(tmp_path, bad, probl
     assert not (tmp_path / "seg.dcm").exists()
 
 
+def test_segment_names_map_to_class_ids_strictly_on_save_and_leniently_on_read():
+    """A save must name the app's classes; a label the PACS already holds (a seed SEG with more organs, or
+    named 'liver' where the app knows only class id 1) is read for the classes the app segments."""
+    segments = {1: "Liver", 2: "class_2", 3: "left kidney"}
+    names = {1: "liver", 3: "left_kidney"}
+    assert dicom_seg.segment_label_ids(segments, names, {0, 1, 2, 3}) == {1: 1, 2: 2, 3: 3}
+    with pytest.raises(InputError, match="2 'class_2', 3 'left kidney'"):
+        dicom_seg.segment_label_ids(segments, names, {0, 1})
+    assert dicom_seg.segment_label_ids(segments, names, {0, 1}, reading=True) == {1: 1, 2: 0, 3: 0}
+    assert dicom_seg.segment_label_ids(segments, {}, {0, 1}, reading=True) == {1: 1, 2: 0, 3: 0}  # by number
+    with pytest.raises(InputError):
+        dicom_seg.segment_label_ids({5: "heart"}, names, {0, 1}, reading=True)  # nothing left
+
+
 def test_dicom_seg_failure_leaves_no_file(tmp_path):
     if dicom_seg.dcmqi_tool() is None:
         pytest.skip("dcmqi not installed (pip install dcmqi)")

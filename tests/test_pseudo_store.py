@@ -17,7 +17,7 @@ from conftest import downsample_case
 from ray_helpers import ATLAS
 from ssl_medsam2 import pseudo_label as pl
 from ssl_medsam2.config import load_config
-from ssl_medsam2.pseudo_store import PseudoQueue, PseudoStore, producer_digest, stored_pseudo_label
+from ssl_medsam2.pseudo_store import PseudoQueue, PseudoStore, file_fingerprint, producer_digest, stored_pseudo_label
 
 
 def test_store_keeps_results_with_provenance_and_digest(tmp_path):
@@ -33,6 +33,18 @@ def test_store_keeps_results_with_provenance_and_digest(tmp_path):
     assert stored_pseudo_label(tmp_path / "store", "img")["path"] == rec["path"]
     (tmp_path / "store" / "atlas" / ".img.nii.gz.partial").write_bytes(b"half")
     assert store.clean_partial() == 1 and store.record("atlas", "img") is not None
+
+
+def test_fingerprint_of_a_dicom_series_folder_follows_its_files(tmp_path):
+    """A DICOMweb datastore hands out an image as a folder of DICOM files (the container test found a 500)."""
+    series = tmp_path / "series"
+    series.mkdir()
+    for i in range(3):
+        (series / f"{i}.dcm").write_bytes(bytes([i]) * 10)
+    first = file_fingerprint(series)
+    assert first == file_fingerprint(series)
+    (series / "1.dcm").write_bytes(b"other slice")
+    assert file_fingerprint(series) != first
 
 
 def test_queue_order_urgent_first_waits_while_busy_and_reports_failures(tmp_path):

@@ -502,7 +502,7 @@ def final_label_on_grid(ds, image_id: str, seg_series: str) -> str:
         mapping = getattr(ds, "ssl_medsam2_segment_ids", None)
         ids = mapping(seg.segments, f"SEG {seg_series}") if mapping else {n: n for n in seg.segments}
         seg_to_nifti(seg, image, out, ids, f"SEG {seg_series}")
-        names = {str(ids[n]): label for n, label in seg.segments.items() if label}
+        names = {str(ids[n]): label for n, label in seg.segments.items() if label and ids.get(n)}
         LocalDatastore.save_label(ds, image_id, str(out), "final", {**ds._dicom_info(seg_series),
                                                                       "ssl_segment_names": names})
     except (InputError, IndexError) as exc:

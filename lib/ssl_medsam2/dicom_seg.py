@@ -133,11 +133,15 @@ def _name_key(name: str) -> str:
 
 
 def segment_label_ids(segments: dict[int, str], class_names: dict[int, str], allowed: set[int] | None,
-                      shown_name: str = "DICOM-SEG") -> dict[int, int]:
+                      shown_name: str = "DICOM-SEG", *, reading: bool = False) -> dict[int, int]:
     """Segment number -> the app's class id, by name (``Liver``, ``right kidney`` = ``right_kidney``,
     ``class_2`` = 2); InputError naming every segment that maps to no class of the app.
 
-    With no label set at all (``allowed`` None and no names) the segment numbers are the ids."""
+    With no label set at all (``allowed`` None and no names) the segment numbers are the ids.
+    ``reading`` (a label the PACS already holds, e.g. a seed label with more organs than the app segments):
+    segments of other organs map to 0 (left out) instead of refusing the label, and where the app knows its
+    class ids but no names, a segment whose name matches none is read by its number; InputError only when
+    no segment is left. A save (STOW) is never ``reading``: what it stores must name the app's classes."""
     by_name = {_name_key(n): int(c) for c, n in class_names.items()}
     for c in (allowed or ()):
         by_name.setdefault(f"class{int(c)}", int(c))
@@ -146,10 +150,16 @@ def segment_label_ids(segments: dict[int, str], class_names: dict[int, str], all
     out, bad = {}, []
     for number, label in sorted(segments.items()):
         cid = by_name.get(_name_key(label))
+        if cid is None and reading and not class_names and allowed and number in allowed:
+            cid = number
         if cid is None or cid == 0 or (allowed is not None and cid not in allowed):
             bad.append(f"{number} '{label}'")
+            if reading:
+                out[number] = 0
         else:
             out[number] = cid
+    if reading and any(out.values()):
+        return out
     if bad:
         known = ", ".join(f"'{class_names.get(c, f'class_{c}')}'" for c in sorted(set(by_name.values())) if c)
         raise InputError(shown_name, f"segments {', '.join(bad)} name no class of the app's label set "
@@ -232,7 +242,7 @@ def seg_to_label(seg: SegObject, affine: np.ndarray, shape: tuple[int, int, int]
                                          f"{tuple(round(float(v), 3) for v in spacing)}): the SEG was made on another "
                                          f"grid than the image it references")
         mask = frames[k].ravel() > 0
-        if not mask.any():
+        if not mask.any() or label_ids[number] == 0:  # 0: a segment of an organ the app does not segment
             continue
         idx = np.rint(origin[:, None] + np.outer(step_col, cols[mask]) + np.outer(step_row, rows[mask])).astype(int)
         out[idx[0], idx[1], idx[2]] = label_ids[number]

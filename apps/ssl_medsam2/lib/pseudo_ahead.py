@@ -33,7 +33,7 @@ import numpy as np
 
 from ssl_medsam2.cluster import RayExecutor, cluster_address
 from ssl_medsam2.config import Section
-from ssl_medsam2.io import load_volume, save_like
+from ssl_medsam2.io import InputError, load_volume, save_like
 from ssl_medsam2.pseudo_store import PseudoQueue, PseudoStore, file_fingerprint, producer_digest, producer_settings
 
 from .infers import FewShotInfer
@@ -170,6 +170,8 @@ class PseudoAhead:
         if fresh or rec is None:
             ticket = self.queue.request(image_id)
             error = self.queue.wait(image_id, ticket)
+            if error and error.startswith("InputError: "):  # the request's own problem (e.g. no support yet): a 4xx
+                raise InputError(None, error[len("InputError: "):])
             if error:
                 raise RuntimeError(f"the pseudo label of '{image_id}' could not be computed: {error}")
             rec, waited = self.store.record(task.engine_name, image_id), True

@@ -167,7 +167,7 @@ class Workspace:
 
             inputs = InputSettings.from_config(self.cfg)  # the configured set only: the found one is read through this
             datastore.ssl_medsam2_segment_ids = \
-                lambda segs, name: segment_label_ids(segs, inputs.class_names, inputs.label_ids, name)
+                lambda segs, name: segment_label_ids(segs, inputs.class_names, inputs.label_ids, name, reading=True)
         self.registry = ModelRegistry(self.state_dir / "models")
         self.leases = LeaseBook(self.state_dir / "leases.json", ttl_s=self.app.lease_hours * 3600)
         self.pseudo_tag = self.app.pseudo_tag

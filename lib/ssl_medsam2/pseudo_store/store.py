@@ -28,7 +28,17 @@ _fp_lock = threading.Lock()
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
-    """SHA-1 of a file's bytes, cached by (path, size, mtime): a re-saved label with new content changes it."""
+    """SHA-1 of a file's bytes, cached by (path, size, mtime): a re-saved label with new content changes it.
+    A folder (a DICOM series as a DICOMweb datastore downloads it) is the SHA-1 of its files' names and
+    fingerprints, in name order."""
+    if os.path.isdir(path):
+        h = hashlib.sha1()
+        for root, dirs, files in sorted(os.walk(path)):
+            dirs.sort()
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                h.update(f"{os.path.relpath(full, path)}:{file_fingerprint(full)};".encode())
+        return h.hexdigest()
     st = os.stat(path)
     key = (str(path), st.st_size, st.st_mtime_ns)
     with _fp_lock:
