@@ -125,6 +125,7 @@ def test_segment_names_map_to_class_ids_strictly_on_save_and_leniently_on_read()
     segments = {1: "Liver", 2: "class_2", 3: "left kidney"}
     names = {1: "liver", 3: "left_kidney"}
     assert dicom_seg.segment_label_ids(segments, names, {0, 1, 2, 3}) == {1: 1, 2: 2, 3: 3}
+    assert dicom_seg.segment_label_ids({1: "Background", 2: "liver"}, names, {0, 1}) == {1: 0, 2: 1}  # OHIF's
     with pytest.raises(InputError, match="2 'class_2', 3 'left kidney'"):
         dicom_seg.segment_label_ids(segments, names, {0, 1})
     assert dicom_seg.segment_label_ids(segments, names, {0, 1}, reading=True) == {1: 1, 2: 0, 3: 0}

@@ -227,8 +227,8 @@ def test_folder_campaign_groups_queries_writes_every_case_and_resumes(tiny, tmp_
     assert calls == [names[:2], names[:1], names[1:2]]
     assert [(tmp_path / "three" / "summaries" / f"{n}.json").exists() for n in names] == [True, False, False]
     fail_on.clear()
-    run(tmp_path / "three", ["sam2.campaign_queries=2"])  # in-process, a re-run redoes every case (Ray resumes)
-    assert calls == [names[:2], names[2:]]
+    run(tmp_path / "three", ["sam2.campaign_queries=2"])  # the re-run resumes: the finished first query is skipped
+    assert calls == [names[1:]]
     same(tmp_path / "three")
     assert not [p for p in (tmp_path / "three").rglob(".staging*")]
 

@@ -150,6 +150,9 @@ def segment_label_ids(segments: dict[int, str], class_names: dict[int, str], all
     out, bad = {}, []
     for number, label in sorted(segments.items()):
         cid = by_name.get(_name_key(label))
+        if _name_key(label) == "background":  # a client's background segment (OHIF makes one from the models'
+            out[number] = 0                    # labels): its voxels are no organ
+            continue
         if cid is None and reading and not class_names and allowed and number in allowed:
             cid = number
         if cid is None or cid == 0 or (allowed is not None and cid not in allowed):
