@@ -328,9 +328,11 @@ def test_an_organ_that_looks_unlike_every_support_stays_where_the_whole_abdomen_
     """Refinement check + consensus (``atlas.refine_min_overlap``, ``atlas.consensus_sharpness``), real CHAOS
     at 2.5 mm: chaos_15's spleen is as dark as muscle on T2, its supports' (chaos_01, chaos_02) bright. Refined
     around the organ, the registrations lock onto bright bowel beside it (and fit it better by local NCC);
-    without the two, spleen Dice 0.39 (measured), with them 0.55: chaos_01's spleen refinement left its
-    whole-abdomen placement and is dropped, and the summary says so. The case stays flagged: 0.55 is
-    not a pseudo label to train on."""
+    without the two, spleen Dice 0.50, with them 0.53 (measured). Before the start from the header's
+    orientation (issue 29) it was 0.39 / 0.55 and chaos_01's spleen refinement left its whole-abdomen
+    placement and was dropped; with the new start it stays, so here the consensus does the work and the
+    summary lists no drop (the refinement check has no real case in the suite now). The case stays
+    flagged: 0.53 is not a pseudo label to train on."""
     supports, query = _two_supports_and_query_at_half_resolution(chaos_dir, tmp_path, "chaos_15")
     spleen, summaries = {}, {}
     for setting in ("off", "default"):
@@ -341,9 +343,9 @@ def test_an_organ_that_looks_unlike_every_support_stays_where_the_whole_abdomen_
         summaries[setting] = {entry["support"]: entry.get("refinement_dropped", [])
                               for entry in out["summary"]["atlas_supports"]}
         assert out["summary"]["failed"], setting
-    assert spleen["off"] < 0.45 and spleen["default"] >= 0.5, spleen
+    assert spleen["default"] >= 0.5 and spleen["default"] > spleen["off"] + 0.01, spleen
     assert summaries["off"] == {"chaos_01": [], "chaos_02": []}
-    assert 4 in summaries["default"]["chaos_01"], summaries
+    assert set(summaries["default"]) == {"chaos_01", "chaos_02"}, summaries  # what was dropped, per support
 
 
 def _scores(**over):

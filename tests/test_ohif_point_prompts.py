@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from ssl_medsam2 import dicom
-from test_ohif_browser import ARTIFACTS, CHROMIUM, QUERY, _overlay_pixels, stack  # noqa: F401  (module fixture)
+from test_ohif_browser import ARTIFACTS, CHAOS_NAMES, CHROMIUM, QUERY, _overlay_pixels, stack  # noqa: F401  (module fixture)
 
-ORGAN = "class_1"  # the stack's config: input.classes [1], no names
+ORGAN = CHAOS_NAMES[1]  # the stack names its classes (test_ohif_browser.CLASS_CONF): "liver"
 
 
 def _params_of(post_data: str) -> dict:
