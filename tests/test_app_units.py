@@ -356,3 +356,28 @@ def test_a_study_missing_from_the_cached_list_is_looked_up_afresh():
     assert not ws.has_image("ghost") and ws.datastore.refreshed == 2
     local = type("Local", (), {"list_images": lambda self: ["a"]})()  # a folder: its list is never stale
     assert not type("W", (), {"datastore": local, "has_image": Workspace.has_image})().has_image("b")
+
+
+def test_a_queued_input_error_comes_back_as_the_request_s_problem_without_server_paths(tmp_path):
+    """A pseudo label the queue could not compute because of the request (e.g. a broken image) is a 4xx
+    with the problem; any other failure stays a server error."""
+    from lib.pseudo_ahead import PseudoAhead
+    from ssl_medsam2.pseudo_store import PseudoQueue
+
+    def compute(image_id):
+        if image_id == "broken":
+            raise InputError(tmp_path / "studies" / "broken.nii.gz", "not a NIfTI image")
+        raise OSError("disk full")
+
+    ahead = object.__new__(PseudoAhead)  # only the queue and the store are needed to answer
+    ahead.store = type("EmptyStore", (), {"record": staticmethod(lambda engine, image_id: None)})()
+    ahead.queue = PseudoQueue(tmp_path / "queue.json", compute, lambda: [], poll_s=0.02).start()
+    task = type("Task", (), {"engine_name": "atlas"})()
+    try:
+        with pytest.raises(InputError) as err:
+            ahead.answer(task, "broken")
+        assert str(err.value) == "not a NIfTI image" and str(tmp_path) not in str(err.value)
+        with pytest.raises(RuntimeError, match="could not be computed: OSError: disk full"):
+            ahead.answer(task, "other")
+    finally:
+        ahead.queue.stop(timeout=5)

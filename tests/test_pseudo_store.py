@@ -73,6 +73,7 @@ def test_queue_order_urgent_first_waits_while_busy_and_reports_failures(tmp_path
         assert done == ["c", "a", "b"] and list(st["failed"]) == ["bad"] and "no organ" in st["failed"]["bad"]
         assert st["eta_s"] == 0.0 and st["mean_job_s"] > 0
         assert q.wait("bad", q.request("bad"), timeout=10).startswith("ValueError")
+        assert isinstance(q.error("bad"), ValueError) and q.error("c") is None  # a waiter can tell input from fault
     finally:
         q.stop(timeout=5)
     assert PseudoQueue(tmp_path / "queue.json", compute, lambda: []).resumed == []  # nothing was left

@@ -170,8 +170,9 @@ class PseudoAhead:
         if fresh or rec is None:
             ticket = self.queue.request(image_id)
             error = self.queue.wait(image_id, ticket)
-            if error and error.startswith("InputError: "):  # the request's own problem (e.g. no support yet): a 4xx
-                raise InputError(None, error[len("InputError: "):])
+            failure = self.queue.error(image_id) if error else None
+            if isinstance(failure, InputError):  # the request's own problem (e.g. no support yet): a 4xx
+                raise InputError(None, failure.problem)  # the problem only: no server path in the answer
             if error:
                 raise RuntimeError(f"the pseudo label of '{image_id}' could not be computed: {error}")
             rec, waited = self.store.record(task.engine_name, image_id), True

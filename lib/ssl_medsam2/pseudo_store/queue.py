@@ -41,6 +41,7 @@ class PseudoQueue:
         self._urgent: collections.deque[str] = collections.deque()
         self._pending: list[str] = []
         self._failed: dict[str, str] = {}
+        self._errors: dict[str, Exception] = {}  # the exception itself, for a waiter that tells input from fault
         self._finished: collections.Counter = collections.Counter()
         self._running: tuple[str, float] | None = None
         self._durations: collections.deque[float] = collections.deque(maxlen=8)
@@ -73,6 +74,7 @@ class PseudoQueue:
         with self._cond:
             self._dirty = True
             self._failed.clear()
+            self._errors.clear()
             self._cond.notify_all()
         if reason:
             log.info("pseudo-label queue refreshed: %s", reason)
@@ -100,6 +102,12 @@ class PseudoQueue:
                     return "timeout"
                 self._cond.wait(left if left is not None else 1.0)
             return self._failed.get(image_id)
+
+    def error(self, image_id: str) -> Exception | None:
+        """The exception of ``image_id``'s last failed job (None when it did not fail): a waiter raises the
+        request's own problem (an input error) as such, not as a fault of the server."""
+        with self._cond:
+            return self._errors.get(image_id)
 
     # ---------------------------------------------------------------- what /info shows
     def status(self) -> dict:
@@ -171,19 +179,20 @@ class PseudoQueue:
             with self._cond:
                 self._running = (image_id, t0)
             self._save()
-            error = None
+            error, failure = None, None
             try:
                 self.compute(image_id)
             except Exception as exc:  # noqa: BLE001 - reported per image, the queue goes on
-                error = f"{type(exc).__name__}: {exc}"
+                error, failure = f"{type(exc).__name__}: {exc}", exc
                 log.warning("pseudo label of %s failed: %s", image_id, error)
             with self._cond:
                 self._running = None
                 if error is None:
                     self._durations.append(time.time() - t0)
                     self._failed.pop(image_id, None)
+                    self._errors.pop(image_id, None)
                 else:
-                    self._failed[image_id] = error
+                    self._failed[image_id], self._errors[image_id] = error, failure
                 self._finished[image_id] += 1
                 self._dirty = True  # what is wanted is listed again (a save may have come meanwhile)
                 self._cond.notify_all()
