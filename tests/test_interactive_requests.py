@@ -141,6 +141,9 @@ def test_the_cache_is_per_client_and_image_bounded_and_refreshed():
     cache.get("carol", "img2", "fp1", build("c2"))
     cache.get("dave", "img3", "fp1", build("d3"))  # 4 entries of 8000 bytes > 24000: the oldest (bob) goes
     assert ("bob", "img1") not in cache.keys() and cache.size() <= 3 * 8000
+    cache.get("alice", "img1", "fp2", build("x"))  # alice's entry is used again: now carol's is the oldest
+    cache.get("frank", "img4", "fp1", build("f4"))
+    assert ("carol", "img2") not in cache.keys() and ("alice", "img1") in cache.keys()
     # concurrent first clicks of one client on one image build once
     builds.clear()
     ts = [threading.Thread(target=cache.get, args=("erin", "img9", "fp", build("e"))) for _ in range(4)]

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .cache import nbytes
+from .cache import BoundedMemo
 from .engine import click_roi, correct_mask
 from .settings import ENGINES, InteractiveSettings
 
@@ -61,19 +61,6 @@ def prepare(image: np.ndarray, spacing: Sequence[float], *, intensity=None) -> P
 
 MEMO_BYTES = 48 << 20  # per prepared image and kind: clicks' geodesic influences (~0.5-2 MB each), base masks'
 # signed distances (4 bytes a voxel); beyond the server's interactive.cache_mb, which counts them as built
-
-
-class BoundedMemo(dict):
-    """A dict of array results that forgets its oldest entries past ``max_bytes`` (keeps at least one)."""
-
-    def __init__(self, max_bytes: int):
-        super().__init__()
-        self.max_bytes = int(max_bytes)
-
-    def __setitem__(self, key, value) -> None:
-        super().__setitem__(key, value)
-        while len(self) > 1 and sum(nbytes(v) for v in self.values()) > self.max_bytes:
-            del self[next(iter(self))]
 
 
 def _points(points: Sequence[Point], shape: Sequence[int], what: str) -> np.ndarray:

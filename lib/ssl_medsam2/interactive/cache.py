@@ -39,14 +39,49 @@ def nbytes(value: Any) -> int:
     return walk(value)
 
 
+class BoundedMemo(OrderedDict):
+    """Results by key within ``max_bytes`` of arrays; the least recently used go first, one always stays.
+
+    The one byte-bounded LRU of interactive correction: a prepared image memoises its clicks' influences
+    in one, and :class:`ClientCache` keeps its (client, image) entries in one."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__()
+        self.max_bytes = int(max_bytes)
+        self._sizes: dict[Hashable, int] = {}
+
+    def get(self, key, default=None):
+        if key not in self:
+            return default
+        self.move_to_end(key)
+        return super().__getitem__(key)
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        self._sizes[key] = nbytes(value)
+        while len(self) > 1 and self.total_bytes() > self.max_bytes:
+            del self[next(iter(self))]
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(key)
+        self._sizes.pop(key, None)
+
+    def total_bytes(self) -> int:
+        return sum(self._sizes.values())
+
+
 class ClientCache:
     """LRU map ``(client, image) -> (fingerprint, value)`` within ``max_bytes`` (one entry always fits)."""
 
     def __init__(self, max_bytes: int):
-        self.max_bytes = int(max_bytes)
-        self._items: OrderedDict[tuple, tuple[Hashable, Any, int]] = OrderedDict()
+        self._items = BoundedMemo(max_bytes)
         self._lock = threading.Lock()
         self._building: dict[tuple, threading.Lock] = {}
+
+    @property
+    def max_bytes(self) -> int:
+        return self._items.max_bytes
 
     def get(self, client: str, image: str, fingerprint: Hashable, build: Callable[[], Any]) -> tuple[Any, bool]:
         """(value, was it cached): the entry for ``(client, image)`` if it was built from ``fingerprint``,
@@ -58,17 +93,10 @@ class ClientCache:
             with self._lock:
                 hit = self._items.get(key)
                 if hit is not None and hit[0] == fingerprint:
-                    self._items.move_to_end(key)
                     return hit[1], True
             value = build()
-            size = nbytes(value)
             with self._lock:
-                self._items[key] = (fingerprint, value, size)
-                self._items.move_to_end(key)
-                total = sum(s for _, _, s in self._items.values())
-                while total > self.max_bytes and len(self._items) > 1:
-                    _, (_, _, s) = self._items.popitem(last=False)
-                    total -= s
+                self._items[key] = (fingerprint, value)
             return value, False
 
     def keys(self) -> list[tuple]:
@@ -77,4 +105,4 @@ class ClientCache:
 
     def size(self) -> int:
         with self._lock:
-            return sum(s for _, _, s in self._items.values())
+            return self._items.total_bytes()
