@@ -17,15 +17,19 @@ import numpy as np
 
 
 def nbytes(value: Any) -> int:
-    """Bytes held by the arrays in ``value`` (arrays, dataclasses, mappings and sequences of them)."""
+    """Bytes held by the arrays in ``value`` (arrays, tensors and objects with an integer ``nbytes``;
+    dataclasses, mappings and sequences of them)."""
     seen: set[int] = set()
 
     def walk(v, depth=0) -> int:
-        if depth > 4 or id(v) in seen:
+        if id(v) in seen:
+            return 0
+        if isinstance(v, np.ndarray) or isinstance(getattr(v, "nbytes", None), int):  # arrays, tensors, stores
+            seen.add(id(v))                                                          # that count their own
+            return int(v.nbytes)
+        if depth > 4:
             return 0
         seen.add(id(v))
-        if isinstance(v, np.ndarray):
-            return int(v.nbytes)
         if isinstance(v, dict):
             return sum(walk(x, depth + 1) for x in v.values())
         if isinstance(v, (list, tuple)):
@@ -59,17 +63,24 @@ class ClientCache:
                 hit = self._items.get(key)
                 if hit is not None and hit[0] == fingerprint:
                     self._items.move_to_end(key)
+                    self._trim()
                     return hit[1], True
             value = build()
-            size = nbytes(value)
             with self._lock:
-                self._items[key] = (fingerprint, value, size)
+                self._items[key] = (fingerprint, value, 0)
                 self._items.move_to_end(key)
-                total = sum(s for _, _, s in self._items.values())
-                while total > self.max_bytes and len(self._items) > 1:
-                    _, (_, _, s) = self._items.popitem(last=False)
-                    total -= s
+                self._trim()
             return value, False
+
+    def _trim(self) -> None:
+        """Every entry re-measured (an entry grows after it is built: the SAM2 engine keeps encoded slices
+        in it), then the least recently used go while the total exceeds the budget (the newest stays)."""
+        for k, (fp, v, _) in list(self._items.items()):
+            self._items[k] = (fp, v, nbytes(v))
+        total = sum(s for _, _, s in self._items.values())
+        while total > self.max_bytes and len(self._items) > 1:
+            _, (_, _, s) = self._items.popitem(last=False)
+            total -= s
 
     def keys(self) -> list[tuple]:
         with self._lock:
