@@ -10,7 +10,10 @@ unavailability (the route's 503).
 
 from __future__ import annotations
 
+import os
 import sys
+from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -129,10 +132,10 @@ def test_batched_window_equals_sam2s_own_propagation(crop, cfg):
     bg = [[2, 2, 6]]
     base = spleen.copy()
     base[:, :, 4] = False  # one clicked slice prompted by its points alone, the other by mask + points
-    _, report = correct_mask_sam2(prepared.image, spacing, base, np.array(fg), np.array(bg), None, None,
-                                  InteractiveSettings.from_config(cfg), cfg)
-    stock = _stock_sam2(sam2_engine(cfg)[0], prepared.image, base, fg, bg, 2, 8, [4, 6])
-    assert list(report.probabilities) == list(stock) == list(range(2, 9))
+    one = replace(InteractiveSettings.from_config(cfg), sam2_window_slices=1)  # window 3..7: a cheaper oracle
+    _, report = correct_mask_sam2(prepared.image, spacing, base, np.array(fg), np.array(bg), None, None, one, cfg)
+    stock = _stock_sam2(sam2_engine(cfg)[0], prepared.image, base, fg, bg, 3, 7, [4, 6])
+    assert list(report.probabilities) == list(stock) == list(range(3, 8))
     for z in stock:
         assert np.abs(report.probabilities[z] - stock[z]).max() <= 1e-4, z
 
@@ -167,6 +170,39 @@ def test_the_apps_composition_corrects_one_organ_and_keeps_the_others(crop, cfg)
     assert (out[:10, :10, :] == 1).all(), "the other organ is never relabelled"
 
 
+def _app():
+    sys.path.insert(0, str(REPO / "apps" / "ssl_medsam2"))
+    import lib.interactive as app
+
+    return app
+
+
+def test_slicer_smart_edit_runs_the_sam2_engine_when_configured(crop, cfg, tmp_path):
+    """The app's deepgrow model (Slicer's Smart Edit) with ``interactive.engine: sam2``: the click in the
+    image file's indices, the answer a binary label on the image's grid that changed in the window only."""
+    import nibabel as nib
+
+    from ssl_medsam2.interactive.cache import ClientCache
+
+    image, spacing, spleen = crop
+    path = tmp_path / "crop.nii.gz"
+    nib.save(nib.Nifti1Image(image.astype(np.float32), np.diag([*spacing, 1.0])), str(path))
+    app = _app()
+    task = app.InteractiveInfer(SimpleNamespace(cfg=cfg, label_ids={1, 4}), app.DEEPGROW, "test", ClientCache(1 << 30))
+    assert task.availability() == (True, "ok")
+    z = 6
+    click = _deepest(spleen[:, :, z]) + [z]
+    result, meta = task({"image": str(path), app.LABEL_NAME: "class_4", app.OWNER: "annotator",
+                         "foreground": [click], "background": [], "result_extension": ".nii.gz"})
+    try:
+        out = np.asarray(nib.load(result).dataobj)
+    finally:
+        os.unlink(result)
+    assert out.shape == image.shape and set(np.unique(out)) <= {0, 1} and meta["label_names"] == {"class_4": 1}
+    changed = np.flatnonzero(out.any(axis=(0, 1)))  # the base is empty (no datastore label): all change is new
+    assert meta["changed_voxels"] > 0 and changed.min() >= z - WINDOW and changed.max() <= z + WINDOW
+
+
 def test_a_missing_checkpoint_is_a_clear_error_and_the_app_says_so(crop, tmp_path):
     image, spacing, spleen = crop
     missing = load_config(overrides=CFG[1:] + [f"sam2.checkpoint={tmp_path / 'absent.pt'}"])
@@ -174,17 +210,13 @@ def test_a_missing_checkpoint_is_a_clear_error_and_the_app_says_so(crop, tmp_pat
     with pytest.raises(CheckpointNotFound, match="SAM2 checkpoint not found"):
         interactive.correct(prepared, spleen, [[40, 40, 6]], [], settings=missing)
 
-    from types import SimpleNamespace
-
-    sys.path.insert(0, str(REPO / "apps" / "ssl_medsam2"))
-    from lib.interactive import DEEPGROW, InteractiveInfer
-
     from ssl_medsam2.interactive.cache import ClientCache
 
-    ws = SimpleNamespace(cfg=missing, label_ids={1, 4})
-    task = InteractiveInfer(ws, DEEPGROW, "test", ClientCache(1 << 20))
+    app = _app()
+    task = app.InteractiveInfer(SimpleNamespace(cfg=missing, label_ids={1, 4}), app.DEEPGROW, "test",
+                                ClientCache(1 << 20))
     ok, reason = task.availability()
     assert not ok and "interactive.engine is sam2" in reason and "absent.pt" in reason and "graphcut" in reason
-    weightfree = InteractiveInfer(SimpleNamespace(cfg=load_config(), label_ids={1, 4}), DEEPGROW, "test",
-                                  ClientCache(1 << 20))
+    weightfree = app.InteractiveInfer(SimpleNamespace(cfg=load_config(), label_ids={1, 4}), app.DEEPGROW, "test",
+                                      ClientCache(1 << 20))
     assert weightfree.availability() == (True, "ok")
