@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from conftest import REPO
+from conftest import REPO, organ_crop
 from sam2_helpers import SMALL
 from ssl_medsam2 import interactive
 from ssl_medsam2.config import load_config
@@ -28,7 +28,6 @@ from ssl_medsam2.interactive.compose import corrected_label
 from ssl_medsam2.interactive.requests import Edit
 from ssl_medsam2.interactive.sam2_prompts import correct_mask_sam2, sam2_engine, windows
 from ssl_medsam2.interactive.settings import InteractiveSettings
-from ssl_medsam2.io import load_label_for, load_volume
 
 SPLEEN, WINDOW = 4, 2
 CFG = SMALL + ["interactive.engine=sam2", f"interactive.sam2_window_slices={WINDOW}"]
@@ -37,11 +36,8 @@ CFG = SMALL + ["interactive.engine=sam2", f"interactive.sam2_window_slices={WIND
 @pytest.fixture(scope="module")
 def crop(chaos_dir):
     """chaos_03 around the spleen: 96 x 96 in-plane at full resolution, 13 slices (z = the last axis)."""
-    vol = load_volume(chaos_dir / "imagesTr" / "chaos_03_0000.nii.gz")
-    truth = load_label_for(vol, chaos_dir / "labelsTr" / "chaos_03.nii.gz").array
-    c = np.argwhere(truth == SPLEEN).mean(0).astype(int)
-    box = (slice(c[0] - 48, c[0] + 48), slice(c[1] - 48, c[1] + 48), slice(c[2] - 6, c[2] + 7))
-    return vol.array[box], vol.spacing, truth[box] == SPLEEN
+    image, spacing, truth = organ_crop(chaos_dir, "chaos_03", SPLEEN, 6, 6)
+    return image, spacing, truth == SPLEEN
 
 
 @pytest.fixture(scope="module")
