@@ -187,7 +187,7 @@ def correct_mask_sam2(image: np.ndarray, spacing, base: np.ndarray, fg_points: n
 
         sequences, cond_probs, rows = [], [], {}
         with torch.inference_mode(), engine._autocast():
-            for w, (lo, hi, clicked) in enumerate(wins):
+            for lo, hi, clicked in wins:
                 feats = Features([per_slice[z] for z in range(lo, hi + 1)], pos, sizes)
                 state = engine._new_state(SupportOnly(feats, hi - lo + 1), hw)
                 for z in clicked:
