@@ -26,7 +26,7 @@ from ssl_medsam2.config import load_config
 from ssl_medsam2.engines.sam2_model import CheckpointNotFound
 from ssl_medsam2.interactive.compose import corrected_label
 from ssl_medsam2.interactive.requests import Edit
-from ssl_medsam2.interactive.sam2_prompts import correct_mask_sam2, sam2_engine, windows
+from ssl_medsam2.interactive.sam2_prompts import _scribble_points, correct_mask_sam2, sam2_engine, windows
 from ssl_medsam2.interactive.settings import InteractiveSettings
 
 SPLEEN, WINDOW = 4, 2
@@ -154,7 +154,7 @@ def test_a_second_click_on_the_same_image_encodes_no_slice_again(crop, cfg, monk
     assert nbytes(prepared) >= prepared.extra["sam2_slices"].nbytes + prepared.image.nbytes
 
 
-def test_the_apps_composition_corrects_one_organ_and_keeps_the_others(crop, cfg):
+def test_the_apps_composition_corrects_one_organ_keeps_the_others_and_takes_scribbles(crop, cfg):
     image, spacing, spleen = crop
     prepared = interactive.prepare(image, spacing)
     label = np.where(spleen, SPLEEN, 0).astype(np.uint8)
@@ -164,6 +164,12 @@ def test_the_apps_composition_corrects_one_organ_and_keeps_the_others(crop, cfg)
     out = corrected_label(prepared, label, [edit], settings=cfg)
     assert out.shape == label.shape and np.array_equal(out[:, :, :z - WINDOW], label[:, :, :z - WINDOW])
     assert (out[:10, :10, :] == 1).all(), "the other organ is never relabelled"
+    # Slicer's scribbles: a few points per scribble and slice prompt SAM2 the same way
+    scribble = np.zeros(spleen.shape, bool)
+    scribble[30:60, 48, z] = True
+    assert len(_scribble_points(scribble, 2)) == 5 and (_scribble_points(scribble, 2)[:, 2] == z).all()
+    by_scribble = interactive.correct(prepared, spleen, [], [], fg_scribble=scribble, settings=cfg)
+    assert np.array_equal(by_scribble[:, :, :z - WINDOW], spleen[:, :, :z - WINDOW])
 
 
 def _app():
