@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -80,3 +81,17 @@ def small_chaos(chaos_dir, tmp_path_factory) -> Path:
         downsample_case(chaos_dir / "imagesTr" / f"{case}_0000.nii.gz", chaos_dir / "labelsTr" / f"{case}.nii.gz",
                         root / "imagesTr" / f"{case}_0000.nii.gz", root / "labelsTr" / f"{case}.nii.gz")
     return root
+
+
+def organ_crop(chaos_dir: Path, case: str, organ: int, slices_before: int, slices_after: int, half_inplane: int = 48):
+    """(image, spacing, label) of a CHAOS case at full resolution, canonical order, cropped around an organ's
+    centre: ``2 x half_inplane`` voxels in-plane, the slices from ``slices_before`` below the centre to
+    ``slices_after`` above it (the interactive engines' tests: a real organ in a volume of a few slices)."""
+    from ssl_medsam2.io import load_label_for, load_volume
+
+    vol = load_volume(chaos_dir / "imagesTr" / f"{case}_0000.nii.gz")
+    truth = load_label_for(vol, chaos_dir / "labelsTr" / f"{case}.nii.gz").array
+    c = np.argwhere(truth == organ).mean(0).astype(int)
+    box = (slice(c[0] - half_inplane, c[0] + half_inplane), slice(c[1] - half_inplane, c[1] + half_inplane),
+           slice(c[2] - slices_before, c[2] + slices_after + 1))
+    return vol.array[box], vol.spacing, truth[box]

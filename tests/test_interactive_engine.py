@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from conftest import organ_crop
 from ssl_medsam2 import interactive
 from ssl_medsam2.interactive.engine import click_roi
 from ssl_medsam2.interactive.simulate import click_session, next_click
-from ssl_medsam2.io import load_label_for, load_volume
 from ssl_medsam2.metrics import dice
 
 SPLEEN = 4
@@ -23,11 +23,8 @@ SPLEEN = 4
 
 @pytest.fixture(scope="module")
 def crop(chaos_dir):
-    vol = load_volume(chaos_dir / "imagesTr" / "chaos_03_0000.nii.gz")
-    truth = load_label_for(vol, chaos_dir / "labelsTr" / "chaos_03.nii.gz").array
-    c = np.argwhere(truth == SPLEEN).mean(0).astype(int)
-    box = (slice(c[0] - 48, c[0] + 48), slice(c[1] - 48, c[1] + 48), slice(c[2] - 4, c[2] + 5))
-    return interactive.prepare(vol.array[box], vol.spacing), truth[box], int(4)
+    image, spacing, truth = organ_crop(chaos_dir, "chaos_03", SPLEEN, 4, 4)
+    return interactive.prepare(image, spacing), truth, int(4)
 
 
 def _deepest(mask: np.ndarray) -> list[int]:

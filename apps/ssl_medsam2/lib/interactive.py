@@ -33,7 +33,7 @@ from ssl_medsam2.io import InputError, Volume, load_label_for, load_volume
 from ssl_medsam2.preprocess import class_name
 
 from .guards import reject
-from .infers import label_names, write_result
+from .infers import label_names, sam2_missing_reason, write_result
 from .schemas import INFER, boolean, check_params, integer, optional, scalar_list, text
 from .workspace import FINAL_TAG, Workspace
 
@@ -117,6 +117,19 @@ class InteractiveInfer(InferTask):
         return True
 
     def availability(self) -> tuple[bool, str]:
+        """Weight-free engines always; ``interactive.engine: sam2`` only with its weights (else the reason,
+        which the infer route answers as a 503 and /info lists)."""
+        if self.settings.engine != "sam2":
+            return True, "ok"
+        try:
+            from ssl_medsam2.engines.sam2_model import missing_checkpoint
+
+            missing = missing_checkpoint(self.ws.cfg)
+        except Exception as exc:  # a bad sam2 section must show in /info, not crash the app
+            return False, f"{type(exc).__name__}: {exc}"
+        if missing:
+            return False, (f"interactive.engine is sam2 and {sam2_missing_reason(missing)}; or restart with "
+                           f"--conf interactive.engine graphcut (weight-free)")
         return True, "ok"
 
     # -- the edge: called by the infer route before anything runs --

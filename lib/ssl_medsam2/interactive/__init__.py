@@ -10,8 +10,9 @@ request (no hidden state between requests: deleting a point in the client is the
 - :func:`correct` returns the corrected binary mask of one organ; only voxels within a bounded region
   around the clicks / scribbles may differ from ``base``.
 
-The engine (``interactive.engine`` in configs/ssl_medsam2.yaml; :mod:`.engine`) and the click simulator
-of the benches (:mod:`.simulate`) live beside this file; docs/interactive.md tells how they were chosen.
+The engine (``interactive.engine`` in configs/ssl_medsam2.yaml: the weight-free :mod:`.engine`, or SAM2
+prompts with weights, :mod:`.sam2_prompts`) and the click simulator of the benches (:mod:`.simulate`)
+live beside this file; docs/interactive.md tells how they were chosen.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 
 from .cache import BoundedMemo
 from .engine import click_roi, correct_mask
+from .sam2_prompts import EncodedSlices
 from .settings import ENGINES, InteractiveSettings
 
 Point = Sequence[int]
@@ -56,7 +58,7 @@ def prepare(image: np.ndarray, spacing: Sequence[float], *, intensity=None) -> P
     cfg = intensity if intensity is not None else IntensityConfig.from_config(load_config())
     norm = (scale_to_uint8_range(arr, cfg) / np.float32(255.0)).astype(np.float32)
     return PreparedVolume(norm, spacing, {"influence": BoundedMemo(MEMO_BYTES),  # type: ignore[arg-type]
-                                          "shape": BoundedMemo(MEMO_BYTES)})
+                                          "shape": BoundedMemo(MEMO_BYTES), "sam2_slices": EncodedSlices()})
 
 
 MEMO_BYTES = 48 << 20  # per prepared image and kind: clicks' geodesic influences (~0.5-2 MB each), base masks'
@@ -80,8 +82,10 @@ def correct(volume: PreparedVolume, base: np.ndarray, foreground: Sequence[Point
     """The corrected binary mask of one organ: ``base`` plus every click / scribble, recomputed from scratch.
 
     ``settings``: an :class:`InteractiveSettings`, or a mapping of ``interactive:`` keys laid over the
-    config's (None: the config's). Raises ValueError on points outside the volume, non-integer points,
-    more than ``max_points`` points, or a base / scribble whose grid is not the image's."""
+    config's (None: the config's); a whole config (with an ``interactive:`` key) also gives the ``sam2:``
+    section ``interactive.engine: sam2`` uses. Raises ValueError on points outside the volume, non-integer
+    points, more than ``max_points`` points, or a base / scribble whose grid is not the image's; with the
+    sam2 engine, CheckpointNotFound when its weights are not on this machine."""
     s = InteractiveSettings.resolve(settings)
     shape = volume.image.shape
     extra = dict(volume.extra or {})
@@ -95,7 +99,21 @@ def correct(volume: PreparedVolume, base: np.ndarray, foreground: Sequence[Point
     bg = _points(background, shape, "background")
     if len(fg) + len(bg) > s.max_points:
         raise ValueError(f"{len(fg) + len(bg)} points in one request; at most {s.max_points}")
-    return correct_mask(volume.image, volume.spacing, base.astype(bool), fg, bg,
-                        None if fg_scribble is None else np.asarray(fg_scribble, bool),
-                        None if bg_scribble is None else np.asarray(bg_scribble, bool), s,
-                        memo=extra)
+    fg_sc = None if fg_scribble is None else np.asarray(fg_scribble, bool)
+    bg_sc = None if bg_scribble is None else np.asarray(bg_scribble, bool)
+    if s.engine == "sam2":
+        from .sam2_prompts import correct_mask_sam2
+
+        return correct_mask_sam2(volume.image, volume.spacing, base.astype(bool), fg, bg, fg_sc, bg_sc, s,
+                                 _whole_config(settings), memo=extra)[0]
+    return correct_mask(volume.image, volume.spacing, base.astype(bool), fg, bg, fg_sc, bg_sc, s, memo=extra)
+
+
+def _whole_config(settings) -> Mapping[str, Any]:
+    """The config the other sections (``sam2:``, ``input:``) come from: ``settings`` when it is a whole
+    config, else the loaded one."""
+    if isinstance(settings, Mapping) and isinstance(settings.get(InteractiveSettings.SECTION), Mapping):
+        return settings
+    from ..config import load_config
+
+    return load_config()

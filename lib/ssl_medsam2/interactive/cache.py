@@ -17,15 +17,19 @@ import numpy as np
 
 
 def nbytes(value: Any) -> int:
-    """Bytes held by the arrays in ``value`` (arrays, dataclasses, mappings and sequences of them)."""
+    """Bytes held by the arrays in ``value`` (arrays, tensors and objects with an integer ``nbytes``;
+    dataclasses, mappings and sequences of them)."""
     seen: set[int] = set()
 
     def walk(v, depth=0) -> int:
-        if depth > 4 or id(v) in seen:
+        if id(v) in seen:
+            return 0
+        if isinstance(v, np.ndarray) or isinstance(getattr(v, "nbytes", None), int):  # arrays, tensors, stores
+            seen.add(id(v))                                                          # that count their own
+            return int(v.nbytes)
+        if depth > 4:
             return 0
         seen.add(id(v))
-        if isinstance(v, np.ndarray):
-            return int(v.nbytes)
         if isinstance(v, dict):
             return sum(walk(x, depth + 1) for x in v.values())
         if isinstance(v, (list, tuple)):
@@ -60,6 +64,15 @@ class BoundedMemo(OrderedDict):
         super().__setitem__(key, value)
         self.move_to_end(key)
         self._sizes[key] = nbytes(value)
+        self._evict()
+
+    def remeasure(self) -> None:
+        """Measure every entry again, then evict: an entry can grow after it was stored (a prepared image
+        memoises clicks' influences and, with the SAM2 engine, encoded slices)."""
+        self._sizes = {k: nbytes(v) for k, v in self.items()}
+        self._evict()
+
+    def _evict(self) -> None:
         while len(self) > 1 and self.total_bytes() > self.max_bytes:
             del self[next(iter(self))]
 
@@ -93,6 +106,7 @@ class ClientCache:
             with self._lock:
                 hit = self._items.get(key)
                 if hit is not None and hit[0] == fingerprint:
+                    self._items.remeasure()  # the entries grew with their clicks' memos
                     return hit[1], True
             value = build()
             with self._lock:

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from ..config import Section, load_config
 
-ENGINES = ("graphcut", "random_walker", "geodesic")
+ENGINES = ("graphcut", "random_walker", "geodesic", "sam2")
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,7 @@ class InteractiveSettings(Section):
     """Typed view of ``interactive:``; :meth:`resolve` lays a request's overrides over the config's values."""
 
     SECTION = "interactive"
-    engine: str                      # graphcut | random_walker | geodesic (see docs/interactive.md)
+    engine: str                      # graphcut | random_walker | geodesic (weight-free) | sam2 (needs weights; docs/interactive.md)
     roi_margin_mm: tuple[float, float, float]   # the region that may change: the clicks' bounding box grown by this
     shape_scale_mm: float            # base label as a prior: log-odds = signed distance to its border / this
     shape_cap: float                 # ... clipped to +- this (far inside / outside count alike)
@@ -35,6 +35,7 @@ class InteractiveSettings(Section):
     rw_beta: float                   # random walker: skimage beta
     max_points: int                  # more clicks than this in one request is refused (ValueError; the server: 422)
     cache_mb: float                  # the server's per-(client, image) cache of prepared images and base labels
+    sam2_window_slices: int          # sam2: slices each side of a clicked slice that SAM2 propagates through (the only ones that change)
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -42,9 +43,12 @@ class InteractiveSettings(Section):
         margin = tuple(float(m) for m in self.roi_margin_mm)
         if len(margin) != 3 or min(margin) < 0:
             raise ValueError(f"interactive.roi_margin_mm must be 3 non-negative numbers, got {self.roi_margin_mm!r}")
-        self._set(roi_margin_mm=margin, max_points=int(self.max_points), intensity_bins=int(self.intensity_bins),
+        if int(self.sam2_window_slices) < 0:
+            raise ValueError(f"interactive.sam2_window_slices must be >= 0, got {self.sam2_window_slices!r}")
+        ints = ("max_points", "intensity_bins", "sam2_window_slices")
+        self._set(roi_margin_mm=margin, **{name: int(getattr(self, name)) for name in ints},
                   **{f.name: float(getattr(self, f.name)) for f in fields(self)
-                     if f.name not in ("engine", "roi_margin_mm", "max_points", "intensity_bins")})
+                     if f.name not in ("engine", "roi_margin_mm") + ints})
 
     @classmethod
     def resolve(cls, settings: "InteractiveSettings | Mapping[str, Any] | None") -> "InteractiveSettings":
