@@ -137,7 +137,7 @@ def profile_phases(engine: SAM2Engine, supports, query, classes, cuda: bool) -> 
     from ssl_medsam2.engines import sam2_batch
 
     model = engine.predictor
-    targets = {"encode": (engine, "_encode"), "prompts": (engine, "_prompts"),
+    targets = {"encode": (engine, "encode_slices"), "prompts": (engine, "_prompts"),
                "track": (sam2_batch.BatchedTracker, "track"), "schedule": (sam2_batch.BatchedTracker, "_plan"),
                "memory_attention": (sam2_batch, "attend"), "sam_heads": (model, "_forward_sam_heads"),
                "memory_encoder": (model, "_encode_new_memory")}

@@ -139,7 +139,8 @@ class SAM2Engine:
     def image_size(self) -> int:
         return int(self.predictor.image_size)
 
-    def _autocast(self):
+    def autocast(self):
+        """The engine's precision for a block of model calls (none in float32)."""
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
@@ -151,9 +152,10 @@ class SAM2Engine:
         lab = to_slices(case.label.array, axis) if case.label is not None else None
         return img, lab
 
-    def _encode(self, scaled_slices: np.ndarray) -> Features:
+    def encode_slices(self, scaled_slices: np.ndarray) -> Features:
+        """Image features of scaled slices, batched (counted in ``stats``); the interactive engine uses it too."""
         frames = frames_for_model(scaled_slices, self.image_size)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self.autocast():
             per_frame, pos, sizes = self.predictor.encode_frames(frames, self.feature_batch)
         self.stats["frames_encoded"] += len(per_frame)
         return Features(per_frame, pos, sizes)
@@ -163,14 +165,14 @@ class SAM2Engine:
 
     def query_context(self, query: Case, axis: int, encode: bool) -> QueryContext:
         q_scaled, _ = self._slices(query, axis)
-        return QueryContext(axis, q_scaled, self._encode(q_scaled) if encode else None)
+        return QueryContext(axis, q_scaled, self.encode_slices(q_scaled) if encode else None)
 
     def support_context(self, s: Case, q: QueryContext, cached: bool) -> SupportContext:
         """The support on the query's in-plane grid; with ``cached``, its features from the cache."""
         s_scaled, s_lab = self._slices(s, q.axis)
         ctx = SupportContext(s, s_scaled, resize_mask_nearest(s_lab, q.hw))
         if cached:
-            ctx.entry = self.supports.entry(self._support_key(s, q.axis), lambda: self._encode(s_scaled))
+            ctx.entry = self.supports.entry(self._support_key(s, q.axis), lambda: self.encode_slices(s_scaled))
         return ctx
 
     def select_supports(self, supports: Sequence[Case]) -> list[Case]:
@@ -279,7 +281,8 @@ class SAM2Engine:
             flush()
         return results
 
-    def _new_state(self, source, hw):
+    def new_state(self, source, hw):
+        """A fresh tracking state over already encoded frames (one per propagation direction)."""
         return self.predictor.init_state_from_frames(None, hw[0], hw[1], feature_source=source)
 
     def _prompts(self, q: QueryContext, s: SupportContext, c: int, mask: np.ndarray) -> dict:
@@ -288,8 +291,8 @@ class SAM2Engine:
         key = (c, q.hw)
         if key not in s.entry.prompts:
             feats = s.entry.features
-            state = self._new_state(SupportOnly(feats, len(feats)), q.hw)
-            with torch.inference_mode(), self._autocast():
+            state = self.new_state(SupportOnly(feats, len(feats)), q.hw)
+            with torch.inference_mode(), self.autocast():
                 for j in SupportContext.prompted_slices(mask):
                     self.predictor.add_new_mask(state, j, 1, torch.from_numpy(mask[j]))
                 self.predictor.propagate_in_video_preflight(state)
@@ -325,8 +328,8 @@ class SAM2Engine:
         if key not in s.entry.blocks:
             source = SupportOnly(s.entry.features, q.n_slices + s.n_slices)
             output_dict = {"cond_frame_outputs": dict(prompts), "non_cond_frame_outputs": {}}
-            with torch.inference_mode(), self._autocast():
-                for _ in self._track(self._new_state(source, q.hw), output_dict,
+            with torch.inference_mode(), self.autocast():
+                for _ in self._track(self.new_state(source, q.hw), output_dict,
                                      self._block_frames(prompts, s.n_slices, reverse), reverse):
                     pass
             s.entry.blocks[key] = output_dict["non_cond_frame_outputs"]
@@ -347,10 +350,10 @@ class SAM2Engine:
         """One run, batch 1: query-slice probabilities (n_query, H, W) on the model's device."""
         prompts = self._prompts(q, s, c, mask)
         video = PseudoVideo(q.n_slices, s.n_slices, p)
-        state = self._new_state(VideoFeatures(video, q.features, s.entry.features), q.hw)
+        state = self.new_state(VideoFeatures(video, q.features, s.entry.features), q.hw)
         out = torch.empty((q.n_slices,) + q.hw, dtype=torch.float32, device=self.device)
         cond = {video.support_frame(j): o for j, o in prompts.items()}
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self.autocast():
             for reverse in (False, True):
                 block = self._block(q, s, c, prompts, reverse)
                 output_dict = {"cond_frame_outputs": cond,
@@ -371,7 +374,7 @@ class SAM2Engine:
         """Two batched tracks: every missing support block (all supports x classes x directions),
         then every run of every job (supports x classes x inserts x directions)."""
         tracker = self.tracker
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self.autocast():
             blocks = {}
             for job in jobs:
                 q = job.q
@@ -428,7 +431,7 @@ class SAM2Engine:
         def run_support(job, s, positions, masks, acc):
             for p in positions:
                 for c, mask in masks.items():
-                    acc[c].add(run_reference(self.predictor, self._autocast, job.q, s, p, mask))
+                    acc[c].add(run_reference(self.predictor, self.autocast, job.q, s, p, mask))
 
         return self._protocol(supports, query, classes, run_support, progress, cached=False)
 

@@ -178,7 +178,7 @@ def correct_mask_sam2(image: np.ndarray, spacing, base: np.ndarray, fg_points: n
             todo = store.missing(key, needed)
             if todo:  # one batched encoder pass over the slices not seen yet
                 scaled = to_slices(image, axis)[todo] * np.float32(255.0)
-                feats = engine._encode(scaled)
+                feats = engine.encode_slices(scaled)
                 store.put(key, todo, feats.per_frame, feats.pos, feats.sizes)
                 report.encoded = len(todo)
             per_slice = dict(zip(needed, store.take(key, needed, max(len(needed), MAX_SLICES_WINDOWS * (
@@ -186,10 +186,10 @@ def correct_mask_sam2(image: np.ndarray, spacing, base: np.ndarray, fg_points: n
             pos, sizes = store.shared[key]
 
         sequences, cond_probs, rows = [], [], {}
-        with torch.inference_mode(), engine._autocast():
+        with torch.inference_mode(), engine.autocast():
             for lo, hi, clicked in wins:
                 feats = Features([per_slice[z] for z in range(lo, hi + 1)], pos, sizes)
-                state = engine._new_state(SupportOnly(feats, hi - lo + 1), hw)
+                state = engine.new_state(SupportOnly(feats, hi - lo + 1), hw)
                 for z in clicked:
                     f = z - lo
                     mask = base_slices[z]
