@@ -12,7 +12,9 @@ query's full grid afterwards):
    (:func:`start_scores`); the engine picks one start per query from all supports' scores
    (:func:`choose_start`): the header's orientation (the plain start) wins unless another is
    clearly better for every support, so scans stored rotated or mirrored are found, ordinary ones
-   are not disturbed, and a start in doubt is said (the case is then flagged);
+   are not disturbed, and a start in doubt is said (the case is then flagged); a second opinion that
+   compares edges, not intensities, after the affine stage from every start (:func:`edge_scores`,
+   :func:`check_start`) puts the start in doubt where it contradicts it;
 2. an affine stage driven by Mattes mutual information (robust to the MRI intensity scale);
 3. optionally per class, the affine refined around that organ (:func:`refine_affine`);
 4. a deformable stage, either a multi-resolution B-spline (Mattes MI) or diffeomorphic demons on

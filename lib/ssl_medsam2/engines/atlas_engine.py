@@ -37,11 +37,14 @@ What the case summary (``EngineResult.meta``) says about the choices:
   ``rot270``, ``flip+rot…`` = the query was found stored rotated / mirrored in-plane);
 - ``atlas_start``: how it was chosen (:class:`ssl_medsam2.registration.StartChoice`): ``lead`` over the
   next start, ``over_header`` (what the best rotated / mirrored start scores over the header's),
-  ``per_support`` (each support's own best start) and ``doubt``;
+  ``per_support`` (each support's own best start), ``doubt`` and ``edge_check``, the second opinion
+  (:func:`ssl_medsam2.registration.check_start`: every start through the affine stage, the edges
+  compared; ``atlas.start_check``): a start it contradicts is in doubt too;
 - ``doubts``: why the engine doubts its own output (a start in doubt); the quality gate fails the case;
 - ``atlas_supports``: per used support ``{"support", "init", "similarity", "seconds"}`` plus
   ``affine_similarity``, ``init_scores`` (NCC of every start at its best slab shift), ``init_choice``
-  (its own best start), ``init_shift_mm`` (the slab shift it started from) and ``organ_weight`` (per class, the
+  (its own best start), ``init_shift_mm`` (the slab shift it started from), ``edge_scores`` (the edge
+  alignment from every start) and ``organ_weight`` (per class, the
   share of the fused vote this support's registrations carried: ``atlas.organ_weight_*``), and
   ``refinement_dropped`` (the classes whose per-organ refinement was dropped) where there are any.
   ``similarity`` is the NCC of the query and the registered support over the query's body (Otsu
