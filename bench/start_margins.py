@@ -110,7 +110,8 @@ def main(argv=None) -> dict:
                         print(json.dumps(row), flush=True)
     summary = {"centred_only": summarise(rows, "scores_centred"), "with_slab_shifts": summarise(rows),
                "engine_two_supports": {f"{m}/{d}": engine_choices(rows, m, d) for m, d in MARGINS},
-               "edge_check": {str(e): engine_choices(rows, s.init_margin, s.init_doubt_margin, e) for e in EDGE_MARGINS},
+               "edge_check": {str(e): engine_choices(rows, s.init_margin, s.init_doubt_margin, e)
+                              for e in EDGE_MARGINS},
                "edge_check_cpu_s_per_support": round(float(np.mean([r["edge_cpu_s"] for r in rows])), 2),
                "configured": {"init_margin": s.init_margin, "init_doubt_margin": s.init_doubt_margin,
                               "start_check_margin": s.start_check_margin}}
@@ -122,7 +123,7 @@ def main(argv=None) -> dict:
 MARGINS = ((0.0, 0.0), (0.03, 0.03), (0.05, 0.05), (0.1, 0.03), (0.15, 0.03), (0.2, 0.03), (0.1, 0.0), (0.15, 0.0), (0.2, 0.0))
 
 #: ``atlas.start_check_margin`` values replayed (with the configured init margins); None = no edge check
-EDGE_MARGINS = (None, 0.0, 0.005, 0.01, 0.015, 0.02, 0.03)
+EDGE_MARGINS = (None, 0.0, 0.005, 0.01, 0.012, 0.015, 0.02, 0.03)
 
 
 def engine_choices(rows: list[dict], margin: float, doubt_margin: float, edge_margin: float | None = None) -> dict:

@@ -232,12 +232,13 @@ class AtlasEngine:
         ranked = sorted(range(len(supports)), key=lambda i: (-affine_sim[i], supports[i].name))
         order = ranked[: self._n_used(supports)]
         t0 = time.perf_counter()
-        edges = {}  # the second opinion on the start (used supports): every start through the affine stage, edges compared
+        edges = {}  # the second opinion on the start (used supports): every start through the affine stage
         if s.start_check == "edges" and s.init_starts == "dihedral":
             edges = {i: reg.edge_scores(fixed, moving[i], s, focus[i], scored[i][1]) for i in order}
         elif s.start_check not in ("edges", "none", None, False):
             raise ValueError(f"unknown atlas.start_check '{s.start_check}' (edges or none)")
-        check = reg.check_start(start, [edges[i] for i in order if i in edges], s.start_check_margin)
+        check = reg.check_start(start, [edges.get(i) for i in order], s.start_check_margin,
+                                [supports[i].name for i in order])
         check["seconds"] = round(time.perf_counter() - t0, 2)
         if check["doubt"]:  # a start the edges contradict is a start in doubt
             choice = dataclasses.replace(choice, doubt="; ".join(filter(None, (choice.doubt, check["doubt"]))))
