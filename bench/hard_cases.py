@@ -190,7 +190,8 @@ def main(argv=None) -> dict:
             edge = st.get("edge_check") or {}
             print(f"    start {st.get('start')} (lead {st.get('lead')} over {st.get('runner_up')}, best other "
                   f"{st.get('over_header')} over the header's; per support {st.get('per_support')}); edges: best "
-                  f"{edge.get('best')}, the start's lead {edge.get('lead')} ({edge.get('seconds')} s)", flush=True)
+                  f"{edge.get('best')}, the start's lead {edge.get('lead')} (per support {edge.get('per_support_lead')}; "
+                  f"{edge.get('seconds')} s)", flush=True)
             print("    " + json.dumps(r["per_class"]), flush=True)
     summary = {k: {"mean_dice": v["mean_dice"], "min_dice": v["min_dice"], "score": v["score"], "failed": v["failed"],
                    "start": (v["start"] or {}).get("start"), "start_lead": (v["start"] or {}).get("lead"),
