@@ -14,9 +14,10 @@ Shared by the test (tests/test_quality_gate.py) and the calibration printout::
     python bench/hard_cases.py            # every case at 128x128 in-plane (2.5 mm): Dice, quality, verdict
 
 Per case it prints the start chosen (``atlas_start``: the lead over the next start, what the best
-rotated / mirrored start scores over the header's, each support's own best) and whether it was flagged.
-The LAST line printed is a JSON summary (per case: mean Dice, lowest class Dice, score, failed, start,
-its lead, whether the start was in doubt).
+rotated / mirrored start scores over the header's, each support's own best, and the edge check's second
+opinion: the start whose edges line up best and the chosen start's lead there) and whether it was
+flagged. The LAST line printed is a JSON summary (per case: mean Dice, lowest class Dice, score, failed,
+start, its lead, whether the start was in doubt, the edge lead and whether the edges put it in doubt).
 """
 
 from __future__ import annotations
@@ -186,12 +187,17 @@ def main(argv=None) -> dict:
             st = r["start"] or {}
             print(f"{case:26s} Dice {r['dice']}  score {r['score']}  failed {r['failed']}  {r['reasons']}  "
                   f"{r['cpu_s']} CPU-s", flush=True)
+            edge = st.get("edge_check") or {}
             print(f"    start {st.get('start')} (lead {st.get('lead')} over {st.get('runner_up')}, best other "
-                  f"{st.get('over_header')} over the header's; per support {st.get('per_support')})", flush=True)
+                  f"{st.get('over_header')} over the header's; per support {st.get('per_support')}); edges: best "
+                  f"{edge.get('best')}, the start's lead {edge.get('lead')} (per support {edge.get('per_support_lead')}; "
+                  f"{edge.get('seconds')} s)", flush=True)
             print("    " + json.dumps(r["per_class"]), flush=True)
     summary = {k: {"mean_dice": v["mean_dice"], "min_dice": v["min_dice"], "score": v["score"], "failed": v["failed"],
                    "start": (v["start"] or {}).get("start"), "start_lead": (v["start"] or {}).get("lead"),
-                   "start_in_doubt": bool((v["start"] or {}).get("doubt"))}
+                   "start_in_doubt": bool((v["start"] or {}).get("doubt")),
+                   "edge_lead": ((v["start"] or {}).get("edge_check") or {}).get("lead"),
+                   "edge_doubt": bool(((v["start"] or {}).get("edge_check") or {}).get("doubt"))}
                for k, v in result.items()}
     print(json.dumps(summary))
     return summary

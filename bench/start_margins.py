@@ -14,6 +14,7 @@ volumes (at 2.5 mm in-plane, the working grid) for queries as stored and changed
   the right start is ``rot0``.
 
     python bench/start_margins.py [--cases chaos_01 chaos_02 ...] [--queries chaos_01 ...] [--work DIR]
+                                  [--variants as_stored flipped ...] [--replay LINES_OF_AN_EARLIER_RUN]
 
 ``--cases``: the volumes (default: every shared CHAOS volume); ``--queries``: the ones used as queries
 (default: all of them), each with every other volume of ``--cases`` as a support.
@@ -45,6 +46,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--queries", nargs="*", default=None, help="default: every case")
     ap.add_argument("--work", default=None)
     ap.add_argument("--variants", nargs="*", default=None, help="of: as_stored rot90 flipped longer_fov")
+    ap.add_argument("--replay", default=None, help="summarise the per-pair lines of an earlier run (a file) instead")
     args = ap.parse_args(argv)
     import SimpleITK as sitk  # noqa: F401
 
@@ -57,9 +59,11 @@ def main(argv=None) -> dict:
     s, intensity = engine.settings, engine.intensity
     names = args.cases or chaos_cases()
     rows = []
+    if args.replay:  # the per-pair lines printed by an earlier run
+        rows = [r for r in map(json.loads, Path(args.replay).read_text().splitlines()) if r.get("query")]
     with work_folder(args.work, "start_margins_") as root:
         vols, labs, cropped = {}, {}, {}
-        for n in names:
+        for n in [] if args.replay else names:
             img, lab = root / f"{n}.nii.gz", root / f"{n}_label.nii.gz"
             if not img.exists():
                 downsample_case(CHAOS / "imagesTr" / f"{n}_0000.nii.gz", CHAOS / "labelsTr" / f"{n}.nii.gz", img, lab,
@@ -74,7 +78,7 @@ def main(argv=None) -> dict:
             cv = load_volume(ci, name=n)
             cropped[n] = (cv, load_label_for(cv, cl))
         with reg.sitk_threads(s):
-            for q in args.queries or names:
+            for q in [] if args.replay else args.queries or names:
                 for variant, (change, right) in list(VARIANTS.items()) + [("longer_fov", (lambda a: a, "rot0"))]:
                     if args.variants and variant not in args.variants:
                         continue
@@ -85,19 +89,32 @@ def main(argv=None) -> dict:
                         sv, sl = cropped[sup] if variant == "longer_fov" else (vols[sup], labs[sup])
                         moving = reg.prepare(sv, s, intensity)
                         own = [int(c) for c in np.unique(sl.array) if c]
+                        focus = reg.focus_mask(sl, own, moving, s.focus_margin_mm)
                         t0 = time.process_time()
-                        cand = reg.start_scores(fixed, moving, s, reg.focus_mask(sl, own, moving, s.focus_margin_mm),
-                                                slabs=True)
+                        cand = reg.start_scores(fixed, moving, s, focus, slabs=True)
                         sc, shifts = reg.best_shifts(cand)
                         centred = {c["start"]: c["score"] for c in cand if c["shift_mm"] == 0}
+                        t1 = time.process_time()
+                        edges_centred = reg.edge_scores(fixed, moving, s, focus)
+                        edge_cpu_s = time.process_time() - t1  # what the engine spends per used support
+                        moved = {n for n, v in shifts.items() if v}  # the starts whose best slab shift is not 0
+                        edges = {**edges_centred, **(reg.edge_scores(fixed, moving, s, focus, shifts, moved) if moved
+                                                     else {})}
+                        edge_s = time.process_time() - t1
                         row = {"query": q, "support": sup, "variant": variant, "right": right,
                                "best": max(sc, key=lambda n: (sc[n], n == "rot0")), "scores": sc, "shifts": shifts,
-                               "scores_centred": centred, "cpu_s": round(time.process_time() - t0, 2)}
+                               "scores_centred": centred, "edges": edges, "edges_centred": edges_centred,
+                               "cpu_s": round(time.process_time() - t0 - edge_s, 2),
+                               "edge_cpu_s": round(edge_cpu_s, 2)}
                         rows.append(row)
                         print(json.dumps(row), flush=True)
     summary = {"centred_only": summarise(rows, "scores_centred"), "with_slab_shifts": summarise(rows),
                "engine_two_supports": {f"{m}/{d}": engine_choices(rows, m, d) for m, d in MARGINS},
-               "configured": {"init_margin": s.init_margin, "init_doubt_margin": s.init_doubt_margin}}
+               "edge_check": {str(e): engine_choices(rows, s.init_margin, s.init_doubt_margin, e)
+                              for e in EDGE_MARGINS},
+               "edge_check_cpu_s_per_support": round(float(np.mean([r["edge_cpu_s"] for r in rows])), 2),
+               "configured": {"init_margin": s.init_margin, "init_doubt_margin": s.init_doubt_margin,
+                              "start_check_margin": s.start_check_margin}}
     print(json.dumps(summary))
     return summary
 
@@ -105,20 +122,26 @@ def main(argv=None) -> dict:
 #: (init_margin, init_doubt_margin) pairs replayed by :func:`engine_choices`
 MARGINS = ((0.0, 0.0), (0.03, 0.03), (0.05, 0.05), (0.1, 0.03), (0.15, 0.03), (0.2, 0.03), (0.1, 0.0), (0.15, 0.0), (0.2, 0.0))
 
+#: ``atlas.start_check_margin`` values replayed (with the configured init margins); None = no edge check
+EDGE_MARGINS = (None, 0.0, 0.005, 0.01, 0.012, 0.015, 0.02, 0.03)
 
-def engine_choices(rows: list[dict], margin: float, doubt_margin: float) -> dict:
+
+def engine_choices(rows: list[dict], margin: float, doubt_margin: float, edge_margin: float | None = None) -> dict:
     """The engine's start choice replayed from the measured scores for every query with every pair of
     other volumes as its 2 supports, as ``AtlasEngine`` does it: ``choose_start`` on the centred scores,
-    again on the slab-shifted ones when that start is in doubt or not the header's. Per variant:
-    ``right`` (the right start, not in doubt), ``flagged`` (in doubt: the case is failed) and
-    ``silently_wrong`` (a wrong start, not in doubt: the outcome that must not happen)."""
+    again on the slab-shifted ones when that start is in doubt or not the header's; then, unless
+    ``edge_margin`` is None, the edge check (``check_start`` on the edge scores from the same shifts). Per
+    variant: ``right`` (the right start, not in doubt), ``flagged`` (in doubt: the case is failed),
+    ``silently_wrong`` (a wrong start, not in doubt: the outcome that must not happen), and of the flagged
+    ones those only the edge check flagged: ``edges_caught`` (a wrong start) and ``edges_false_alarm``
+    (the right start)."""
     from itertools import combinations
 
     from ssl_medsam2 import registration as reg
 
     out = {}
     for variant in sorted({r["variant"] for r in rows}):
-        tally = {"cases": 0, "right": 0, "flagged": 0, "silently_wrong": 0}
+        tally = {"cases": 0, "right": 0, "flagged": 0, "silently_wrong": 0, "edges_caught": 0, "edges_false_alarm": 0}
         by_query: dict[str, dict] = {}
         for r in rows:
             if r["variant"] == variant:
@@ -127,10 +150,17 @@ def engine_choices(rows: list[dict], margin: float, doubt_margin: float) -> dict
             for a, b in combinations(sorted(sup), 2):
                 pair = (sup[a], sup[b])
                 c = reg.choose_start([p["scores_centred"] for p in pair], margin, doubt_margin)
+                edges = "edges_centred"
                 if c.doubt or c.start != reg.HEADER_START:
                     c = reg.choose_start([p["scores"] for p in pair], margin, doubt_margin)
+                    edges = "edges"
+                edge_doubt = None
+                if edge_margin is not None:
+                    edge_doubt = reg.check_start(c.start, [p[edges] for p in pair], edge_margin)["doubt"]
                 tally["cases"] += 1
-                if c.doubt:
+                if edge_doubt and not c.doubt:
+                    tally["edges_caught" if c.start != pair[0]["right"] else "edges_false_alarm"] += 1
+                if c.doubt or edge_doubt:
                     tally["flagged"] += 1
                 elif c.start == pair[0]["right"]:
                     tally["right"] += 1

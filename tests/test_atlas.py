@@ -374,6 +374,20 @@ def test_start_choice_trusts_the_header_unless_every_support_clearly_prefers_ano
     assert reg.choose_start([{}, {}], 0.03, 0.03).start == "rot0"  # init_starts: moments
 
 
+def test_edge_check_doubts_a_start_any_support_contradicts():
+    """The second opinion (edge alignment after the affine stage from every start): one used support whose
+    edges line up better from another start by more than the margin puts the chosen start in doubt, named."""
+    agree = reg.check_start("rot0", [{"rot0": 0.50, "flip+rot0": 0.49}, {"rot0": 0.48, "flip+rot0": 0.47}], 0.012)
+    assert agree["doubt"] is None and agree["best"] == "rot0" and agree["per_support_lead"] == [0.01, 0.01]
+    one = reg.check_start("rot0", [{"rot0": 0.50, "flip+rot0": 0.49}, {"rot0": 0.46, "flip+rot0": 0.49}], 0.012,
+                          ["chaos_01", "chaos_02"])
+    assert one["doubt"] == "chaos_02's edges line up better from flip+rot0 than from rot0 (by 0.030)"
+    assert one["lead"] == pytest.approx(-0.01)
+    within = reg.check_start("rot0", [{"rot0": 0.50, "flip+rot0": 0.51}], 0.012)  # by less than the margin
+    assert within["doubt"] is None
+    assert reg.check_start("rot0", [None, {}], 0.012)["doubt"] is None  # start_check: none / moments
+
+
 def test_an_engine_doubt_fails_the_case():
     from ssl_medsam2.quality import QualitySettings, assess
 

@@ -37,11 +37,14 @@ What the case summary (``EngineResult.meta``) says about the choices:
   ``rot270``, ``flip+rot…`` = the query was found stored rotated / mirrored in-plane);
 - ``atlas_start``: how it was chosen (:class:`ssl_medsam2.registration.StartChoice`): ``lead`` over the
   next start, ``over_header`` (what the best rotated / mirrored start scores over the header's),
-  ``per_support`` (each support's own best start) and ``doubt``;
+  ``per_support`` (each support's own best start), ``doubt`` and ``edge_check``, the second opinion
+  (:func:`ssl_medsam2.registration.check_start`: every start through the affine stage, the edges
+  compared; ``atlas.start_check``): a start it contradicts is in doubt too;
 - ``doubts``: why the engine doubts its own output (a start in doubt); the quality gate fails the case;
 - ``atlas_supports``: per used support ``{"support", "init", "similarity", "seconds"}`` plus
   ``affine_similarity``, ``init_scores`` (NCC of every start at its best slab shift), ``init_choice``
-  (its own best start), ``init_shift_mm`` (the slab shift it started from) and ``organ_weight`` (per class, the
+  (its own best start), ``init_shift_mm`` (the slab shift it started from), ``edge_scores`` (the edge
+  alignment from every start) and ``organ_weight`` (per class, the
   share of the fused vote this support's registrations carried: ``atlas.organ_weight_*``), and
   ``refinement_dropped`` (the classes whose per-organ refinement was dropped) where there are any.
   ``similarity`` is the NCC of the query and the registered support over the query's body (Otsu
@@ -228,6 +231,17 @@ class AtlasEngine:
             affine_s.append(init_s + time.perf_counter() - t0)
         ranked = sorted(range(len(supports)), key=lambda i: (-affine_sim[i], supports[i].name))
         order = ranked[: self._n_used(supports)]
+        t0 = time.perf_counter()
+        edges = {}  # the second opinion on the start (used supports): every start through the affine stage
+        if s.start_check == "edges" and s.init_starts == "dihedral":
+            edges = {i: reg.edge_scores(fixed, moving[i], s, focus[i], scored[i][1]) for i in order}
+        elif s.start_check not in ("edges", "none", None, False):
+            raise ValueError(f"unknown atlas.start_check '{s.start_check}' (edges or none)")
+        check = reg.check_start(start, [edges.get(i) for i in order], s.start_check_margin,
+                                [supports[i].name for i in order])
+        check["seconds"] = round(time.perf_counter() - t0, 2)
+        if check["doubt"]:  # a start the edges contradict is a start in doubt
+            choice = dataclasses.replace(choice, doubt="; ".join(filter(None, (choice.doubt, check["doubt"]))))
         q_img = self._normalised(query.image) if self.fusion == "local_ncc" else None
         sigma_vox = [self.fusion_sigma_mm / sp for sp in query.image.spacing]
         q_uint8 = scale_to_uint8_range(query.image.array, self.intensity)
@@ -295,7 +309,7 @@ class AtlasEngine:
                 per_support.append({"support": sup.name, "init": start, "similarity": round(sim, 4),
                                     "affine_similarity": round(affine_sim[i], 4), "init_scores": init_scores[i],
                                     "init_choice": choice.per_support[i] if choice.per_support else start,
-                                    "init_shift_mm": init_shift[i],
+                                    "init_shift_mm": init_shift[i], "edge_scores": edges.get(i),
                                     "seconds": round(affine_s[i] + time.perf_counter() - t0, 2)})
                 if dropped:
                     per_support[-1]["refinement_dropped"] = dropped
@@ -353,7 +367,7 @@ class AtlasEngine:
             "atlas_passes": passes,
             "atlas_supports": per_support,
             "atlas_init": start,
-            "atlas_start": {**choice.summary(), "slab_search": slab_search},
+            "atlas_start": {**choice.summary(), "slab_search": slab_search, "edge_check": check},
             "doubts": [f"start in doubt: {choice.doubt}"] if choice.doubt else [],
             "atlas_supports_not_used": [{"support": supports[i].name, "init": start,
                                          "affine_similarity": round(affine_sim[i], 4)}
