@@ -97,3 +97,39 @@ def test_the_simulated_annotator_follows_the_challenge_rule():
     # a perfect "engine" that fills whatever was clicked: Dice rises, stops at the target
     s = click_session(lambda fg, bg: truth if fg else pred, pred, truth, 5, stop_at=0.99)
     assert len(s.clicks) == 1 and s.dice[-1] == 1.0 and s.clicks_to(0.9, 5) == 1 and s.harmful() == 0
+
+
+def test_the_coarse_geodesic_search_keeps_a_clicks_reach(crop):
+    """``geodesic_step: 2`` searches a quarter of the in-plane voxels (the liver's clicks were the slowest);
+    read back at full resolution its influence stays within a few percent of the full search."""
+    from dataclasses import replace
+
+    from ssl_medsam2.interactive.engine import geodesic_influence
+    from ssl_medsam2.interactive.settings import InteractiveSettings
+
+    prepared, truth, z = crop
+    click = _deepest((truth == SPLEEN)[:, :, z:z + 1])[:2] + [z]
+    s = InteractiveSettings.resolve(None)
+    box1, full = geodesic_influence(prepared.image, prepared.spacing, click, replace(s, geodesic_step=1), 20.0)
+    box2, coarse = geodesic_influence(prepared.image, prepared.spacing, click, replace(s, geodesic_step=2), 20.0)
+    assert box1 == box2 and full.shape == coarse.shape
+    assert coarse[tuple(c - b.start for c, b in zip(click, box2))] == pytest.approx(1.0)
+    assert np.abs(full - coarse).mean() < 0.03 and np.corrcoef(full.ravel(), coarse.ravel())[0, 1] > 0.95
+
+
+def test_shell_warp_drags_a_displaced_label_towards_the_click(crop):
+    """A pseudo label 10 mm beside the spleen: one background click on its false side. With ``shell_mode:
+    warp`` the border near the click is dragged by the click's depth, the far side following (measured on
+    this crop: Dice 0.828 -> 0.900 without, 0.915 with); the offset mode leaves the far side where it was."""
+    prepared, truth, z = crop
+    spleen = truth == SPLEEN
+    base = np.roll(spleen, 8, axis=0)
+    err = base != spleen
+    click = [int(v) for v in np.unravel_index(np.argmax(ndimage.distance_transform_edt(np.pad(err, 1))[1:-1, 1:-1, 1:-1]),
+                                              err.shape)]
+    assert base[tuple(click)] and not spleen[tuple(click)]
+    plain = interactive.correct(prepared, base, [], [click])
+    warped = interactive.correct(prepared, base, [], [click],
+                                 settings={"shell_mode": "warp", "shell_shift_factor": 2.0})
+    assert dice(warped, spleen) > dice(plain, spleen) + 0.005 > dice(base, spleen) + 0.05
+    assert not warped[tuple(click)]
