@@ -149,9 +149,18 @@ def _click_range(s: InteractiveSettings, looks_other: float) -> float:
     return round(s.click_range_mm * (1.0 - s.click_similar_shrink * float(looks_other)), 1)
 
 
-def _influences(image, spacing, points, ranges, roi, s: InteractiveSettings, memo: dict | None) -> np.ndarray:
-    """The largest influence of any of ``points`` (each with its range, mm) at each voxel of the crop ``roi``."""
+def _influences(image, spacing, points, ranges, roi, s: InteractiveSettings, memo: dict | None,
+                depth_sd: tuple[np.ndarray, float] | None = None) -> np.ndarray:
+    """The largest influence of any of ``points`` (each with its range, mm) at each voxel of the crop ``roi``.
+
+    ``depth_sd``: (the base's signed distance, +1 for background clicks / -1 for foreground ones). With
+    ``click_depth_limit`` > 0 a click's influence fades (over ``shape_scale_mm``) where the base is deeper on
+    the click's side than ``click_depth_limit`` x the click's own depth: a background click at depth d in the
+    base does not carve the organ's core, a foreground click d outside does not flood what lies far beyond."""
     out = np.zeros([r.stop - r.start for r in roi], np.float32)
+    limit_on = depth_sd is not None and s.click_depth_limit > 0
+    if limit_on:
+        side = depth_sd[1] * depth_sd[0][tuple(roi)]
     for p, reach in zip(points, ranges):
         key = (tuple(int(c) for c in p), float(reach), s.intensity_contrast, s.intensity_tolerance, s.geodesic_step)
         got = memo.get(key) if memo is not None else None
@@ -165,7 +174,12 @@ def _influences(image, spacing, points, ranges, roi, s: InteractiveSettings, mem
             continue
         dst = tuple(slice(i.start - r.start, i.stop - r.start) for i, r in zip(inter, roi))
         src = tuple(slice(i.start - x.start, i.stop - x.start) for i, x in zip(inter, box))
-        np.maximum(out[dst], g[src], out=out[dst])
+        g = g[src]
+        if limit_on:
+            depth = max(0.0, depth_sd[1] * float(depth_sd[0][tuple(p)]))
+            g = g * np.exp(-np.maximum(side[dst] - s.click_depth_limit * depth - s.shape_scale_mm, 0.0)
+                           / s.shape_scale_mm)
+        np.maximum(out[dst], g, out=out[dst])
     return out
 
 
@@ -194,13 +208,15 @@ def correct_mask(image: np.ndarray, spacing: Sequence[float], base: np.ndarray, 
     looks_fg = 1.0 / (1.0 + np.exp(-_intensity_llr(img, b, ~b, s.intensity_bins)))
     ranges_fg = [_click_range(s, 1.0 - looks_fg[tuple(p)]) for p in fg]
     ranges_bg = [_click_range(s, looks_fg[tuple(p)]) for p in bg]
-    infl_fg = _influences(image, spacing, fg_points, ranges_fg, roi, s, memo.get("influence"))
-    infl_bg = _influences(image, spacing, bg_points, ranges_bg, roi, s, memo.get("influence"))
+    base_sd = _base_distance(base, spacing, memo.get("shape"))
+    infl_fg = _influences(image, spacing, fg_points, ranges_fg, roi, s, memo.get("influence"),
+                          depth_sd=(base_sd, -1.0))
+    infl_bg = _influences(image, spacing, bg_points, ranges_bg, roi, s, memo.get("influence"),
+                          depth_sd=(base_sd, 1.0))
     seeds_fg = _seed_discs(b.shape, spacing, fg, s.click_seed_radius_mm) | fg_sc
     seeds_bg = _seed_discs(b.shape, spacing, bg, s.click_seed_radius_mm) | bg_sc
     seeds_fg &= ~seeds_bg  # a voxel marked both ways: the background mark wins
 
-    base_sd = _base_distance(base, spacing, memo.get("shape"))
     if s.shell_mode == "warp":
         sd = shell_warp(base_sd, fg_points, bg_points, roi, spacing, base, s)
     else:
