@@ -8,7 +8,11 @@ Why this shape (docs/interactive.md has the measurements):
   intensity difference to the click's own neighbourhood and measured in mm (CHAOS slices are 7.7 mm
   apart, pixels 1.25 mm: a click reaches far in-plane and one or two slices through-plane). Where a
   click has influence the shape prior fades and the click's side (fg / bg) is added; a disc around it
-  is a hard seed.
+  is a hard seed. The influence stops where the base lies deeper on the click's side than the click
+  (``click_depth_limit``: a background click in a false shell does not carve the organ's core), and its
+  geodesic search runs on a 2x coarser in-plane grid (``geodesic_step``: latency, same Dice).
+- *Shell shift* (optional, off by default): a click also moves the shape prior's zero level by its depth
+  in a patch around it (:func:`shell_shift`, :func:`shell_warp`; measured in docs/interactive.md).
 - *Intensities*: a log-likelihood ratio of foreground / background histograms learned in the region
   from the base label and the click neighbourhoods (the volume's own MR intensities, percentile-scaled).
 - *Regulariser*: a graph cut (MONAI Label's ``numpymaxflow``) by default; a random walker (skimage,
