@@ -56,14 +56,19 @@ def signed_distance_mm(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray
     return (inside - outside).astype(np.float32)
 
 
+def organ_radius_mm(base: np.ndarray, spacing: Sequence[float]) -> float:
+    """The radius (mm) of the sphere with the base mask's volume: how far an organ-scaled effect reaches."""
+    return (3.0 * float(base.sum()) * float(np.prod(spacing)) / (4.0 * np.pi)) ** (1.0 / 3.0)
+
+
 def organ_scaled(s: InteractiveSettings, base: np.ndarray, spacing: Sequence[float]) -> InteractiveSettings:
     """``s`` with the click range set to ``click_range_fraction`` x the base organ's equivalent-sphere radius
     (clipped to ``click_range_min_mm``..``click_range_mm``): a click on a kidney should not reach as far as
     one on the liver. An empty base (nothing known of the organ's size) keeps ``click_range_mm``."""
     if s.click_range_fraction <= 0 or not base.any():
         return s
-    radius = (3.0 * float(base.sum()) * float(np.prod(spacing)) / (4.0 * np.pi)) ** (1.0 / 3.0)
-    reach = float(np.clip(s.click_range_fraction * radius, s.click_range_min_mm, s.click_range_mm))
+    reach = float(np.clip(s.click_range_fraction * organ_radius_mm(base, spacing), s.click_range_min_mm,
+                          s.click_range_mm))
     return replace(s, click_range_mm=round(reach, 1))
 
 
@@ -258,6 +263,13 @@ def correct_mask(image: np.ndarray, spacing: Sequence[float], base: np.ndarray, 
     return out
 
 
+def _gaussian_around(roi: Sequence[slice], p: Sequence[int], spacing: Sequence[float], sigma: float) -> np.ndarray:
+    """exp(-|x - p|^2 / 2 sigma^2) (mm) over the crop ``roi``, built from three 1-D factors."""
+    axes = [np.exp(-0.5 * ((np.arange(r.start, r.stop) - c) * sp / sigma) ** 2).astype(np.float32)
+            for r, c, sp in zip(roi, p, spacing)]
+    return axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+
+
 def shell_shift(base_sd: np.ndarray, fg_points: np.ndarray, bg_points: np.ndarray, roi: Sequence[slice],
                 spacing: Sequence[float], base: np.ndarray, s: InteractiveSettings) -> np.ndarray:
     """How far (mm, positive = inwards) the base label's border moves in the crop ``roi``, from the clicks.
@@ -273,8 +285,8 @@ def shell_shift(base_sd: np.ndarray, fg_points: np.ndarray, bg_points: np.ndarra
     out = np.zeros([r.stop - r.start for r in roi], np.float32)
     if s.shell_shift_factor <= 0 or not base.any():
         return out
-    radius = (3.0 * float(base.sum()) * float(np.prod(spacing)) / (4.0 * np.pi)) ** (1.0 / 3.0)
-    sigma = float(np.clip(s.shell_range_fraction * radius, s.shell_range_min_mm, s.shell_range_max_mm))
+    sigma = float(np.clip(s.shell_range_fraction * organ_radius_mm(base, spacing), s.shell_range_min_mm,
+                          s.shell_range_max_mm))
     total = np.zeros_like(out)
     for points, sign in ((bg_points, 1.0), (fg_points, -1.0)):
         for p in np.asarray(points).reshape(-1, 3):
@@ -282,9 +294,7 @@ def shell_shift(base_sd: np.ndarray, fg_points: np.ndarray, bg_points: np.ndarra
             if depth <= 0:
                 continue
             shift = sign * min(s.shell_shift_factor * depth, s.shell_shift_max_mm)
-            axes = [np.exp(-0.5 * ((np.arange(r.start, r.stop) - c) * sp / sigma) ** 2).astype(np.float32)
-                    for r, c, sp in zip(roi, p, spacing)]
-            w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+            w = _gaussian_around(roi, p, spacing, sigma)
             out += w * shift
             total += w
     return out / np.maximum(total, 1.0)
@@ -301,8 +311,8 @@ def shell_warp(base_sd: np.ndarray, fg_points: np.ndarray, bg_points: np.ndarray
     crop = base_sd[tuple(roi)]
     if s.shell_shift_factor <= 0 or not base.any():
         return crop
-    radius = (3.0 * float(base.sum()) * float(np.prod(spacing)) / (4.0 * np.pi)) ** (1.0 / 3.0)
-    sigma = float(np.clip(s.shell_range_fraction * radius, s.shell_range_min_mm, s.shell_range_max_mm))
+    sigma = float(np.clip(s.shell_range_fraction * organ_radius_mm(base, spacing), s.shell_range_min_mm,
+                          s.shell_range_max_mm))
     shape = [r.stop - r.start for r in roi]
     disp = np.zeros([3] + shape, np.float32)
     total = np.zeros(shape, np.float32)
@@ -319,9 +329,7 @@ def shell_warp(base_sd: np.ndarray, fg_points: np.ndarray, bg_points: np.ndarray
                 continue
             # inwards (along the gradient) for a background click inside, outwards for a foreground click outside
             move = (sign * grad / norm) * min(s.shell_shift_factor * depth, s.shell_shift_max_mm)
-            axes = [np.exp(-0.5 * ((np.arange(r.start, r.stop) - c) * sp / sigma) ** 2).astype(np.float32)
-                    for r, c, sp in zip(roi, p, spacing)]
-            w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+            w = _gaussian_around(roi, p, spacing, sigma)
             disp += w[None] * move[:, None, None, None].astype(np.float32)
             total += w
     if not total.any():
