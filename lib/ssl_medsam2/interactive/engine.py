@@ -8,7 +8,11 @@ Why this shape (docs/interactive.md has the measurements):
   intensity difference to the click's own neighbourhood and measured in mm (CHAOS slices are 7.7 mm
   apart, pixels 1.25 mm: a click reaches far in-plane and one or two slices through-plane). Where a
   click has influence the shape prior fades and the click's side (fg / bg) is added; a disc around it
-  is a hard seed.
+  is a hard seed. The influence stops where the base lies deeper on the click's side than the click
+  (``click_depth_limit``: a background click in a false shell does not carve the organ's core), and its
+  geodesic search runs on a 2x coarser in-plane grid (``geodesic_step``: latency, same Dice).
+- *Shell shift* (optional, off by default): a click also moves the shape prior's zero level by its depth
+  in a patch around it (:func:`shell_shift`, :func:`shell_warp`; measured in docs/interactive.md).
 - *Intensities*: a log-likelihood ratio of foreground / background histograms learned in the region
   from the base label and the click neighbourhoods (the volume's own MR intensities, percentile-scaled).
 - *Regulariser*: a graph cut (MONAI Label's ``numpymaxflow``) by default; a random walker (skimage,
@@ -52,14 +56,19 @@ def signed_distance_mm(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray
     return (inside - outside).astype(np.float32)
 
 
+def organ_radius_mm(base: np.ndarray, spacing: Sequence[float]) -> float:
+    """The radius (mm) of the sphere with the base mask's volume: how far an organ-scaled effect reaches."""
+    return (3.0 * float(base.sum()) * float(np.prod(spacing)) / (4.0 * np.pi)) ** (1.0 / 3.0)
+
+
 def organ_scaled(s: InteractiveSettings, base: np.ndarray, spacing: Sequence[float]) -> InteractiveSettings:
     """``s`` with the click range set to ``click_range_fraction`` x the base organ's equivalent-sphere radius
     (clipped to ``click_range_min_mm``..``click_range_mm``): a click on a kidney should not reach as far as
     one on the liver. An empty base (nothing known of the organ's size) keeps ``click_range_mm``."""
     if s.click_range_fraction <= 0 or not base.any():
         return s
-    radius = (3.0 * float(base.sum()) * float(np.prod(spacing)) / (4.0 * np.pi)) ** (1.0 / 3.0)
-    reach = float(np.clip(s.click_range_fraction * radius, s.click_range_min_mm, s.click_range_mm))
+    reach = float(np.clip(s.click_range_fraction * organ_radius_mm(base, spacing), s.click_range_min_mm,
+                          s.click_range_mm))
     return replace(s, click_range_mm=round(reach, 1))
 
 
@@ -91,9 +100,18 @@ def geodesic_influence(image: np.ndarray, spacing: Sequence[float], p: Sequence[
     reach = 3.0 * range_mm  # beyond this the influence is < 5 %: the search stops there
     box = tuple(slice(max(0, int(c) - int(np.ceil(reach / sp))), int(c) + int(np.ceil(reach / sp)) + 1)
                 for c, sp in zip(p, spacing))
-    cost = 1.0 + s.intensity_contrast * ((image[box] - ref) / s.intensity_tolerance) ** 2
+    # the search runs on a grid ``geodesic_step`` x coarser along the fine axes (CHAOS: 2.5 mm in-plane, still
+    # finer than its 7.7 mm slices), a quarter of the voxels; the distance is then read back at full resolution
+    step = [1 if sp >= max(spacing) or s.geodesic_step <= 1 else int(s.geodesic_step) for sp in spacing]
     local = tuple(int(c) - b.start for c, b in zip(p, box))
-    dist, _ = MCP_Geometric(cost, sampling=tuple(spacing)).find_costs([local])
+    coarse = tuple(slice(lc % st, None, st) for lc, st in zip(local, step))
+    cost = 1.0 + s.intensity_contrast * ((image[box][coarse] - ref) / s.intensity_tolerance) ** 2
+    dist, _ = MCP_Geometric(cost, sampling=tuple(sp * st for sp, st in zip(spacing, step))).find_costs(
+        [tuple(lc // st for lc, st in zip(local, step))])
+    if any(st > 1 for st in step):
+        full = [b.stop - b.start if b.stop <= n else n - b.start for b, n in zip(box, image.shape)]
+        pos = [(np.arange(n) - lc % st) / st for n, lc, st in zip(full, local, step)]
+        dist = ndimage.map_coordinates(dist, np.meshgrid(*pos, indexing="ij"), order=1, mode="nearest")
     return box, np.exp(-dist / range_mm).astype(np.float32)
 
 
@@ -140,11 +158,20 @@ def _click_range(s: InteractiveSettings, looks_other: float) -> float:
     return round(s.click_range_mm * (1.0 - s.click_similar_shrink * float(looks_other)), 1)
 
 
-def _influences(image, spacing, points, ranges, roi, s: InteractiveSettings, memo: dict | None) -> np.ndarray:
-    """The largest influence of any of ``points`` (each with its range, mm) at each voxel of the crop ``roi``."""
+def _influences(image, spacing, points, ranges, roi, s: InteractiveSettings, memo: dict | None,
+                depth_sd: tuple[np.ndarray, float] | None = None) -> np.ndarray:
+    """The largest influence of any of ``points`` (each with its range, mm) at each voxel of the crop ``roi``.
+
+    ``depth_sd``: (the base's signed distance, +1 for background clicks / -1 for foreground ones). With
+    ``click_depth_limit`` > 0 a click's influence fades (over ``shape_scale_mm``) where the base is deeper on
+    the click's side than ``click_depth_limit`` x the click's own depth: a background click at depth d in the
+    base does not carve the organ's core, a foreground click d outside does not flood what lies far beyond."""
     out = np.zeros([r.stop - r.start for r in roi], np.float32)
+    limit_on = depth_sd is not None and s.click_depth_limit > 0
+    if limit_on:
+        side = depth_sd[1] * depth_sd[0][tuple(roi)]
     for p, reach in zip(points, ranges):
-        key = (tuple(int(c) for c in p), float(reach), s.intensity_contrast, s.intensity_tolerance)
+        key = (tuple(int(c) for c in p), float(reach), s.intensity_contrast, s.intensity_tolerance, s.geodesic_step)
         got = memo.get(key) if memo is not None else None
         if got is None:
             got = geodesic_influence(image, spacing, p, s, float(reach))
@@ -156,7 +183,12 @@ def _influences(image, spacing, points, ranges, roi, s: InteractiveSettings, mem
             continue
         dst = tuple(slice(i.start - r.start, i.stop - r.start) for i, r in zip(inter, roi))
         src = tuple(slice(i.start - x.start, i.stop - x.start) for i, x in zip(inter, box))
-        np.maximum(out[dst], g[src], out=out[dst])
+        g = g[src]
+        if limit_on:
+            depth = max(0.0, depth_sd[1] * float(depth_sd[0][tuple(p)]))
+            g = g * np.exp(-np.maximum(side[dst] - s.click_depth_limit * depth - s.shape_scale_mm, 0.0)
+                           / s.shape_scale_mm)
+        np.maximum(out[dst], g, out=out[dst])
     return out
 
 
@@ -185,13 +217,20 @@ def correct_mask(image: np.ndarray, spacing: Sequence[float], base: np.ndarray, 
     looks_fg = 1.0 / (1.0 + np.exp(-_intensity_llr(img, b, ~b, s.intensity_bins)))
     ranges_fg = [_click_range(s, 1.0 - looks_fg[tuple(p)]) for p in fg]
     ranges_bg = [_click_range(s, looks_fg[tuple(p)]) for p in bg]
-    infl_fg = _influences(image, spacing, fg_points, ranges_fg, roi, s, memo.get("influence"))
-    infl_bg = _influences(image, spacing, bg_points, ranges_bg, roi, s, memo.get("influence"))
+    base_sd = _base_distance(base, spacing, memo.get("shape"))
+    infl_fg = _influences(image, spacing, fg_points, ranges_fg, roi, s, memo.get("influence"),
+                          depth_sd=(base_sd, -1.0))
+    infl_bg = _influences(image, spacing, bg_points, ranges_bg, roi, s, memo.get("influence"),
+                          depth_sd=(base_sd, 1.0))
     seeds_fg = _seed_discs(b.shape, spacing, fg, s.click_seed_radius_mm) | fg_sc
     seeds_bg = _seed_discs(b.shape, spacing, bg, s.click_seed_radius_mm) | bg_sc
     seeds_fg &= ~seeds_bg  # a voxel marked both ways: the background mark wins
 
-    shape = np.clip(_base_distance(base, spacing, memo.get("shape"))[roi] / s.shape_scale_mm, -s.shape_cap, s.shape_cap)
+    if s.shell_mode == "warp":
+        sd = shell_warp(base_sd, fg_points, bg_points, roi, spacing, base, s)
+    else:
+        sd = base_sd[roi] - shell_shift(base_sd, fg_points, bg_points, roi, spacing, base, s)
+    shape = np.clip(sd / s.shape_scale_mm, -s.shape_cap, s.shape_cap)
     llr = _intensity_llr(img, (b & (infl_bg < 0.5)) | (infl_fg > 0.5) | seeds_fg,
                          (~b & (infl_fg < 0.5)) | (infl_bg > 0.5) | seeds_bg, s.intensity_bins)
     influence = np.maximum(infl_fg, infl_bg)
@@ -222,6 +261,83 @@ def correct_mask(image: np.ndarray, spacing: Sequence[float], base: np.ndarray, 
     out = base.copy()
     out[roi] = cut
     return out
+
+
+def _gaussian_around(roi: Sequence[slice], p: Sequence[int], spacing: Sequence[float], sigma: float) -> np.ndarray:
+    """exp(-|x - p|^2 / 2 sigma^2) (mm) over the crop ``roi``, built from three 1-D factors."""
+    axes = [np.exp(-0.5 * ((np.arange(r.start, r.stop) - c) * sp / sigma) ** 2).astype(np.float32)
+            for r, c, sp in zip(roi, p, spacing)]
+    return axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+
+
+def shell_shift(base_sd: np.ndarray, fg_points: np.ndarray, bg_points: np.ndarray, roi: Sequence[slice],
+                spacing: Sequence[float], base: np.ndarray, s: InteractiveSettings) -> np.ndarray:
+    """How far (mm, positive = inwards) the base label's border moves in the crop ``roi``, from the clicks.
+
+    A pseudo label's errors are thin shells around the organ: a background click inside the base at depth d
+    says the border is ~d too far out around there, a foreground click outside at distance d that it is ~d
+    too far in. Each click moves the border by ``shell_shift_factor`` x its signed depth (at most
+    ``shell_shift_max_mm``), fading as a Gaussian of the distance to the click (sigma = ``shell_range_fraction``
+    x the base organ's equivalent-sphere radius, within ``shell_range_min_mm``..``shell_range_max_mm``), so
+    that one click corrects a patch of the shell; the graph cut's intensity and edge terms snap the moved
+    border to the image. A click on the side the base already has right (a background click outside it)
+    moves nothing. Several clicks: their weighted mean where they overlap."""
+    out = np.zeros([r.stop - r.start for r in roi], np.float32)
+    if s.shell_shift_factor <= 0 or not base.any():
+        return out
+    sigma = float(np.clip(s.shell_range_fraction * organ_radius_mm(base, spacing), s.shell_range_min_mm,
+                          s.shell_range_max_mm))
+    total = np.zeros_like(out)
+    for points, sign in ((bg_points, 1.0), (fg_points, -1.0)):
+        for p in np.asarray(points).reshape(-1, 3):
+            depth = sign * float(base_sd[tuple(p)])  # > 0: the click lies on the base's wrong side
+            if depth <= 0:
+                continue
+            shift = sign * min(s.shell_shift_factor * depth, s.shell_shift_max_mm)
+            w = _gaussian_around(roi, p, spacing, sigma)
+            out += w * shift
+            total += w
+    return out / np.maximum(total, 1.0)
+
+
+def shell_warp(base_sd: np.ndarray, fg_points: np.ndarray, bg_points: np.ndarray, roi: Sequence[slice],
+               spacing: Sequence[float], base: np.ndarray, s: InteractiveSettings) -> np.ndarray:
+    """The base label's signed distance in the crop ``roi``, its border dragged by the clicks (mm).
+
+    A click on the base's wrong side at depth d drags the nearest stretch of the border past itself: a
+    displacement of ``shell_shift_factor`` x d along the distance gradient (at most ``shell_shift_max_mm``),
+    fading as a Gaussian of the distance to the click (sigma as :func:`shell_shift`). Unlike a pure offset
+    this also moves the far side of a displaced organ (a pseudo label sitting a few mm beside the organ)."""
+    crop = base_sd[tuple(roi)]
+    if s.shell_shift_factor <= 0 or not base.any():
+        return crop
+    sigma = float(np.clip(s.shell_range_fraction * organ_radius_mm(base, spacing), s.shell_range_min_mm,
+                          s.shell_range_max_mm))
+    shape = [r.stop - r.start for r in roi]
+    disp = np.zeros([3] + shape, np.float32)
+    total = np.zeros(shape, np.float32)
+    for points, sign in ((bg_points, 1.0), (fg_points, -1.0)):
+        for p in np.asarray(points).reshape(-1, 3):
+            depth = sign * float(base_sd[tuple(p)])
+            if depth <= 0:
+                continue
+            grad = np.array([(base_sd[tuple(np.minimum(p + e, np.array(base.shape) - 1))]
+                              - base_sd[tuple(np.maximum(p - e, 0))]) / (2.0 * sp)
+                             for e, sp in zip(np.eye(3, dtype=int), spacing)])
+            norm = float(np.linalg.norm(grad))
+            if norm < EPS:
+                continue
+            # inwards (along the gradient) for a background click inside, outwards for a foreground click outside
+            move = (sign * grad / norm) * min(s.shell_shift_factor * depth, s.shell_shift_max_mm)
+            w = _gaussian_around(roi, p, spacing, sigma)
+            disp += w[None] * move[:, None, None, None].astype(np.float32)
+            total += w
+    if not total.any():
+        return crop
+    disp /= np.maximum(total, 1.0)[None]
+    grid = np.indices(shape, dtype=np.float32)
+    coords = [g + r.start - d / sp for g, r, d, sp in zip(grid, roi, disp, spacing)]
+    return ndimage.map_coordinates(base_sd, coords, order=1, mode="nearest").astype(np.float32)
 
 
 def _graph_cut(img, logit, seeds_fg, seeds_bg, s: InteractiveSettings) -> np.ndarray:

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 from ..config import Section, load_config
 
 ENGINES = ("graphcut", "random_walker", "geodesic", "sam2")
+SHELL_MODES = ("offset", "warp")
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,16 @@ class InteractiveSettings(Section):
     click_range_fraction: float      # range = this x the base organ's equivalent-sphere radius (0: always click_range_mm)
     click_range_min_mm: float        # ... but at least this
     click_similar_shrink: float      # a click whose intensity looks like the other side (fg / bg histograms of the base) reaches (1 - this x that likelihood) as far
+    click_depth_limit: float         # a click's influence fades where the base is deeper on its side than this x the click's depth (0: off)
     click_weight: float              # log-odds a click adds where its influence is 1
+    shell_mode: str                  # offset (the border moves along its normal) | warp (dragged, far side too)
+    shell_shift_factor: float        # a click moves the base border by this x its depth on the wrong side (0: off)
+    shell_shift_max_mm: float        # ... by at most this
+    shell_range_fraction: float      # ... fading as a Gaussian of the distance to the click, sigma = this x the organ's radius
+    shell_range_min_mm: float        # ... within these bounds
+    shell_range_max_mm: float
     click_seed_radius_mm: float      # in-plane disc around each click that is a hard seed
+    geodesic_step: int               # a click's geodesic distance is searched on a grid this x coarser in-plane (1: full)
     intensity_contrast: float        # geodesic cost per mm = 1 + this x ((intensity - the click's) / tolerance)^2
     intensity_tolerance: float       # intensity difference (0..1 scale) a click's region tolerates
     intensity_weight: float          # weight of the intensity log-likelihood ratio (fg / bg histograms in the ROI) where a click has full influence
@@ -40,15 +49,17 @@ class InteractiveSettings(Section):
     def __post_init__(self):
         if self.engine not in ENGINES:
             raise ValueError(f"interactive.engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.shell_mode not in SHELL_MODES:
+            raise ValueError(f"interactive.shell_mode must be one of {', '.join(SHELL_MODES)}, got {self.shell_mode!r}")
         margin = tuple(float(m) for m in self.roi_margin_mm)
         if len(margin) != 3 or min(margin) < 0:
             raise ValueError(f"interactive.roi_margin_mm must be 3 non-negative numbers, got {self.roi_margin_mm!r}")
         if int(self.sam2_window_slices) < 0:
             raise ValueError(f"interactive.sam2_window_slices must be >= 0, got {self.sam2_window_slices!r}")
-        ints = ("max_points", "intensity_bins", "sam2_window_slices")
+        ints = ("max_points", "intensity_bins", "sam2_window_slices", "geodesic_step")
         self._set(roi_margin_mm=margin, **{name: int(getattr(self, name)) for name in ints},
                   **{f.name: float(getattr(self, f.name)) for f in fields(self)
-                     if f.name not in ("engine", "roi_margin_mm") + ints})
+                     if f.name not in ("engine", "shell_mode", "roi_margin_mm") + ints})
 
     @classmethod
     def resolve(cls, settings: "InteractiveSettings | Mapping[str, Any] | None") -> "InteractiveSettings":
