@@ -17,7 +17,8 @@
 #
 # What it runs:
 #  1. tests/test_sam2_cuda.py: reference on CUDA, the batched (one track per query, fixed-shape memory)
-#     and run-by-run engines vs reference in bf16 and fp32 (prints the measured max abs dprob).
+#     and run-by-run engines vs reference in bf16 and fp32 (prints the measured max abs dprob); the
+#     interactive SAM2 correction's batched window vs SAM2's own propagation, bf16 and fp32.
 #  2. bench/tffs_speed.py --device cuda --size 512: default protocol (2 supports x 2 inserts, liver),
 #     reference / cached / batched side by side, bf16 -> batched_max_abs_dprob in bf16.
 #  3. bench/tffs_speed.py --protocol paper --engines batched --campaign 8, 512 px: query chaos_13
@@ -91,7 +92,8 @@ for name in ("bench_default", "bench_paper", "bench_compiled", "bench_profile", 
     summary[name] = json.loads(lines[-1]) if lines else None
 tests_log = out / "cuda_tests.log"
 summary["cuda_test_lines"] = [l for l in (tests_log.read_text().splitlines() if tests_log.exists() else [])
-                              if "vs reference" in l or "vs one query" in l or "passed" in l or "failed" in l or "skipped" in l]
+                              if any(w in l for w in ("vs reference", "vs one query", "vs stock propagation",
+                                                      "passed", "failed", "skipped"))]
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 print(json.dumps({k: summary[k] for k in ("cuda_tests_rc", "cuda_test_lines")}))
 print("batched phases", (summary["bench_profile"] or {}).get("batched_phases"))

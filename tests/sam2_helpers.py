@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from conftest import downsample_case
 from ssl_medsam2.engines.base import Case
 from ssl_medsam2.io import load_label_for, load_volume
@@ -45,3 +47,37 @@ def load_case(root: Path, name: str, labelled: bool = True) -> Case:
     folder = root / ("extra" if name in EXTRA else "imagesTr")
     im = load_volume(folder / f"{name}_0000.nii.gz")
     return Case(im, load_label_for(im, root / "all_labels" / f"{name}.nii.gz") if labelled else None)
+
+
+def deepest_point(mask2d: np.ndarray) -> list[int]:
+    """The in-plane index farthest inside a 2-D mask (where a simulated annotator clicks)."""
+    from scipy import ndimage
+
+    d = ndimage.distance_transform_edt(mask2d)
+    return [int(v) for v in np.unravel_index(np.argmax(d), d.shape)]
+
+
+def stock_window_track(engine, image01, base, fg, bg, lo, hi, clicked) -> dict:
+    """The same prompts through SAM2's own predictor calls, batch 1, no caches (the oracle): a fresh state
+    per direction, ``propagate_in_video`` forward from the first clicked slice and backward from the last
+    over the window's frames (z = the last axis), probabilities averaged where both reach."""
+    import torch
+
+    from ssl_medsam2.preprocess import frames_for_model, to_slices
+
+    predictor = engine.predictor
+    frames = frames_for_model(to_slices(image01, 2)[lo:hi + 1] * 255.0, engine.image_size)
+    h, w = base.shape[:2]
+    seen: dict = {}
+    for reverse in (False, True):
+        state = predictor.init_state_from_frames(frames, h, w)
+        for z in clicked:
+            if base[:, :, z].any():
+                predictor.add_new_mask(state, z - lo, 1, torch.from_numpy(base[:, :, z]))
+            pts = [(p, 1) for p in fg if p[2] == z] + [(p, 0) for p in bg if p[2] == z]
+            predictor.add_new_points_or_box(state, z - lo, 1, points=[[p[1], p[0]] for p, _ in pts],
+                                            labels=[lab for _, lab in pts])
+        start = (max(clicked) if reverse else min(clicked)) - lo
+        for f, _, masks in predictor.propagate_in_video(state, start_frame_idx=start, reverse=reverse):
+            seen.setdefault(lo + f, []).append(torch.sigmoid(masks[0, 0].float()).cpu().numpy())
+    return {z: np.mean(v, axis=0) for z, v in sorted(seen.items())}

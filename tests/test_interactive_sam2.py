@@ -20,7 +20,7 @@ import pytest
 from scipy import ndimage
 
 from conftest import REPO, organ_crop
-from sam2_helpers import SMALL
+from sam2_helpers import SMALL, deepest_point, stock_window_track
 from ssl_medsam2 import interactive
 from ssl_medsam2.config import load_config
 from ssl_medsam2.engines.sam2_model import CheckpointNotFound
@@ -45,11 +45,6 @@ def cfg():
     return load_config(overrides=CFG)
 
 
-def _deepest(mask2d: np.ndarray) -> list[int]:
-    d = ndimage.distance_transform_edt(mask2d)
-    return [int(v) for v in np.unravel_index(np.argmax(d), d.shape)]
-
-
 def _count_encoded(engine, monkeypatch) -> list:
     """Frames through SAM2's image encoder, one entry per batched call."""
     calls, predictor = [], engine.predictor
@@ -65,7 +60,7 @@ def test_only_the_window_changes_and_both_directions_reach_its_ends(crop, cfg):
     z = 6
     base = spleen.copy()
     base[:, :, z] = False  # a missed slice: the click says the spleen is there
-    fg = [_deepest(spleen[:, :, z]) + [z]]
+    fg = [deepest_point(spleen[:, :, z]) + [z]]
     bg = [[2, 2, z]]
     out, report = correct_mask_sam2(prepared.image, spacing, base, np.array(fg), np.array(bg), None, None, s, cfg)
     assert out.shape == base.shape and out.dtype == bool
@@ -86,37 +81,11 @@ def test_clicked_slices_close_together_share_one_window_tracked_both_ways(crop, 
     assert windows([0], 2, 13) == [(0, 2, [0])]
     image, spacing, spleen = crop
     prepared = interactive.prepare(image, spacing)
-    fg = [_deepest(spleen[:, :, z]) + [z] for z in (4, 6)]
+    fg = [deepest_point(spleen[:, :, z]) + [z] for z in (4, 6)]
     _, report = correct_mask_sam2(prepared.image, spacing, spleen, np.array(fg), np.zeros((0, 3), int), None, None,
                                   InteractiveSettings.from_config(cfg), cfg)
     assert report.windows == [(2, 8)] and report.clicked == [4, 6]
     assert report.forward == [5, 7, 8] and report.backward == [5, 3, 2], "the slice between is reached both ways"
-
-
-def _stock_sam2(engine, image01, base, fg, bg, lo, hi, clicked) -> dict:
-    """The same prompts through SAM2's own predictor calls, batch 1, no caches (the oracle): a fresh state
-    per direction, ``propagate_in_video`` forward from the first clicked slice and backward from the last
-    over the window's frames (z = the last axis), probabilities averaged where both reach."""
-    import torch
-
-    from ssl_medsam2.preprocess import frames_for_model, to_slices
-
-    predictor = engine.predictor
-    frames = frames_for_model(to_slices(image01, 2)[lo:hi + 1] * 255.0, engine.image_size)
-    h, w = base.shape[:2]
-    seen: dict = {}
-    for reverse in (False, True):
-        state = predictor.init_state_from_frames(frames, h, w)
-        for z in clicked:
-            if base[:, :, z].any():
-                predictor.add_new_mask(state, z - lo, 1, torch.from_numpy(base[:, :, z]))
-            pts = [(p, 1) for p in fg if p[2] == z] + [(p, 0) for p in bg if p[2] == z]
-            predictor.add_new_points_or_box(state, z - lo, 1, points=[[p[1], p[0]] for p, _ in pts],
-                                            labels=[lab for _, lab in pts])
-        start = (max(clicked) if reverse else min(clicked)) - lo
-        for f, _, masks in predictor.propagate_in_video(state, start_frame_idx=start, reverse=reverse):
-            seen.setdefault(lo + f, []).append(torch.sigmoid(masks[0, 0].float()).numpy())
-    return {z: np.mean(v, axis=0) for z, v in sorted(seen.items())}
 
 
 def test_batched_window_equals_sam2s_own_propagation(crop, cfg):
@@ -124,13 +93,13 @@ def test_batched_window_equals_sam2s_own_propagation(crop, cfg):
     gives the stock predictor's probabilities (float32, CPU)."""
     image, spacing, spleen = crop
     prepared = interactive.prepare(image, spacing)
-    fg = [_deepest(spleen[:, :, 4]) + [4], _deepest(spleen[:, :, 6]) + [6]]
+    fg = [deepest_point(spleen[:, :, 4]) + [4], deepest_point(spleen[:, :, 6]) + [6]]
     bg = [[2, 2, 6]]
     base = spleen.copy()
     base[:, :, 4] = False  # one clicked slice prompted by its points alone, the other by mask + points
     one = replace(InteractiveSettings.from_config(cfg), sam2_window_slices=1)  # window 3..7: a cheaper oracle
     _, report = correct_mask_sam2(prepared.image, spacing, base, np.array(fg), np.array(bg), None, None, one, cfg)
-    stock = _stock_sam2(sam2_engine(cfg)[0], prepared.image, base, fg, bg, 3, 7, [4, 6])
+    stock = stock_window_track(sam2_engine(cfg)[0], prepared.image, base, fg, bg, 3, 7, [4, 6])
     assert list(report.probabilities) == list(stock) == list(range(3, 8))
     for z in stock:
         assert np.abs(report.probabilities[z] - stock[z]).max() <= 1e-4, z
@@ -141,7 +110,7 @@ def test_a_second_click_on_the_same_image_encodes_no_slice_again(crop, cfg, monk
     calls = _count_encoded(sam2_engine(cfg)[0], monkeypatch)
     prepared = interactive.prepare(image, spacing)
     z = 6
-    click = _deepest(spleen[:, :, z]) + [z]
+    click = deepest_point(spleen[:, :, z]) + [z]
     interactive.correct(prepared, spleen, [click], [], settings=cfg)
     assert sum(calls) == 2 * WINDOW + 1 and len(calls) == 1, "the window's slices, in one batched pass"
     interactive.correct(prepared, spleen, [click], [[2, 2, z]], settings=cfg)
@@ -160,7 +129,7 @@ def test_the_apps_composition_corrects_one_organ_keeps_the_others_and_takes_scri
     label = np.where(spleen, SPLEEN, 0).astype(np.uint8)
     label[:10, :10, :] = 1  # another organ in a corner
     z = 6
-    edit = Edit(SPLEEN, foreground=np.array([_deepest(spleen[:, :, z]) + [z]]))
+    edit = Edit(SPLEEN, foreground=np.array([deepest_point(spleen[:, :, z]) + [z]]))
     out = corrected_label(prepared, label, [edit], settings=cfg)
     assert out.shape == label.shape and np.array_equal(out[:, :, :z - WINDOW], label[:, :, :z - WINDOW])
     assert (out[:10, :10, :] == 1).all(), "the other organ is never relabelled"
@@ -193,7 +162,7 @@ def test_slicer_smart_edit_runs_the_sam2_engine_when_configured(crop, cfg, tmp_p
     task = app.InteractiveInfer(SimpleNamespace(cfg=cfg, label_ids={1, 4}), app.DEEPGROW, "test", ClientCache(1 << 30))
     assert task.availability() == (True, "ok")
     z = 6
-    click = _deepest(spleen[:, :, z]) + [z]
+    click = deepest_point(spleen[:, :, z]) + [z]
     result, meta = task({"image": str(path), app.LABEL_NAME: "class_4", app.OWNER: "annotator",
                          "foreground": [click], "background": [], "result_extension": ".nii.gz"})
     try:

@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from sam2_helpers import CUDA_BF16_TOL, CUDA_FP32_TOL, SMALL, load_case, make_tiny
+from conftest import organ_crop
+from sam2_helpers import (CUDA_BF16_TOL, CUDA_FP32_TOL, SMALL, deepest_point, load_case, make_tiny,
+                          stock_window_track)
+from ssl_medsam2 import interactive
 from ssl_medsam2.config import load_config
 from ssl_medsam2.engines.sam2_engine import SAM2Engine
 from ssl_medsam2.protocol import RunningMean
@@ -58,6 +61,38 @@ def test_campaign_on_cuda_equals_one_query_at_a_time(tiny):
         diff = float(np.abs(a.probs - b.probs).max())
         print(f"CUDA float32 campaign vs one query: max abs dprob {diff:.3g}")
         assert diff <= CUDA_FP32_TOL
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", CUDA_FP32_TOL), ("bfloat16", CUDA_BF16_TOL)])
+def test_interactive_sam2_window_on_cuda_equals_sam2s_own_propagation(chaos_dir, dtype, tol):
+    """The SAM2 correction engine (``interactive.engine: sam2``) on CUDA: mask + points on two clicked
+    slices, tracked both ways through one window, give the stock predictor's probabilities in the same
+    precision, and nothing outside the window changes (chaos_03's spleen, 96 x 96 x 13, random weights)."""
+    from ssl_medsam2.interactive.sam2_prompts import correct_mask_sam2, sam2_engine
+    from ssl_medsam2.interactive.settings import InteractiveSettings
+
+    image, spacing, truth = organ_crop(chaos_dir, "chaos_03", 4, 6, 6)
+    spleen = truth == 4
+    prepared = interactive.prepare(image, spacing)
+    fg = [deepest_point(spleen[:, :, 4]) + [4], deepest_point(spleen[:, :, 6]) + [6]]
+    bg = [[2, 2, 6]]
+    base = spleen.copy()
+    base[:, :, 4] = False  # one clicked slice prompted by its points alone, the other by mask + points
+    cfg = load_config(overrides=ON_CUDA + [f"sam2.dtype={dtype}", "interactive.engine=sam2",
+                                           "interactive.sam2_window_slices=1"])  # window 3..7
+    out, report = correct_mask_sam2(prepared.image, spacing, base, np.array(fg), np.array(bg), None, None,
+                                    InteractiveSettings.from_config(cfg), cfg)
+    engine = sam2_engine(cfg)[0]
+    assert engine.device.type == "cuda"
+    with torch.inference_mode(), engine.autocast():
+        stock = stock_window_track(engine, prepared.image, base, fg, bg, 3, 7, [4, 6])
+    assert list(report.probabilities) == list(stock) == list(range(3, 8))
+    diff = max(float(np.abs(report.probabilities[z] - stock[z]).max()) for z in stock)
+    print(f"CUDA {dtype} interactive SAM2 window vs stock propagation: max abs dprob {diff:.3g}")
+    outside = np.ones(base.shape, bool)
+    outside[:, :, 3:8] = False
+    assert not (out != base)[outside].any(), "outside the window the base label stays"
+    assert diff <= tol
 
 
 def test_running_mean_sums_on_the_device_and_copies_once():
