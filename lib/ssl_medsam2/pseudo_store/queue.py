@@ -27,6 +27,11 @@ from ..io import write_text_atomic
 log = logging.getLogger(__name__)
 
 
+def _describe(exc: Exception) -> str:
+    """How a failed job reads in /info, the state file and a waiter's answer."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 class PseudoQueue:
     """``compute(image_id)`` stores one image's result (raises on failure); ``wanted()`` lists, in order,
     the images whose stored result is not current; ``may_start()`` says a background job may start now."""
@@ -40,8 +45,7 @@ class PseudoQueue:
         self._cond = threading.Condition()
         self._urgent: collections.deque[str] = collections.deque()
         self._pending: list[str] = []
-        self._failed: dict[str, str] = {}
-        self._errors: dict[str, Exception] = {}  # the exception itself, for a waiter that tells input from fault
+        self._failed: dict[str, Exception] = {}  # the exception itself: a waiter tells input from fault by it
         self._finished: collections.Counter = collections.Counter()
         self._running: tuple[str, float] | None = None
         self._durations: collections.deque[float] = collections.deque(maxlen=8)
@@ -74,7 +78,6 @@ class PseudoQueue:
         with self._cond:
             self._dirty = True
             self._failed.clear()
-            self._errors.clear()
             self._cond.notify_all()
         if reason:
             log.info("pseudo-label queue refreshed: %s", reason)
@@ -101,13 +104,14 @@ class PseudoQueue:
                 if left is not None and left <= 0:
                     return "timeout"
                 self._cond.wait(left if left is not None else 1.0)
-            return self._failed.get(image_id)
+            failure = self._failed.get(image_id)
+            return _describe(failure) if failure is not None else None
 
     def error(self, image_id: str) -> Exception | None:
         """The exception of ``image_id``'s last failed job (None when it did not fail): a waiter raises the
         request's own problem (an input error) as such, not as a fault of the server."""
         with self._cond:
-            return self._errors.get(image_id)
+            return self._failed.get(image_id)
 
     # ---------------------------------------------------------------- what /info shows
     def status(self) -> dict:
@@ -121,7 +125,7 @@ class PseudoQueue:
                 left_running = max(0.0, mean - (time.time() - running[1])) if running else 0.0
                 eta = round(left_running + mean * len(pending), 1)
             return {"running": running[0] if running else None, "pending": len(pending),
-                    "pending_images": pending, "failed": dict(self._failed),
+                    "pending_images": pending, "failed": {i: _describe(e) for i, e in self._failed.items()},
                     "mean_job_s": round(mean, 2) if mean is not None else None,
                     "eta_s": eta if (pending or running) else 0.0,
                     "stopped": self._stop}
@@ -179,20 +183,19 @@ class PseudoQueue:
             with self._cond:
                 self._running = (image_id, t0)
             self._save()
-            error, failure = None, None
+            failure = None
             try:
                 self.compute(image_id)
             except Exception as exc:  # noqa: BLE001 - reported per image, the queue goes on
-                error, failure = f"{type(exc).__name__}: {exc}", exc
-                log.warning("pseudo label of %s failed: %s", image_id, error)
+                failure = exc
+                log.warning("pseudo label of %s failed: %s", image_id, _describe(exc))
             with self._cond:
                 self._running = None
-                if error is None:
+                if failure is None:
                     self._durations.append(time.time() - t0)
                     self._failed.pop(image_id, None)
-                    self._errors.pop(image_id, None)
                 else:
-                    self._failed[image_id], self._errors[image_id] = error, failure
+                    self._failed[image_id] = failure
                 self._finished[image_id] += 1
                 self._dirty = True  # what is wanted is listed again (a save may have come meanwhile)
                 self._cond.notify_all()
