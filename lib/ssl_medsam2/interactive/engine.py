@@ -270,6 +270,22 @@ def _gaussian_around(roi: Sequence[slice], p: Sequence[int], spacing: Sequence[f
     return axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
 
 
+def _shell_sigma(base: np.ndarray, spacing: Sequence[float], s: InteractiveSettings) -> float:
+    """How far (mm, a Gaussian's sigma) one click's shell correction reaches: organ-scaled, within bounds."""
+    return float(np.clip(s.shell_range_fraction * organ_radius_mm(base, spacing), s.shell_range_min_mm,
+                         s.shell_range_max_mm))
+
+
+def _wrong_side_clicks(base_sd: np.ndarray, fg_points: np.ndarray, bg_points: np.ndarray):
+    """(point, sign, depth mm) of each click on the base's wrong side: a background click inside the base
+    (sign +1) or a foreground click outside it (sign -1), ``depth`` > 0 its distance to the base's border."""
+    for points, sign in ((bg_points, 1.0), (fg_points, -1.0)):
+        for p in np.asarray(points).reshape(-1, 3):
+            depth = sign * float(base_sd[tuple(p)])
+            if depth > 0:
+                yield p, sign, depth
+
+
 def shell_shift(base_sd: np.ndarray, fg_points: np.ndarray, bg_points: np.ndarray, roi: Sequence[slice],
                 spacing: Sequence[float], base: np.ndarray, s: InteractiveSettings) -> np.ndarray:
     """How far (mm, positive = inwards) the base label's border moves in the crop ``roi``, from the clicks.
@@ -285,18 +301,13 @@ def shell_shift(base_sd: np.ndarray, fg_points: np.ndarray, bg_points: np.ndarra
     out = np.zeros([r.stop - r.start for r in roi], np.float32)
     if s.shell_shift_factor <= 0 or not base.any():
         return out
-    sigma = float(np.clip(s.shell_range_fraction * organ_radius_mm(base, spacing), s.shell_range_min_mm,
-                          s.shell_range_max_mm))
+    sigma = _shell_sigma(base, spacing, s)
     total = np.zeros_like(out)
-    for points, sign in ((bg_points, 1.0), (fg_points, -1.0)):
-        for p in np.asarray(points).reshape(-1, 3):
-            depth = sign * float(base_sd[tuple(p)])  # > 0: the click lies on the base's wrong side
-            if depth <= 0:
-                continue
-            shift = sign * min(s.shell_shift_factor * depth, s.shell_shift_max_mm)
-            w = _gaussian_around(roi, p, spacing, sigma)
-            out += w * shift
-            total += w
+    for p, sign, depth in _wrong_side_clicks(base_sd, fg_points, bg_points):
+        shift = sign * min(s.shell_shift_factor * depth, s.shell_shift_max_mm)
+        w = _gaussian_around(roi, p, spacing, sigma)
+        out += w * shift
+        total += w
     return out / np.maximum(total, 1.0)
 
 
@@ -311,27 +322,22 @@ def shell_warp(base_sd: np.ndarray, fg_points: np.ndarray, bg_points: np.ndarray
     crop = base_sd[tuple(roi)]
     if s.shell_shift_factor <= 0 or not base.any():
         return crop
-    sigma = float(np.clip(s.shell_range_fraction * organ_radius_mm(base, spacing), s.shell_range_min_mm,
-                          s.shell_range_max_mm))
+    sigma = _shell_sigma(base, spacing, s)
     shape = [r.stop - r.start for r in roi]
     disp = np.zeros([3] + shape, np.float32)
     total = np.zeros(shape, np.float32)
-    for points, sign in ((bg_points, 1.0), (fg_points, -1.0)):
-        for p in np.asarray(points).reshape(-1, 3):
-            depth = sign * float(base_sd[tuple(p)])
-            if depth <= 0:
-                continue
-            grad = np.array([(base_sd[tuple(np.minimum(p + e, np.array(base.shape) - 1))]
-                              - base_sd[tuple(np.maximum(p - e, 0))]) / (2.0 * sp)
-                             for e, sp in zip(np.eye(3, dtype=int), spacing)])
-            norm = float(np.linalg.norm(grad))
-            if norm < EPS:
-                continue
-            # inwards (along the gradient) for a background click inside, outwards for a foreground click outside
-            move = (sign * grad / norm) * min(s.shell_shift_factor * depth, s.shell_shift_max_mm)
-            w = _gaussian_around(roi, p, spacing, sigma)
-            disp += w[None] * move[:, None, None, None].astype(np.float32)
-            total += w
+    for p, sign, depth in _wrong_side_clicks(base_sd, fg_points, bg_points):
+        grad = np.array([(base_sd[tuple(np.minimum(p + e, np.array(base.shape) - 1))]
+                          - base_sd[tuple(np.maximum(p - e, 0))]) / (2.0 * sp)
+                         for e, sp in zip(np.eye(3, dtype=int), spacing)])
+        norm = float(np.linalg.norm(grad))
+        if norm < EPS:
+            continue
+        # inwards (along the gradient) for a background click inside, outwards for a foreground click outside
+        move = (sign * grad / norm) * min(s.shell_shift_factor * depth, s.shell_shift_max_mm)
+        w = _gaussian_around(roi, p, spacing, sigma)
+        disp += w[None] * move[:, None, None, None].astype(np.float32)
+        total += w
     if not total.any():
         return crop
     disp /= np.maximum(total, 1.0)[None]
