@@ -156,3 +156,22 @@ def test_a_clicks_depth_limit_spares_the_organs_core(crop):
     assert 0 < depth < 10 and core.any() and (free[core] > 0.05).any()
     assert np.array_equal(kept[shallow], free[shallow])
     assert np.all(kept[core] <= np.exp(-2.0) * free[core] + 1e-6)
+
+
+def test_connected_changes_are_only_the_pieces_the_clicks_touch(crop):
+    """``keep_changes: connected``: every added piece holds a foreground click and every removed piece a
+    background one; they are the default's changes, less those no click touches."""
+    prepared, truth, z = crop
+    spleen = truth == SPLEEN
+    base = ndimage.binary_dilation(spleen, iterations=2)  # a shell too wide all round ...
+    base[:, :, z] = False                                  # ... and a missed slice
+    fg = [_deepest(spleen[:, :, z:z + 1])[:2] + [z]]
+    bg = [_deepest((base & ~spleen)[:, :, z + 1:z + 2])[:2] + [z + 1]]
+    every = interactive.correct(prepared, base, fg, bg)
+    connected = interactive.correct(prepared, base, fg, bg, settings={"keep_changes": "connected"})
+    assert ((connected != base) <= (every != base)).all()
+    assert (connected != base).sum() < (every != base).sum(), "the default also snaps the shell away from the clicks"
+    for changed, points in ((connected & ~base, fg), (base & ~connected, bg)):
+        lab, n = ndimage.label(changed, structure=np.ones((3, 3, 3), bool))
+        assert n >= 1 and set(range(1, n + 1)) <= {int(lab[tuple(p)]) for p in points}
+    assert dice(connected, spleen) > dice(base, spleen)

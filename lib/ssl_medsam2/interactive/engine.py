@@ -258,6 +258,8 @@ def correct_mask(image: np.ndarray, spacing: Sequence[float], base: np.ndarray, 
         cut = ((logit > 0) | seeds_fg) & ~seeds_bg
     cut = np.where(region, cut, b)
     cut = _drop_new_islands(cut, b, region, fg, fg_sc)
+    if s.keep_changes == "connected":
+        cut = _changes_at_marks(cut, b, seeds_fg & ~fixed, seeds_bg & ~fixed)
     out = base.copy()
     out[roi] = cut
     return out
@@ -368,6 +370,23 @@ def _random_walker(img, logit, seeds_fg, seeds_bg, spacing, s: InteractiveSettin
         return labels == 1
     rw = random_walker(img, labels, beta=s.rw_beta, mode="cg_j", spacing=spacing, tol=1e-2)
     return rw == 1
+
+
+def _changes_at_marks(cut: np.ndarray, base: np.ndarray, marks_fg: np.ndarray, marks_bg: np.ndarray) -> np.ndarray:
+    """``cut`` where it differs from ``base`` in a piece (26-connected) that holds a mark, ``base`` elsewhere:
+    a change no click asked for is not made."""
+    from .simulate import FULL_26
+
+    added, removed = cut & ~base, base & ~cut
+    out = base.copy()
+    for diff, marks, value in ((added, marks_fg, True), (removed, marks_bg, False)):
+        lab, n = ndimage.label(diff, structure=FULL_26)
+        if n:
+            keep = np.zeros(n + 1, bool)
+            keep[np.unique(lab[marks])] = True
+            keep[0] = False
+            out[keep[lab]] = value
+    return out
 
 
 def _drop_new_islands(cut: np.ndarray, base: np.ndarray, region: np.ndarray, fg_points: np.ndarray,

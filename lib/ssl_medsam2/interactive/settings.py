@@ -9,6 +9,7 @@ from ..config import Section, load_config
 
 ENGINES = ("graphcut", "random_walker", "geodesic", "sam2")
 SHELL_MODES = ("offset", "warp")
+KEEP_CHANGES = ("all", "connected")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class InteractiveSettings(Section):
     shell_range_fraction: float      # ... fading as a Gaussian of the distance to the click, sigma = this x the organ's radius
     shell_range_min_mm: float        # ... within these bounds
     shell_range_max_mm: float
+    keep_changes: str                # all | connected: only the added / removed pieces that hold a mark of their kind change
     click_seed_radius_mm: float      # in-plane disc around each click that is a hard seed
     geodesic_step: int               # a click's geodesic distance is searched on a grid this x coarser in-plane (1: full)
     intensity_contrast: float        # geodesic cost per mm = 1 + this x ((intensity - the click's) / tolerance)^2
@@ -51,6 +53,8 @@ class InteractiveSettings(Section):
             raise ValueError(f"interactive.engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.shell_mode not in SHELL_MODES:
             raise ValueError(f"interactive.shell_mode must be one of {', '.join(SHELL_MODES)}, got {self.shell_mode!r}")
+        if self.keep_changes not in KEEP_CHANGES:
+            raise ValueError(f"interactive.keep_changes must be one of {', '.join(KEEP_CHANGES)}, got {self.keep_changes!r}")
         margin = tuple(float(m) for m in self.roi_margin_mm)
         if len(margin) != 3 or min(margin) < 0:
             raise ValueError(f"interactive.roi_margin_mm must be 3 non-negative numbers, got {self.roi_margin_mm!r}")
@@ -59,7 +63,7 @@ class InteractiveSettings(Section):
         ints = ("max_points", "intensity_bins", "sam2_window_slices", "geodesic_step")
         self._set(roi_margin_mm=margin, **{name: int(getattr(self, name)) for name in ints},
                   **{f.name: float(getattr(self, f.name)) for f in fields(self)
-                     if f.name not in ("engine", "shell_mode", "roi_margin_mm") + ints})
+                     if f.name not in ("engine", "shell_mode", "keep_changes", "roi_margin_mm") + ints})
 
     @classmethod
     def resolve(cls, settings: "InteractiveSettings | Mapping[str, Any] | None") -> "InteractiveSettings":
