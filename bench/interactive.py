@@ -18,8 +18,9 @@ tag, supports as ``final``):
 - ``inprocess``: the library directly (``compose.organ_mask``, what the app runs), no server: for tuning.
 
 Reported per organ: Dice at 0 / 1 / 3 / 5 / 10 clicks, NoC@85 / NoC@90 (``--clicks`` when not reached), the
-share of harmful clicks (Dice down by > 0.005), latency p50 / p95 of the clicks after the first on a
-volume, and the first click on each volume separately (it prepares the image). Last line: JSON.
+share of harmful clicks (Dice down by > 0.005), the share of the error left after the last click that lies on
+the organ's first / last slice or beyond, latency p50 / p95 of the clicks after the first on a volume, and
+the first click on each volume separately (it prepares the image). Last line: JSON.
 
     PYTHONPATH=$PWD/lib nice -n 10 timeout 3600 python bench/interactive.py --clicks 10
 """
@@ -142,6 +143,19 @@ def _canonical_to_file(vol):
     return convert
 
 
+def end_slice_share(prediction: np.ndarray, truth: np.ndarray, slice_axis: int) -> float:
+    """The share of the error voxels (prediction != truth) on the organ's first and last slices or beyond
+    them: where thick slices leave the least image evidence of where an organ ends."""
+    error = np.asarray(prediction, bool) != np.asarray(truth, bool)
+    if not error.any():
+        return 0.0
+    other = tuple(a for a in range(3) if a != slice_axis)
+    per_slice = error.sum(axis=other)
+    present = np.flatnonzero(np.asarray(truth, bool).any(axis=other))
+    inner = slice(present[0] + 1, present[-1]) if len(present) else slice(0, 0)
+    return round(1.0 - float(per_slice[inner].sum()) / float(per_slice.sum()), 4)
+
+
 def summarise(rows: list[dict], max_clicks: int) -> dict:
     out = {}
     for name in ORGANS.values():
@@ -154,7 +168,9 @@ def summarise(rows: list[dict], max_clicks: int) -> dict:
                      "min_dice@5": round(min(r["dice"][min(5, len(r["dice"]) - 1)] for r in rs), 4),
                      "noc85": round(float(np.mean([r["noc85"] for r in rs])), 2),
                      "noc90": round(float(np.mean([r["noc90"] for r in rs])), 2),
-                     "harmful_share": round(sum(r["harmful"] for r in rs) / max(clicks, 1), 4), "cases": len(rs)}
+                     "harmful_share": round(sum(r["harmful"] for r in rs) / max(clicks, 1), 4),
+                     "end_slice_error_share": round(float(np.mean([r["end_slice_error_share"] for r in rs])), 3),
+                     "cases": len(rs)}
     return out
 
 
@@ -196,7 +212,13 @@ def main(argv=None) -> int:
                 name = ORGANS[cid]
                 predict = (local.predictor(case, vol, base, cid, name) if http is None
                            else http.predictor(client, case, vol, cid))
-                s = click_session(predict, base == cid, truth == cid, args.clicks, seed=args.seed)
+                last = {"mask": base == cid}
+
+                def tracked(fg, bg, predict=predict, last=last):
+                    last["mask"] = predict(fg, bg)
+                    return last["mask"]
+
+                s = click_session(tracked, base == cid, truth == cid, args.clicks, seed=args.seed)
                 lat = list(s.latency_s)
                 if lat and cid == args.organs[0]:
                     first.append(lat.pop(0))
@@ -204,10 +226,13 @@ def main(argv=None) -> int:
                 row = {"case": case, "organ": name, "client": client, "dice": [round(d, 4) for d in s.dice],
                        "clicks": len(s.clicks), "noc85": s.clicks_to(0.85, args.clicks),
                        "noc90": s.clicks_to(0.90, args.clicks), "harmful": s.harmful(),
-                       "latency_s": [round(t, 3) for t in s.latency_s]}
+                       "latency_s": [round(t, 3) for t in s.latency_s],
+                       "end_slice_error_share": end_slice_share(last["mask"], truth == cid,
+                                                                int(np.argmax(vol.spacing)))}
                 rows.append(row)
                 print(f"{case} {name:13s} {client:9s} dice " + " ".join(f"{d:.3f}" for d in s.dice)
-                      + f"  ({np.mean(s.latency_s) if s.latency_s else 0:.2f} s/click)", flush=True)
+                      + f"  ({np.mean(s.latency_s) if s.latency_s else 0:.2f} s/click, "
+                      f"{row['end_slice_error_share']:.0%} of the error left on the end slices)", flush=True)
     finally:
         if http is not None:
             http.close()
