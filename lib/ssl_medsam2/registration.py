@@ -473,20 +473,28 @@ def edge_alignment(query_gradients, fixed: sitk.Image, moving: sitk.Image, trans
     return float(cos2[region].mean()) if region.any() else 0.0
 
 
+def query_edges(fixed: sitk.Image, settings: RegistrationSettings) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """(the query's body mask, its in-plane gradients): what :func:`edge_scores` needs of the query, the same
+    for every support, so an engine computes it once per query."""
+    with sitk_threads(settings):
+        return sitk.GetArrayFromImage(body_mask(fixed)).astype(bool), _in_plane_gradients(fixed)
+
+
 def edge_scores(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings,
                 moving_mask: sitk.Image | None, shifts: dict[str, float] | None = None,
-                only: set[str] | None = None) -> dict[str, float]:
+                only: set[str] | None = None, query: tuple[np.ndarray, tuple[np.ndarray, ...]] | None = None
+                ) -> dict[str, float]:
     """The second opinion on the start: every in-plane start registered through the affine stage (from its
     slab shift in ``shifts``, else the centres of mass) and scored by :func:`edge_alignment` over the
-    query's body within the support's focus region mapped onto it (``only``: just these starts).
+    query's body within the support's focus region mapped onto it (``only``: just these starts;
+    ``query``: :func:`query_edges` of ``fixed``, computed here when not given).
 
     Independent of :func:`start_scores` in both halves: a longer affine (the engine's own), and a
     similarity that does not compare intensities (see :func:`check_start`).
     """
     shifts = shifts or {}
+    body, grads = query if query is not None else query_edges(fixed, settings)
     with sitk_threads(settings):
-        body = sitk.GetArrayFromImage(body_mask(fixed)).astype(bool)
-        grads = _in_plane_gradients(fixed)
         out = {}
         for name, _ in in_plane_starts(fixed, moving):
             if only is not None and name not in only:

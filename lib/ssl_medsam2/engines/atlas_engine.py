@@ -234,7 +234,9 @@ class AtlasEngine:
         t0 = time.perf_counter()
         edges = {}  # the second opinion on the start (used supports): every start through the affine stage
         if s.start_check == "edges" and s.init_starts == "dihedral":
-            edges = {i: reg.edge_scores(fixed, moving[i], s, focus[i], scored[i][1]) for i in order}
+            fixed_edges = reg.query_edges(fixed, s)  # the same for every support
+            edges = {i: reg.edge_scores(fixed, moving[i], s, focus[i], scored[i][1], query=fixed_edges)
+                     for i in order}
         elif s.start_check not in ("edges", "none", None, False):
             raise ValueError(f"unknown atlas.start_check '{s.start_check}' (edges or none)")
         check = reg.check_start(start, [edges.get(i) for i in order], s.start_check_margin,
