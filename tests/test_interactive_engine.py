@@ -134,8 +134,8 @@ def test_shell_warp_drags_a_displaced_label_towards_the_click(crop):
 
 def test_a_clicks_depth_limit_spares_the_organs_core(crop):
     """``click_depth_limit``: a background click at depth d inside the base (a false shell) reaches no deeper
-    into the base than ~d (+ ``shape_scale_mm``) at full strength; the organ's core beyond fades. Same reach at
-    the click's own depth (on the 24 CHAOS cases: fewer harmful clicks, docs/interactive.md)."""
+    into the base than ~d (+ ``click_depth_slack_mm``) at full strength; the organ's core beyond fades. Same
+    reach at the click's own depth (on the 24 CHAOS cases: fewer harmful clicks, docs/interactive.md)."""
     from ssl_medsam2.interactive.engine import _influences, signed_distance_mm
     from ssl_medsam2.interactive.settings import InteractiveSettings
 
@@ -151,11 +151,16 @@ def test_a_clicks_depth_limit_spares_the_organs_core(crop):
     s = InteractiveSettings.resolve({"click_range_mm": 30.0, "click_range_fraction": 0.0, "click_depth_limit": 1.0})
     kept = _influences(prepared.image, prepared.spacing, click, [30.0], roi, s, None, depth_sd=(sd, 1.0))
     depth = sd[tuple(click[0])]
-    shallow = sd <= depth + s.shape_scale_mm
-    core = sd > depth + 3 * s.shape_scale_mm
-    assert 0 < depth < 10 and core.any() and (free[core] > 0.05).any()
-    assert np.array_equal(kept[shallow], free[shallow])
-    assert np.all(kept[core] <= np.exp(-2.0) * free[core] + 1e-6)
+    for slack in (s.click_depth_slack_mm, 0.0):  # the default, and the "safe clicks" setting of the docs
+        if slack != s.click_depth_slack_mm:
+            s = InteractiveSettings.resolve({"click_range_mm": 30.0, "click_range_fraction": 0.0,
+                                             "click_depth_limit": 1.0, "click_depth_slack_mm": slack})
+            kept = _influences(prepared.image, prepared.spacing, click, [30.0], roi, s, None, depth_sd=(sd, 1.0))
+        shallow = sd <= depth + slack
+        core = sd > depth + slack + 2 * s.shape_scale_mm
+        assert 0 < depth < 10 and core.any() and (free[core] > 0.05).any()
+        assert np.array_equal(kept[shallow], free[shallow])
+        assert np.all(kept[core] <= np.exp(-2.0) * free[core] + 1e-6)
 
 
 def test_connected_changes_are_only_the_pieces_the_clicks_touch(crop):

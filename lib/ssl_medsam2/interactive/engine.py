@@ -164,8 +164,9 @@ def _influences(image, spacing, points, ranges, roi, s: InteractiveSettings, mem
 
     ``depth_sd``: (the base's signed distance, +1 for background clicks / -1 for foreground ones). With
     ``click_depth_limit`` > 0 a click's influence fades (over ``shape_scale_mm``) where the base is deeper on
-    the click's side than ``click_depth_limit`` x the click's own depth: a background click at depth d in the
-    base does not carve the organ's core, a foreground click d outside does not flood what lies far beyond."""
+    the click's side than ``click_depth_limit`` x the click's own depth + ``click_depth_slack_mm``: a
+    background click at depth d in the base does not carve the organ's core, a foreground click d outside
+    does not flood what lies far beyond."""
     out = np.zeros([r.stop - r.start for r in roi], np.float32)
     limit_on = depth_sd is not None and s.click_depth_limit > 0
     if limit_on:
@@ -186,7 +187,7 @@ def _influences(image, spacing, points, ranges, roi, s: InteractiveSettings, mem
         g = g[src]
         if limit_on:
             depth = max(0.0, depth_sd[1] * float(depth_sd[0][tuple(p)]))
-            g = g * np.exp(-np.maximum(side[dst] - s.click_depth_limit * depth - s.shape_scale_mm, 0.0)
+            g = g * np.exp(-np.maximum(side[dst] - s.click_depth_limit * depth - s.click_depth_slack_mm, 0.0)
                            / s.shape_scale_mm)
         np.maximum(out[dst], g, out=out[dst])
     return out
