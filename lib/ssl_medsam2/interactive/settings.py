@@ -26,7 +26,7 @@ class InteractiveSettings(Section):
     click_range_min_mm: float        # ... but at least this
     click_similar_shrink: float      # a click whose intensity looks like the other side (fg / bg histograms of the base) reaches (1 - this x that likelihood) as far
     click_depth_limit: float         # a click's influence fades where the base is deeper on its side than this x the click's depth (0: off)
-    click_depth_slack_mm: float      # ... beyond that depth + this (mm), over this scale
+    click_depth_slack_mm: float      # ... + this (mm); beyond it the influence fades over shape_scale_mm
     click_weight: float              # log-odds a click adds where its influence is 1
     shell_mode: str                  # offset (the border moves along its normal) | warp (dragged, far side too)
     shell_shift_factor: float        # a click moves the base border by this x its depth on the wrong side (0: off)
