@@ -376,12 +376,10 @@ def _random_walker(img, logit, seeds_fg, seeds_bg, spacing, s: InteractiveSettin
 def _changes_at_marks(cut: np.ndarray, base: np.ndarray, marks_fg: np.ndarray, marks_bg: np.ndarray) -> np.ndarray:
     """``cut`` where it differs from ``base`` in a piece (26-connected) that holds a mark, ``base`` elsewhere:
     a change no click asked for is not made."""
-    from .simulate import FULL_26
-
     added, removed = cut & ~base, base & ~cut
     out = base.copy()
     for diff, marks, value in ((added, marks_fg, True), (removed, marks_bg, False)):
-        lab, n = ndimage.label(diff, structure=FULL_26)
+        lab, n = ndimage.label(diff, structure=np.ones((3, 3, 3), bool))
         if n:
             keep = np.zeros(n + 1, bool)
             keep[np.unique(lab[marks])] = True
