@@ -62,9 +62,7 @@ def correct_volume(vol, truth: np.ndarray, start: np.ndarray, cfg: dict, target:
 
         s = click_session(predict, base == cid, truth == cid, max_clicks, seed=seed, stop_at=target)
         if s.clicks:
-            fg = [list(c.point) for c in s.clicks if c.foreground]
-            bg = [list(c.point) for c in s.clicks if not c.foreground]
-            label = put_organ(label, cid, np.asarray(predict(fg, bg), bool))
+            label = put_organ(label, cid, s.prediction)
         out[str(cid)] = {"clicks": len(s.clicks), "dice_start": round(s.dice[0], 4), "dice_end": round(s.dice[-1], 4)}
     return label, out
 

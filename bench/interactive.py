@@ -212,13 +212,7 @@ def main(argv=None) -> int:
                 name = ORGANS[cid]
                 predict = (local.predictor(case, vol, base, cid, name) if http is None
                            else http.predictor(client, case, vol, cid))
-                last = {"mask": base == cid}
-
-                def tracked(fg, bg, predict=predict, last=last):
-                    last["mask"] = predict(fg, bg)
-                    return last["mask"]
-
-                s = click_session(tracked, base == cid, truth == cid, args.clicks, seed=args.seed)
+                s = click_session(predict, base == cid, truth == cid, args.clicks, seed=args.seed)
                 lat = list(s.latency_s)
                 if lat and cid == args.organs[0]:
                     first.append(lat.pop(0))
@@ -227,7 +221,7 @@ def main(argv=None) -> int:
                        "clicks": len(s.clicks), "noc85": s.clicks_to(0.85, args.clicks),
                        "noc90": s.clicks_to(0.90, args.clicks), "harmful": s.harmful(),
                        "latency_s": [round(t, 3) for t in s.latency_s],
-                       "end_slice_error_share": end_slice_share(last["mask"], truth == cid,
+                       "end_slice_error_share": end_slice_share(s.prediction, truth == cid,
                                                                 int(np.argmax(vol.spacing)))}
                 rows.append(row)
                 print(f"{case} {name:13s} {client:9s} dice " + " ".join(f"{d:.3f}" for d in s.dice)

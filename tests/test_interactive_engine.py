@@ -94,6 +94,7 @@ def test_the_simulated_annotator_follows_the_challenge_rule():
     # a perfect "engine" that fills whatever was clicked: Dice rises, stops at the target
     s = click_session(lambda fg, bg: truth if fg else pred, pred, truth, 5, stop_at=0.99)
     assert len(s.clicks) == 1 and s.dice[-1] == 1.0 and s.clicks_to(0.9, 5) == 1 and s.harmful() == 0
+    assert np.array_equal(s.prediction, truth), "the session keeps its last answer"
 
 
 def test_the_coarse_geodesic_search_keeps_a_clicks_reach(crop):

@@ -55,12 +55,13 @@ HARMFUL_DROP = 0.005  # a click that lowers Dice by more than this counts as har
 
 @dataclass
 class Session:
-    """One organ clicked by the simulated annotator: Dice after 0, 1, ... clicks, where each click went and
-    how long the engine (or server) took to answer it."""
+    """One organ clicked by the simulated annotator: Dice after 0, 1, ... clicks, where each click went, how
+    long the engine (or server) took to answer it, and the last mask (the start when nothing was clicked)."""
 
     dice: list[float]
     clicks: list[Click]
     latency_s: list[float]
+    prediction: np.ndarray
 
     def dice_at(self, k: int) -> float:
         """Dice after ``k`` clicks (the last one reached when the errors ran out earlier)."""
@@ -88,7 +89,7 @@ def click_session(predict, start: np.ndarray, truth: np.ndarray, max_clicks: int
     rng = np.random.default_rng(seed)
     truth = np.asarray(truth, bool)
     pred = np.asarray(start, bool)
-    out = Session([dice(pred, truth)], [], [])
+    out = Session([dice(pred, truth)], [], [], pred)
     fg: list[list[int]] = []
     bg: list[list[int]] = []
     while len(out.clicks) < max_clicks and not (stop_at is not None and out.dice[-1] >= stop_at):
@@ -101,4 +102,5 @@ def click_session(predict, start: np.ndarray, truth: np.ndarray, max_clicks: int
         out.latency_s.append(time.perf_counter() - t0)
         out.clicks.append(click)
         out.dice.append(dice(pred, truth))
+        out.prediction = pred
     return out
