@@ -29,15 +29,16 @@ ORGANS = {1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
 
 def fixed_point(image: np.ndarray, spacing, truth: np.ndarray, s, margin_mm) -> float:
     """Dice of the engine's cut with ``truth`` as the base and no click, over the truth's grown box."""
-    from ssl_medsam2.interactive.engine import _graph_cut, _intensity_llr, click_roi, signed_distance_mm
+    from ssl_medsam2.interactive.engine import (_graph_cut, _intensity_llr, click_roi, shape_prior,
+                                                signed_distance_mm, unary_logit)
     from ssl_medsam2.metrics import dice
 
     roi = click_roi(truth.shape, spacing, np.argwhere(truth), margin_mm)
     img, base = image[roi], truth[roi]
-    shape = np.clip(signed_distance_mm(base, spacing) / s.shape_scale_mm, -s.shape_cap, s.shape_cap)
-    logit = shape + s.region_intensity_weight * _intensity_llr(img, base, ~base, s.intensity_bins)
-    none = np.zeros(base.shape, bool)
-    return dice(_graph_cut(img, logit, none, none, s), base)
+    no_click = np.zeros(base.shape, np.float32)
+    logit = unary_logit(shape_prior(signed_distance_mm(base, spacing), s),
+                        _intensity_llr(img, base, ~base, s.intensity_bins), no_click, no_click, s)
+    return dice(_graph_cut(img, logit, no_click > 0, no_click > 0, s), base)
 
 
 def main(argv=None) -> int:

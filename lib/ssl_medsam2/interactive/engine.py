@@ -231,12 +231,9 @@ def correct_mask(image: np.ndarray, spacing: Sequence[float], base: np.ndarray, 
         sd = shell_warp(base_sd, fg_points, bg_points, roi, spacing, base, s)
     else:
         sd = base_sd[roi] - shell_shift(base_sd, fg_points, bg_points, roi, spacing, base, s)
-    shape = np.clip(sd / s.shape_scale_mm, -s.shape_cap, s.shape_cap)
     llr = _intensity_llr(img, (b & (infl_bg < 0.5)) | (infl_fg > 0.5) | seeds_fg,
                          (~b & (infl_fg < 0.5)) | (infl_bg > 0.5) | seeds_bg, s.intensity_bins)
-    influence = np.maximum(infl_fg, infl_bg)
-    logit = ((1.0 - influence) * shape + s.click_weight * (infl_fg - infl_bg)
-             + (s.region_intensity_weight + (s.intensity_weight - s.region_intensity_weight) * influence) * llr)
+    logit = unary_logit(shape_prior(sd, s), llr, infl_fg, infl_bg, s)
 
     # outside the region and on the crop's inner faces the base label stays (hard seeds): no seam
     fixed = ~region
@@ -347,6 +344,21 @@ def shell_warp(base_sd: np.ndarray, fg_points: np.ndarray, bg_points: np.ndarray
     grid = np.indices(shape, dtype=np.float32)
     coords = [g + r.start - d / sp for g, r, d, sp in zip(grid, roi, disp, spacing)]
     return ndimage.map_coordinates(base_sd, coords, order=1, mode="nearest").astype(np.float32)
+
+
+def shape_prior(sd: np.ndarray, s: InteractiveSettings) -> np.ndarray:
+    """The base label's log-odds: its signed distance (mm) / ``shape_scale_mm``, clipped to +- ``shape_cap``."""
+    return np.clip(sd / s.shape_scale_mm, -s.shape_cap, s.shape_cap)
+
+
+def unary_logit(shape: np.ndarray, llr: np.ndarray, infl_fg: np.ndarray, infl_bg: np.ndarray,
+                s: InteractiveSettings) -> np.ndarray:
+    """Foreground log-odds per voxel: where a click has influence its side replaces the shape prior and the
+    intensity term weighs ``intensity_weight``; elsewhere the shape prior and ``region_intensity_weight``
+    (with zero influences: the region's own terms, which ``bench/interactive_fixed_point.py`` measures)."""
+    influence = np.maximum(infl_fg, infl_bg)
+    return ((1.0 - influence) * shape + s.click_weight * (infl_fg - infl_bg)
+            + (s.region_intensity_weight + (s.intensity_weight - s.region_intensity_weight) * influence) * llr)
 
 
 def _graph_cut(img, logit, seeds_fg, seeds_bg, s: InteractiveSettings) -> np.ndarray:
