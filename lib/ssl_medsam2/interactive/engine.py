@@ -393,11 +393,16 @@ def _changes_at_marks(cut: np.ndarray, base: np.ndarray, marks_fg: np.ndarray, m
     for diff, marks, value in ((added, marks_fg, True), (removed, marks_bg, False)):
         lab, n = ndimage.label(diff, structure=np.ones((3, 3, 3), bool))
         if n:
-            keep = np.zeros(n + 1, bool)
-            keep[np.unique(lab[marks])] = True
-            keep[0] = False
-            out[keep[lab]] = value
+            out[_pieces_holding(lab, n, marks)] = value
     return out
+
+
+def _pieces_holding(lab: np.ndarray, n: int, holders: np.ndarray) -> np.ndarray:
+    """The union of the labelled pieces (``lab``, 1..``n``) that hold at least one ``holders`` voxel."""
+    keep = np.zeros(n + 1, bool)
+    keep[np.unique(lab[holders])] = True
+    keep[0] = False
+    return keep[lab]
 
 
 def _drop_new_islands(cut: np.ndarray, base: np.ndarray, region: np.ndarray, fg_points: np.ndarray,
@@ -407,11 +412,6 @@ def _drop_new_islands(cut: np.ndarray, base: np.ndarray, region: np.ndarray, fg_
     lab, n = ndimage.label(cut)
     if n <= 1:
         return cut
-    keep = np.zeros(n + 1, bool)
-    keep[np.unique(lab[base])] = True
-    keep[np.unique(lab[~region])] = True
-    keep[np.unique(lab[fg_scribble])] = True
-    for p in fg_points:
-        keep[lab[tuple(p)]] = True
-    keep[0] = False
-    return keep[lab]
+    holders = base | ~region | fg_scribble
+    holders[tuple(np.asarray(fg_points, np.int64).reshape(-1, 3).T)] = True
+    return _pieces_holding(lab, n, holders)
