@@ -35,16 +35,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from interactive_cases import SUPPORTS, pseudo_label_dir  # noqa: E402
+from interactive_cases import SUPPORTS, passed_classes, pseudo_label_dir  # noqa: E402
 from shared_data import CHAOS, REPO, chaos_cases  # noqa: E402
 
 ORGANS = (1, 2, 3, 4)
 
 
 def correct_volume(vol, truth: np.ndarray, start: np.ndarray, cfg: dict, target: float, max_clicks: int,
-                   seed: int) -> tuple[np.ndarray, dict]:
+                   seed: int, trusted: frozenset[int] = frozenset()) -> tuple[np.ndarray, dict]:
     """Click every organ of ``start`` (one at a time, as an annotator does) until Dice >= ``target`` or
-    ``max_clicks``; returns (the corrected label, per-organ clicks and Dice)."""
+    ``max_clicks``; returns (the corrected label, per-organ clicks and Dice). ``trusted``: the organs whose
+    pseudo label passed the quality gate (the app holds them more firmly)."""
     from ssl_medsam2 import interactive
     from ssl_medsam2.interactive.compose import organ_mask, put_organ
     from ssl_medsam2.interactive.requests import Edit
@@ -58,7 +59,7 @@ def correct_volume(vol, truth: np.ndarray, start: np.ndarray, cfg: dict, target:
 
         def predict(fg, bg, base=base, cid=cid):
             edit = Edit(cid, np.asarray(fg, np.int64).reshape(-1, 3), np.asarray(bg, np.int64).reshape(-1, 3))
-            return organ_mask(prepared, base, edit, settings=cfg)
+            return organ_mask(prepared, base, edit, settings=cfg, trusted=trusted)
 
         s = click_session(predict, base == cid, truth == cid, max_clicks, seed=seed, stop_at=target)
         if s.clicks:
@@ -68,7 +69,8 @@ def correct_volume(vol, truth: np.ndarray, start: np.ndarray, cfg: dict, target:
 
 
 def pseudo_label(query: str, supports: dict[str, Path], cfg: dict, work: Path) -> Path:
-    """The atlas pseudo label of ``query`` from ``supports`` (name -> label file)."""
+    """The folder with the atlas pseudo label of ``query`` from ``supports`` (name -> label file) and its
+    summary."""
     from ssl_medsam2.pseudo_label import pseudo_label_folder
 
     images, labels, out = work / "images", work / "labels", work / "out"
@@ -83,7 +85,7 @@ def pseudo_label(query: str, supports: dict[str, Path], cfg: dict, work: Path) -
     c = json.loads(json.dumps(cfg))
     c["protocol"]["engine"] = "atlas"
     pseudo_label_folder(images, labels, out, c, show_progress=False, names=[query])
-    return out / "labels" / f"{query}.nii.gz"
+    return out
 
 
 def campaign(strategy: str, pool: list[str], cfg: dict, cached: Path, work: Path, args) -> list[dict]:
@@ -100,20 +102,20 @@ def campaign(strategy: str, pool: list[str], cfg: dict, cached: Path, work: Path
     for step, query in enumerate(order):
         remaining.remove(query)
         t0 = time.time()
-        start = (cached / "labels" / f"{query}.nii.gz" if set(supports) == set(SUPPORTS)
-                 else pseudo_label(query, supports, cfg, work / "atlas"))
+        start = (cached if set(supports) == set(SUPPORTS) else pseudo_label(query, supports, cfg, work / "atlas"))
         t1 = time.time()
         vol = load_volume(CHAOS / "imagesTr" / f"{query}_0000.nii.gz", name=query)
         truth = load_label_for(vol, CHAOS / "labelsTr" / f"{query}.nii.gz").array
-        base = load_label_for(vol, start).array
-        label, organs = correct_volume(vol, truth, base, cfg, args.target, args.max_clicks, args.seed)
+        base = load_label_for(vol, start / "labels" / f"{query}.nii.gz").array
+        passed = passed_classes(start, query)
+        label, organs = correct_volume(vol, truth, base, cfg, args.target, args.max_clicks, args.seed, passed)
         final = work / "final" / strategy / f"{query}.nii.gz"
         final.parent.mkdir(parents=True, exist_ok=True)
         save_like(label.astype(np.uint8), vol, final)
         supports[query] = final
         clicks = sum(o["clicks"] for o in organs.values())
         steps.append({"step": step + 1, "volume": query, "supports": len(supports) - 1, "clicks": clicks,
-                      "organs": organs, "atlas_s": round(t1 - t0, 1), "clicks_s": round(time.time() - t1, 1)})
+                      "organs": organs, "passed_gate": sorted(passed), "atlas_s": round(t1 - t0, 1), "clicks_s": round(time.time() - t1, 1)})
         print(f"{strategy:11s} step {step + 1} {query}: {clicks} clicks "
               + " ".join(f"{k}:{o['dice_start']:.3f}->{o['dice_end']:.3f}/{o['clicks']}" for k, o in organs.items()),
               flush=True)

@@ -6,8 +6,9 @@ Start: the atlas pseudo labels (2 supports, chaos_01 / chaos_02) of the 6 other 
 (``ssl_medsam2.interactive.simulate``: largest 26-connected error component, its deepest voxel, fg / bg
 by the truth) clicks up to ``--clicks`` times; each click resends the full point list, as the clients do.
 
-Clients (``--client``), through a real MONAI Label server on the studies (pseudo labels under the ``pseudo``
-tag, supports as ``final``):
+Clients (``--client``), through a real MONAI Label server on the studies (supports as ``final``; the pseudo
+labels as the app's few-shot outputs with their summaries, so the server trusts the organs whose quality
+passed the gate, as it would its own):
 - ``slicer``: ``MONAILabelClient.infer("smart_edit", ...)`` with Slicer's Smart Edit payload
   (``label`` = segment name, ``foreground`` / ``background`` in the image file's voxel indices, the model's
   /info config added); the answer's value 1 is the organ.
@@ -40,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from interactive_cases import SUPPORTS, pseudo_label_dir  # noqa: E402
+from interactive_cases import SUPPORTS, passed_classes, pseudo_label_dir  # noqa: E402
 from shared_data import CHAOS, REPO, chaos_cases  # noqa: E402
 
 ORGANS = {1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
@@ -58,8 +59,8 @@ def _file_order(path: str) -> np.ndarray:
 class InProcess:
     """The library as the app calls it (engine + other organs kept), without HTTP."""
 
-    def __init__(self, cfg: dict):
-        self.cfg, self.prepared = cfg, {}
+    def __init__(self, cfg: dict, pseudo: Path):
+        self.cfg, self.pseudo, self.prepared = cfg, pseudo, {}
 
     def predictor(self, case: str, vol, base: np.ndarray, class_id: int, name: str):
         from ssl_medsam2 import interactive
@@ -70,8 +71,9 @@ class InProcess:
             if case not in self.prepared:
                 self.prepared = {case: interactive.prepare(vol.array, vol.spacing)}
             edit = Edit(class_id, np.asarray(fg, np.int64).reshape(-1, 3), np.asarray(bg, np.int64).reshape(-1, 3))
-            return organ_mask(self.prepared[case], base, edit, settings=self.cfg)
+            return organ_mask(self.prepared[case], base, edit, settings=self.cfg, trusted=trusted)
 
+        trusted = passed_classes(self.pseudo, case)
         return predict
 
 
@@ -84,16 +86,18 @@ class Http:
         from monailabel.client import MONAILabelClient
 
         studies = root / "studies"
-        (studies / "labels" / "pseudo").mkdir(parents=True)
         (studies / "labels" / "final").mkdir(parents=True)
         for c in (*SUPPORTS, *cases):
             shutil.copy(CHAOS / "imagesTr" / f"{c}_0000.nii.gz", studies / f"{c}.nii.gz")
         for c in SUPPORTS:  # /info names the organs from the final labels (class_1..class_4)
             shutil.copy(CHAOS / "labelsTr" / f"{c}.nii.gz", studies / "labels" / "final" / f"{c}.nii.gz")
+        fewshot = root / "work" / "state" / "fewshot"  # start_monailabel's app.state_dir
         for c in cases:
-            shutil.copy(pseudo / "labels" / f"{c}.nii.gz", studies / "labels" / "pseudo" / f"{c}.nii.gz")
-        # the bench's base labels are the given pseudo labels (pseudo tag): no background queue recomputing them
-        # meanwhile (bench/team_load.py measures the queue)
+            for kind, ext in (("labels", ".nii.gz"), ("summaries", ".json")):
+                (fewshot / kind).mkdir(parents=True, exist_ok=True)
+                shutil.copy(pseudo / kind / f"{c}{ext}", fewshot / kind / f"{c}{ext}")
+        # the bench's base labels are the given pseudo labels (few-shot outputs): no background queue
+        # recomputing them meanwhile (bench/team_load.py measures the queue)
         self.server = start_monailabel(str(studies), root / "work",
                                        conf={"app.retrain_after_labels": 0, "pseudo_store.enabled": "false", **conf})
         self.tmp = root / "answers"
@@ -202,7 +206,7 @@ def main(argv=None) -> int:
                 k, v = item.split("=", 1)
                 conf[k] = v
             http = Http(tmp, pseudo, cases, conf)
-        local = InProcess(cfg)
+        local = InProcess(cfg, pseudo)
         for i, case in enumerate(cases):
             vol = load_volume(CHAOS / "imagesTr" / f"{case}_0000.nii.gz", name=case)
             truth = load_label_for(vol, CHAOS / "labelsTr" / f"{case}.nii.gz").array

@@ -42,6 +42,14 @@ def pseudo_label_dir(cfg: dict, supports=SUPPORTS, cache: Path = CACHE) -> Path:
     return root
 
 
+def passed_classes(folder: Path, case: str) -> frozenset[int]:
+    """The organs of ``case``'s pseudo label in ``folder`` that passed the quality gate (its summary): the
+    ones the app trusts as a correction's base (``apps/ssl_medsam2/lib/interactive.py``: ``base_label``)."""
+    from ssl_medsam2.quality import trusted_classes
+
+    return trusted_classes(json.loads((Path(folder) / "summaries" / f"{case}.json").read_text()).get("quality"))
+
+
 if __name__ == "__main__":
     import logging
 

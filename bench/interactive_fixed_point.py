@@ -5,10 +5,12 @@ region's intensity histograms and the graph cut's edges, also where no click rea
 label as the base and no click influence, the cut should keep it; how much Dice it loses there is a
 ceiling that no number of clicks gets past. Each organ of each volume: the true label's box grown by
 ``--margin-mm``, the engine's terms with no click (shape prior + ``region_intensity_weight`` x the
-intensity log-likelihood ratio, graph cut), Dice against the true label. Settings as ``--set``
-overrides (several ``--variant name=key=value,key=value`` run side by side). Last line: JSON.
+intensity log-likelihood ratio, graph cut), Dice against the true label. The true label is what a final
+label is, a trusted base (``trusted_shape_scale_mm``; ``--base doubtful``: ``shape_scale_mm``, as for a
+pseudo label that failed the quality gate). Settings as ``--variant name=key=value,key=value`` overrides,
+run side by side. Last line: JSON.
 
-    PYTHONPATH=$PWD/lib python bench/interactive_fixed_point.py --variant shape3=interactive.shape_scale_mm=3
+    PYTHONPATH=$PWD/lib python bench/interactive_fixed_point.py --variant shape3=interactive.trusted_shape_scale_mm=3
 """
 
 from __future__ import annotations
@@ -52,13 +54,16 @@ def main(argv=None) -> int:
                     help="name=key=value[,key=value]: config overrides measured beside the defaults")
     ap.add_argument("--cases", nargs="*", default=None, help="volumes (default: every CHAOS volume)")
     ap.add_argument("--margin-mm", nargs=3, type=float, default=[20.0, 20.0, 8.0])
+    ap.add_argument("--base", choices=("trusted", "doubtful"), default="trusted",
+                    help="hold the base as a final label (trusted) or as a gate-failed pseudo label")
     args = ap.parse_args(argv)
 
     variants = {"default": []}
     for item in args.variant:
         name, _, sets = item.partition("=")
         variants[name] = sets.split(",")
-    settings = {k: InteractiveSettings.from_config(load_config(overrides=v)) for k, v in variants.items()}
+    settings = {k: InteractiveSettings.from_config(load_config(overrides=v)).for_base(args.base == "trusted")
+                for k, v in variants.items()}
     if any(s.engine != "graphcut" for s in settings.values()):
         ap.error("the fixed point is measured for the graph cut (interactive.engine=graphcut)")
     cases = args.cases or chaos_cases()
@@ -76,7 +81,7 @@ def main(argv=None) -> int:
             print(case, f"{organ:13s}", " ".join(f"{k} {v:.3f}" for k, v in got.items()), flush=True)
     summary = {k: {o: round(float(np.mean([r[k] for r in rows if r["organ"] == o])), 4) for o in ORGANS.values()}
                for k in variants}
-    print(json.dumps({"fixed_point_dice": summary, "variants": variants, "cases": cases,
+    print(json.dumps({"fixed_point_dice": summary, "variants": variants, "base": args.base, "cases": cases,
                       "margin_mm": args.margin_mm, "machine": "2-core CPU"}))
     return 0
 

@@ -381,3 +381,46 @@ def test_a_queued_input_error_comes_back_as_the_request_s_problem_without_server
             ahead.answer(task, "other")
     finally:
         ahead.queue.stop(timeout=5)
+
+
+def test_a_corrections_base_is_trusted_only_where_a_person_or_the_quality_gate_vouches(tmp_path):
+    """base_label: a final label is trusted for every organ; a pseudo label for the organs its quality record
+    passed (the stored result, a batch label's info, the few-shot output's summary); anything else, or a
+    label info a client edited into nonsense, for none."""
+    import json
+    from types import SimpleNamespace
+
+    from lib.interactive import base_label
+
+    files = {n: tmp_path / f"{n}.nii.gz" for n in ("final", "stored", "tagged", "few")}
+    for p in files.values():
+        p.write_bytes(b"x")
+    uris, infos, stored = {}, {}, {}
+    few_dir = tmp_path / "fewshot"
+    ds = SimpleNamespace(get_label_uri=lambda i, tag: uris.get((i, tag)),
+                         get_label_info=lambda i, tag: infos.get((i, tag)))
+    ws = SimpleNamespace(datastore=ds, pseudo_tag="pseudo", fewshot_dir=few_dir,
+                         stored_pseudo_label=lambda i: stored.get(i))
+    assert base_label(ws, "img") == (None, frozenset()) and base_label(ws, None).path is None
+    (few_dir / "labels").mkdir(parents=True)
+    (few_dir / "summaries").mkdir()
+    (few_dir / "labels" / "img.nii.gz").write_bytes(b"x")
+    quality = {"per_class": {"liver": {"class_id": 1, "score": 0.5, "entropy": 0.1, "volume_ratio": 1.0},
+                             "spleen": {"class_id": 4, "score": 0.01, "entropy": 0.6, "volume_ratio": 1.0}},
+               "reasons": ["spleen: score 0.010 < 0.08"], "bars": {"min_score": 0.08}}
+    (few_dir / "summaries" / "img.json").write_text(json.dumps({"quality": quality}))
+    assert base_label(ws, "img").trusted == {1}
+    uris[("img", "pseudo")] = str(files["tagged"])
+    infos[("img", "pseudo")] = {"source": "ssl_nnunet", "round": 2}  # nnU-Net rounds: no per-organ quality
+    assert base_label(ws, "img") == (str(files["tagged"]), frozenset())
+    infos[("img", "pseudo")] = {"passed_classes": "1,2,3"}  # edited through /datastore/label/info
+    assert base_label(ws, "img").trusted == frozenset()
+    infos[("img", "pseudo")] = {"passed_classes": [2, 3]}
+    assert base_label(ws, "img").trusted == {2, 3}
+    stored["img"] = {"path": str(files["stored"]), "current": False, "passed_classes": [1]}
+    assert base_label(ws, "img").path == str(files["tagged"]), "a stale stored result is not the base"
+    stored["img"]["current"] = True
+    assert base_label(ws, "img") == (str(files["stored"]), frozenset({1}))
+    uris[("img", "final")] = str(files["final"])
+    got = base_label(ws, "img")
+    assert got.path == str(files["final"]) and got.trusted_ids([1, 2, 3, 4]) == {1, 2, 3, 4}

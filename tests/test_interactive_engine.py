@@ -181,3 +181,22 @@ def test_connected_changes_are_only_the_pieces_the_clicks_touch(crop):
         lab, n = ndimage.label(changed, structure=np.ones((3, 3, 3), bool))
         assert n >= 1 and set(range(1, n + 1)) <= {int(lab[tuple(p)]) for p in points}
     assert dice(connected, spleen) > dice(base, spleen)
+
+
+def test_a_trusted_base_keeps_more_of_its_right_border_under_a_click(crop):
+    """A base a person saved (or the quality gate passed) is held with the sharper trusted_shape_scale_mm: a
+    click fixing one slice redraws less of the slices around it, which were right (measured on this crop:
+    Dice there 0.966 doubtful, 0.973 trusted; docs/interactive.md measures it on every organ)."""
+    prepared, truth, z = crop
+    spleen = truth == SPLEEN
+    base = spleen.copy()
+    base[:, :, z] = False
+    click = _deepest(spleen[:, :, z:z + 1])[:2] + [z]
+    other = np.ones(spleen.shape, bool)
+    other[:, :, z] = False
+    doubtful = interactive.correct(prepared, base, [click], [])
+    trusted = interactive.correct(prepared, base, [click], [], base_trusted=True)
+    assert dice(trusted[other], spleen[other]) > dice(doubtful[other], spleen[other]) + 0.003
+    assert dice(trusted, spleen) >= dice(doubtful, spleen)
+    s = interactive.InteractiveSettings.resolve(None)
+    assert s.for_base(True).shape_scale_mm == s.trusted_shape_scale_mm and s.for_base(False) == s

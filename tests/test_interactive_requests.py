@@ -82,7 +82,7 @@ def test_names_ids_and_the_deepgrow_without_a_name(odd_volume):
             rq.vista_edit(bad, ORGANS, vol)
 
 
-def _balls(prepared, base, fg, bg, *, fg_scribble=None, bg_scribble=None, settings=None):
+def _balls(prepared, base, fg, bg, *, fg_scribble=None, bg_scribble=None, settings=None, base_trusted=False):
     """A stand-in engine: a ball of radius 2 around each click (the contract's shape, not its quality)."""
     out = np.asarray(base, bool).copy()
     grid = np.indices(out.shape, sparse=True)

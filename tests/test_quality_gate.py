@@ -15,7 +15,7 @@ from hard_cases import ALL_CASES, CHAOS_CLASS_NAMES, USABLE_DICE, build, run_cas
 from ssl_medsam2 import strategies
 from ssl_medsam2.config import load_config
 from ssl_medsam2.preprocess import InputSettings, dataset_class_names, with_dataset_class_names
-from ssl_medsam2.quality import QualitySettings, assess, estimated_agreement
+from ssl_medsam2.quality import QualitySettings, assess, estimated_agreement, trusted_classes
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +114,30 @@ def test_quality_scores_from_probabilities():
     label = np.zeros((20, 20, 4), np.uint8)
     out = assess(a, np.zeros_like(a), label, (1,), (1.0, 1.0, 1.0), {1: [256.0]}, {}, q)
     assert out["failed"] and "class_1: empty" in out["reasons"][0] and out["score"] == 0.0
+
+
+def test_only_organs_that_passed_every_bar_are_trusted_as_a_corrections_base():
+    """An interactive correction holds a pseudo label firmly only for the organs the gate passed, and for none
+    when the case as a whole is in doubt (a mirrored start makes every organ wrong at once)."""
+    q = QualitySettings.from_config(load_config())
+    probs = np.zeros((2, 20, 20, 4), np.float32)
+    probs[:, 2:10, 2:10] = 1.0  # class 1: both supports agree, certain
+    probs[1] = 0.0
+    probs[1, 12:18, 12:18] = 0.5  # class 2: the supports disagree (half of the mass each)
+    label = np.zeros((20, 20, 4), np.uint8)
+    label[2:10, 2:10] = 1
+    label[12:18, 12:18] = 2
+    entropy = np.zeros_like(probs)
+    entropy[1][label == 2] = 1.0
+    volumes = {1: [256.0], 2: [144.0]}
+    out = assess(probs, entropy, label, (1, 2), (1.0, 1.0, 1.0), volumes, {}, q)
+    assert out["failed"] and trusted_classes(out) == {1}, out
+    doubt = assess(probs, entropy, label, (1, 2), (1.0, 1.0, 1.0), volumes, {"doubts": ["start in doubt"]}, q)
+    assert trusted_classes(doubt) == frozenset()
+    both = assess(probs[:1], entropy[:1], label * (label == 1), (1,), (1.0, 1.0, 1.0), volumes, {}, q)
+    assert not both["failed"] and trusted_classes(both) == {1}
+    for unknown in (None, 0.42, {"per_class": "x"}, {"per_class": {"class_1": {"score": "?"}}}):
+        assert trusted_classes(unknown) == frozenset(), unknown
 
 
 def test_failed_pseudo_label_never_reaches_nnunet_training(chaos_dir, tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ from ssl_medsam2.executors import CasesFailed
 from ssl_medsam2.io import case_name, link_or_copy
 from ssl_medsam2.protocol import ProtocolSettings
 from ssl_medsam2.pseudo_label import OUTPUT_KINDS, case_paths, pseudo_label_folder
+from ssl_medsam2.quality import trusted_classes
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ def batch_fewshot_on_cluster(ws, engine_name: str, request: dict, datastore) -> 
             summary = json.loads(dst["summaries"].read_text())
             u = strategies.uncertainty_score(entropy, label, summary["classes"], band)
             datastore.save_label(image_id, str(dst["labels"]), label_tag,
-                                 {"source": f"{engine_name}_fewshot", "ray": True})
+                                 {"source": f"{engine_name}_fewshot", "ray": True,
+                                  "passed_classes": sorted(trusted_classes(summary.get("quality")))})
             ws.set_scores(image_id, {"ssl_uncertainty": u, "ssl_fewshot_engine": engine_name,
                                      "ssl_fewshot_random_weights": bool(summary.get("random_weights", False)),
                                      **ws.quality_scores(summary)})

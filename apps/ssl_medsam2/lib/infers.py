@@ -23,6 +23,7 @@ from ssl_medsam2 import strategies
 from ssl_medsam2.io import InputError, Volume, load_label_for, load_volume, save_like
 from ssl_medsam2.preprocess import InputSettings
 from ssl_medsam2.protocol import ProtocolSettings
+from ssl_medsam2.quality import trusted_classes
 
 from .workspace import Workspace
 
@@ -215,6 +216,7 @@ class FewShotInfer(_ServedLabels, InferTask):
         """The response fields of one pseudo label (also what the pseudo-label store keeps with it)."""
         return {"engine": self.engine_name, "supports": summary.get("supports"), "uncertainty": uncertainty,
                 "quality": (summary.get("quality") or {}).get("score"), "failed": bool(summary.get("failed", False)),
+                "passed_classes": sorted(trusted_classes(summary.get("quality"))),
                 "mean_entropy_inside": summary.get("mean_entropy_inside"),
                 "mean_entropy_boundary": summary.get("mean_entropy_boundary"),
                 "random_weights": bool(summary.get("random_weights", False))}

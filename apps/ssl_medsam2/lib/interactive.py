@@ -8,18 +8,20 @@
 | ``point_prompts_vista`` | vista3d | OHIF Point Prompts (and its auto-segmentation tab) | label map of the asked organs |
 | ``scribbles`` | scribbles | Slicer Scribbles | binary: 1 = the selected organ |
 
-Every answer is the base label (:func:`base_label_path`) plus every click of the request, recomputed; only
+Every answer is the base label (:func:`base_label`) plus every click of the request, recomputed; only
 a region around the clicks changes, other organs are kept, nothing is saved (the annotator saves). The
 prepared image and base label are cached per client (token user or ``client_id``) and image.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -31,6 +33,7 @@ from ssl_medsam2.interactive.compose import corrected_label, organ_mask
 from ssl_medsam2.interactive.settings import InteractiveSettings
 from ssl_medsam2.io import InputError, Volume, load_label_for, load_volume
 from ssl_medsam2.preprocess import class_name
+from ssl_medsam2.quality import trusted_classes
 
 from .guards import reject
 from .infers import label_names, sam2_missing_reason, write_result
@@ -54,24 +57,51 @@ def organ_names(ws: Workspace) -> dict[str, int]:
     return {class_name({}, c): c for c in sorted(ws.label_ids or ()) if c}
 
 
-def base_label_path(ws: Workspace, image_id: str | None) -> str | None:
-    """The label a correction starts from: the image's latest final label, else its pseudo label, else
-    None (an empty label). The pseudo label is the one a client's auto segment gets by default: the stored
-    few-shot result while it is current (lib/pseudo_ahead.py), else the datastore's pseudo tag (nnU-Net
-    rounds), else the latest few-shot output. The one place that decides it."""
+class BaseLabel(NamedTuple):
+    """Where a correction starts: ``path`` (None: an empty label) and the organs it is ``trusted`` for."""
+
+    path: str | None
+    trusted: frozenset[int] | None  # class ids held to firmly (a final label: None = every organ)
+
+    def trusted_ids(self, ids) -> frozenset[int]:
+        return frozenset(ids) if self.trusted is None else self.trusted
+
+
+def base_label(ws: Workspace, image_id: str | None) -> BaseLabel:
+    """The label a correction starts from: the image's latest final label (trusted: a person saved it), else
+    its pseudo label, trusted for the organs that passed the quality gate (``passed_classes``, see
+    :func:`ssl_medsam2.quality.trusted_classes`), else an empty one. The pseudo label is the one a client's
+    auto segment gets by default: the stored few-shot result while it is current (lib/pseudo_ahead.py), else
+    the datastore's pseudo tag (a few-shot batch keeps ``passed_classes`` in the label's info; nnU-Net rounds
+    measure no per-organ quality, so none is trusted), else the latest few-shot output (its summary's
+    quality). The one place that decides it."""
     if not image_id:
-        return None
+        return BaseLabel(None, frozenset())
     final = ws.datastore.get_label_uri(image_id, FINAL_TAG)
     if final and os.path.isfile(final):
-        return final
-    stored = ws.current_pseudo_label_path(image_id)
-    if stored and os.path.isfile(stored):
-        return stored
+        return BaseLabel(final, None)
+    rec = ws.stored_pseudo_label(image_id)
+    if rec and rec.get("current") is True and os.path.isfile(rec["path"]):
+        return BaseLabel(rec["path"], _class_ids(rec.get("passed_classes")))
     uri = ws.datastore.get_label_uri(image_id, ws.pseudo_tag)
     if uri and os.path.isfile(uri):
-        return uri
+        info = ws.datastore.get_label_info(image_id, ws.pseudo_tag) or {}
+        return BaseLabel(uri, _class_ids(info.get("passed_classes")))
     few = ws.fewshot_dir / "labels" / f"{image_id}.nii.gz"
-    return str(few) if few.is_file() else None
+    if not few.is_file():
+        return BaseLabel(None, frozenset())
+    try:
+        quality = json.loads((ws.fewshot_dir / "summaries" / f"{image_id}.json").read_text()).get("quality")
+    except (OSError, ValueError, AttributeError):
+        quality = None
+    return BaseLabel(str(few), trusted_classes(quality))
+
+
+def _class_ids(value) -> frozenset[int]:
+    """A stored list of class ids (label info can be edited by clients: anything else counts as none)."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return frozenset()
+    return frozenset(value)
 
 
 def _fingerprint(path: str | None):
@@ -88,6 +118,7 @@ class ImageState:
     volume: Volume
     prepared: interactive.PreparedVolume
     base: np.ndarray  # class ids, canonical order
+    trusted: frozenset[int]  # the organs whose base is held to firmly (BaseLabel.trusted)
 
 
 POINTS = scalar_list(1000, 2)
@@ -186,15 +217,16 @@ class InteractiveInfer(InferTask):
     # -- the work --
     def state(self, request: dict) -> tuple[ImageState, bool]:
         path, image_id = request["image"], request.get("image_id") or None
-        base = base_label_path(self.ws, image_id)
+        base = base_label(self.ws, image_id)
 
         def build() -> ImageState:
             vol = load_volume(path, name=image_id)
-            label = load_label_for(vol, base).array if base else np.zeros(vol.shape, np.uint8)
-            return ImageState(vol, interactive.prepare(vol.array, vol.spacing), label)
+            label = load_label_for(vol, base.path).array if base.path else np.zeros(vol.shape, np.uint8)
+            return ImageState(vol, interactive.prepare(vol.array, vol.spacing), label,
+                              base.trusted_ids(self.organs.ids))
 
         return self.cache.get(str(request.get(OWNER) or "local"), image_id or str(path),
-                              (_fingerprint(path), _fingerprint(base)), build)
+                              (_fingerprint(path), _fingerprint(base.path), base.trusted), build)
 
     def __call__(self, request):
         t0 = time.time()
@@ -203,7 +235,7 @@ class InteractiveInfer(InferTask):
         st, cached = self.state(request)
         t1 = time.time()
         vol, box = st.volume, rq.canonical_box(st.volume, request.get("roi"))
-        engine = dict(box=box, settings=self.ws.cfg)
+        engine = dict(box=box, settings=self.ws.cfg, trusted=st.trusted)
         try:
             if self.kind == DEEPGROW:
                 edit = rq.deepgrow_edit(request.get(LABEL_NAME), request, self.organs, vol)

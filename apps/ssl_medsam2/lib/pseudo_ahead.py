@@ -182,7 +182,7 @@ class PseudoAhead:
         current = rec.get("digest") == self._digest(self._supports_digest(task), image_id)
         if not current and image_id not in self.ws.final_labelled():  # a labelled image needs none any more
             self.queue.request(image_id)  # served as it is (said so), recomputed first
-        fields = {k: rec.get(k) for k in ("engine", "supports", "uncertainty", "quality", "failed",
+        fields = {k: rec.get(k) for k in ("engine", "supports", "uncertainty", "quality", "failed", "passed_classes",
                                           "mean_entropy_inside", "mean_entropy_boundary", "random_weights")}
         fields["pseudo_label"] = {"source": "computed" if waited else "store", "current": current,
                                   "newer_supports_pending": not current, "computed_at": _when(rec.get("computed_at")),

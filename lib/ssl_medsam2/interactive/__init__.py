@@ -78,15 +78,19 @@ def _points(points: Sequence[Point], shape: Sequence[int], what: str) -> np.ndar
 
 def correct(volume: PreparedVolume, base: np.ndarray, foreground: Sequence[Point], background: Sequence[Point], *,
             fg_scribble: np.ndarray | None = None, bg_scribble: np.ndarray | None = None,
-            settings: Mapping[str, Any] | InteractiveSettings | None = None) -> np.ndarray:
+            settings: Mapping[str, Any] | InteractiveSettings | None = None, base_trusted: bool = False) -> np.ndarray:
     """The corrected binary mask of one organ: ``base`` plus every click / scribble, recomputed from scratch.
+
+    ``base_trusted``: the base is a final label, or a pseudo label that passed the quality gate for this organ
+    (:func:`ssl_medsam2.quality.trusted_classes`); it is then held to more firmly
+    (:meth:`InteractiveSettings.for_base`). Unknown quality: leave it False.
 
     ``settings``: an :class:`InteractiveSettings`, or a mapping of ``interactive:`` keys laid over the
     config's (None: the config's); a whole config (with an ``interactive:`` key) also gives the ``sam2:``
     section ``interactive.engine: sam2`` uses. Raises ValueError on points outside the volume, non-integer
     points, more than ``max_points`` points, or a base / scribble whose grid is not the image's; with the
     sam2 engine, CheckpointNotFound when its weights are not on this machine."""
-    s = InteractiveSettings.resolve(settings)
+    s = InteractiveSettings.resolve(settings).for_base(base_trusted)
     shape = volume.image.shape
     extra = dict(volume.extra or {})
     base = np.asarray(base)

@@ -11,7 +11,7 @@ Rules (why: a person must be able to predict what a click does):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -56,16 +56,19 @@ def put_organ(label: np.ndarray, class_id: int, mask: np.ndarray) -> np.ndarray:
 
 def organ_mask(prepared, label: np.ndarray, edit: Edit, *, fg_scribble: np.ndarray | None = None,
                bg_scribble: np.ndarray | None = None, box: Sequence[slice] | None = None,
-               settings: Mapping[str, Any] | None = None, correct: Callable | None = None) -> np.ndarray:
+               settings: Mapping[str, Any] | None = None, correct: Callable | None = None,
+               trusted: Collection[int] = ()) -> np.ndarray:
     """The edited organ's mask: the engine's correction of ``label == edit.class_id`` by the clicks /
-    scribbles, other organs protected, bounded by ``box``."""
+    scribbles, other organs protected, bounded by ``box``. ``trusted``: the class ids whose base is a final
+    label or passed the quality gate (held to more firmly; see :func:`ssl_medsam2.interactive.correct`)."""
     if correct is None:
         from . import correct
     base = label == edit.class_id
     if not len(edit.foreground) and not len(edit.background) and fg_scribble is None and bg_scribble is None:
         return base
     mask = np.asarray(correct(prepared, base, edit.foreground.tolist(), edit.background.tolist(),
-                              fg_scribble=fg_scribble, bg_scribble=bg_scribble, settings=settings), dtype=bool)
+                              fg_scribble=fg_scribble, bg_scribble=bg_scribble, settings=settings,
+                              base_trusted=edit.class_id in trusted), dtype=bool)
     if mask.shape != base.shape:
         raise ValueError(f"the correction engine returned shape {mask.shape} for a {base.shape} volume")
     mask = keep_other_organs(mask, label, edit.class_id, edit.foreground, fg_scribble)
@@ -73,19 +76,22 @@ def organ_mask(prepared, label: np.ndarray, edit: Edit, *, fg_scribble: np.ndarr
 
 
 def corrected_label(prepared, label: np.ndarray, edits: Sequence[Edit], *, box: Sequence[slice] | None = None,
-                    settings: Mapping[str, Any] | None = None, correct: Callable | None = None) -> np.ndarray:
+                    settings: Mapping[str, Any] | None = None, correct: Callable | None = None,
+                    trusted: Collection[int] = ()) -> np.ndarray:
     """``label`` (class ids, canonical order) with every organ edit applied in turn; an edit with class id
-    0 (background clicks alone) corrects each organ one of its points lies in."""
+    0 (background clicks alone) corrects each organ one of its points lies in. ``trusted``: as for
+    :func:`organ_mask`."""
     out = np.asarray(label).copy()
     done = set()
     for e in edits:
         if e.class_id:
-            out = put_organ(out, e.class_id, organ_mask(prepared, out, e, box=box, settings=settings, correct=correct))
+            out = put_organ(out, e.class_id, organ_mask(prepared, out, e, box=box, settings=settings, correct=correct,
+                                                        trusted=trusted))
             done.add(e.class_id)
     for e in edits:
         if e.class_id == 0 and len(e.background):
             hit = sorted({int(out[tuple(p)]) for p in e.background} - {0} - done)
             for cid in hit:
                 out = put_organ(out, cid, organ_mask(prepared, out, Edit(cid, background=e.background), box=box,
-                                                     settings=settings, correct=correct))
+                                                     settings=settings, correct=correct, trusted=trusted))
     return out

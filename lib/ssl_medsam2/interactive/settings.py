@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 from ..config import Section, load_config
@@ -20,6 +20,7 @@ class InteractiveSettings(Section):
     engine: str                      # graphcut | random_walker | geodesic (weight-free) | sam2 (needs weights; docs/interactive.md)
     roi_margin_mm: tuple[float, float, float]   # the region that may change: the clicks' bounding box grown by this
     shape_scale_mm: float            # base label as a prior: log-odds = signed distance to its border / this
+    trusted_shape_scale_mm: float    # ... for a base a person saved or the quality gate passed (see :meth:`for_base`)
     shape_cap: float                 # ... clipped to +- this (far inside / outside count alike)
     click_range_mm: float            # a click's influence decays as exp(-geodesic distance / range); the largest range
     click_range_fraction: float      # range = this x the base organ's equivalent-sphere radius (0: always click_range_mm)
@@ -65,6 +66,12 @@ class InteractiveSettings(Section):
         self._set(roi_margin_mm=margin, **{name: int(getattr(self, name)) for name in ints},
                   **{f.name: float(getattr(self, f.name)) for f in fields(self)
                      if f.name not in ("engine", "shell_mode", "keep_changes", "roi_margin_mm") + ints})
+
+    def for_base(self, trusted: bool) -> "InteractiveSettings":
+        """The settings for one organ's base: a trusted one (a final label, or a pseudo label that passed the
+        quality gate for this organ) gets the sharper ``trusted_shape_scale_mm``, so a click leaves more of
+        its right border alone; any other keeps ``shape_scale_mm`` (measured in docs/interactive.md)."""
+        return replace(self, shape_scale_mm=self.trusted_shape_scale_mm) if trusted else self
 
     @classmethod
     def resolve(cls, settings: "InteractiveSettings | Mapping[str, Any] | None") -> "InteractiveSettings":
