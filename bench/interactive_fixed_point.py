@@ -6,11 +6,11 @@ label as the base and no click influence, the cut should keep it; how much Dice 
 ceiling that no number of clicks gets past. Each organ of each volume: the true label's box grown by
 ``--margin-mm``, the engine's terms with no click (shape prior + ``region_intensity_weight`` x the
 intensity log-likelihood ratio, graph cut), Dice against the true label. The true label is what a final
-label is, a trusted base (``trusted_shape_scale_mm``; ``--base doubtful``: ``shape_scale_mm``, as for a
+label is, a trusted base (``interactive.trusted_base``; ``--base doubtful``: the section's own values, as for a
 pseudo label that failed the quality gate). Settings as ``--variant name=key=value,key=value`` overrides,
 run side by side. Last line: JSON.
 
-    PYTHONPATH=$PWD/lib python bench/interactive_fixed_point.py --variant shape3=interactive.trusted_shape_scale_mm=3
+    PYTHONPATH=$PWD/lib python bench/interactive_fixed_point.py --variant shape3=interactive.trusted_base.shape_scale_mm=3
 """
 
 from __future__ import annotations

@@ -184,7 +184,7 @@ def test_connected_changes_are_only_the_pieces_the_clicks_touch(crop):
 
 
 def test_a_trusted_base_keeps_more_of_its_right_border_under_a_click(crop):
-    """A base a person saved (or the quality gate passed) is held with the sharper trusted_shape_scale_mm: a
+    """A base a person saved (or the quality gate passed) is held with trusted_base's sharper shape prior: a
     click fixing one slice redraws less of the slices around it, which were right (measured on this crop:
     Dice there 0.966 doubtful, 0.973 trusted; docs/interactive.md measures it on every organ)."""
     prepared, truth, z = crop
@@ -199,4 +199,6 @@ def test_a_trusted_base_keeps_more_of_its_right_border_under_a_click(crop):
     assert dice(trusted[other], spleen[other]) > dice(doubtful[other], spleen[other]) + 0.003
     assert dice(trusted, spleen) >= dice(doubtful, spleen)
     s = interactive.InteractiveSettings.resolve(None)
-    assert s.for_base(True).shape_scale_mm == s.trusted_shape_scale_mm and s.for_base(False) == s
+    assert s.for_base(True).shape_scale_mm == dict(s.trusted_base)["shape_scale_mm"] and s.for_base(False) == s
+    with pytest.raises(ValueError, match="trusted_base may set the engine's settings, not engine"):
+        interactive.InteractiveSettings.resolve({"trusted_base": {"engine": "sam2"}})

@@ -20,7 +20,6 @@ class InteractiveSettings(Section):
     engine: str                      # graphcut | random_walker | geodesic (weight-free) | sam2 (needs weights; docs/interactive.md)
     roi_margin_mm: tuple[float, float, float]   # the region that may change: the clicks' bounding box grown by this
     shape_scale_mm: float            # base label as a prior: log-odds = signed distance to its border / this
-    trusted_shape_scale_mm: float    # ... for a base a person saved or the quality gate passed (see :meth:`for_base`)
     shape_cap: float                 # ... clipped to +- this (far inside / outside count alike)
     click_range_mm: float            # a click's influence decays as exp(-geodesic distance / range); the largest range
     click_range_fraction: float      # range = this x the base organ's equivalent-sphere radius (0: always click_range_mm)
@@ -49,6 +48,7 @@ class InteractiveSettings(Section):
     max_points: int                  # more clicks than this in one request is refused (ValueError; the server: 422)
     cache_mb: float                  # the server's per-(client, image) cache of prepared images and base labels
     sam2_window_slices: int          # sam2: slices each side of a clicked slice that SAM2 propagates through (the only ones that change)
+    trusted_base: Any                # the keys above that change for an organ whose base someone vouches for (:meth:`for_base`)
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -62,16 +62,26 @@ class InteractiveSettings(Section):
             raise ValueError(f"interactive.roi_margin_mm must be 3 non-negative numbers, got {self.roi_margin_mm!r}")
         if int(self.sam2_window_slices) < 0:
             raise ValueError(f"interactive.sam2_window_slices must be >= 0, got {self.sam2_window_slices!r}")
+        try:
+            trusted = dict(self.trusted_base or {})
+        except (TypeError, ValueError):
+            raise ValueError(f"interactive.trusted_base must be a mapping of interactive settings, "
+                             f"got {self.trusted_base!r}") from None
+        bad = sorted(set(trusted) - (set(f.name for f in fields(self)) - {"engine", "trusted_base"}))
+        if bad:
+            raise ValueError(f"interactive.trusted_base may set the engine's settings, not {', '.join(map(str, bad))}")
         ints = ("max_points", "intensity_bins", "sam2_window_slices", "geodesic_step")
-        self._set(roi_margin_mm=margin, **{name: int(getattr(self, name)) for name in ints},
+        self._set(roi_margin_mm=margin, trusted_base=tuple(sorted(trusted.items())),
+                  **{name: int(getattr(self, name)) for name in ints},
                   **{f.name: float(getattr(self, f.name)) for f in fields(self)
-                     if f.name not in ("engine", "shell_mode", "keep_changes", "roi_margin_mm") + ints})
+                     if f.name not in ("engine", "shell_mode", "keep_changes", "roi_margin_mm", "trusted_base") + ints})
 
     def for_base(self, trusted: bool) -> "InteractiveSettings":
         """The settings for one organ's base: a trusted one (a final label, or a pseudo label that passed the
-        quality gate for this organ) gets the sharper ``trusted_shape_scale_mm``, so a click leaves more of
-        its right border alone; any other keeps ``shape_scale_mm`` (measured in docs/interactive.md)."""
-        return replace(self, shape_scale_mm=self.trusted_shape_scale_mm) if trusted else self
+        quality gate for this organ) gets ``trusted_base``'s values (e.g. a sharper shape prior, so a click
+        leaves more of its right border alone); any other, whose quality nobody vouches for, these
+        (measured in docs/interactive.md)."""
+        return replace(self, **dict(self.trusted_base)) if trusted and self.trusted_base else self
 
     @classmethod
     def resolve(cls, settings: "InteractiveSettings | Mapping[str, Any] | None") -> "InteractiveSettings":
