@@ -177,25 +177,20 @@ def failed_cases(summaries_dir, names: Sequence[str]) -> list[str]:
 
 
 def trusted_classes(quality: Mapping | None) -> frozenset[int]:
-    """The class ids of a quality record (:func:`assess`'s) whose pseudo label passed every bar of its own,
-    when the case has no reason against it as a whole (an engine doubt, the similarity): the organs an
-    interactive correction may hold to more firmly. No record, a case-wide reason or an unreadable record:
-    none (the cautious answer: a wrong base must not be held to)."""
+    """The class ids of a quality record (:func:`assess`'s) that no reason names, when no reason speaks
+    against the case as a whole (an engine doubt, the similarity): the organs whose pseudo label passed
+    every bar, which an interactive correction may hold to more firmly. The reasons are :func:`assess`'s
+    verdict (listed whether or not ``quality.gate`` marks the case), so this reads them rather than
+    judging again. No record, a case-wide reason, an absent class or an unreadable record: none (the
+    cautious answer: a wrong base must not be held to)."""
     if not isinstance(quality, Mapping) or not isinstance(quality.get("per_class"), Mapping):
         return frozenset()
-    per_class, bars = quality["per_class"], quality.get("bars") or {}
-    names = tuple(f"{name}: " for name in per_class)
-    if any(not str(r).startswith(names) for r in quality.get("reasons") or ()):
+    reasons = [str(r) for r in quality.get("reasons") or ()]
+    prefixes = {name: f"{name}: " for name in quality["per_class"]}
+    if any(not r.startswith(tuple(prefixes.values())) for r in reasons):
         return frozenset()
     try:
-        out = set()
-        for name, v in per_class.items():
-            ratio = v.get("volume_ratio")
-            if (v.get("entropy") is not None and float(v["score"]) >= float(bars.get("min_score", 0.0))
-                    and (ratio is None or float(bars.get("min_volume_ratio", 0.0)) <= float(ratio)
-                         <= float(bars.get("max_volume_ratio", float("inf"))))
-                    and not any(str(r).startswith(f"{name}: ") for r in quality.get("reasons") or ())):
-                out.add(int(v["class_id"]))
-        return frozenset(out)
-    except (KeyError, TypeError, ValueError):
+        return frozenset(int(v["class_id"]) for name, v in quality["per_class"].items()
+                         if v.get("entropy") is not None and not any(r.startswith(prefixes[name]) for r in reasons))
+    except (AttributeError, KeyError, TypeError, ValueError):
         return frozenset()
