@@ -208,3 +208,42 @@ def test_orthanc_refuses_requests_from_other_addresses(orthanc):
         urllib.request.urlopen(f"http://{ip}:{orthanc.http_port}/system", timeout=10)
     assert err.value.code in (401, 403)
     assert orthanc.get_json("/system")["Name"]  # loopback still works
+
+
+def test_a_series_read_while_it_arrives_is_read_again_whole(orthanc, chaos_dir, tmp_path):
+    """The app's DICOMweb datastore (MONAI Label 0.8.5 + apps/ssl_medsam2/monailabel_085.py): a study read in
+    the seconds it takes to arrive in the PACS is not kept half (0.8.5 kept its first slice for good: an atlas
+    pseudo label of Dice 0.02 in tests/test_deploy.py); callers at the same moment all get the whole series."""
+    import sys
+    import threading
+
+    from conftest import REPO
+    from test_ohif_browser import small_cases
+
+    sys.path.insert(0, str(REPO / "apps" / "ssl_medsam2"))
+    import monailabel_085
+    from dicomweb_client.api import DICOMwebClient
+    from monailabel.datastore.dicom import DICOMWebDatastore
+
+    monailabel_085.install()
+    small_cases(chaos_dir, tmp_path, ["chaos_03", "chaos_05"])
+    files = dicom.convert_folder(tmp_path / "images", tmp_path / "dcm")
+    ds = DICOMWebDatastore(DICOMwebClient(url=orthanc.dicomweb_url), {"Modality": "MR"}, str(tmp_path / "cache"),
+                           False, True)
+    arriving = dicom.stable_uid("chaos_03", "series", "1")
+    orthanc.upload(files["chaos_03"][:1])  # the first instance is in; the others are on their way
+    assert nib.load(ds.get_image_uri(arriving)).shape[2] == 1
+    orthanc.upload(files["chaos_03"][1:])
+    assert nib.load(ds.get_image_uri(arriving)).shape[2] == 12, "read again once the rest arrived"
+
+    whole = dicom.stable_uid("chaos_05", "series", "1")
+    orthanc.upload(files["chaos_05"])
+    shapes: list = []
+    callers = [threading.Thread(target=lambda: shapes.append(nib.load(ds.get_image_uri(whole)).shape))
+               for _ in range(3)]
+    for c in callers:
+        c.start()
+    for c in callers:
+        c.join(120)
+    assert shapes == [(128, 128, 12)] * 3
+    assert not list((tmp_path / "cache").rglob("*.part-*")), "no partial download left behind"

@@ -34,8 +34,9 @@ What and why:
    the image list / labelled set caches (2 h by default) are cleared after every save and upload;
    ``get_label_uri(image_id, "final")`` finds the DICOM-SEG referencing the image; SEGs are converted
    to NIfTI on the image's own grid (``final_label_on_grid``; 0.8.5 cuts them to the slices they
-   cover); image / label info leaves out the PACS's ``RetrieveURL``. Uses the datastore's private
-   ``_client``, ``_fetch_by_frame`` and ``_dicom_info``.
+   cover); image / label info leaves out the PACS's ``RetrieveURL``; an image series is cached only
+   whole (``whole_series_image_uri``: 0.8.5 kept a series read while it was still arriving, one slice
+   long, for good). Uses the datastore's private ``_client``, ``_fetch_by_frame`` and ``_dicom_info``.
 6. **Routes** (``install_in_front``): upstream's endpoints answer bad names with 500 and trust the
    request; the app's guarded routes are put in front of them on the same paths (FastAPI matches in
    order), so every client keeps the same API.
@@ -513,6 +514,93 @@ def final_label_on_grid(ds, image_id: str, seg_series: str) -> str:
     return LocalDatastore.get_label_uri(ds, image_id, "final")
 
 
+#: a series downloaded less than this long ago (seconds) is compared with the PACS's instance count on every
+#: use (it may still be arriving: instances can come seconds apart); an older one at most every SERIES_RECHECK_S
+SERIES_SETTLE_S = 120.0
+SERIES_RECHECK_S = 300.0
+#: downloads of a series whose instance count changes meanwhile (still arriving) before giving up
+SERIES_DOWNLOAD_TRIES = 3
+_series_seen: dict[str, tuple[float, float]] = {}  # series -> (downloaded at, last compared), time.monotonic()
+
+
+def pacs_instance_count(ds, series_id: str) -> int | None:
+    """How many instances the PACS holds of ``series_id`` (QIDO ``NumberOfSeriesRelatedInstances``); None
+    when it does not say."""
+    found = ds._client.search_for_series(search_filters={"SeriesInstanceUID": series_id},
+                                         fields=["NumberOfSeriesRelatedInstances"])
+    for s in found or ():
+        if (s.get("0020000E") or {}).get("Value") == [series_id]:
+            value = (s.get("00201209") or {}).get("Value")
+            return int(value[0]) if value else None
+    return None
+
+
+def _download_whole_series(ds, series_id: str, image_dir: str) -> None:
+    """Download ``series_id`` into ``image_dir`` only once it is whole: into a temp folder, kept (renamed into
+    place) when the PACS held as many instances before and after as were downloaded. A series still
+    arriving is tried again, then refused with a reason (never cached half)."""
+    import shutil
+
+    from monailabel.datastore.utils.dicom import dicom_web_download_series
+
+    from ssl_medsam2.io import InputError
+
+    got = before = after = None
+    for attempt in range(SERIES_DOWNLOAD_TRIES):
+        tmp = f"{image_dir}.part-{os.getpid()}-{threading.get_ident()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        before = pacs_instance_count(ds, series_id)
+        dicom_web_download_series(None, series_id, tmp, ds._client, ds._fetch_by_frame)
+        got = len(os.listdir(tmp))
+        after = pacs_instance_count(ds, series_id)
+        if got and (after is None or before == after == got):
+            if os.path.isdir(image_dir):
+                shutil.rmtree(image_dir)
+            os.replace(tmp, image_dir)
+            return
+        shutil.rmtree(tmp, ignore_errors=True)
+        time.sleep(1.0 + attempt)
+    raise InputError(None, f"series {series_id} is still arriving in the PACS ({got} of {after} instances "
+                           f"read); ask again in a moment")
+
+
+def whole_series_image_uri(original):
+    """``DICOMWebDatastore.get_image_uri`` that never keeps a series read while it was still arriving (0.8.5
+    downloads into the cache folder in place and keeps whatever it found there for good: a study read in
+    the seconds it took to arrive stayed one slice long), nor one half-downloaded by a concurrent caller (a
+    lock file per series, so other processes wait too). A cached series is compared with the PACS's
+    instance count on every use for ``SERIES_SETTLE_S`` after its download, then every
+    ``SERIES_RECHECK_S``; when they differ it is read again (and results made from the old copy are no
+    longer current: their digest names the image file's content)."""
+    import shutil
+
+    from filelock import FileLock
+
+    @functools.wraps(original)
+    def get_image_uri(self, image_id: str) -> str:
+        image_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
+        with FileLock(f"{image_dir}.lock"):
+            have = len(os.listdir(image_dir)) if os.path.isdir(image_dir) else 0
+            now = time.monotonic()
+            downloaded, compared = _series_seen.get(image_id, (-SERIES_SETTLE_S, -SERIES_RECHECK_S))
+            if have and (now - downloaded < SERIES_SETTLE_S or now - compared >= SERIES_RECHECK_S):
+                count = pacs_instance_count(self, image_id)
+                _series_seen[image_id] = (downloaded, now)
+                if count is not None and count != have:
+                    logger.warning("series %s: %d instances cached, the PACS holds %d: reading it again",
+                                   image_id, have, count)
+                    shutil.rmtree(image_dir)
+                    Path(os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz")).unlink(missing_ok=True)
+                    have = 0
+            if not have:
+                _download_whole_series(self, image_id, image_dir)
+                _series_seen[image_id] = (time.monotonic(), time.monotonic())
+            return original(self, image_id)
+
+    get_image_uri._ssl_medsam2_whole = True
+    return get_image_uri
+
+
 def _install_dicomweb() -> None:
     from ssl_medsam2.dicom_seg import dcmqi_bin_dir
 
@@ -567,6 +655,8 @@ def _install_dicomweb() -> None:
         dicom_info._ssl_medsam2_no_address = True
         DICOMWebDatastore._dicom_info = dicom_info
 
+    if not getattr(DICOMWebDatastore.get_image_uri, "_ssl_medsam2_whole", False):
+        DICOMWebDatastore.get_image_uri = whole_series_image_uri(DICOMWebDatastore.get_image_uri)
     DICOMWebDatastore._update_datastore_file = _update_datastore_file  # its local cache index, same fix (4)
     DICOMWebDatastore.refresh_image_list = _refresh_image_list
     for name in ("save_label", "add_image", "remove_image", "remove_label"):
