@@ -103,7 +103,13 @@ class PseudoAhead:
 
     def is_current(self, task: FewShotInfer, image_id: str, supports_digest: str | None = None) -> bool:
         rec = self.store.record(task.engine_name, image_id)
-        return bool(rec) and rec.get("digest") == self._digest(supports_digest or self._supports_digest(task), image_id)
+        if not rec:
+            return False
+        try:
+            return rec.get("digest") == self._digest(supports_digest or self._supports_digest(task), image_id)
+        except (InputError, OSError) as exc:  # the image cannot be read now (e.g. a series still arriving)
+            log.info("pseudo label of %s: its image cannot be read now: %s", image_id, exc)
+            return False
 
     # ---------------------------------------------------------------- the queue's callbacks
     def _candidates(self) -> list[str]:
@@ -133,7 +139,8 @@ class PseudoAhead:
             raise RuntimeError("no few-shot model is available")
         digest = self._digest(self._supports_digest(task), image_id)  # before the supports are read
         t0 = time.time()
-        query = load_volume(self.ws.datastore.get_image_uri(image_id), name=image_id)
+        image = self.ws.datastore.get_image_uri(image_id)
+        query = load_volume(image, name=image_id)
         executor = RayExecutor(self.ws.cfg) if cluster_address(self.ws.cfg) else None  # one job, one image
         outputs, u = task.compute(query, image_id, self._top_k(task), executor=executor)
         label = np.asarray(outputs["label"], dtype=np.uint8)
@@ -141,7 +148,8 @@ class PseudoAhead:
         self.store.put(task.engine_name, image_id,
                        lambda tmp: save_like(label, query, tmp, dtype=np.uint8,
                                              description=f"ssl-medsam2 {task.engine_name} pseudo label"),
-                       {"digest": digest, "seconds": round(time.time() - t0, 2), **ran_on,
+                       {"digest": digest, "image_fingerprint": file_fingerprint(image),
+                        "seconds": round(time.time() - t0, 2), **ran_on,
                         **task.describe(outputs["summary"], u)})
         log.info("pseudo label of %s stored (%s on %s, %.1f s)", image_id, task.engine_name, ran_on["ran_on"],
                  time.time() - t0)
@@ -166,6 +174,9 @@ class PseudoAhead:
         """(stored label path, response fields) for ``image_id``: the stored result, or (none yet, or
         ``fresh``) one computed now by the queue, ahead of its other work."""
         rec = self.store.record(task.engine_name, image_id)
+        if rec is not None and rec.get("image_fingerprint") not in (
+                None, file_fingerprint(self.ws.datastore.get_image_uri(image_id))):
+            rec = None  # made from another copy of the image (e.g. a series read while it arrived): never served
         waited = False
         if fresh or rec is None:
             ticket = self.queue.request(image_id)
