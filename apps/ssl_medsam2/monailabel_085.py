@@ -483,7 +483,6 @@ def final_label_on_grid(ds, image_id: str, seg_series: str) -> str:
     Why: 0.8.5 converts a SEG on its own extent (only the slices it covers), so a label read back from the
     PACS had another grid than its image. '' when the SEG cannot be placed on the image (logged)."""
     from monailabel.datastore.local import LocalDatastore
-    from monailabel.datastore.utils.dicom import dicom_web_download_series
 
     from ssl_medsam2.dicom_seg import read_seg, seg_to_nifti
     from ssl_medsam2.io import InputError
@@ -495,7 +494,7 @@ def final_label_on_grid(ds, image_id: str, seg_series: str) -> str:
         return local
     label_dir = os.path.realpath(os.path.join(ds._datastore.label_path("final"), seg_series))
     if not os.path.isdir(label_dir) or not os.listdir(label_dir):
-        dicom_web_download_series(None, seg_series, label_dir, ds._client, ds._fetch_by_frame)
+        _download_whole_series(ds, seg_series, label_dir)  # as an image series: whole, renamed into place
     files = sorted(Path(label_dir).iterdir())
     out = Path(label_dir + ".on_grid.nii.gz")
     try:
