@@ -35,17 +35,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from interactive_cases import SUPPORTS, passed_classes, pseudo_label_dir  # noqa: E402
+from interactive_cases import SUPPORTS, passed_classes, pseudo_label_dir, support_appearance  # noqa: E402
 from shared_data import CHAOS, REPO, chaos_cases  # noqa: E402
 
 ORGANS = (1, 2, 3, 4)
 
 
 def correct_volume(vol, truth: np.ndarray, start: np.ndarray, cfg: dict, target: float, max_clicks: int,
-                   seed: int, trusted: frozenset[int] = frozenset()) -> tuple[np.ndarray, dict]:
+                   seed: int, trusted: frozenset[int] = frozenset(), appearance=None) -> tuple[np.ndarray, dict]:
     """Click every organ of ``start`` (one at a time, as an annotator does) until Dice >= ``target`` or
     ``max_clicks``; returns (the corrected label, per-organ clicks and Dice). ``trusted``: the organs whose
-    pseudo label passed the quality gate (the app holds them more firmly)."""
+    pseudo label passed the quality gate (the app holds them more firmly, with ``appearance``: the organ looks
+    learned from the labelled volumes, as the server learns them from its final labels)."""
     from ssl_medsam2 import interactive
     from ssl_medsam2.interactive.compose import organ_mask, put_organ
     from ssl_medsam2.interactive.requests import Edit
@@ -59,7 +60,7 @@ def correct_volume(vol, truth: np.ndarray, start: np.ndarray, cfg: dict, target:
 
         def predict(fg, bg, base=base, cid=cid):
             edit = Edit(cid, np.asarray(fg, np.int64).reshape(-1, 3), np.asarray(bg, np.int64).reshape(-1, 3))
-            return organ_mask(prepared, base, edit, settings=cfg, trusted=trusted)
+            return organ_mask(prepared, base, edit, settings=cfg, trusted=trusted, appearance=appearance)
 
         s = click_session(predict, base == cid, truth == cid, max_clicks, seed=seed, stop_at=target)
         if s.clicks:
@@ -108,14 +109,18 @@ def campaign(strategy: str, pool: list[str], cfg: dict, cached: Path, work: Path
         truth = load_label_for(vol, CHAOS / "labelsTr" / f"{query}.nii.gz").array
         base = load_label_for(vol, start / "labels" / f"{query}.nii.gz").array
         passed = passed_classes(start, query)
-        label, organs = correct_volume(vol, truth, base, cfg, args.target, args.max_clicks, args.seed, passed)
+        t2 = time.time()
+        looks = support_appearance(cfg, list(supports), supports)
+        t3 = time.time()
+        label, organs = correct_volume(vol, truth, base, cfg, args.target, args.max_clicks, args.seed, passed, looks)
         final = work / "final" / strategy / f"{query}.nii.gz"
         final.parent.mkdir(parents=True, exist_ok=True)
         save_like(label.astype(np.uint8), vol, final)
         supports[query] = final
         clicks = sum(o["clicks"] for o in organs.values())
         steps.append({"step": step + 1, "volume": query, "supports": len(supports) - 1, "clicks": clicks,
-                      "organs": organs, "passed_gate": sorted(passed), "atlas_s": round(t1 - t0, 1), "clicks_s": round(time.time() - t1, 1)})
+                      "organs": organs, "passed_gate": sorted(passed), "atlas_s": round(t1 - t0, 1), "appearance_s": round(t3 - t2, 1),
+                      "clicks_s": round(time.time() - t3, 1)})
         print(f"{strategy:11s} step {step + 1} {query}: {clicks} clicks "
               + " ".join(f"{k}:{o['dice_start']:.3f}->{o['dice_end']:.3f}/{o['clicks']}" for k, o in organs.items()),
               flush=True)

@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from interactive_cases import SUPPORTS, passed_classes, pseudo_label_dir  # noqa: E402
+from interactive_cases import SUPPORTS, passed_classes, pseudo_label_dir, support_appearance  # noqa: E402
 from shared_data import CHAOS, REPO, chaos_cases  # noqa: E402
 
 ORGANS = {1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
@@ -61,6 +61,7 @@ class InProcess:
 
     def __init__(self, cfg: dict, pseudo: Path):
         self.cfg, self.pseudo, self.prepared = cfg, pseudo, {}
+        self.appearance = support_appearance(cfg)  # what the server learns from its final labels (the supports)
 
     def predictor(self, case: str, vol, base: np.ndarray, class_id: int, name: str):
         from ssl_medsam2 import interactive
@@ -71,7 +72,8 @@ class InProcess:
             if case not in self.prepared:
                 self.prepared = {case: interactive.prepare(vol.array, vol.spacing)}
             edit = Edit(class_id, np.asarray(fg, np.int64).reshape(-1, 3), np.asarray(bg, np.int64).reshape(-1, 3))
-            return organ_mask(self.prepared[case], base, edit, settings=self.cfg, trusted=trusted)
+            return organ_mask(self.prepared[case], base, edit, settings=self.cfg, trusted=trusted,
+                              appearance=self.appearance)
 
         trusted = passed_classes(self.pseudo, case)
         return predict
@@ -100,6 +102,11 @@ class Http:
         # recomputing them meanwhile (bench/team_load.py measures the queue)
         self.server = start_monailabel(str(studies), root / "work",
                                        conf={"app.retrain_after_labels": 0, "pseudo_store.enabled": "false", **conf})
+        # the server learns its organ looks from the final labels (the supports) in the background at start;
+        # the clicks are measured once it has them, as an annotator's would be on a running server
+        deadline = time.time() + 600
+        while not any((root / "work" / "state" / "appearance").glob("*.npz")) and time.time() < deadline:
+            time.sleep(0.5)
         self.tmp = root / "answers"
         self.tmp.mkdir()
         self.slicer = MONAILabelClient(self.server.url, tmpdir=str(self.tmp), client_id="bench-slicer")

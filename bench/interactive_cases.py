@@ -50,6 +50,18 @@ def passed_classes(folder: Path, case: str) -> frozenset[int]:
     return trusted_classes(json.loads((Path(folder) / "summaries" / f"{case}.json").read_text()).get("quality"))
 
 
+def support_appearance(cfg: dict, supports=SUPPORTS, labels: dict | None = None):
+    """The organ looks the server learns from its final labels (``ssl_medsam2.interactive.appearance``), here
+    from ``supports`` (their true labels, or ``labels``: name -> label file or canonical array)."""
+    from ssl_medsam2.interactive.appearance import AppearanceSettings, fit_appearance, labelled_examples
+
+    s = AppearanceSettings.from_config(cfg)
+    names = list(supports)[-s.max_images:]
+    items = [(n, CHAOS / "imagesTr" / f"{n}_0000.nii.gz", (labels or {}).get(n, CHAOS / "labelsTr" / f"{n}.nii.gz"))
+             for n in names]
+    return fit_appearance(labelled_examples(items), (1, 2, 3, 4), s)
+
+
 if __name__ == "__main__":
     import logging
 

@@ -60,11 +60,24 @@ def server(chaos_dir, tmp_path_factory):
          studies / "odd_03.nii.gz", studies / "labels" / "pseudo" / "odd_03.nii.gz")
     conf = {"app.retrain_after_labels": 0, "interactive.max_points": 20, **NO_QUEUE}
     srv = load_script("pacs_demo").start_monailabel(str(studies), root / "work", conf=conf)
-    snapshot = _snapshot(studies)
+    looks = _learned_looks(root / "work" / "state" / "appearance")  # learned in the background at start: wait for
+    snapshot = _snapshot(studies)                                   # them, so every test sees the same engine
     try:
-        yield {"url": srv.url, "studies": studies, "truth": truth, "root": root, "snapshot": snapshot}
+        yield {"url": srv.url, "studies": studies, "truth": truth, "root": root, "snapshot": snapshot, "looks": looks}
     finally:
         srv.stop()
+
+
+def _learned_looks(folder: Path, timeout: float = 180.0) -> Path:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = sorted(folder.glob("*.npz"))
+        if got:
+            return got[0]
+        time.sleep(0.5)
+    raise AssertionError("the server learned no organ looks from its final labels")
 
 
 def _snapshot(studies: Path) -> dict:
@@ -127,6 +140,21 @@ def test_info_lists_the_interactive_models_and_organ_names(server):
     assert {"class_1", "class_2", "class_3", "class_4", "background"} <= set(info["labels"]), info["labels"]
     assert info["models"]["point_prompts"]["labels"] == {"class_1": 1, "class_2": 2, "class_3": 3, "class_4": 4,
                                                          "background": 5}
+
+
+def test_the_organ_looks_are_learned_from_the_final_labels_and_used_on_them(server, tmp_path):
+    """The server learned each organ's look from its 2 final labels at start (saved without pickles) and a
+    correction of a final label (a trusted base) says it used them."""
+    from ssl_medsam2.interactive.appearance import AppearanceModel
+
+    model = AppearanceModel.load(server["looks"])
+    assert model.images == ("chaos_01", "chaos_02") and set(model.looks) == {1, 2, 3, 4}
+    slicer = _client(server["url"], tmp_path, "slicer-looks")
+    truth = np.asarray(nib.load(str(server["studies"] / "labels" / "final" / "chaos_01.nii.gz")).dataobj)
+    liver = np.argwhere(truth == 1)[0].tolist()
+    params = {"label": LIVER, "foreground": [], "background": [liver], **_slicer_config(slicer.info(), "smart_edit")}
+    _, answer = slicer.infer("smart_edit", "chaos_01", params)
+    assert answer["appearance_images"] == 2
 
 
 def test_slicer_smart_edit_adds_the_clicked_spleen_near_the_clicks_only(server, tmp_path):

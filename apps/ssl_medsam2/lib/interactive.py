@@ -35,6 +35,7 @@ from ssl_medsam2.io import InputError, Volume, load_label_for, load_volume
 from ssl_medsam2.preprocess import class_name
 from ssl_medsam2.quality import trusted_classes
 
+from .appearance import AppearanceStore
 from .guards import reject
 from .infers import label_names, sam2_missing_reason, write_result
 from .schemas import INFER, boolean, check_params, integer, optional, scalar_list, text
@@ -134,8 +135,9 @@ POINT_KEYS = {DEEPGROW: ("foreground", "background"), VISTA3D: ("points",), SCRI
 class InteractiveInfer(InferTask):
     """One interactive model; ``kind`` is its MONAI Label type (what the clients list it under)."""
 
-    def __init__(self, ws: Workspace, kind: str, description: str, cache: ClientCache):
-        self.ws, self.kind, self.cache = ws, kind, cache
+    def __init__(self, ws: Workspace, kind: str, description: str, cache: ClientCache,
+                 looks: AppearanceStore | None = None):
+        self.ws, self.kind, self.cache, self.looks = ws, kind, cache, looks
         self.organs = rq.Organs.from_map(organ_names(ws))
         self.settings = InteractiveSettings.from_config(ws.cfg)
         labels = self.organs.positions()
@@ -235,7 +237,8 @@ class InteractiveInfer(InferTask):
         st, cached = self.state(request)
         t1 = time.time()
         vol, box = st.volume, rq.canonical_box(st.volume, request.get("roi"))
-        engine = dict(box=box, settings=self.ws.cfg, trusted=st.trusted)
+        looks = self.looks.current() if self.looks else None  # learned from the final labels so far (None: not yet)
+        engine = dict(box=box, settings=self.ws.cfg, trusted=st.trusted, appearance=looks)
         try:
             if self.kind == DEEPGROW:
                 edit = rq.deepgrow_edit(request.get(LABEL_NAME), request, self.organs, vol)
@@ -264,6 +267,7 @@ class InteractiveInfer(InferTask):
         t2 = time.time()
         result = write_result(out, vol, request)
         return result, {"label_names": names, "changed_voxels": changed, "cached": cached,
+                        "appearance_images": len(looks.images) if looks is not None else 0,
                         "latencies": {"prepare": round(t1 - t0, 3), "correct": round(t2 - t1, 3),
                                       "total": round(time.time() - t0, 3)}}
 
@@ -287,17 +291,20 @@ class InteractiveInfer(InferTask):
 
 
 def interactive_tasks(ws: Workspace) -> dict[str, InteractiveInfer]:
-    """The four interactive models, sharing one per-client cache bounded by ``interactive.cache_mb``."""
+    """The four interactive models, sharing one per-client cache bounded by ``interactive.cache_mb`` and the
+    organ looks learned from the final labels (learning starts now, in the background)."""
     cache = ClientCache(int(InteractiveSettings.from_config(ws.cfg).cache_mb * (1 << 20)))
+    looks = AppearanceStore(ws, rq.Organs.from_map(organ_names(ws)).ids)
+    looks.current()
     return {
         "smart_edit": InteractiveInfer(ws, DEEPGROW, "Correct one organ with foreground / background clicks "
                                                      "(3D Slicer Smart Edit); starts from the image's final or "
-                                                     "pseudo label", cache),
+                                                     "pseudo label", cache, looks),
         "point_prompts": InteractiveInfer(ws, DEEPEDIT, "Correct organs with points per organ (OHIF Point "
                                                         "Prompts, Slicer deepedit); starts from the image's final "
-                                                        "or pseudo label", cache),
+                                                        "or pseudo label", cache, looks),
         "point_prompts_vista": InteractiveInfer(ws, VISTA3D, "Correct one organ with positive / negative points "
-                                                             "(OHIF Point Prompts, VISTA-3D style)", cache),
+                                                             "(OHIF Point Prompts, VISTA-3D style)", cache, looks),
         "scribbles": InteractiveInfer(ws, SCRIBBLES, "Correct one organ with foreground / background scribbles "
-                                                     "(3D Slicer Scribbles)", cache),
+                                                     "(3D Slicer Scribbles)", cache, looks),
     }

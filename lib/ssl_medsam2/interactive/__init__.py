@@ -17,52 +17,21 @@ live beside this file; docs/interactive.md tells how they were chosen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import partial
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .cache import BoundedMemo
+from .appearance import crop_logit, organ_reference
 from .engine import click_roi, correct_mask
-from .sam2_prompts import EncodedSlices
+from .prepared import MEMO_BYTES, PreparedVolume, prepare
 from .settings import ENGINES, InteractiveSettings
 
 Point = Sequence[int]
 
-__all__ = ["ENGINES", "InteractiveSettings", "Point", "PreparedVolume", "click_roi", "correct", "prepare"]
+__all__ = ["ENGINES", "MEMO_BYTES", "InteractiveSettings", "Point", "PreparedVolume", "click_roi", "correct", "prepare"]
 
 
-@dataclass(frozen=True)
-class PreparedVolume:
-    """Per-image state reused across clicks (cache it per client and image)."""
-
-    image: np.ndarray  # canonical voxel order, float32, normalised for the engine (0..1)
-    spacing: tuple[float, float, float]  # mm along the canonical axes
-    extra: Mapping[str, Any] | None = None  # engine-specific precomputed data
-
-
-def prepare(image: np.ndarray, spacing: Sequence[float], *, intensity=None) -> PreparedVolume:
-    """Normalise one image for interactive correction: the project's input scaling (``input:`` section:
-    MRI percentiles of the non-zero voxels, a CT window only for CT), mapped to 0..1.
-
-    ``intensity``: a :class:`ssl_medsam2.preprocess.IntensityConfig` (default: the config's)."""
-    from ..config import load_config
-    from ..preprocess import IntensityConfig, scale_to_uint8_range
-
-    arr = np.asarray(image, dtype=np.float32)
-    if arr.ndim != 3:
-        raise ValueError(f"image must be 3D, got shape {arr.shape}")
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
-        raise ValueError(f"spacing must be 3 positive numbers, got {spacing}")
-    cfg = intensity if intensity is not None else IntensityConfig.from_config(load_config())
-    norm = (scale_to_uint8_range(arr, cfg) / np.float32(255.0)).astype(np.float32)
-    return PreparedVolume(norm, spacing, {"influence": BoundedMemo(MEMO_BYTES),  # type: ignore[arg-type]
-                                          "shape": BoundedMemo(MEMO_BYTES), "sam2_slices": EncodedSlices()})
-
-
-MEMO_BYTES = 48 << 20  # per prepared image and kind: clicks' geodesic influences (~0.5-2 MB each), base masks'
-# signed distances (4 bytes a voxel); beyond the server's interactive.cache_mb, which counts them as built
 
 
 def _points(points: Sequence[Point], shape: Sequence[int], what: str) -> np.ndarray:
@@ -78,12 +47,16 @@ def _points(points: Sequence[Point], shape: Sequence[int], what: str) -> np.ndar
 
 def correct(volume: PreparedVolume, base: np.ndarray, foreground: Sequence[Point], background: Sequence[Point], *,
             fg_scribble: np.ndarray | None = None, bg_scribble: np.ndarray | None = None,
-            settings: Mapping[str, Any] | InteractiveSettings | None = None, base_trusted: bool = False) -> np.ndarray:
+            settings: Mapping[str, Any] | InteractiveSettings | None = None, base_trusted: bool = False,
+            look=None) -> np.ndarray:
     """The corrected binary mask of one organ: ``base`` plus every click / scribble, recomputed from scratch.
 
     ``base_trusted``: the base is a final label, or a pseudo label that passed the quality gate for this organ
     (:func:`ssl_medsam2.quality.trusted_classes`); it is then held to more firmly
     (:meth:`InteractiveSettings.for_base`). Unknown quality: leave it False.
+
+    ``look``: the organ's :class:`.appearance.OrganLook` learned from the labelled images (None: none yet);
+    the weight-free engine uses it where ``appearance_weight`` > 0 (a trusted base, by default).
 
     ``settings``: an :class:`InteractiveSettings`, or a mapping of ``interactive:`` keys laid over the
     config's (None: the config's); a whole config (with an ``interactive:`` key) also gives the ``sam2:``
@@ -110,7 +83,12 @@ def correct(volume: PreparedVolume, base: np.ndarray, foreground: Sequence[Point
 
         return correct_mask_sam2(volume.image, volume.spacing, base.astype(bool), fg, bg, fg_sc, bg_sc, s,
                                  _whole_config(settings), memo=extra)[0]
-    return correct_mask(volume.image, volume.spacing, base.astype(bool), fg, bg, fg_sc, bg_sc, s, memo=extra)
+    term = None
+    ref = organ_reference(volume.image, base) if look is not None and s.appearance_weight > 0 else None
+    if ref is not None:  # the organ's look, relative to the base organ's own intensity
+        term = partial(crop_logit, look, volume.image, volume.spacing, ref, memo=extra.get("appearance"))
+    return correct_mask(volume.image, volume.spacing, base.astype(bool), fg, bg, fg_sc, bg_sc, s, memo=extra,
+                        appearance=term)
 
 
 def _whole_config(settings) -> Mapping[str, Any]:

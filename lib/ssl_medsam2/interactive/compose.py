@@ -57,10 +57,11 @@ def put_organ(label: np.ndarray, class_id: int, mask: np.ndarray) -> np.ndarray:
 def organ_mask(prepared, label: np.ndarray, edit: Edit, *, fg_scribble: np.ndarray | None = None,
                bg_scribble: np.ndarray | None = None, box: Sequence[slice] | None = None,
                settings: Mapping[str, Any] | None = None, correct: Callable | None = None,
-               trusted: Collection[int] = ()) -> np.ndarray:
+               trusted: Collection[int] = (), appearance=None) -> np.ndarray:
     """The edited organ's mask: the engine's correction of ``label == edit.class_id`` by the clicks /
     scribbles, other organs protected, bounded by ``box``. ``trusted``: the class ids whose base is a final
-    label or passed the quality gate (held to more firmly; see :func:`ssl_medsam2.interactive.correct`)."""
+    label or passed the quality gate (held to more firmly; see :func:`ssl_medsam2.interactive.correct`).
+    ``appearance``: the organ looks learned from the labelled images (:class:`.appearance.AppearanceModel`)."""
     if correct is None:
         from . import correct
     base = label == edit.class_id
@@ -68,30 +69,37 @@ def organ_mask(prepared, label: np.ndarray, edit: Edit, *, fg_scribble: np.ndarr
         return base
     mask = np.asarray(correct(prepared, base, edit.foreground.tolist(), edit.background.tolist(),
                               fg_scribble=fg_scribble, bg_scribble=bg_scribble, settings=settings,
-                              base_trusted=edit.class_id in trusted), dtype=bool)
+                              base_trusted=edit.class_id in trusted, **_look(appearance, edit.class_id)), dtype=bool)
     if mask.shape != base.shape:
         raise ValueError(f"the correction engine returned shape {mask.shape} for a {base.shape} volume")
     mask = keep_other_organs(mask, label, edit.class_id, edit.foreground, fg_scribble)
     return within_box(mask, base, box)
 
 
+def _look(appearance, class_id: int) -> dict:
+    """The ``look`` keyword for the engine: the organ's learned look, when there is one."""
+    look = appearance.looks.get(int(class_id)) if appearance is not None else None
+    return {"look": look} if look is not None else {}
+
+
 def corrected_label(prepared, label: np.ndarray, edits: Sequence[Edit], *, box: Sequence[slice] | None = None,
                     settings: Mapping[str, Any] | None = None, correct: Callable | None = None,
-                    trusted: Collection[int] = ()) -> np.ndarray:
+                    trusted: Collection[int] = (), appearance=None) -> np.ndarray:
     """``label`` (class ids, canonical order) with every organ edit applied in turn; an edit with class id
-    0 (background clicks alone) corrects each organ one of its points lies in. ``trusted``: as for
-    :func:`organ_mask`."""
+    0 (background clicks alone) corrects each organ one of its points lies in. ``trusted``, ``appearance``: as
+    for :func:`organ_mask`."""
     out = np.asarray(label).copy()
     done = set()
     for e in edits:
         if e.class_id:
             out = put_organ(out, e.class_id, organ_mask(prepared, out, e, box=box, settings=settings, correct=correct,
-                                                        trusted=trusted))
+                                                        trusted=trusted, appearance=appearance))
             done.add(e.class_id)
     for e in edits:
         if e.class_id == 0 and len(e.background):
             hit = sorted({int(out[tuple(p)]) for p in e.background} - {0} - done)
             for cid in hit:
                 out = put_organ(out, cid, organ_mask(prepared, out, Edit(cid, background=e.background), box=box,
-                                                     settings=settings, correct=correct, trusted=trusted))
+                                                     settings=settings, correct=correct, trusted=trusted,
+                                                     appearance=appearance))
     return out

@@ -195,10 +195,12 @@ def _influences(image, spacing, points, ranges, roi, s: InteractiveSettings, mem
 
 def correct_mask(image: np.ndarray, spacing: Sequence[float], base: np.ndarray, fg_points: np.ndarray,
                  bg_points: np.ndarray, fg_scribble: np.ndarray | None, bg_scribble: np.ndarray | None,
-                 s: InteractiveSettings, *, memo: dict | None = None) -> np.ndarray:
+                 s: InteractiveSettings, *, memo: dict | None = None, appearance=None) -> np.ndarray:
     """The corrected mask (see the module docstring); ``image`` normalised to 0..1, points (N, 3) int.
     ``memo``: dicts kept with the prepared image (``influence``: each click's geodesic influence; ``shape``: the
-    base mask's signed distance), so that the next click on the same image only pays for what is new."""
+    base mask's signed distance), so that the next click on the same image only pays for what is new.
+    ``appearance``: roi -> the organ's learned look over that crop (log-odds; :func:`.appearance.crop_logit`);
+    given, ``appearance_weight`` x it replaces the histogram term."""
     spacing = tuple(float(v) for v in spacing)
     marks = [np.asarray(p) for p in fg_points] + [np.asarray(p) for p in bg_points]
     marks += [np.argwhere(m) for m in (fg_scribble, bg_scribble) if m is not None and m.any()]
@@ -231,8 +233,11 @@ def correct_mask(image: np.ndarray, spacing: Sequence[float], base: np.ndarray, 
         sd = shell_warp(base_sd, fg_points, bg_points, roi, spacing, base, s)
     else:
         sd = base_sd[roi] - shell_shift(base_sd, fg_points, bg_points, roi, spacing, base, s)
-    llr = _intensity_llr(img, (b & (infl_bg < 0.5)) | (infl_fg > 0.5) | seeds_fg,
-                         (~b & (infl_fg < 0.5)) | (infl_bg > 0.5) | seeds_bg, s.intensity_bins)
+    if appearance is not None:
+        llr = s.appearance_weight * appearance(roi)
+    else:
+        llr = _intensity_llr(img, (b & (infl_bg < 0.5)) | (infl_fg > 0.5) | seeds_fg,
+                             (~b & (infl_fg < 0.5)) | (infl_bg > 0.5) | seeds_bg, s.intensity_bins)
     logit = unary_logit(shape_prior(sd, s), llr, infl_fg, infl_bg, s)
 
     # outside the region and on the crop's inner faces the base label stays (hard seeds): no seam

@@ -42,6 +42,7 @@ class InteractiveSettings(Section):
     intensity_weight: float          # weight of the intensity log-likelihood ratio (fg / bg histograms in the ROI) where a click has full influence
     region_intensity_weight: float   # ... and everywhere else in the region (the base label's boundary snaps to the image)
     intensity_bins: int
+    appearance_weight: float         # > 0: the organ's learned look (:mod:`.appearance`) x this replaces the histogram term
     smoothness: float                # graph cut: pairwise weight (numpymaxflow lamda)
     edge_sigma: float                # graph cut: intensity difference that halves an edge (numpymaxflow sigma)
     rw_beta: float                   # random walker: skimage beta
