@@ -14,8 +14,8 @@ then pulls the organ onto its neighbour (chaos_15's spleen: measured).
 - :func:`fit_appearance`: a few seconds per organ on CPU (torch, seeded, deterministic).
 - :class:`AppearanceModel`: the weights as plain arrays, saved with :meth:`~AppearanceModel.save` as an
   ``.npz`` without pickles (a server's state folder is not a place to unpickle from).
-- :func:`crop_logit`: the organ's appearance log-odds over a crop, computed slice by slice on first use and
-  kept with the prepared image (the same value whatever crop asked first).
+- :func:`crop_logit`: the organ's appearance log-odds over a crop, each voxel computed on first use and kept
+  with the prepared image (the same value whatever crop asked first).
 """
 
 from __future__ import annotations
@@ -243,34 +243,34 @@ def fit_appearance(examples: Iterable[tuple[str, np.ndarray, Sequence[float], np
 
 def crop_logit(look: OrganLook, image: np.ndarray, spacing: Sequence[float], ref: float,
                roi: Sequence[slice], memo: dict | None = None) -> np.ndarray:
-    """``look``'s log-odds over the crop ``roi`` of ``image`` (features relative to ``ref``). Whole slices
-    are computed on first use and kept in ``memo`` (float16), so a further click pays only for new slices;
-    each slab is padded so that its values equal the whole volume's."""
+    """``look``'s log-odds over the crop ``roi`` of ``image`` (features relative to ``ref``). Each voxel is
+    computed once and kept in ``memo`` (float16), so a further click pays only for voxels it has not seen;
+    features come from whole slices, padded, so a value is the same whatever crop asked for it first."""
     through = slice_axis(spacing)
+    roi = tuple(slice(*r.indices(n)) for r, n in zip(roi, image.shape))
     key = (look.token, round(float(ref), 6))
     store = memo.get(key) if memo is not None else None
     if store is None:
-        store = (np.zeros(image.shape, np.float16), np.zeros(image.shape[through], bool))
+        store = (np.zeros(image.shape, np.float16), np.zeros(image.shape, bool))
         if memo is not None:
             memo[key] = store
     values, done = store
-    want = np.zeros_like(done)
-    want[roi[through]] = True
-    todo = np.flatnonzero(want & ~done)
-    if len(todo):
-        pad, n = PAD_SLICES, image.shape[through]
-        lo, hi = int(todo[0]), int(todo[-1]) + 1
-        slab_lo, slab_hi = max(0, lo - pad), min(n, hi + pad)
+    todo = ~done[roi]
+    if todo.any():
+        layers = np.flatnonzero(todo.any(axis=tuple(a for a in range(3) if a != through)))
+        lo, hi = roi[through].start + int(layers[0]), roi[through].start + int(layers[-1]) + 1
+        slab_lo, slab_hi = max(0, lo - PAD_SLICES), min(image.shape[through], hi + PAD_SLICES)
         take = [slice(None)] * 3
         take[through] = slice(slab_lo, slab_hi)
         raw = raw_features(image[tuple(take)], spacing)
-        keep = [slice(None)] * 3
-        keep[through] = slice(lo - slab_lo, hi - slab_lo)
-        out = [slice(None)] * 3
-        out[through] = slice(lo, hi)
-        values[tuple(out)] = look.logit(raw[tuple(keep)] / ref).astype(np.float16)
-        done[lo:hi] = True
-    return values[tuple(roi)].astype(np.float32)
+        part, within = list(roi), list(roi)  # the crop's slices that hold voxels to compute, in the slab
+        part[through], within[through] = slice(lo, hi), slice(lo - slab_lo, hi - slab_lo)
+        part = tuple(part)
+        need = ~done[part]
+        part_values, part_done = values[part], done[part]  # views
+        part_values[need] = look.logit(raw[tuple(within)][need] / ref).astype(np.float16)
+        part_done[need] = True
+    return values[roi].astype(np.float32)
 
 
 def labelled_examples(items: Iterable[tuple[str, str | Path, str | Path | np.ndarray]], *, intensity=None):
