@@ -80,6 +80,10 @@ class SSLMedSAM2App(MONAILabelApp):
         }
         return self.infer_tasks
 
+    def _organ_looks(self):
+        """The interactive models' shared organ looks (lib/appearance.py)."""
+        return self.infer_tasks["smart_edit"].looks
+
     def init_trainers(self):
         self.train_tasks = {TRAINER: SSLNnUNetTrain(self.workspace)}
         return self.train_tasks
@@ -161,6 +165,8 @@ class SSLMedSAM2App(MONAILabelApp):
             res.update(self.retrain.label_saved(image_id))
             if self.pseudo_ahead is not None:  # new supports: every stored pseudo label is recomputed
                 self.pseudo_ahead.queue.refresh(f"final label saved for {image_id}")
+            if sys.modules.get("monailabel.app") is not None:  # and the organ looks are learned again
+                self._organ_looks().changed()
         log.info("label saved: %s (%s) by %s", image_id, tag, user)
         return res
 
@@ -181,6 +187,7 @@ class SSLMedSAM2App(MONAILabelApp):
 
             if PseudoStoreSettings.from_config(self.workspace.cfg).enabled:
                 self.pseudo_ahead = self.workspace.pseudo_ahead = PseudoAhead(self).start()
+            self._organ_looks().changed()  # the server learns the organ looks now, not at the first click
 
 
 def create_app(app_dir: str, studies: str, conf: dict | None = None) -> SSLMedSAM2App:

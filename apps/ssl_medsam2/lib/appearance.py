@@ -51,6 +51,12 @@ class AppearanceStore:
                 self._worker.start()
             return self._model
 
+    def changed(self) -> None:
+        """The final labels may have changed (a server start, a saved label): check them now."""
+        with self._lock:
+            self._checked = float("-inf")
+        self.current()
+
     def wait(self, timeout: float | None = None) -> AppearanceModel | None:
         """The model once the running check (and fit) has finished (tests, benches)."""
         worker = self._worker

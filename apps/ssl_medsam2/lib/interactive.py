@@ -292,10 +292,10 @@ class InteractiveInfer(InferTask):
 
 def interactive_tasks(ws: Workspace) -> dict[str, InteractiveInfer]:
     """The four interactive models, sharing one per-client cache bounded by ``interactive.cache_mb`` and the
-    organ looks learned from the final labels (learning starts now, in the background)."""
+    organ looks learned from the final labels (learned in the background: the server starts it, and every
+    click checks that they are current)."""
     cache = ClientCache(int(InteractiveSettings.from_config(ws.cfg).cache_mb * (1 << 20)))
     looks = AppearanceStore(ws, rq.Organs.from_map(organ_names(ws)).ids)
-    looks.current()
     return {
         "smart_edit": InteractiveInfer(ws, DEEPGROW, "Correct one organ with foreground / background clicks "
                                                      "(3D Slicer Smart Edit); starts from the image's final or "

@@ -221,9 +221,11 @@ def fit_appearance(examples: Iterable[tuple[str, np.ndarray, Sequence[float], np
         prior = float(y.mean().clamp(1e-4, 1 - 1e-4))
         mean, std = x.mean(0), x.std(0) + 1e-6
         xn = (x - mean) / std
-        torch.manual_seed(s.seed)
-        net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], s.hidden), torch.nn.ReLU(),
-                                  torch.nn.Linear(s.hidden, s.hidden), torch.nn.ReLU(), torch.nn.Linear(s.hidden, 1))
+        with torch.random.fork_rng(devices=[]):  # seeded weights, the process's own generator left as it was
+            torch.manual_seed(s.seed)
+            net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], s.hidden), torch.nn.ReLU(),
+                                      torch.nn.Linear(s.hidden, s.hidden), torch.nn.ReLU(),
+                                      torch.nn.Linear(s.hidden, 1))
         opt = torch.optim.Adam(net.parameters(), 3e-3, weight_decay=1e-4)
         loss_fn = torch.nn.BCEWithLogitsLoss()
         for _ in range(s.epochs):
