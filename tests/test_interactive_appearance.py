@@ -64,6 +64,8 @@ def test_learning_is_deterministic_and_a_saved_model_reads_back_identical(learne
     back = AppearanceModel.load(path)
     assert back.images == ("chaos_01",) and set(back.looks) == {KIDNEY}
     np.testing.assert_array_equal(back.looks[KIDNEY].logit(feats), learned.looks[KIDNEY].logit(feats))
+    with pytest.raises(InterruptedError):  # a server shutting down stops a fit in flight
+        fit_appearance(labelled_examples([item]), (KIDNEY,), SMALL, should_stop=lambda: True)
     np.savez(tmp_path / "pickled.npz", meta=np.array([{"images": []}], dtype=object))
     with pytest.raises(ValueError):  # object arrays would need unpickling: refused
         AppearanceModel.load(tmp_path / "pickled.npz")

@@ -11,6 +11,7 @@ final labels learns a new one, one at a time.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -26,6 +27,7 @@ from .workspace import Workspace
 log = logging.getLogger(__name__)
 
 RECHECK_S = 10.0  # how often (at most) the final labels are listed again for a change
+SHUTDOWN_S = 5.0  # at exit, how long a stopping fit is waited for
 
 
 class AppearanceStore:
@@ -39,6 +41,14 @@ class AppearanceStore:
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._checked = float("-inf")
+        self._stop = threading.Event()
+        atexit.register(self._shutdown)  # a fit in flight stops (daemon threads inside torch abort at exit)
+
+    def _shutdown(self) -> None:
+        self._stop.set()
+        worker = self._worker
+        if worker is not None:
+            worker.join(SHUTDOWN_S)
 
     def current(self) -> AppearanceModel | None:
         """The newest model learned (None before the first); starts a background check of the final labels
@@ -85,9 +95,11 @@ class AppearanceStore:
                     log.warning("appearance model %s unreadable (%s): learning it again", path.name, exc)
             t0 = time.time()
             model = fit_appearance(labelled_examples(items, intensity=IntensityConfig.from_config(self.ws.cfg)),
-                                   self.class_ids, self.settings, digest=digest)
+                                   self.class_ids, self.settings, digest=digest, should_stop=self._stop.is_set)
             model.save(path)
             self._model = model
             log.info("organ looks learned from %d final label(s) in %.1f s", len(items), time.time() - t0)
+        except InterruptedError:
+            log.info("learning the organ looks stopped: the server is shutting down")
         except Exception:  # a bad label must not stop the clicks: they go on with the histogram term
             log.exception("learning the organ looks failed; interactive corrections use the histogram term")

@@ -24,7 +24,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -187,11 +187,18 @@ def examples_digest(names: Iterable[str], fingerprints: Iterable, s: AppearanceS
 
 
 def fit_appearance(examples: Iterable[tuple[str, np.ndarray, Sequence[float], np.ndarray]],
-                   class_ids: Sequence[int], s: AppearanceSettings, *, digest: str = "") -> AppearanceModel:
+                   class_ids: Sequence[int], s: AppearanceSettings, *, digest: str = "",
+                   should_stop: Callable[[], bool] | None = None) -> AppearanceModel:
     """Learn each organ's look from ``examples``: (name, image normalised as :func:`interactive.prepare`
     does, spacing, label of class ids). Voxels within ``band_mm`` of each organ's border, at most
     ``samples_per_image`` per image; binary cross-entropy, Adam, ``epochs`` passes. Organs that no example
-    holds get no look."""
+    holds get no look. ``should_stop`` (checked between images and minibatches): True raises
+    InterruptedError (a server shutting down does not wait for a fit)."""
+
+    def check():
+        if should_stop is not None and should_stop():
+            raise InterruptedError("learning the organ looks was stopped")
+
     import torch
 
     from .engine import signed_distance_mm
@@ -200,6 +207,7 @@ def fit_appearance(examples: Iterable[tuple[str, np.ndarray, Sequence[float], np
     data: dict[int, tuple[list, list]] = {int(c): ([], []) for c in class_ids}
     names = []
     for name, image, spacing, label in examples:
+        check()
         names.append(str(name))
         raw = raw_features(image, spacing)
         for cid, (xs, ys) in data.items():
@@ -231,6 +239,7 @@ def fit_appearance(examples: Iterable[tuple[str, np.ndarray, Sequence[float], np
         for _ in range(s.epochs):
             order = torch.randperm(len(xn), generator=gen)
             for i in range(0, len(xn), 2048):
+                check()
                 j = order[i:i + 2048]
                 loss = loss_fn(net(xn[j]).squeeze(1), y[j])
                 opt.zero_grad()
