@@ -19,7 +19,9 @@ from conftest import REPO
 from nnunet_helpers import TINY_SCHEDULE, make_tiny_chaos
 from ssl_medsam2.nnunet.layout import RunLayout
 
-ITERATIONS = 80  # one epoch long enough to be stopped in the middle (tens of seconds on a CPU)
+# one epoch long enough to be stopped in the middle: ~10 s on a fast idle 2-core CPU, where 80 iterations
+# were already over 5 s after the first epoch's checkpoint (the test then saw a finished round)
+ITERATIONS = 200
 
 
 def _cmd(root, work, *extra):
@@ -58,7 +60,7 @@ def test_ctrl_c_says_one_line_and_the_same_command_resumes_inside_the_epoch(chao
         # the first epoch's checkpoint_latest.pth: training is in epoch 2 now; stop a few seconds into it
         assert _wait_for(lambda: any(layout.nnunet_root(1).rglob("checkpoint_latest.pth")), 600, proc), \
             proc.communicate()[1][-3000:]
-        time.sleep(5)
+        time.sleep(3)
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:
