@@ -76,9 +76,9 @@ class AppearanceStore:
 
     def _wanted(self):
         labelled = self.ws.final_labelled()  # id -> (image path, label path)
-        newest = sorted(labelled, key=lambda i: (os.stat(labelled[i][1]).st_mtime_ns, i))[-self.settings.max_images:]
-        names = sorted(newest)
-        prints = [(os.stat(labelled[n][1]).st_mtime_ns, os.stat(labelled[n][1]).st_size) for n in names]
+        stats = {i: os.stat(paths[1]) for i, paths in labelled.items()}  # one stat per label file
+        names = sorted(sorted(labelled, key=lambda i: (stats[i].st_mtime_ns, i))[-self.settings.max_images:])
+        prints = [(stats[n].st_mtime_ns, stats[n].st_size) for n in names]
         return examples_digest(names, prints, self.settings), [(n, *labelled[n]) for n in names]
 
     def _refresh(self) -> None:
