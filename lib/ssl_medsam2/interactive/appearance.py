@@ -32,6 +32,7 @@ from scipy import ndimage
 
 from ..config import Section
 from ..io import atomic_write
+from .engine import slice_axis
 
 #: in-plane scales (mm) of the smoothed-intensity features; gradient magnitude at the first two, Laplacian at
 #: the second, local spread over 5 x 5 pixels, the next slices' smoothed intensity, and a wide context scale
@@ -60,11 +61,6 @@ class AppearanceSettings(Section):
                   seed=int(self.seed))
         if self.samples_per_image < 100 or self.hidden < 1 or self.epochs < 1 or self.max_images < 1:
             raise ValueError("appearance: samples_per_image >= 100, hidden, epochs and max_images >= 1")
-
-
-def slice_axis(spacing: Sequence[float]) -> int:
-    """The axis across the slices: the coarsest one (the features are in-plane)."""
-    return int(np.argmax(spacing))
 
 
 def _sigmas(mm: float, spacing: Sequence[float], through: int, along: float = 0.0) -> tuple[float, ...]:

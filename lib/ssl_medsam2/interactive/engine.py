@@ -115,10 +115,15 @@ def geodesic_influence(image: np.ndarray, spacing: Sequence[float], p: Sequence[
     return box, np.exp(-dist / range_mm).astype(np.float32)
 
 
+def slice_axis(spacing: Sequence[float]) -> int:
+    """The axis across the slices: the coarsest one (seed discs and the organ looks' features are in-plane)."""
+    return int(np.argmax(spacing))
+
+
 def _seed_discs(shape: Sequence[int], spacing: Sequence[float], points: np.ndarray, radius_mm: float) -> np.ndarray:
     """In-plane discs (the slice axis is the coarsest one) of ``radius_mm`` around each point."""
     out = np.zeros(shape, bool)
-    through = int(np.argmax(spacing))
+    through = slice_axis(spacing)
     r = [0 if a == through else int(np.floor(radius_mm / sp)) for a, sp in enumerate(spacing)]
     for p in points:
         sl = tuple(slice(max(0, c - ri), min(n, c + ri + 1)) for c, ri, n in zip(p, r, shape))
