@@ -247,3 +247,50 @@ def test_a_series_read_while_it_arrives_is_read_again_whole(orthanc, chaos_dir, 
         c.join(120)
     assert shapes == [(128, 128, 12)] * 3
     assert not list((tmp_path / "cache").rglob("*.part-*")), "no partial download left behind"
+
+
+def test_callers_at_the_same_moment_all_get_the_final_label(orthanc, chaos_dir, tmp_path):
+    """The server's background learner of the organ looks reads the final labels while a client asks for one:
+    every caller at the same moment gets the label on its image's grid (they shared one temp file before,
+    and one caller's clean-up made another's answer a 500)."""
+    import sys
+    import threading
+
+    from conftest import REPO
+    from test_ohif_browser import small_cases
+
+    if dicom_seg.dcmqi_tool() is None:
+        pytest.skip("dcmqi not installed (pip install dcmqi)")
+    sys.path.insert(0, str(REPO / "apps" / "ssl_medsam2"))
+    import monailabel_085
+    from dicomweb_client.api import DICOMwebClient
+    from monailabel.datastore.dicom import DICOMWebDatastore
+
+    monailabel_085.install()
+    small_cases(chaos_dir, tmp_path, ["chaos_08"])
+    files = dicom.convert_folder(tmp_path / "images", tmp_path / "dcm")
+    orthanc.upload(files["chaos_08"])
+    small = nib.as_closest_canonical(nib.load(str(tmp_path / "labels" / "chaos_08.nii.gz")))
+    orthanc.upload([dicom_seg.label_to_dicom_seg(tmp_path / "labels" / "chaos_08.nii.gz", tmp_path / "dcm" / "chaos_08",
+                                                 tmp_path / "seg.dcm",
+                                                 class_names={1: "liver", 2: "right kidney", 3: "left kidney",
+                                                              4: "spleen"})])
+    ds = DICOMWebDatastore(DICOMwebClient(url=orthanc.dicomweb_url), {"Modality": "MR"}, str(tmp_path / "cache"),
+                           False, True)
+    image = dicom.stable_uid("chaos_08", "series", "1")
+    got: list = []
+
+    def read():
+        try:
+            got.append(np.asarray(nib.as_closest_canonical(nib.load(ds.get_label_uri(image, "final"))).dataobj))
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            got.append(exc)
+
+    callers = [threading.Thread(target=read) for _ in range(4)]
+    for c in callers:
+        c.start()
+    for c in callers:
+        c.join(120)
+    assert len(got) == 4 and all(isinstance(g, np.ndarray) for g in got), got
+    for g in got:
+        np.testing.assert_array_equal(g, np.asarray(small.dataobj).astype(g.dtype))

@@ -482,34 +482,39 @@ def final_label_on_grid(ds, image_id: str, seg_series: str) -> str:
 
     Why: 0.8.5 converts a SEG on its own extent (only the slices it covers), so a label read back from the
     PACS had another grid than its image. '' when the SEG cannot be placed on the image (logged)."""
+    import tempfile
+
+    from filelock import FileLock
     from monailabel.datastore.local import LocalDatastore
 
     from ssl_medsam2.dicom_seg import read_seg, seg_to_nifti
     from ssl_medsam2.io import InputError
 
     image = ds.get_image_uri(image_id)
-    local = LocalDatastore.get_label_uri(ds, image_id, "final")
-    if local and os.path.exists(local) and \
-            (LocalDatastore.get_label_info(ds, image_id, "final") or {}).get("SeriesInstanceUID") == seg_series:
-        return local
     label_dir = os.path.realpath(os.path.join(ds._datastore.label_path("final"), seg_series))
-    if not os.path.isdir(label_dir) or not os.listdir(label_dir):
-        _download_whole_series(ds, seg_series, label_dir)  # as an image series: whole, renamed into place
-    files = sorted(Path(label_dir).iterdir())
-    out = Path(label_dir + ".on_grid.nii.gz")
-    try:
-        seg = read_seg(files[0].read_bytes(), f"SEG {seg_series}")
-        mapping = getattr(ds, "ssl_medsam2_segment_ids", None)
-        ids = mapping(seg.segments, f"SEG {seg_series}") if mapping else {n: n for n in seg.segments}
-        seg_to_nifti(seg, image, out, ids, f"SEG {seg_series}")
-        names = {str(ids[n]): label for n, label in seg.segments.items() if label and ids.get(n)}
-        LocalDatastore.save_label(ds, image_id, str(out), "final", {**ds._dicom_info(seg_series),
-                                                                      "ssl_segment_names": names})
-    except (InputError, IndexError) as exc:
-        logger.warning("final label of %s: DICOM-SEG %s is not usable: %s", image_id, seg_series, exc)
-        return ""
-    finally:
-        out.unlink(missing_ok=True)
+    # one caller at a time per SEG (other processes too): the server's organ-looks learner reads the final
+    # labels while a client asks for one, and a label half-copied into place must never be read
+    with FileLock(f"{label_dir}.lock"):
+        local = LocalDatastore.get_label_uri(ds, image_id, "final")
+        if local and os.path.exists(local) and \
+                (LocalDatastore.get_label_info(ds, image_id, "final") or {}).get("SeriesInstanceUID") == seg_series:
+            return local
+        if not os.path.isdir(label_dir) or not os.listdir(label_dir):
+            _download_whole_series(ds, seg_series, label_dir)  # as an image series: whole, renamed into place
+        files = sorted(Path(label_dir).iterdir())
+        with tempfile.TemporaryDirectory(prefix="ssl_medsam2_seg_") as tmp:  # outside the watched label folder
+            out = Path(tmp) / f"{seg_series}.nii.gz"
+            try:
+                seg = read_seg(files[0].read_bytes(), f"SEG {seg_series}")
+                mapping = getattr(ds, "ssl_medsam2_segment_ids", None)
+                ids = mapping(seg.segments, f"SEG {seg_series}") if mapping else {n: n for n in seg.segments}
+                seg_to_nifti(seg, image, out, ids, f"SEG {seg_series}")
+                names = {str(ids[n]): label for n, label in seg.segments.items() if label and ids.get(n)}
+                LocalDatastore.save_label(ds, image_id, str(out), "final", {**ds._dicom_info(seg_series),
+                                                                              "ssl_segment_names": names})
+            except (InputError, IndexError) as exc:
+                logger.warning("final label of %s: DICOM-SEG %s is not usable: %s", image_id, seg_series, exc)
+                return ""
     return LocalDatastore.get_label_uri(ds, image_id, "final")
 
 
