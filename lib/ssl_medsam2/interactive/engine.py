@@ -221,8 +221,10 @@ def correct_mask(image: np.ndarray, spacing: Sequence[float], base: np.ndarray, 
     memo = memo or {}
     s = organ_scaled(s, base, spacing)
     # a click whose intensity looks like the other side says "not here" rather than "this whole region":
-    # its range shrinks (e.g. a background click on a false part as bright as the kidney itself)
-    looks_fg = 1.0 / (1.0 + np.exp(-_intensity_llr(img, b, ~b, s.intensity_bins)))
+    # its range shrinks (e.g. a background click on a false part as bright as the kidney itself); off by
+    # default (``click_similar_shrink: 0``), and then the histogram it needs is not learned
+    looks_fg = (1.0 / (1.0 + np.exp(-_intensity_llr(img, b, ~b, s.intensity_bins))) if s.click_similar_shrink > 0
+                else np.zeros(b.shape, np.float32))
     ranges_fg = [_click_range(s, 1.0 - looks_fg[tuple(p)]) for p in fg]
     ranges_bg = [_click_range(s, looks_fg[tuple(p)]) for p in bg]
     base_sd = _base_distance(base, spacing, memo.get("shape"))
