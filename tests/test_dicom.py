@@ -294,3 +294,49 @@ def test_callers_at_the_same_moment_all_get_the_final_label(orthanc, chaos_dir, 
     assert len(got) == 4 and all(isinstance(g, np.ndarray) for g in got), got
     for g in got:
         np.testing.assert_array_equal(g, np.asarray(small.dataobj).astype(g.dtype))
+
+
+def test_the_newest_final_labels_come_from_the_pacs_dates_and_only_they_are_downloaded(orthanc, chaos_dir, tmp_path):
+    """On a PACS the organ looks learn from the most recently saved final labels (``appearance.max_images``):
+    which ones those are comes from the DICOM-SEGs' own dates and times (a local copy's file time is only
+    when this server converted it), and only the chosen images and labels are downloaded."""
+    import sys
+
+    import pydicom
+
+    from conftest import REPO
+    from test_ohif_browser import small_cases
+
+    if dicom_seg.dcmqi_tool() is None:
+        pytest.skip("dcmqi not installed (pip install dcmqi)")
+    sys.path.insert(0, str(REPO / "apps" / "ssl_medsam2"))
+    import monailabel_085
+    from dicomweb_client.api import DICOMwebClient
+    from lib.workspace import Workspace
+    from monailabel.datastore.dicom import DICOMWebDatastore
+
+    monailabel_085.install()
+    cases = {"chaos_13": "20990101", "chaos_10": "20990102"}  # later than any SEG the other tests made today
+    small_cases(chaos_dir, tmp_path, list(cases))
+    files = dicom.convert_folder(tmp_path / "images", tmp_path / "dcm")
+    for case, day in cases.items():
+        orthanc.upload(files[case])
+        seg = dicom_seg.label_to_dicom_seg(tmp_path / "labels" / f"{case}.nii.gz", tmp_path / "dcm" / case,
+                                           tmp_path / f"{case}_seg.dcm",
+                                           class_names={1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"})
+        ds = pydicom.dcmread(str(seg))
+        ds.SeriesDate = ds.ContentDate = day
+        ds.SeriesTime = ds.ContentTime = "120000"
+        ds.save_as(str(seg))
+        orthanc.upload([seg])
+    ds = DICOMWebDatastore(DICOMwebClient(url=orthanc.dicomweb_url), {"Modality": "MR"}, str(tmp_path / "cache"),
+                           False, True)
+    ws = Workspace(str(REPO / "apps" / "ssl_medsam2"), orthanc.dicomweb_url, {"app.state_dir": str(tmp_path / "state")},
+                   datastore=ds)
+    older, newer = (dicom.stable_uid(c, "series", "1") for c in cases)
+    stamps = ds.final_label_stamps()
+    assert stamps[newer] > stamps[older]
+    assert list(ws.newest_final_labelled(1)) == [newer]
+    cached = {p.name.split(".nii")[0] for p in (tmp_path / "cache").rglob("*") if p.name.endswith(".nii.gz")}
+    assert older not in cached and newer in cached, "only the chosen image and label are downloaded"
+    assert set(ws.newest_final_labelled(2)) == {newer, older}

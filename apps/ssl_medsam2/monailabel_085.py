@@ -429,7 +429,7 @@ def local_datastore(studies: str, **kwargs):
 
 
 # ---------------------------------------------------------------- 5. DICOMweb
-_seg_cache: dict = {}
+_seg_cache: dict = {}  # id(datastore) -> {image series: (its newest DICOM-SEG series, that SEG's stamp)}
 
 
 def clear_listing_caches(names=("list_images", "get_labeled_images")) -> None:
@@ -454,6 +454,17 @@ def _refresh_image_list(self) -> None:
 
 def seg_series_by_image(ds) -> dict[str, str]:
     """Image SeriesInstanceUID -> the newest DICOM-SEG series referencing it (what 'final' means in a PACS)."""
+    return {k: v[0] for k, v in _newest_segs(ds).items()}
+
+
+def final_label_stamps(self) -> dict[str, str]:
+    """Image SeriesInstanceUID -> when its final label (newest DICOM-SEG) was made, as the SEG says (its
+    series and content date + time, a sortable text): the order the final labels were saved in, known
+    from the PACS's metadata without downloading one (``Workspace.newest_final_labelled``)."""
+    return {k: v[1] for k, v in _newest_segs(self).items()}
+
+
+def _newest_segs(ds) -> dict[str, tuple[str, str]]:
     key = id(ds)
     if key in _seg_cache:
         return _seg_cache[key]
@@ -472,8 +483,8 @@ def seg_series_by_image(ds) -> dict[str, str]:
                     f"{meta.get('ContentTime', '')}"
             if ref not in out or stamp >= out[ref][1]:
                 out[ref] = (str(seg.SeriesInstanceUID), stamp)
-    _seg_cache[key] = {k: v[0] for k, v in out.items()}
-    return _seg_cache[key]
+    _seg_cache[key] = out
+    return out
 
 
 def final_label_on_grid(ds, image_id: str, seg_series: str) -> str:
@@ -663,6 +674,7 @@ def _install_dicomweb() -> None:
         DICOMWebDatastore.get_image_uri = whole_series_image_uri(DICOMWebDatastore.get_image_uri)
     DICOMWebDatastore._update_datastore_file = _update_datastore_file  # its local cache index, same fix (4)
     DICOMWebDatastore.refresh_image_list = _refresh_image_list
+    DICOMWebDatastore.final_label_stamps = final_label_stamps
     for name in ("save_label", "add_image", "remove_image", "remove_label"):
         method = getattr(DICOMWebDatastore, name, None)
         if method is not None and not getattr(method, "_ssl_medsam2_fresh", False):

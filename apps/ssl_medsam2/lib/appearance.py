@@ -75,11 +75,10 @@ class AppearanceStore:
         return self._model
 
     def _wanted(self):
-        labelled = self.ws.final_labelled()  # id -> (image path, label path)
-        stats = {i: os.stat(paths[1]) for i, paths in labelled.items()}  # one stat per label file
-        names = sorted(sorted(labelled, key=lambda i: (stats[i].st_mtime_ns, i))[-self.settings.max_images:])
-        prints = [(stats[n].st_mtime_ns, stats[n].st_size) for n in names]
-        return examples_digest(names, prints, self.settings), [(n, *labelled[n]) for n in names]
+        chosen = self.ws.newest_final_labelled(self.settings.max_images)  # id -> (image path, label path)
+        names = sorted(chosen)
+        prints = [(st.st_mtime_ns, st.st_size) for st in (os.stat(chosen[n][1]) for n in names)]
+        return examples_digest(names, prints, self.settings), [(n, *chosen[n]) for n in names]
 
     def _refresh(self) -> None:
         try:

@@ -294,6 +294,34 @@ class Workspace:
                 out[i] = (img, lab)
         return out
 
+    def newest_final_labelled(self, n: int) -> dict[str, tuple[str, str]]:
+        """:meth:`final_labelled` of the ``n`` images whose final labels were saved last, and only those are
+        read (a PACS: downloaded). When saved: the DICOM-SEG's own date and time on a PACS (the datastore's
+        ``final_label_stamps``; a local copy's file time is when this server converted it), the label
+        file's modification time in a studies folder. Ties: by id."""
+        ds = self.datastore
+        ids = list(ds.get_labeled_images())
+        stamps = getattr(ds, "final_label_stamps", None)
+        if stamps is not None:
+            known = stamps()
+            order = sorted(ids, key=lambda i: (known.get(i, ""), i))
+        else:
+            def saved(i):
+                lab = ds.get_label_uri(i, FINAL_TAG)
+                return os.stat(lab).st_mtime_ns if lab and os.path.exists(lab) else -1
+
+            when = {i: saved(i) for i in ids}
+            order = sorted(ids, key=lambda i: (when[i], i))
+        out = {}
+        for i in reversed(order):  # newest first, until n usable ones (a SEG that cannot be placed is skipped)
+            if len(out) >= n:
+                break
+            lab = ds.get_label_uri(i, FINAL_TAG)
+            img = ds.get_image_uri(i) if lab else ""
+            if lab and img and os.path.exists(lab) and os.path.exists(img):
+                out[i] = (img, lab)
+        return out
+
     def unlabelled(self) -> list[str]:
         return sorted(self.datastore.get_unlabeled_images())
 
