@@ -285,14 +285,19 @@ class Workspace:
     # -- datastore views --
     def final_labelled(self) -> dict[str, tuple[str, str]]:
         """image id -> (image path, final label path) for every image with a final (human) label."""
-        ds = self.datastore
         out = {}
-        for i in sorted(ds.get_labeled_images()):
-            lab = ds.get_label_uri(i, FINAL_TAG)
-            img = ds.get_image_uri(i)
-            if lab and img and os.path.exists(lab) and os.path.exists(img):
-                out[i] = (img, lab)
+        for i in sorted(self.datastore.get_labeled_images()):
+            paths = self._final_paths(i)
+            if paths:
+                out[i] = paths
         return out
+
+    def _final_paths(self, image_id: str) -> tuple[str, str] | None:
+        """(image path, final label path) of ``image_id`` when both are at hand (a PACS: downloaded), else None
+        (no final label, or a SEG that cannot be placed on its image)."""
+        lab = self.datastore.get_label_uri(image_id, FINAL_TAG)
+        img = self.datastore.get_image_uri(image_id) if lab else ""
+        return (img, lab) if lab and img and os.path.exists(lab) and os.path.exists(img) else None
 
     def newest_final_labelled(self, n: int) -> dict[str, tuple[str, str]]:
         """:meth:`final_labelled` of the ``n`` images whose final labels were saved last, and only those are
@@ -316,10 +321,9 @@ class Workspace:
         for i in reversed(order):  # newest first, until n usable ones (a SEG that cannot be placed is skipped)
             if len(out) >= n:
                 break
-            lab = ds.get_label_uri(i, FINAL_TAG)
-            img = ds.get_image_uri(i) if lab else ""
-            if lab and img and os.path.exists(lab) and os.path.exists(img):
-                out[i] = (img, lab)
+            paths = self._final_paths(i)
+            if paths:
+                out[i] = paths
         return out
 
     def unlabelled(self) -> list[str]:
